@@ -1,0 +1,5 @@
+import sys
+
+from deltaexit.cli import main
+
+sys.exit(main())

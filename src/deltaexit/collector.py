@@ -1,0 +1,409 @@
+"""Hook-based collectors of the residual stream: ``h_in``, ``h_out``, ``delta`` and lens top-k.
+
+:func:`collect` attaches observing hooks (they return ``None``) to the decoder
+blocks of any causal LM, records what you opt into for every forward pass run
+inside the ``with`` block (one :class:`Record` per forward, so one per step of
+``model.generate``), and removes every hook on exit, also when the forward raises.
+
+Example:
+    >>> import deltaexit as dx
+    >>> with dx.collect(model, capture=("delta", "h_out")) as trace:   # doctest: +SKIP
+    ...     model(input_ids=ids, attention_mask=mask)
+    >>> trace.delta.shape                                              # doctest: +SKIP
+    torch.Size([8, 2, 16, 64])   # [layers, batch, seq, hidden]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from deltaexit.lens import Lens
+from deltaexit.structure import ModelStructure, StructureError, _first_tensor, find_structure
+
+__all__ = ["FEATURES", "Collector", "Record", "Trace", "TraceError", "collect"]
+
+#: Residual-stream features a collector can capture.
+FEATURES: tuple[str, ...] = ("h_in", "h_out", "delta")
+Positions = Literal["all", "last", "mask"]
+
+
+class TraceError(RuntimeError):
+    """Raised when a trace is used in a way its collector did not allow."""
+
+
+@dataclass
+class Record:
+    """What one forward pass left in a trace.
+
+    Attributes:
+        tensors: Feature name -> tensor. With ``positions="all"`` or ``"last"`` each is
+            ``[layers, batch, seq, dim]`` (``seq`` is 1 for ``"last"``); with ``"mask"``
+            ``[layers, tokens, dim]`` over the positions the attention mask keeps.
+            ``topk_ids``/``topk_probs`` have ``k`` as their last dim.
+        token_mask: ``[batch, seq]`` bool, True where the position is a real token
+            (from the attention mask); None with ``positions="mask"``.
+        token_index: ``[tokens, 2]`` (batch row, position) of each token with ``"mask"``.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
+    filled: set[int] = field(default_factory=set)
+
+
+class Trace:
+    """The records of one :class:`Collector`; features read as ``trace.delta`` etc.
+
+    Attribute access concatenates the records along the token axis: one forward
+    gives ``[layers, batch, seq, dim]``; the steps of ``model.generate`` give
+    ``[layers, batch, steps, dim]`` with ``positions="last"``.
+
+    Example:
+        >>> trace.delta[3]          # delta of the 4th captured layer   # doctest: +SKIP
+        >>> trace.tokens("delta")   # [layers, real tokens, hidden]     # doctest: +SKIP
+    """
+
+    def __init__(self, layers: Sequence[int], capture: Sequence[str], topk: int, positions: str) -> None:
+        self.layers: tuple[int, ...] = tuple(layers)
+        self.capture: tuple[str, ...] = tuple(capture)
+        self.topk: int = topk
+        self.positions: str = positions
+        self.records: list[Record] = []
+        self.closed: bool = False
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Names of the tensors this trace holds."""
+        names = list(self.capture)
+        if self.topk:
+            names += ["topk_ids", "topk_probs"]
+        return tuple(names)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The feature ``name`` over all records (see the class docstring for shapes)."""
+        if name not in self.features:
+            raise TraceError(
+                f"{name!r} was not captured (this trace holds {list(self.features)}); "
+                f"pass capture=(..., {name!r}) or topk=k to dx.collect(...)."
+            )
+        if name in self._cache:
+            return self._cache[name]
+        records = self._complete_records()
+        if len(records) == 1:
+            return records[0].tensors[name]
+        axis = 1 if self.positions == "mask" else 2
+        try:
+            joined = torch.cat([r.tensors[name] for r in records], dim=axis)
+        except RuntimeError as exc:
+            raise TraceError(
+                f"cannot join {len(records)} records of {name!r} (different batch sizes?); "
+                "read them one by one from trace.records."
+            ) from exc
+        if self.closed:
+            self._cache[name] = joined
+        return joined
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in FEATURES or name in ("topk_ids", "topk_probs"):
+            return self.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        """``[batch, seq]`` bool over all records: True at real (unpadded) positions."""
+        if self.positions == "mask":
+            return None
+        masks = [r.token_mask for r in self._complete_records()]
+        if any(m is None for m in masks):
+            return None
+        return masks[0] if len(masks) == 1 else torch.cat(masks, dim=1)  # type: ignore[arg-type]
+
+    @property
+    def token_index(self) -> torch.Tensor | None:
+        """``[tokens, 2]`` (row, position) of each token captured with ``positions="mask"``."""
+        if self.positions != "mask":
+            return None
+        return torch.cat([r.token_index for r in self._complete_records()], dim=0)  # type: ignore[misc]
+
+    def tokens(self, name: str) -> torch.Tensor:
+        """``[layers, tokens, dim]``: the feature over real tokens only (padding dropped)."""
+        x = self.get(name)
+        if self.positions == "mask":
+            return x
+        mask = self.token_mask
+        if mask is None:
+            return x.flatten(1, 2)
+        return x[:, mask.to(x.device)]
+
+    def layer_index(self, layer: int) -> int:
+        """Row of block ``layer`` (0-based) in the captured tensors."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise TraceError(f"layer {layer} was not captured; captured layers are {list(self.layers)}") from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"Trace({state}, records={len(self.records)}, layers={len(self.layers)}, "
+            f"features={list(self.features)}, positions={self.positions!r})"
+        )
+
+    def _complete_records(self) -> list[Record]:
+        n = len(self.layers)
+        records = [r for r in self.records if len(r.filled) == n]
+        if not records:
+            raise TraceError(
+                "the trace is empty: no complete forward pass ran inside the `with dx.collect(model)` "
+                "block (run model(...) or model.generate(...) inside it)."
+            )
+        return records
+
+
+class Collector:
+    """Context manager that attaches observing hooks; see :func:`collect`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        capture: Iterable[str] = ("delta",),
+        *,
+        layers: Iterable[int] | None = None,
+        positions: Positions = "all",
+        topk: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        structure: ModelStructure | None = None,
+        **overrides: Any,
+    ) -> None:
+        capture = tuple(capture)
+        unknown = [c for c in capture if c not in FEATURES]
+        if unknown:
+            raise ValueError(f"unknown feature(s) {unknown}; choose from {list(FEATURES)}")
+        if positions not in ("all", "last", "mask"):
+            raise ValueError(f"positions must be 'all', 'last' or 'mask', got {positions!r}")
+        if not isinstance(topk, int) or topk < 0:
+            raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+        self.model = model
+        self.structure = structure if structure is not None else find_structure(model, **overrides)
+        n = self.structure.num_layers
+        chosen = range(n) if layers is None else layers
+        self.layers = tuple(sorted({self.structure.check_layer(int(layer)) for layer in chosen}))
+        if not self.layers:
+            raise ValueError("layers is empty: choose at least one block to capture")
+        self.capture = capture
+        self.positions: str = positions
+        self.topk = topk
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.lens = Lens(self.structure) if topk else None
+        self.trace = Trace(self.layers, capture, topk, positions)
+        self._handles: list[RemovableHandle] = []
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._call_mask: torch.Tensor | None = None
+        self._current: Record | None = None
+        self._used = False
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        if self._used:
+            raise TraceError("this collector was already used and closed; create a new one with dx.collect(...)")
+        self._used = True
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+            need_input = "h_in" in self.capture or "delta" in self.capture
+            for row, layer in enumerate(self.layers):
+                block = self.structure.blocks[layer]
+                if need_input:
+                    self._handles.append(
+                        block.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True)
+                    )
+                self._handles.append(block.register_forward_hook(self._make_post_hook(layer, row)))
+        except BaseException:
+            self.remove()
+            raise
+        return self.trace
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent) and close the trace."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+        self._current = None
+        self.trace.closed = True
+
+    @property
+    def attached(self) -> bool:
+        """Whether hooks are currently attached."""
+        return bool(self._handles)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if isinstance(ids, torch.Tensor) else embeds
+        if isinstance(ref, torch.Tensor) and ref.dim() >= 2 and (ref.shape[0] == 0 or ref.shape[1] == 0):
+            raise ValueError(
+                f"empty batch: input of shape {tuple(ref.shape)}; pass at least one row with one token."
+            )
+        mask = kwargs.get("attention_mask")
+        self._call_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._current = None
+
+    def _make_pre_hook(self, layer: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor):
+                self._inputs[layer] = h
+
+        return hook
+
+    def _make_post_hook(self, layer: int, row: int):
+        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+            with torch.no_grad():
+                self._record(layer, row, _first_tensor(output))
+
+        return hook
+
+    def _start_record(self, h: torch.Tensor) -> Record:
+        if h.dim() != 3:
+            raise StructureError(
+                f"a decoder block produced hidden states of shape {tuple(h.shape)}; expected "
+                "[batch, seq, hidden]."
+            )
+        batch, seq = h.shape[0], h.shape[1]
+        mask = self._call_mask
+        if mask is not None and (mask.shape[0] != batch or mask.shape[1] < seq):
+            mask = None
+        keep = mask[:, -seq:].to(torch.bool) if mask is not None else None
+        record = Record()
+        store = self.device if self.device is not None else h.device
+        if self.positions == "all":
+            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(store)
+        elif self.positions == "last":
+            record.token_mask = torch.ones(batch, 1, dtype=torch.bool, device=store)
+            if keep is not None:
+                # Last real token of each row (right padding aware); a fully masked row keeps the last column.
+                idx = torch.arange(seq, device=keep.device).expand(batch, seq)
+                last = torch.where(keep, idx, torch.full_like(idx, -1)).amax(dim=1)
+                self._last_index = torch.where(last < 0, torch.full_like(last, seq - 1), last).to(h.device)
+            else:
+                self._last_index = torch.full((batch,), seq - 1, dtype=torch.long, device=h.device)
+        else:
+            keep = keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool, device=h.device)
+            self._keep = keep.to(h.device)
+            record.token_index = self._keep.nonzero().to(store)
+        self.trace.records.append(record)
+        self.trace._cache.clear()
+        return record
+
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        if self.positions == "all":
+            return x
+        if self.positions == "last":
+            rows = torch.arange(x.shape[0], device=x.device)
+            return x[rows, self._last_index].unsqueeze(1)
+        return x[self._keep]
+
+    def _store(self, record: Record, name: str, row: int, value: torch.Tensor, dtype: torch.dtype) -> None:
+        buf = record.tensors.get(name)
+        if buf is None:
+            device = self.device if self.device is not None else value.device
+            buf = torch.empty((len(self.layers), *value.shape), dtype=dtype, device=device)
+            record.tensors[name] = buf
+        buf[row].copy_(value)
+
+    def _record(self, layer: int, row: int, h_out: torch.Tensor) -> None:
+        record = self._current
+        if record is None or row in record.filled:
+            record = self._start_record(h_out)
+            self._current = record
+        store_dtype = self.dtype if self.dtype is not None else h_out.dtype
+        h_in = self._inputs.pop(layer, None)
+        if ("h_in" in self.capture or "delta" in self.capture) and h_in is None:
+            raise StructureError(f"block {layer} was called without a hidden-state input to observe.")
+        if "delta" in self.capture:
+            assert h_in is not None
+            if h_in.shape != h_out.shape:
+                raise StructureError(
+                    f"block {layer} maps hidden states of shape {tuple(h_in.shape)} to "
+                    f"{tuple(h_out.shape)}; delta = h_out - h_in is undefined there. Capture "
+                    "('h_in', 'h_out') instead, or choose other layers."
+                )
+            compute = torch.promote_types(torch.promote_types(h_out.dtype, store_dtype), torch.float32)
+            delta = self._select(h_out).to(compute) - self._select(h_in).to(compute)
+            self._store(record, "delta", row, delta, store_dtype)
+        if "h_in" in self.capture:
+            assert h_in is not None
+            self._store(record, "h_in", row, self._select(h_in), store_dtype)
+        if "h_out" in self.capture:
+            self._store(record, "h_out", row, self._select(h_out), store_dtype)
+        if self.topk:
+            assert self.lens is not None
+            ids, probs = self.lens.topk(self._select(h_out), self.topk)
+            self._store(record, "topk_ids", row, ids, torch.long)
+            self._store(record, "topk_probs", row, probs, torch.float32)
+        record.filled.add(row)
+
+
+def collect(
+    model: nn.Module,
+    capture: Iterable[str] = ("delta",),
+    *,
+    layers: Iterable[int] | None = None,
+    positions: Positions = "all",
+    topk: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    structure: ModelStructure | None = None,
+    **overrides: Any,
+) -> Collector:
+    """Capture residual-stream features of every forward pass run inside a ``with`` block.
+
+    Args:
+        model: Any ``transformers`` causal LM (blocks are found by structure).
+        capture: Which of ``"h_in"``, ``"h_out"``, ``"delta"`` to keep (``()`` keeps none).
+        layers: Block indices (0-based, negatives allowed) to capture; default all.
+        positions: ``"all"`` positions, the ``"last"`` real token of each row (use this for
+            ``model.generate``: one record per step), or only positions the attention
+            ``"mask"`` keeps (flattened to ``[layers, tokens, dim]``).
+        topk: Also keep the logit lens's top-``k`` ids and probabilities per layer.
+        dtype: Storage dtype (default: the model's hidden-state dtype).
+        device: Storage device (default: where the hidden states are).
+        structure: A pre-computed :class:`~deltaexit.structure.ModelStructure`.
+        **overrides: Passed to :func:`~deltaexit.structure.find_structure`.
+
+    Returns:
+        A :class:`Collector`; entering it yields the :class:`Trace`.
+
+    Example:
+        >>> with collect(model, ("delta",), topk=5) as trace:   # doctest: +SKIP
+        ...     model(input_ids=ids)
+        >>> trace.delta.shape, trace.topk_ids.shape              # doctest: +SKIP
+    """
+    return Collector(
+        model,
+        capture,
+        layers=layers,
+        positions=positions,
+        topk=topk,
+        dtype=dtype,
+        device=device,
+        structure=structure,
+        **overrides,
+    )

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``deltaexit`` CLI, one module each (see :mod:`deltaexit.cli`)."""

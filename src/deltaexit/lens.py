@@ -1,0 +1,115 @@
+"""The exact logit lens: a residual-stream state after any block -> the model's logits.
+
+:class:`Lens` applies the model's own final norm, post-norm modules, LM head and
+logit steps (scaling, soft-capping), so on the last block's output it reproduces
+the model's logits. In ``transformers`` the last entry of ``output_hidden_states``
+is already normed: feed the lens block *outputs* (what :func:`deltaexit.collect`
+captures), not that entry.
+
+Example:
+    >>> lens = Lens.from_model(model)                 # doctest: +SKIP
+    >>> with collect(model) as trace:                 # doctest: +SKIP
+    ...     logits = model(input_ids=ids).logits
+    >>> torch.allclose(lens(trace.h_out[-1]), logits, atol=1e-5)  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltaexit.structure import ModelStructure, find_structure
+
+__all__ = ["Lens"]
+
+
+class Lens:
+    """Maps hidden states (block outputs) to logits, exactly as the model's own head does.
+
+    Args:
+        structure: The model's :class:`~deltaexit.structure.ModelStructure`.
+
+    Example:
+        >>> lens = Lens.from_model(model)        # doctest: +SKIP
+        >>> ids, probs = lens.topk(h, k=5)      # doctest: +SKIP
+    """
+
+    def __init__(self, structure: ModelStructure) -> None:
+        self.structure = structure
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **overrides: Any) -> Lens:
+        """Build the lens of ``model``; keywords override discovery (see :func:`find_structure`)."""
+        return cls(find_structure(model, **overrides))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of logits the head produces."""
+        head = self.structure.lm_head
+        out = getattr(head, "out_features", None)
+        if out is None:
+            out = head.weight.shape[0]  # type: ignore[union-attr]
+        return int(out)
+
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm and post-norm modules (the state the head reads)."""
+        s = self.structure
+        if s.final_norm is not None:
+            h = s.final_norm(h)
+        for module in s.post_norm:
+            h = module(h)
+        return h
+
+    def logits_from_normalized(self, h: torch.Tensor) -> torch.Tensor:
+        """Head and logit steps applied to an already normalised state."""
+        s = self.structure
+        logits = s.lm_head(h)
+        if s.logit_scale is not None:
+            logits = logits * s.logit_scale
+        if s.logit_divisor is not None:
+            logits = logits / s.logit_divisor
+        if s.final_softcap is not None:
+            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        if s.logit_transform is not None:
+            logits = s.logit_transform(logits)
+        return logits
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states ``h`` of shape ``[..., hidden]``."""
+        h = self._to_head(h)
+        return self.logits_from_normalized(self.normalize(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Alias of ``lens(h)``."""
+        return self(h)
+
+    def probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (float32) over the vocabulary."""
+        return torch.softmax(self(h).float(), dim=-1)
+
+    def topk(self, h: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` token ids and their probabilities (float32), each ``[..., k]``."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        probs = self.probs(h)
+        values, ids = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        return ids, values
+
+    def _to_head(self, h: torch.Tensor) -> torch.Tensor:
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"the lens takes a tensor of hidden states, got {type(h).__name__}")
+        s = self.structure
+        first = s.final_norm if s.final_norm is not None else s.lm_head
+        param = next(first.parameters(), None)
+        if param is None:
+            param = next(s.lm_head.parameters(), None)
+        if param is not None and param.device.type != "meta":
+            if h.device != param.device or h.dtype != param.dtype:
+                h = h.to(device=param.device, dtype=param.dtype)
+        return h
+
+    def __repr__(self) -> str:
+        return f"Lens({self.structure.describe()})"

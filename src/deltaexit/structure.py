@@ -1,0 +1,423 @@
+"""Find the residual-stream parts of a causal LM by structure, not by class name.
+
+A decoder-only model is, for our purposes: a list of blocks that each update the
+residual stream, a final norm (plus anything applied after it, e.g. OPT's
+``project_out``), an LM head, and model-specific steps on the logits (Gemma-2's
+final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``).
+:func:`find_structure` locates these pieces on any ``transformers`` causal LM and
+checks them once with a dummy forward; every piece can be overridden.
+
+Example:
+    >>> from transformers import AutoConfig, AutoModelForCausalLM
+    >>> cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
+    ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+    >>> model = AutoModelForCausalLM.from_config(cfg)
+    >>> s = find_structure(model)
+    >>> s.num_layers, s.block_path
+    (2, 'model.layers')
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ModelStructure", "StructureError", "find_structure", "resolve_module"]
+
+#: Attribute names that hold the final norm in common architectures.
+FINAL_NORM_NAMES: tuple[str, ...] = (
+    "norm",
+    "final_layernorm",
+    "final_layer_norm",
+    "ln_f",
+    "norm_f",
+    "final_norm",
+    "ln_final",
+)
+#: Attribute names of modules applied after the final norm and before the head.
+POST_NORM_NAMES: tuple[str, ...] = ("project_out",)
+#: Config attributes that scale or cap the logits, in the order models apply them.
+_LOGIT_CONFIG_ATTRS: tuple[str, ...] = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+
+_OVERRIDE_HINT = (
+    "Pass the piece explicitly, e.g. dx.find_structure(model, blocks='model.layers', "
+    "final_norm='model.norm', lm_head='lm_head') (dotted paths or modules); the same keywords "
+    "work for dx.collect(...) and dx.Lens.from_model(...)."
+)
+
+
+class StructureError(ValueError):
+    """Raised when a model's residual-stream structure cannot be found or fails its check."""
+
+
+def resolve_module(model: nn.Module, path: str | nn.Module | None) -> nn.Module | None:
+    """Return ``path`` as a module of ``model`` (a dotted path, a module, or None).
+
+    Example:
+        >>> resolve_module(nn.Sequential(nn.Linear(2, 2)), "0")
+        Linear(in_features=2, out_features=2, bias=True)
+    """
+    if path is None or isinstance(path, nn.Module):
+        return path
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise StructureError(f"model has no submodule {path!r}. {_OVERRIDE_HINT}") from exc
+
+
+def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+@dataclass
+class ModelStructure:
+    """The residual-stream pieces of one causal LM.
+
+    Attributes:
+        model: The model the pieces belong to.
+        blocks: The decoder blocks, in order; block ``l`` maps ``h_in[l]`` to ``h_out[l]``.
+        final_norm: Norm applied to the last block's output (None if the model has none).
+        post_norm: Modules applied after the final norm, before the head (e.g. OPT's ``project_out``).
+        lm_head: The output embedding.
+        logit_scale: Multiplier on the logits (Cohere's ``logit_scale``), or None.
+        logit_divisor: Divisor of the logits (Granite's ``logits_scaling``), or None.
+        final_softcap: Soft-cap ``c * tanh(logits / c)`` (Gemma-2), or None.
+        logit_transform: Extra user-given callable applied last, or None.
+    """
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    final_norm: nn.Module | None
+    lm_head: nn.Module
+    post_norm: tuple[nn.Module, ...] = ()
+    logit_scale: float | None = None
+    logit_divisor: float | None = None
+    final_softcap: float | None = None
+    logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    validated: bool = field(default=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks."""
+        return len(self.blocks)
+
+    @property
+    def block_path(self) -> str | None:
+        """Dotted path of the block list inside the model."""
+        return _path_of(self.model, self.blocks)
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-friendly summary of what was found (paths and logit steps)."""
+        return {
+            "blocks": self.block_path,
+            "num_layers": self.num_layers,
+            "final_norm": _path_of(self.model, self.final_norm),
+            "post_norm": [_path_of(self.model, m) for m in self.post_norm],
+            "lm_head": _path_of(self.model, self.lm_head),
+            "logit_scale": self.logit_scale,
+            "logit_divisor": self.logit_divisor,
+            "final_softcap": self.final_softcap,
+            "logit_transform": None if self.logit_transform is None else repr(self.logit_transform),
+        }
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` as a non-negative block index, or raise a clear IndexError."""
+        n = self.num_layers
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer index must be an int, got {type(layer).__name__}")
+        if not -n <= layer < n:
+            raise IndexError(f"layer {layer} is out of range: this model has {n} blocks (0..{n - 1}).")
+        return layer % n
+
+    def validate(self, *, atol: float = 1e-4, rtol: float = 1e-4) -> ModelStructure:
+        """Check with a dummy forward that the lens on the last block reproduces the logits.
+
+        Returns ``self``; raises :class:`StructureError` naming the mismatch otherwise.
+        """
+        from deltaexit.lens import Lens  # local: lens builds on this module
+
+        model = self.model
+        vocab = _vocab_size(model)
+        device = _first_device(model)
+        ids = (torch.arange(6, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
+        captured: list[torch.Tensor] = []
+
+        def grab(_module: nn.Module, _args: object, output: object) -> None:
+            captured.append(_first_tensor(output))
+
+        handle = self.blocks[-1].register_forward_hook(grab)
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits
+        except Exception as exc:
+            raise StructureError(f"dummy forward for the structure check failed: {exc}") from exc
+        finally:
+            handle.remove()
+            model.train(was_training)
+        if not captured:
+            raise StructureError(
+                f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}"
+            )
+        with torch.no_grad():
+            lens_logits = Lens(self)(captured[-1])
+        if lens_logits.shape != logits.shape or not torch.allclose(
+            lens_logits.float(), logits.float(), atol=atol, rtol=rtol
+        ):
+            diff = (
+                (lens_logits.float() - logits.float()).abs().max().item()
+                if lens_logits.shape == logits.shape
+                else f"shape {tuple(lens_logits.shape)} vs {tuple(logits.shape)}"
+            )
+            raise StructureError(
+                "the lens (final norm -> head -> logit steps) on the last block's output does not "
+                f"reproduce the model's logits (max abs diff {diff}); found {self.describe()}. "
+                f"{_OVERRIDE_HINT} Use logit_transform=... for a model-specific logit step."
+            )
+        self.validated = True
+        return self
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise StructureError(
+        f"a decoder block returned {type(output).__name__}; expected a tensor or a tuple whose "
+        "first item is the hidden states."
+    )
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _text_config(model: nn.Module) -> object | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def _vocab_size(model: nn.Module) -> int:
+    cfg = _text_config(model)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = getattr(head, "out_features", None)
+    if vocab is None:
+        raise StructureError("cannot tell the vocabulary size: the config has no vocab_size.")
+    return int(vocab)
+
+
+def _num_layers_from_config(model: nn.Module) -> int | None:
+    cfg = _text_config(model)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
+    n_layers = _num_layers_from_config(model)
+    candidates = [
+        (name, module)
+        for name, module in root.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if n_layers is not None:
+        matching = [(n, m) for n, m in candidates if len(m) == n_layers]
+    else:
+        matching = candidates
+    # Blocks of one list share a class; prefer the shallowest such list.
+    homogeneous = [(n, m) for n, m in matching if len({type(b) for b in m}) == 1]
+    if homogeneous:
+        homogeneous.sort(key=lambda nm: nm[0].count("."))
+        shallowest = [nm for nm in homogeneous if nm[0].count(".") == homogeneous[0][0].count(".")]
+        if len(shallowest) == 1:
+            return shallowest[0][1]
+        names = [n for n, _ in shallowest]
+        raise StructureError(
+            f"found several candidate block lists {names} of length {n_layers}; cannot tell which "
+            f"is the decoder's. {_OVERRIDE_HINT}"
+        )
+    raise StructureError(
+        f"found no nn.ModuleList of decoder blocks"
+        + (f" with num_hidden_layers={n_layers} entries" if n_layers is not None else "")
+        + f" in {type(model).__name__}. {_OVERRIDE_HINT}"
+    )
+
+
+def _find_final_norm(root: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    for name in FINAL_NORM_NAMES:
+        module = getattr(root, name, None)
+        if isinstance(module, nn.Module) and module is not blocks:
+            return module
+    # Fall back to a direct child whose class name says it is a norm, registered after the blocks.
+    children = list(root.named_children())
+    seen_blocks = False
+    for _name, child in children:
+        if child is blocks:
+            seen_blocks = True
+            continue
+        if seen_blocks and "norm" in type(child).__name__.lower():
+            return child
+    return None
+
+
+def _find_post_norm(root: nn.Module) -> tuple[nn.Module, ...]:
+    found = []
+    for name in POST_NORM_NAMES:
+        module = getattr(root, name, None)
+        if isinstance(module, nn.Module):
+            found.append(module)
+    return tuple(found)
+
+
+def _logit_steps(model: nn.Module) -> dict[str, float | None]:
+    cfg = _text_config(model)
+    steps: dict[str, float | None] = {}
+    for attr, key in zip(_LOGIT_CONFIG_ATTRS, ("logit_scale", "logit_divisor", "final_softcap")):
+        value = getattr(cfg, attr, None)
+        steps[key] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    # A scaling of exactly 1 is a no-op; keep it out of the description.
+    for key in ("logit_scale", "logit_divisor"):
+        if steps[key] == 1.0:
+            steps[key] = None
+    return steps
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, ModelStructure] = weakref.WeakKeyDictionary()
+_UNSET = object()
+
+
+def find_structure(
+    model: nn.Module,
+    *,
+    blocks: str | nn.ModuleList | Sequence[nn.Module] | None = None,
+    final_norm: str | nn.Module | None | object = _UNSET,
+    post_norm: Sequence[str | nn.Module] | None = None,
+    lm_head: str | nn.Module | None = None,
+    logit_scale: float | None | object = _UNSET,
+    logit_divisor: float | None | object = _UNSET,
+    final_softcap: float | None | object = _UNSET,
+    logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    validate: bool = True,
+) -> ModelStructure:
+    """Locate blocks, final norm, head and logit steps of a causal LM.
+
+    Discovery starts from ``model.get_decoder()``: the block list is the one
+    homogeneous ``nn.ModuleList`` whose length is the text config's
+    ``num_hidden_layers``; the final norm is found by common names
+    (:data:`FINAL_NORM_NAMES`); the head is ``model.get_output_embeddings()``;
+    logit steps come from the config. The result is checked once with a dummy
+    forward (``validate=True``) and cached per model when no override is given.
+
+    Args:
+        model: A ``transformers`` causal LM (anything with ``.logits`` in its output).
+        blocks: Override for the block list (dotted path, ModuleList or sequence of modules).
+        final_norm: Override for the final norm; ``None`` means the model has none.
+        post_norm: Override for modules applied after the final norm.
+        lm_head: Override for the head.
+        logit_scale: Override for a multiplier on the logits.
+        logit_divisor: Override for a divisor of the logits.
+        final_softcap: Override for final soft-capping.
+        logit_transform: Extra callable applied to the logits last.
+        validate: Run the dummy-forward check.
+
+    Returns:
+        The :class:`ModelStructure`.
+
+    Raises:
+        StructureError: A piece was not found, or the check failed; the message says how to override.
+
+    Example:
+        >>> s = find_structure(model, blocks="model.layers")  # doctest: +SKIP
+    """
+    overrides = (
+        blocks is not None
+        or final_norm is not _UNSET
+        or post_norm is not None
+        or lm_head is not None
+        or logit_scale is not _UNSET
+        or logit_divisor is not _UNSET
+        or final_softcap is not _UNSET
+        or logit_transform is not None
+    )
+    if not overrides and model in _CACHE and (_CACHE[model].validated or not validate):
+        return _CACHE[model]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch nn.Module causal LM, got {type(model).__name__}")
+
+    root = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except Exception:  # some wrappers raise instead of returning None
+            decoder = None
+        if isinstance(decoder, nn.Module):
+            root = decoder
+
+    if blocks is None:
+        block_list = _find_blocks(model, root)
+    elif isinstance(blocks, str):
+        resolved = resolve_module(model, blocks)
+        if not isinstance(resolved, nn.ModuleList):
+            raise StructureError(f"blocks={blocks!r} is a {type(resolved).__name__}, not an nn.ModuleList.")
+        block_list = resolved
+    elif isinstance(blocks, nn.ModuleList):
+        block_list = blocks
+    else:
+        block_list = nn.ModuleList(list(blocks))
+    if len(block_list) == 0:
+        raise StructureError(f"the block list is empty. {_OVERRIDE_HINT}")
+
+    norm = _find_final_norm(root, block_list) if final_norm is _UNSET else resolve_module(model, final_norm)
+    posts = (
+        _find_post_norm(root)
+        if post_norm is None
+        else tuple(resolve_module(model, p) for p in post_norm)  # type: ignore[misc]
+    )
+
+    if lm_head is None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise StructureError(f"model.get_output_embeddings() returned None. {_OVERRIDE_HINT}")
+    else:
+        head = resolve_module(model, lm_head)
+        assert head is not None
+
+    steps = _logit_steps(model)
+    structure = ModelStructure(
+        model=model,
+        blocks=block_list,
+        final_norm=norm,
+        post_norm=posts,
+        lm_head=head,
+        logit_scale=steps["logit_scale"] if logit_scale is _UNSET else logit_scale,  # type: ignore[arg-type]
+        logit_divisor=steps["logit_divisor"] if logit_divisor is _UNSET else logit_divisor,  # type: ignore[arg-type]
+        final_softcap=steps["final_softcap"] if final_softcap is _UNSET else final_softcap,  # type: ignore[arg-type]
+        logit_transform=logit_transform,
+    )
+    if validate:
+        structure.validate()
+    if not overrides:
+        _CACHE[model] = structure
+    return structure
