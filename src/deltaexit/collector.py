@@ -148,7 +148,9 @@ class Trace:
         try:
             return self.layers.index(layer)
         except ValueError:
-            raise TraceError(f"layer {layer} was not captured; captured layers are {list(self.layers)}") from None
+            raise TraceError(
+                f"layer {layer} was not captured; captured layers are {list(self.layers)}"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -218,7 +220,9 @@ class Collector:
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         if self._used:
-            raise TraceError("this collector was already used and closed; create a new one with dx.collect(...)")
+            raise TraceError(
+                "this collector was already used and closed; create a new one with dx.collect(...)"
+            )
         self._used = True
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -294,7 +298,9 @@ class Collector:
         record = Record()
         store = self.device if self.device is not None else h.device
         if self.positions == "all":
-            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(store)
+            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(
+                store
+            )
         elif self.positions == "last":
             record.token_mask = torch.ones(batch, 1, dtype=torch.bool, device=store)
             if keep is not None:
@@ -326,6 +332,11 @@ class Collector:
             device = self.device if self.device is not None else value.device
             buf = torch.empty((len(self.layers), *value.shape), dtype=dtype, device=device)
             record.tensors[name] = buf
+        if buf.shape[1:] != value.shape:
+            raise StructureError(
+                f"{name} of block {self.layers[row]} has shape {tuple(value.shape)} but earlier captured "
+                f"blocks gave {tuple(buf.shape[1:])}; capture layers of one width at a time (layers=[...])."
+            )
         buf[row].copy_(value)
 
     def _record(self, layer: int, row: int, h_out: torch.Tensor) -> None:
