@@ -90,3 +90,19 @@ def test_validation_restores_training_mode():
     model.eval()
     with torch.no_grad():
         model(input_ids=torch.tensor([[3, 4]]))
+
+
+def test_opt_project_out_is_part_of_the_lens():
+    model = tiny_model("opt", word_embed_proj_dim=16)
+    s = dx.find_structure(model)
+    assert s.post_norm == (model.model.decoder.project_out,)
+    with pytest.raises(dx.StructureError, match="lens"):
+        dx.find_structure(model, post_norm=[])
+
+
+def test_support_matrix_measures_each_column():
+    from deltaexit.support import check_architecture
+
+    row = check_architecture("gpt2")
+    assert row["collect"] == "ok" and row["lens_exact"] == "ok"
+    assert row["lens_max_abs_err"] < 1e-4

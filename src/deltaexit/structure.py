@@ -169,8 +169,14 @@ class ModelStructure:
             raise StructureError(
                 f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}"
             )
-        with torch.no_grad():
-            lens_logits = Lens(self)(captured[-1])
+        try:
+            with torch.no_grad():
+                lens_logits = Lens(self)(captured[-1])
+        except Exception as exc:
+            raise StructureError(
+                f"the lens (final norm -> head -> logit steps) failed on the last block's output: {exc}; "
+                f"found {self.describe()}. {_OVERRIDE_HINT}"
+            ) from exc
         if lens_logits.shape != logits.shape or not torch.allclose(
             lens_logits.float(), logits.float(), atol=atol, rtol=rtol
         ):
