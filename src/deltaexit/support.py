@@ -90,8 +90,10 @@ def support_matrix_markdown(model_types: Iterable[str] = ARCHITECTURES) -> str:
         f"transformers {transformers.__version__}, torch {torch.__version__}, each on a tiny random model "
         "(3 blocks, hidden 32) built offline from `AutoConfig.for_model`.",
         "",
-        "- **collect**: hooks capture `h_in`, `h_out`, `delta`; deltas telescope (`h_in[0] + sum(delta) == h_out[-1]`).",
-        "- **lens exact**: the lens on the last block's output reproduces the model's logits (max abs error shown).",
+        "- **collect**: hooks capture `h_in`, `h_out`, `delta`; deltas telescope "
+        "(`h_in[0] + sum(delta) == h_out[-1]`).",
+        "- **lens exact**: the lens on the last block's output reproduces the model's logits "
+        "(max abs error shown).",
         "- **generate**: early-exit `generate()` with a never-exit threshold reproduces `model.generate` greedy, "
         "per KV policy.",
         "",
