@@ -94,8 +94,8 @@ def support_matrix_markdown(model_types: Iterable[str] = ARCHITECTURES) -> str:
         "(`h_in[0] + sum(delta) == h_out[-1]`).",
         "- **lens exact**: the lens on the last block's output reproduces the model's logits "
         "(max abs error shown).",
-        "- **generate**: early-exit `generate()` with a never-exit threshold reproduces `model.generate` greedy, "
-        "per KV policy.",
+        "- **generate**: early-exit `generate()` with a never-exit threshold reproduces "
+        "`model.generate` greedy, per KV policy.",
         "",
         "| model type | blocks | final norm | collect | lens exact (max abs err) | generate |",
         "|---|---|---|---|---|---|",
