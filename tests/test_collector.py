@@ -50,9 +50,9 @@ def test_invariants_on_every_architecture(model_type):
     _check_invariants(model, ids, mask)
 
 
-@settings(max_examples=40)
+@settings(max_examples=60)
 @given(
-    model_type=st.sampled_from(["llama", "gpt2", "opt", "gpt_neox", "qwen3", "gemma2", "phi"]),
+    model_type=st.sampled_from(ARCHITECTURES),
     num_layers=st.integers(1, 4),
     heads=st.sampled_from([2, 4]),
     head_dim=st.sampled_from([4, 8]),
@@ -128,15 +128,23 @@ def test_storage_dtype_and_device(llama):
     assert trace.delta.dtype == torch.float16 and trace.h_out.device.type == "cpu"
 
 
-def test_generate_gives_one_record_per_step(llama):
+@pytest.mark.parametrize("positions", ["auto", "last"])
+def test_generate_gives_one_record_per_step(llama, positions):
     ids = torch.tensor([[5, 6, 7, 8]])
-    with dx.collect(llama, ("delta",), positions="last", topk=1) as trace:
+    with dx.collect(llama, ("delta",), positions=positions, topk=1) as trace:
         out = llama.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)
     steps = out.shape[1] - ids.shape[1]
     assert len(trace.records) == steps
     assert trace.delta.shape[:3] == (3, 1, steps)
     # The lens top-1 at the last layer of each step is the token generate picked.
     assert torch.equal(trace.topk_ids[-1, 0, :, 0], out[0, ids.shape[1] :])
+
+
+def test_auto_positions_keep_all_tokens_of_a_plain_forward(llama):
+    ids, mask = random_batch(128, 2, 5)
+    with dx.collect(llama, ("delta",)) as trace:
+        _forward(llama, ids, mask)
+    assert trace.delta.shape[:3] == (3, 2, 5)
 
 
 class _ShapeChanger(nn.Module):
