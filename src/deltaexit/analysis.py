@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltaexit._version import __version__
@@ -100,6 +101,7 @@ def analyze(
     seed: int = 0,
     progress: bool = False,
     fit_kwargs: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Collect, fit and evaluate every measure on a text; returns all figures as a JSON-ready dict.
 
@@ -118,10 +120,44 @@ def analyze(
         seed: Seed of every trainable measure.
         progress: tqdm bars.
         fit_kwargs: Extra keyword arguments for the trainable measures (e.g. ``max_epochs``).
+        threads: torch intra-op threads for the run (restored afterwards); 1 is fastest for
+            small models on a busy machine. Default: leave torch's setting.
 
     Returns:
         ``{"config", "tokens", "layers", "oracle", "cost", "labels": {label: evaluation}, "timing"}``.
     """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _analyze(
+            model, tokenizer, text, tokens=tokens, fit_text=fit_text, fit_tokens=fit_tokens, labels=labels,
+            measures=measures, window=window, batch_size=batch_size, select_fraction=select_fraction,
+            seed=seed, progress=progress, fit_kwargs=fit_kwargs,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _analyze(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    tokens: int,
+    fit_text: str | None,
+    fit_tokens: int | None,
+    labels: Sequence[str],
+    measures: Sequence[str] | None,
+    window: int | None,
+    batch_size: int,
+    select_fraction: float,
+    seed: int,
+    progress: bool,
+    fit_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
     labels = list(labels)
     for kind in labels:
         if kind not in LABELS:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -186,6 +187,22 @@ def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.
     return out[:max_tokens] if max_tokens is not None else out
 
 
+def _lens_topk(lens: Lens, h: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lens top-``k`` ids and probabilities of ``h [L, n, hidden]`` without materialising the softmax."""
+    ids, probs = [], []
+    with torch.no_grad():
+        for layer in range(h.shape[0]):
+            layer_ids, layer_probs = [], []
+            for part in h[layer].split(chunk):
+                logits = lens(part).float()
+                values, top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+                layer_probs.append((values - logits.logsumexp(dim=-1, keepdim=True)).exp().cpu())
+                layer_ids.append(top.cpu())
+            ids.append(torch.cat(layer_ids))
+            probs.append(torch.cat(layer_probs))
+    return torch.stack(ids), torch.stack(probs)
+
+
 def collect_states(
     model: nn.Module,
     ids: torch.Tensor,
@@ -214,6 +231,8 @@ def collect_states(
     if ids.numel() == 0:
         raise ValueError("no token ids to run: the text is empty")
     window = window or min(256, model_context_length(model))
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1 (top-1 gives the labels), got {topk}")
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
     structure = find_structure(model)
@@ -225,6 +244,8 @@ def collect_states(
     batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
     batches += [c.unsqueeze(0) for c in rest]
     h_in, h_out, tk_ids, tk_probs = [], [], [], []
+    # The model's own logits are not needed (the lens reproduces them): skip them where supported.
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
     try:
@@ -234,20 +255,16 @@ def collect_states(
             with (
                 torch.no_grad(),
                 collect(
-                    model,
-                    ("h_in", "h_out"),
-                    positions="all",
-                    topk=topk,
-                    dtype=torch.float32,
-                    device="cpu",
-                    structure=structure,
+                    model, ("h_in", "h_out"), positions="all", dtype=torch.float32, structure=structure
                 ) as trace,
             ):
-                model(input_ids=batch.to(device))
-            h_in.append(trace.tokens("h_in"))
-            h_out.append(trace.tokens("h_out"))
-            tk_ids.append(trace.tokens("topk_ids"))
-            tk_probs.append(trace.tokens("topk_probs"))
+                model(input_ids=batch.to(device), **extra)
+            b_in, b_out = trace.tokens("h_in"), trace.tokens("h_out")
+            ids_, probs_ = _lens_topk(lens, b_out, topk)
+            h_in.append(b_in.cpu())
+            h_out.append(b_out.cpu())
+            tk_ids.append(ids_)
+            tk_probs.append(probs_)
     finally:
         model.train(was_training)
     n_windows = len(chunks)
