@@ -42,13 +42,15 @@ def pct(x: float | None) -> str:
 
 
 def main(path: str) -> None:
-    result = json.load(open(path))
+    with open(path, encoding="utf-8") as handle:
+        result = json.load(handle)
     targets = {}
     for kind, ev in result["labels"].items():
         names = [n for n in SHOWN if n in ev["summary"]]
         trs = ev["transitions"]
         print(f"\n### Label `{kind}`: F1 at the threshold chosen on the select split (test tokens)\n")
-        head = "| transition | note change | ours change | note r | ours r | ours r (delta l+1) | trivial F1 |"
+        head = "| transition | note change | ours change | note r | ours r | ours r (delta l+1) |"
+        head += " trivial F1 |"
         head += " note delta-norm | note linear | note delta-MLP | " + " | ".join(names) + " |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
@@ -114,7 +116,8 @@ def main(path: str) -> None:
             "mean_auroc": s[best]["mean_auroc"],
         }
     print("\n### Per layer (test tokens)\n")
-    print("| layer | note ‖delta‖ | ours ‖delta‖ | note ‖delta‖/‖h_in‖ | ours ‖delta‖/‖h_in‖ | ours saturated |")
+    print("| layer | note ‖delta‖ | ours ‖delta‖ | note ‖delta‖/‖h_in‖ | ours ‖delta‖/‖h_in‖ |", end="")
+    print(" ours saturated |")
     print("|---|---|---|---|---|---|")
     for i, (row, srow) in enumerate(zip(result["layers"], result["oracle"]["per_layer"])):
         nd = f"{NOTE_DELTA[i]:.2f}" if i < len(NOTE_DELTA) else ""
