@@ -11,6 +11,7 @@ Example:
 from deltaexit._version import __version__
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
 from deltaexit.lens import Lens
+from deltaexit.reference import load_reference, reference_path
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
 
@@ -27,6 +28,8 @@ __all__ = [
     "__version__",
     "collect",
     "find_structure",
+    "load_reference",
+    "reference_path",
     "saturation",
     "saturation_from_topk",
 ]

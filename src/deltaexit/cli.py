@@ -21,6 +21,7 @@ from deltaexit._version import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "deltaexit.commands.demo",
     "deltaexit.commands.support_matrix",
+    "deltaexit.commands.train",
 )
 
 
