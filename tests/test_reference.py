@@ -60,3 +60,16 @@ def test_v1_predicts_wikitext_better_than_chance():
 def test_unknown_reference_is_a_clear_error():
     with pytest.raises(ValueError, match="available"):
         reference_path("v99")
+
+
+def test_build_preset_reuses_the_cache_and_rejects_unknown_names(tmp_path):
+    from deltaexit.reference import build_preset
+
+    cached = tmp_path / "ref256-plain"
+    cached.mkdir()
+    (cached / "config.json").write_text("{}")
+    assert build_preset("ref256-plain", cache_dir=tmp_path) == cached  # no training when present
+    with pytest.raises(ValueError, match="preset"):
+        build_preset("ref512", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="valid.txt"):
+        build_preset("ref64-plain", cache_dir=tmp_path, data=tmp_path / "missing.txt")

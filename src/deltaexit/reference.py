@@ -2,8 +2,8 @@
 
 - ``v1``: Llama shape of the research note (hidden 64, 4 heads, FFN 256, 8 layers, byte-level BPE
   vocabulary 4096), trained plainly on WikiText-2 ``valid.txt`` with ``deltaexit train --preset ref64-plain``.
-- ``v2``: the same shape continued from v1 with the LayerSkip recipe (layer dropout + early-exit loss),
-  when shipped (see ``available_references()``).
+- ``v2``: the same shape, tokenizer, data, seed and step count trained with the LayerSkip recipe
+  (layer dropout + early-exit loss, ``deltaexit train --preset ref64-layerskip``).
 
 Each is a normal HF directory: ``AutoModelForCausalLM.from_pretrained(reference_path("v1"))`` works too.
 
