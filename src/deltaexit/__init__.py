@@ -10,6 +10,7 @@ Example:
 
 from deltaexit._version import __version__
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
+from deltaexit.generation import DecayingThreshold, EarlyExit, EarlyExitOutput, GenerationStats
 from deltaexit.lens import Lens
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
@@ -17,6 +18,10 @@ from deltaexit.structure import ModelStructure, StructureError, find_structure
 __all__ = [
     "FEATURES",
     "Collector",
+    "DecayingThreshold",
+    "EarlyExit",
+    "EarlyExitOutput",
+    "GenerationStats",
     "Lens",
     "ModelStructure",
     "Record",
