@@ -35,7 +35,6 @@ from transformers.cache_utils import DynamicLayer
 from deltaexit.generation.kv import (
     KV_POLICIES,
     UnsupportedCacheError,
-    cache_lengths,
     cache_view,
     check_cache,
     crop_cache,
@@ -45,7 +44,7 @@ from deltaexit.generation.kv import (
 from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.schedule import ThresholdSchedule, as_schedule
-from deltaexit.generation.speculative import residual_distribution
+from deltaexit.generation.speculative import speculative_token
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
 from deltaexit.structure import find_structure
@@ -550,18 +549,13 @@ class EarlyExit:
                 break
             draft = drafts[i]
             if run.do_sample:
-                p = torch.softmax(scores, dim=-1)
-                q = draft_probs[i]
-                p_x = p.gather(1, draft[:, None])[:, 0]
-                q_x = q.gather(1, draft[:, None])[:, 0]
-                ok = torch.rand(p_x.shape, device=p_x.device) < p_x / q_x.clamp_min(1e-30)
+                ok, tok = speculative_token(draft, torch.softmax(scores, dim=-1), draft_probs[i])
                 if bool(ok[active].all()):
                     emitted.append(draft)
                     exits.append(draft_exits[i])
                     prefix = torch.cat([prefix, draft[:, None]], dim=-1)
                     continue
-                resampled = torch.multinomial(residual_distribution(p, q), 1).squeeze(1)
-                emitted.append(torch.where(ok, draft, resampled))
+                emitted.append(tok)
                 exits.append(torch.where(ok, draft_exits[i], full))
                 break
             target_tok = scores.argmax(dim=-1)
@@ -582,8 +576,3 @@ class EarlyExit:
             run.append(tok, ex)
             if run.done:
                 break
-
-
-def cache_lengths_of(ee_output: EarlyExitOutput) -> list[int]:
-    """Per-layer cache lengths of a finished generation (for checks)."""
-    return cache_lengths(ee_output.cache)

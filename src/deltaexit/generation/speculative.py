@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["greedy_accept", "residual_distribution", "sample_accept"]
+__all__ = ["greedy_accept", "residual_distribution", "speculative_token"]
 
 
 def greedy_accept(drafts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,25 +39,21 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, r / mass.clamp_min(1e-30), p)
 
 
-def sample_accept(
-    drafts: torch.Tensor, q_draft: torch.Tensor, p_target: torch.Tensor
+def speculative_token(
+    draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative acceptance for sampling.
+    """One position of speculative sampling: keep ``draft`` or resample from the residual.
 
     Args:
-        drafts: ``[batch, k]`` draft tokens.
-        q_draft: ``[batch, k]`` the draft distribution's probability of each draft token.
-        p_target: ``[batch, k]`` the target distribution's probability of each draft token.
+        draft: ``[batch]`` draft tokens, drawn from ``q``.
+        p: ``[batch, vocab]`` target probabilities (the full model, after the logits processors).
+        q: ``[batch, vocab]`` draft probabilities.
 
     Returns:
-        ``(accepted_count [batch], accept_mask [batch, k])``: ``accept_mask[:, j]`` says whether draft ``j``
-        passes its own test (rows keep only the prefix before their first failure).
+        ``(accepted [batch] bool, token [batch])``; the token is distributed as ``p`` (given the prefix).
     """
-    k = drafts.shape[1]
-    if k == 0:
-        empty = torch.zeros(drafts.shape[0], 0, dtype=torch.bool, device=drafts.device)
-        return torch.zeros(drafts.shape[0], dtype=torch.long, device=drafts.device), empty
-    u = torch.rand(drafts.shape, device=drafts.device, dtype=torch.float32)
-    ratio = p_target.float() / q_draft.float().clamp_min(1e-30)
-    ok = u < ratio
-    return ok.long().cumprod(dim=1).sum(dim=1), ok
+    p_x = p.gather(1, draft[:, None])[:, 0].float()
+    q_x = q.gather(1, draft[:, None])[:, 0].float()
+    accepted = torch.rand(p_x.shape, device=p_x.device) < p_x / q_x.clamp_min(1e-30)
+    resampled = torch.multinomial(residual_distribution(p.float(), q.float()), 1).squeeze(1)
+    return accepted, torch.where(accepted, draft, resampled)
