@@ -30,7 +30,7 @@ __all__ = ["FEATURES", "Collector", "Record", "Trace", "TraceError", "collect"]
 
 #: Residual-stream features a collector can capture.
 FEATURES: tuple[str, ...] = ("h_in", "h_out", "delta")
-Positions = Literal["all", "last", "mask"]
+Positions = Literal["auto", "all", "last", "mask"]
 
 
 class TraceError(RuntimeError):
@@ -148,7 +148,9 @@ class Trace:
         try:
             return self.layers.index(layer)
         except ValueError:
-            raise TraceError(f"layer {layer} was not captured; captured layers are {list(self.layers)}") from None
+            raise TraceError(
+                f"layer {layer} was not captured; captured layers are {list(self.layers)}"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -180,7 +182,7 @@ class Collector:
         capture: Iterable[str] = ("delta",),
         *,
         layers: Iterable[int] | None = None,
-        positions: Positions = "all",
+        positions: Positions = "auto",
         topk: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -191,8 +193,8 @@ class Collector:
         unknown = [c for c in capture if c not in FEATURES]
         if unknown:
             raise ValueError(f"unknown feature(s) {unknown}; choose from {list(FEATURES)}")
-        if positions not in ("all", "last", "mask"):
-            raise ValueError(f"positions must be 'all', 'last' or 'mask', got {positions!r}")
+        if positions not in ("auto", "all", "last", "mask"):
+            raise ValueError(f"positions must be 'auto', 'all', 'last' or 'mask', got {positions!r}")
         if not isinstance(topk, int) or topk < 0:
             raise ValueError(f"topk must be a non-negative int, got {topk!r}")
         self.model = model
@@ -212,13 +214,16 @@ class Collector:
         self._handles: list[RemovableHandle] = []
         self._inputs: dict[int, torch.Tensor] = {}
         self._call_mask: torch.Tensor | None = None
+        self._call_positions: str = "all" if positions == "auto" else positions
         self._current: Record | None = None
         self._used = False
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         if self._used:
-            raise TraceError("this collector was already used and closed; create a new one with dx.collect(...)")
+            raise TraceError(
+                "this collector was already used and closed; create a new one with dx.collect(...)"
+            )
         self._used = True
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -263,6 +268,10 @@ class Collector:
             )
         mask = kwargs.get("attention_mask")
         self._call_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if self.positions == "auto":
+            # A KV cache passed in means incremental decoding (model.generate): keep the last token.
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            self._call_positions = "last" if cache is not None else "all"
         self._current = None
 
     def _make_pre_hook(self, layer: int):
@@ -293,9 +302,11 @@ class Collector:
         keep = mask[:, -seq:].to(torch.bool) if mask is not None else None
         record = Record()
         store = self.device if self.device is not None else h.device
-        if self.positions == "all":
-            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(store)
-        elif self.positions == "last":
+        if self._call_positions == "all":
+            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(
+                store
+            )
+        elif self._call_positions == "last":
             record.token_mask = torch.ones(batch, 1, dtype=torch.bool, device=store)
             if keep is not None:
                 # Last real token of each row (right padding aware); a fully masked row keeps the last column.
@@ -313,9 +324,9 @@ class Collector:
         return record
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
-        if self.positions == "all":
+        if self._call_positions == "all":
             return x
-        if self.positions == "last":
+        if self._call_positions == "last":
             rows = torch.arange(x.shape[0], device=x.device)
             return x[rows, self._last_index].unsqueeze(1)
         return x[self._keep]
@@ -326,6 +337,11 @@ class Collector:
             device = self.device if self.device is not None else value.device
             buf = torch.empty((len(self.layers), *value.shape), dtype=dtype, device=device)
             record.tensors[name] = buf
+        if buf.shape[1:] != value.shape:
+            raise StructureError(
+                f"{name} of block {self.layers[row]} has shape {tuple(value.shape)} but earlier captured "
+                f"blocks gave {tuple(buf.shape[1:])}; capture layers of one width at a time (layers=[...])."
+            )
         buf[row].copy_(value)
 
     def _record(self, layer: int, row: int, h_out: torch.Tensor) -> None:
@@ -379,9 +395,10 @@ def collect(
         model: Any ``transformers`` causal LM (blocks are found by structure).
         capture: Which of ``"h_in"``, ``"h_out"``, ``"delta"`` to keep (``()`` keeps none).
         layers: Block indices (0-based, negatives allowed) to capture; default all.
-        positions: ``"all"`` positions, the ``"last"`` real token of each row (use this for
-            ``model.generate``: one record per step), or only positions the attention
-            ``"mask"`` keeps (flattened to ``[layers, tokens, dim]``).
+        positions: ``"all"`` positions, the ``"last"`` real token of each row, only positions
+            the attention ``"mask"`` keeps (flattened to ``[layers, tokens, dim]``), or ``"auto"``
+            (default): all positions of a plain forward, the last token of each forward that
+            is given a KV cache, i.e. one record per step of ``model.generate``.
         topk: Also keep the logit lens's top-``k`` ids and probabilities per layer.
         dtype: Storage dtype (default: the model's hidden-state dtype).
         device: Storage device (default: where the hidden states are).

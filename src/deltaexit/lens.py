@@ -106,9 +106,9 @@ class Lens:
         param = next(first.parameters(), None)
         if param is None:
             param = next(s.lm_head.parameters(), None)
-        if param is not None and param.device.type != "meta":
-            if h.device != param.device or h.dtype != param.dtype:
-                h = h.to(device=param.device, dtype=param.dtype)
+        usable = param is not None and param.device.type != "meta"
+        if usable and (h.device != param.device or h.dtype != param.dtype):
+            h = h.to(device=param.device, dtype=param.dtype)
         return h
 
     def __repr__(self) -> str:

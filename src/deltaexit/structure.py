@@ -169,8 +169,14 @@ class ModelStructure:
             raise StructureError(
                 f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}"
             )
-        with torch.no_grad():
-            lens_logits = Lens(self)(captured[-1])
+        try:
+            with torch.no_grad():
+                lens_logits = Lens(self)(captured[-1])
+        except Exception as exc:
+            raise StructureError(
+                f"the lens (final norm -> head -> logit steps) failed on the last block's output: {exc}; "
+                f"found {self.describe()}. {_OVERRIDE_HINT}"
+            ) from exc
         if lens_logits.shape != logits.shape or not torch.allclose(
             lens_logits.float(), logits.float(), atol=atol, rtol=rtol
         ):
@@ -258,7 +264,7 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
             f"is the decoder's. {_OVERRIDE_HINT}"
         )
     raise StructureError(
-        f"found no nn.ModuleList of decoder blocks"
+        "found no nn.ModuleList of decoder blocks"
         + (f" with num_hidden_layers={n_layers} entries" if n_layers is not None else "")
         + f" in {type(model).__name__}. {_OVERRIDE_HINT}"
     )
@@ -311,12 +317,12 @@ def find_structure(
     model: nn.Module,
     *,
     blocks: str | nn.ModuleList | Sequence[nn.Module] | None = None,
-    final_norm: str | nn.Module | None | object = _UNSET,
+    final_norm: str | nn.Module | object | None = _UNSET,
     post_norm: Sequence[str | nn.Module] | None = None,
     lm_head: str | nn.Module | None = None,
-    logit_scale: float | None | object = _UNSET,
-    logit_divisor: float | None | object = _UNSET,
-    final_softcap: float | None | object = _UNSET,
+    logit_scale: float | object | None = _UNSET,
+    logit_divisor: float | object | None = _UNSET,
+    final_softcap: float | object | None = _UNSET,
     logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     validate: bool = True,
 ) -> ModelStructure:
@@ -391,9 +397,7 @@ def find_structure(
 
     norm = _find_final_norm(root, block_list) if final_norm is _UNSET else resolve_module(model, final_norm)
     posts = (
-        _find_post_norm(root)
-        if post_norm is None
-        else tuple(resolve_module(model, p) for p in post_norm)  # type: ignore[misc]
+        _find_post_norm(root) if post_norm is None else tuple(resolve_module(model, p) for p in post_norm)  # type: ignore[misc]
     )
 
     if lm_head is None:

@@ -8,12 +8,20 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-__all__ = ["ARCHITECTURES", "tiny_config", "tiny_model"]
+__all__ = [
+    "ARCHITECTURES",
+    "cached_tiny_model",
+    "hook_counts",
+    "random_batch",
+    "tiny_config",
+    "tiny_model",
+]
 
 #: Architectures the test-suite and the support matrix cover.
 ARCHITECTURES: tuple[str, ...] = (
@@ -74,11 +82,27 @@ def tiny_config(
         "eos_token_id": 2,
     }
     per_type: dict[str, dict[str, Any]] = {
-        "gpt2": {"n_embd": hidden, "n_layer": num_layers, "n_head": heads, "n_positions": 256, "n_inner": 2 * hidden},
-        "gpt_neo": {"num_layers": num_layers, "attention_types": [[["global", "local"], num_layers // 2]] + [[["global"], num_layers % 2]],
-                    "window_size": 8, "max_position_embeddings": 256},
-        "gptj": {"n_embd": hidden, "n_layer": num_layers, "n_head": heads, "n_positions": 256,
-                 "rotary_dim": head_dim, "n_inner": 2 * hidden},
+        "gpt2": {
+            "n_embd": hidden,
+            "n_layer": num_layers,
+            "n_head": heads,
+            "n_positions": 256,
+            "n_inner": 2 * hidden,
+        },
+        "gpt_neo": {
+            "num_layers": num_layers,
+            "attention_types": [[["global", "local"], num_layers // 2]] + [[["global"], num_layers % 2]],
+            "window_size": 8,
+            "max_position_embeddings": 256,
+        },
+        "gptj": {
+            "n_embd": hidden,
+            "n_layer": num_layers,
+            "n_head": heads,
+            "n_positions": 256,
+            "rotary_dim": head_dim,
+            "n_inner": 2 * hidden,
+        },
         "gpt_neox": {"rotary_pct": 1.0},
         "opt": {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden, "do_layer_norm_before": True},
         "bloom": {"n_layer": num_layers, "n_head": heads},
@@ -89,14 +113,24 @@ def tiny_config(
         "qwen2": {"num_key_value_heads": max(1, heads // 2)},
         "qwen3": {"num_key_value_heads": max(1, heads // 2), "head_dim": head_dim},
         "gemma": {"num_key_value_heads": 1, "head_dim": head_dim},
-        "gemma2": {"num_key_value_heads": max(1, heads // 2), "head_dim": head_dim, "sliding_window": 16,
-                   "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+        "gemma2": {
+            "num_key_value_heads": max(1, heads // 2),
+            "head_dim": head_dim,
+            "sliding_window": 16,
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+        },
         "phi": {"partial_rotary_factor": 0.5},
         "phi3": {"num_key_value_heads": heads},
         "stablelm": {"partial_rotary_factor": 0.25},
         "olmo": {},
-        "granite": {"num_key_value_heads": max(1, heads // 2), "logits_scaling": 4.0, "residual_multiplier": 0.5,
-                    "embedding_multiplier": 2.0, "attention_multiplier": 1.0 / head_dim},
+        "granite": {
+            "num_key_value_heads": max(1, heads // 2),
+            "logits_scaling": 4.0,
+            "residual_multiplier": 0.5,
+            "embedding_multiplier": 2.0,
+            "attention_multiplier": 1.0 / head_dim,
+        },
     }
     fields = {**common, **per_type.get(model_type, {}), **extra}
     config = AutoConfig.for_model(model_type, **fields)
@@ -109,3 +143,37 @@ def tiny_model(model_type: str, *, seed: int = 0, **kwargs: Any) -> PreTrainedMo
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+@functools.lru_cache(maxsize=64)
+def cached_tiny_model(
+    model_type: str, num_layers: int = 3, hidden: int = 32, heads: int = 4, vocab: int = 128
+):
+    """A tiny eval-mode model; cached, so tests must not modify it."""
+    return tiny_model(model_type, num_layers=num_layers, hidden=hidden, heads=heads, vocab=vocab)
+
+
+def hook_counts(model: torch.nn.Module) -> int:
+    """Total number of hooks registered on every module of ``model``."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks) + len(getattr(module, "_forward_hooks_with_kwargs", {}))
+    return total
+
+
+def random_batch(vocab: int, batch: int, seq: int, *, seed: int = 0, pad: str | None = None):
+    """Random ids (>= 3, so no special ids) and an attention mask with optional left/right padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad and seq > 1:
+        for row in range(1, batch):
+            n = int(torch.randint(0, seq - 1, (1,), generator=g))
+            if pad == "left":
+                mask[row, :n] = 0
+                ids[row, :n] = 0
+            else:
+                mask[row, seq - n :] = 0
+                ids[row, seq - n :] = 0
+    return ids, mask

@@ -65,7 +65,9 @@ class LayerState:
         """Lens logits of ``h_out`` (computed once)."""
         if self._logits is None:
             if self.lens is None:
-                raise ValueError("this measure needs the lens; build the state with lens=dx.Lens.from_model(model)")
+                raise ValueError(
+                    "this measure needs the lens; build the state with lens=dx.Lens.from_model(model)"
+                )
             self._logits = self.lens(self.h_out)
         return self._logits
 

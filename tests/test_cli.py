@@ -1,0 +1,36 @@
+"""The command-line tool: demo and support-matrix run end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltaexit.cli import main
+
+
+def test_demo_prints_saturation_table(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "oracle" in out and "saturated" in out
+
+
+def test_support_matrix_writes_markdown(tmp_path, monkeypatch):
+    import deltaexit.support as support
+
+    monkeypatch.setattr(support, "ARCHITECTURES", ("llama",))
+    monkeypatch.setattr(support.support_matrix_markdown, "__defaults__", (("llama",),))
+    out = tmp_path / "matrix.md"
+    assert main(["support-matrix", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| llama |" in text and "transformers" in text
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().out
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert "deltaexit" in capsys.readouterr().out
