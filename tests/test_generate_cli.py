@@ -29,7 +29,9 @@ def model_dir(tmp_path_factory):
     vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     tiny_model("llama", num_layers=4, vocab=128).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)
@@ -37,8 +39,26 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("kv", ["verify", "propagate", "recompute"])
 def test_generate_command_json(model_dir, capsys, kv):
-    code = main(["generate", "--model", model_dir, "--prompt", "Hello", "--measure", "test-cli-half",
-                 "--threshold", "0.4", "--kv", kv, "--min-exit-layer", "2", "--max-new-tokens", "5", "--json"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            model_dir,
+            "--prompt",
+            "Hello",
+            "--measure",
+            "test-cli-half",
+            "--threshold",
+            "0.4",
+            "--kv",
+            kv,
+            "--min-exit-layer",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     layers = [t["exit_layer"] for t in out["tokens"]]
@@ -49,8 +69,24 @@ def test_generate_command_json(model_dir, capsys, kv):
 
 
 def test_generate_command_text_and_errors(model_dir, capsys):
-    assert main(["generate", "--model", model_dir, "--prompt", "Hi", "--measure", "test-cli-half",
-                 "--threshold", "inf", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                model_dir,
+                "--prompt",
+                "Hi",
+                "--measure",
+                "test-cli-half",
+                "--threshold",
+                "inf",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert text.startswith("Hi") and "[4]" in text and "mean exit layer 4.00/4" in text
     assert main(["generate", "--model", model_dir, "--prompt", "Hi", "--measure", "nope"]) == 1

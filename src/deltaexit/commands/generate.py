@@ -14,10 +14,14 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="early-exit generation with per-token exit layers")
-    parser.add_argument("--model", required=True, help="local model directory (from_pretrained; no downloads)")
+    parser.add_argument(
+        "--model", required=True, help="local model directory (from_pretrained; no downloads)"
+    )
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--measure", default="delta-norm", help="registered confidence measure name")
-    parser.add_argument("--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)"
+    )
     parser.add_argument("--kv", default="verify", choices=("verify", "propagate", "recompute"))
     parser.add_argument("--min-exit-layer", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -58,15 +62,29 @@ def run(args: argparse.Namespace) -> int:
     enc = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = ee.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=args.max_new_tokens,
-                      do_sample=args.sample, pad_token_id=pad, return_dict_in_generate=True)
-    new = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+    out = ee.generate(
+        enc.input_ids,
+        attention_mask=enc.attention_mask,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        pad_token_id=pad,
+        return_dict_in_generate=True,
+    )
+    new = out.sequences[0, enc.input_ids.shape[1] :].tolist()
     layers = out.exit_layers[0].tolist()
     pieces = [(tokenizer.decode([t]), layer) for t, layer in zip(new, layers) if layer > 0]
     stats = out.stats.to_dict()
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "tokens": [{"text": s, "exit_layer": layer} for s, layer in pieces],
-                          "text": "".join(s for s, _ in pieces), "stats": stats}))
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "tokens": [{"text": s, "exit_layer": layer} for s, layer in pieces],
+                    "text": "".join(s for s, _ in pieces),
+                    "stats": stats,
+                }
+            )
+        )
         return 0
     n = out.stats.num_layers
     if sys.stdout.isatty():

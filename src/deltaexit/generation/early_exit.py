@@ -71,7 +71,7 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
 class _Step:
     depth: int  # blocks run
     exit_layer: torch.Tensor  # [B] 1-based; 0 for finished rows; depth for rows that did not exit
-    logits: torch.Tensor  # [B, V] float32 at each row's exit (or at depth)
+    logits_fn: Any  # () -> [B, V] float32 logits at each row's exit (or at depth), computed on demand
     all_exited: bool  # every active row exited before reaching max_depth
     states: list[torch.Tensor] | None  # states[l] = output after l blocks ([B, T, H]); states[0] = embeddings
     calls: list[Any]
@@ -430,12 +430,16 @@ class EarlyExit:
         remaining = active & (exit_layer == 0)
         exit_layer = torch.where(remaining, depth, exit_layer)
         exit_state = torch.where(remaining[:, None], h[:, -1], exit_state)
-        if cached_logits is not None and bool(have_logits[active].all()):
-            logits = cached_logits
-        else:
-            logits = self.lens(exit_state[:, None, :])[:, 0].float()
+        lens = self.lens
+
+        def logits() -> torch.Tensor:
+            if cached_logits is not None and bool(have_logits[active].all()):
+                return cached_logits
+            fresh = lens(exit_state[:, None, :])[:, 0].float()
             if cached_logits is not None:
-                logits = torch.where(have_logits[:, None], cached_logits, logits)
+                fresh = torch.where(have_logits[:, None], cached_logits, fresh)
+            return fresh
+
         return _Step(depth, exit_layer, logits, all_exited, states, calls)
 
     # ------------------------------------------------------------------ policies
@@ -461,7 +465,7 @@ class EarlyExit:
                     lambda layer=layer: self.runner.run_block(layer, h_exit, res.calls[layer]),
                 )
                 run.stats.kv_only_calls += 1
-        token, _ = run.choose(run.input_ids, res.logits)
+        token, _ = run.choose(run.input_ids, res.logits_fn())
         run.append(token, res.exit_layer)
 
     def _recompute_step(self, run: _Run) -> None:
@@ -482,7 +486,7 @@ class EarlyExit:
         if res.depth < self.num_layers:
             crop_cache(run.cache, start)  # held back: re-run with the next token that goes deep
             run.stats.rounds += 1
-        token, _ = run.choose(run.input_ids, res.logits)
+        token, _ = run.choose(run.input_ids, res.logits_fn())
         run.append(token, res.exit_layer)
 
     def _verify_round(self, run: _Run) -> None:
@@ -513,7 +517,7 @@ class EarlyExit:
             chunk_states.append(res.states)
             if j >= k_max or not res.all_exited:
                 break
-            token, probs = run.choose(ids, res.logits)
+            token, probs = run.choose(ids, res.logits_fn())
             drafts.append(token)
             draft_exits.append(res.exit_layer)
             draft_probs.append(probs)
