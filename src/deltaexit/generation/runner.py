@@ -92,7 +92,7 @@ class BlockRunner:
         self.returns_tuple: bool | None = None
 
     def _locate_block_list(self) -> tuple[nn.Module, str]:
-        for name, module in self.model.named_modules():
+        for _name, module in self.model.named_modules():
             for child_name, child in module.named_children():
                 if child is self.blocks:
                     return module, child_name
