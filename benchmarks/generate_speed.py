@@ -115,14 +115,14 @@ def main() -> None:
         )
         with torch.no_grad():
             model.generate(ids, **kw)  # warm-up
-            base_t, ref = timed(lambda: model.generate(ids, **kw), args.repeats)
+            base_t, ref = timed(lambda ids=ids, kw=kw: model.generate(ids, **kw), args.repeats)
         oracle = oracle_mean_layer(model, ref, args.prompt_len) if args.oracle else None
         for label, measure, threshold, min_exit in settings:
             for kv in args.policies:
                 ee = EarlyExit(model, measure, threshold, kv, min_exit_layer=min_exit)
                 ee.generate(ids, **kw)
                 t, out = timed(
-                    lambda ee=ee: ee.generate(ids, return_dict_in_generate=True, **kw), args.repeats
+                    lambda ee=ee, ids=ids, kw=kw: ee.generate(ids, return_dict_in_generate=True, **kw), args.repeats
                 )
                 s = out.stats
                 speed = base_t / t

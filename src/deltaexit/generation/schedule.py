@@ -112,7 +112,8 @@ def as_schedule(threshold: float | Sequence[float] | ThresholdSchedule, num_laye
         schedule = PerLayerThreshold(list(threshold))
     else:
         raise TypeError(
-            f"threshold must be a float, a list of per-layer floats or a ThresholdSchedule, got {type(threshold).__name__}"
+            "threshold must be a float, a list of per-layer floats or a ThresholdSchedule, "
+            f"got {type(threshold).__name__}"
         )
     schedule.num_layers = num_layers
     schedule.values(0, num_layers)  # validates the length
