@@ -10,6 +10,7 @@ Example:
 
 from deltaexit._version import __version__
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
+from deltaexit.generation import DecayingThreshold, EarlyExit, EarlyExitOutput, GenerationStats
 from deltaexit.lens import Lens
 from deltaexit.reference import load_reference, reference_path
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
@@ -18,6 +19,10 @@ from deltaexit.structure import ModelStructure, StructureError, find_structure
 __all__ = [
     "FEATURES",
     "Collector",
+    "DecayingThreshold",
+    "EarlyExit",
+    "EarlyExitOutput",
+    "GenerationStats",
     "Lens",
     "ModelStructure",
     "Record",
