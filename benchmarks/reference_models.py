@@ -81,9 +81,7 @@ def main() -> None:
                 a, b = results[plain], results[other]
                 pairs[f"{other}/{plain}"] = {
                     "final_ppl_ratio": round(b["final_perplexity"] / a["final_perplexity"], 4),
-                    "layer_ppl_ratio": [
-                        round(y / x, 4) for x, y in zip(a["layer_perplexity"], b["layer_perplexity"])
-                    ],
+                    "layer_ppl_ratio": [round(y / x, 4) for x, y in zip(a["layer_perplexity"], b["layer_perplexity"])],
                 }
     print(json.dumps({"tokens": args.tokens, "models": results, "recipe_vs_plain": pairs}, indent=2))
 

@@ -23,9 +23,28 @@ from deltaexit.training import (
     train_reference,
 )
 
-WORDS = (
-    "the a game of war was in 1944 @,@ <unk> river north city team played first season = album song"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "game",
+    "of",
+    "war",
+    "was",
+    "in",
+    "1944",
+    "@,@",
+    "<unk>",
+    "river",
+    "north",
+    "city",
+    "team",
+    "played",
+    "first",
+    "season",
+    "=",
+    "album",
+    "song",
+]
 
 
 def _corpus(lines: int = 160, seed: int = 0) -> list[str]:
@@ -140,9 +159,7 @@ def test_saved_directory_loads_with_auto_classes(corpus_file, tmp_path):
     assert record["format_version"] == 1 and record["history"]["steps"] == 3
     # the stored evaluation is reproduced by the reloaded model
     text = read_paragraphs(corpus_file)
-    assert perplexity(model, tok, text, max_tokens=200) == pytest.approx(
-        record["eval"]["perplexity"], rel=1e-6
-    )
+    assert perplexity(model, tok, text, max_tokens=200) == pytest.approx(record["eval"]["perplexity"], rel=1e-6)
     assert report["eval"]["layer_perplexity"][-1] == pytest.approx(report["eval"]["perplexity"])
     out_ids = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
     assert out_ids.shape == (1, 6)
@@ -171,9 +188,7 @@ def test_perplexity_matches_direct_cross_entropy(tokenizer):
     stream = encode_stream(tokenizer, text, max_tokens=40)
     with torch.no_grad():
         direct = model(input_ids=stream[None], labels=stream[None]).loss  # one window of 40 <= context 64
-    assert perplexity(model, tokenizer, text, max_tokens=40, context=64) == pytest.approx(
-        math.exp(direct), rel=1e-5
-    )
+    assert perplexity(model, tokenizer, text, max_tokens=40, context=64) == pytest.approx(math.exp(direct), rel=1e-5)
     per_layer = layer_perplexities(model, tokenizer, text, max_tokens=40, context=64)
     assert len(per_layer) == 2 and per_layer[-1] == pytest.approx(math.exp(direct), rel=1e-5)
     with pytest.raises(ValueError, match="empty"):
@@ -189,12 +204,7 @@ def test_cli_errors_are_clear(tmp_path, capsys, corpus_file):
     assert "empty" in capsys.readouterr().err
     assert main(["train", "--data", str(corpus_file), "--out", str(tmp_path / "o"), "--steps", "0"]) == 1
     assert "--steps" in capsys.readouterr().err
-    assert (
-        main(
-            ["train", "--data", str(corpus_file), "--out", str(tmp_path / "o"), "--hidden", "30", "--no-eval"]
-        )
-        == 1
-    )
+    assert main(["train", "--data", str(corpus_file), "--out", str(tmp_path / "o"), "--hidden", "30", "--no-eval"]) == 1
     assert "divisible" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -60,15 +60,11 @@ def test_exit_loss_weights_properties(layers, step, curriculum):
         assert all(x > 0 for x in w)
     if curriculum == "rotational" and layers > 2:
         other = exit_loss_weights(layers, step + 1, "layerskip", "rotational", rotation=2)
-        assert {i for i, x in enumerate(w[:-1]) if x > 0}.isdisjoint(
-            {i for i, x in enumerate(other[:-1]) if x > 0}
-        )
+        assert {i for i, x in enumerate(w[:-1]) if x > 0}.isdisjoint({i for i, x in enumerate(other[:-1]) if x > 0})
 
 
 def test_gradual_curriculum_switches_layers_on_from_the_top():
-    active = [
-        sum(x > 0 for x in exit_loss_weights(5, t, curriculum="gradual", total_steps=80)) for t in range(80)
-    ]
+    active = [sum(x > 0 for x in exit_loss_weights(5, t, curriculum="gradual", total_steps=80)) for t in range(80)]
     assert active[0] == 2 and active[-1] == 5
     assert all(a <= b for a, b in itertools.pairwise(active))
     w = exit_loss_weights(5, 0, curriculum="gradual", total_steps=80)
@@ -99,7 +95,7 @@ def test_early_exit_loss_equals_weighted_per_layer_ce(arch):
             logits = out.logits if layer == 2 else lens(out.hidden_states[layer + 1])
             direct.append(F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(), ids[:, 1:].reshape(-1)))
     assert per_layer == pytest.approx([float(x) for x in direct], rel=1e-5)
-    assert float(loss) == pytest.approx(sum(w * float(c) for w, c in zip(weights, direct)), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sum(w * float(c) for w, c in zip(weights, direct)), rel=1e-5)
     # layers with weight 0 are not scored
     _, skipped = early_exit_loss(model, ids, [0.0, 0.0, 1.0])
     assert skipped[0] != skipped[0] and skipped[2] == pytest.approx(float(direct[2]), rel=1e-5)

@@ -114,7 +114,5 @@ def build_preset(
     s = PRESETS[preset]
     train = TrainConfig(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup=s.get("warmup", 30))
     shape = {k: s[k] for k in ("vocab", "hidden", "heads", "ffn", "layers", "context")}
-    train_reference(
-        data, out, train=train, recipe=get_recipe(s["recipe"]), eval_data=None, progress=progress, **shape
-    )
+    train_reference(data, out, train=train, recipe=get_recipe(s["recipe"]), eval_data=None, progress=progress, **shape)
     return out

@@ -42,16 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(one paragraph a line) and save a normal HF directory; or continue any HF causal LM (--init) "
         "with the LayerSkip recipe.",
     )
-    parser.add_argument(
-        "--data", type=Path, help=f"training text (default: {DEFAULT_DATA}, relative to the cwd)"
-    )
-    parser.add_argument(
-        "--out", type=Path, required=True, help="output model directory (replaced atomically)"
-    )
+    parser.add_argument("--data", type=Path, help=f"training text (default: {DEFAULT_DATA}, relative to the cwd)")
+    parser.add_argument("--out", type=Path, required=True, help="output model directory (replaced atomically)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings; explicit flags override")
-    parser.add_argument(
-        "--init", type=Path, help="continue from this HF model directory (keeps its tokenizer)"
-    )
+    parser.add_argument("--init", type=Path, help="continue from this HF model directory (keeps its tokenizer)")
     shape = parser.add_argument_group("model shape (ignored with --init)")
     shape.add_argument("--vocab", type=int, help="tokenizer vocabulary size (default 4096)")
     shape.add_argument("--hidden", type=int, help="hidden size (default 64)")
@@ -67,27 +61,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--warmup", type=int, help="warm-up steps (default 30)")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared machine; results are bit-identical for a fixed count)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: fastest on a shared machine; bit-identical results for a fixed count)",
     )
     rec = parser.add_argument_group("recipe")
     rec.add_argument("--recipe", choices=["plain", "layerskip"], help="training recipe (default plain)")
     rec.add_argument("--p-max", type=float, default=0.1, help="layer dropout of the last block (layerskip)")
-    rec.add_argument(
-        "--exit-loss", choices=EXIT_LOSSES, default="layerskip", help="early-exit loss weighting"
-    )
-    rec.add_argument(
-        "--curriculum", choices=CURRICULA, default="rotational", help="early-exit loss curriculum"
-    )
-    rec.add_argument(
-        "--exit-scale", type=float, default=1.0, help="early-exit loss scale of non-final layers"
-    )
+    rec.add_argument("--exit-loss", choices=EXIT_LOSSES, default="layerskip", help="early-exit loss weighting")
+    rec.add_argument("--curriculum", choices=CURRICULA, default="rotational", help="early-exit loss curriculum")
+    rec.add_argument("--exit-scale", type=float, default=1.0, help="early-exit loss scale of non-final layers")
     rec.add_argument("--rotation", type=int, default=2, help="period of the rotational curriculum")
     rec.add_argument("--dropout-warmup", choices=["none", "exp"], default="none")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-data", type=Path, help=f"perplexity text (default: {DEFAULT_EVAL} if it exists)")
-    ev.add_argument(
-        "--eval-tokens", type=int, default=65536, help="tokens of --eval-data scored (default 65536)"
-    )
+    ev.add_argument("--eval-tokens", type=int, default=65536, help="tokens of --eval-data scored (default 65536)")
     ev.add_argument("--no-eval", action="store_true", help="skip the perplexity report")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -115,16 +104,10 @@ def run(args: argparse.Namespace) -> int:
     s = resolve(args)
     data = args.data if args.data is not None else DEFAULT_DATA
     if not Path(data).is_file():
-        raise FileNotFoundError(
-            f"training data {str(data)!r} not found: pass --data FILE (one paragraph a line)"
-        )
+        raise FileNotFoundError(f"training data {str(data)!r} not found: pass --data FILE (one paragraph a line)")
     eval_data = None
     if not args.no_eval:
-        eval_data = (
-            args.eval_data
-            if args.eval_data is not None
-            else (DEFAULT_EVAL if DEFAULT_EVAL.is_file() else None)
-        )
+        eval_data = args.eval_data if args.eval_data is not None else (DEFAULT_EVAL if DEFAULT_EVAL.is_file() else None)
         if eval_data is not None and not Path(eval_data).is_file():
             raise FileNotFoundError(f"--eval-data {str(eval_data)!r} not found")
     if args.eval_tokens < 2:

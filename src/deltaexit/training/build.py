@@ -39,9 +39,7 @@ def _sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def save_model_dir(
-    model, tokenizer, out: str | os.PathLike[str], record: dict[str, Any] | None = None
-) -> Path:
+def save_model_dir(model, tokenizer, out: str | os.PathLike[str], record: dict[str, Any] | None = None) -> Path:
     """Save ``model`` + ``tokenizer`` (+ ``training.json``) as an HF directory, replacing ``out`` atomically.
 
     Everything is written to a temporary directory beside ``out`` and renamed into place, so an

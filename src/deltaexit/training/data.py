@@ -75,9 +75,7 @@ class WindowSampler:
         if stream.ndim != 1:
             raise ValueError(f"stream must be 1-D token ids, got shape {tuple(stream.shape)}")
         if context < 2 or batch_size < 1:
-            raise ValueError(
-                f"need context >= 2 and batch_size >= 1, got context={context}, batch_size={batch_size}"
-            )
+            raise ValueError(f"need context >= 2 and batch_size >= 1, got context={context}, batch_size={batch_size}")
         if stream.numel() < context + 1:
             raise ValueError(
                 f"the data has {stream.numel()} tokens, fewer than one window of context={context}: "

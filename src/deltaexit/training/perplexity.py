@@ -36,9 +36,7 @@ def _as_paragraphs(text: str | Sequence[str]) -> list[str]:
 def _context_of(model: nn.Module, context: int | None) -> int:
     if context is not None:
         return int(context)
-    value = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
+    value = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return int(value or 256)
 
 

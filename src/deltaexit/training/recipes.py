@@ -36,9 +36,7 @@ class PlainRecipe:
 
     name: str = field(default="plain", init=False)
 
-    def loss(
-        self, model: nn.Module, input_ids: torch.Tensor, step: int, total_steps: int
-    ) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, input_ids: torch.Tensor, step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
         out = model(input_ids=input_ids, labels=input_ids)
         return out.loss, {"loss": float(out.loss.detach())}
 
@@ -82,9 +80,7 @@ class LayerSkipRecipe:
         self._lens = None
         self._model_id: int | None = None
 
-    def loss(
-        self, model: nn.Module, input_ids: torch.Tensor, step: int, total_steps: int
-    ) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, input_ids: torch.Tensor, step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
         from deltaexit.lens import Lens
 
         if self._model_id != id(model):

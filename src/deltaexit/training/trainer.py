@@ -81,9 +81,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-    )
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -95,9 +93,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
 
 
-def train_loop(
-    model: nn.Module, sampler: WindowSampler, cfg: TrainConfig, recipe, progress: bool = True
-) -> dict:
+def train_loop(model: nn.Module, sampler: WindowSampler, cfg: TrainConfig, recipe, progress: bool = True) -> dict:
     """Train ``model`` in place for ``cfg.steps`` steps (or until ``cfg.minutes``) with ``recipe.loss``.
 
     Returns:
