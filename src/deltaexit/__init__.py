@@ -13,6 +13,7 @@ from deltaexit.analysis import analyze
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
 from deltaexit.evaluation import evaluate_measures, evaluate_scores
 from deltaexit.features import StateSet, collect_states
+from deltaexit.generation import DecayingThreshold, EarlyExit, EarlyExitOutput, GenerationStats
 from deltaexit.lens import Lens
 from deltaexit.measures import (
     ConfidenceMeasure,
@@ -23,6 +24,7 @@ from deltaexit.measures import (
     load_measure,
     register_measure,
 )
+from deltaexit.reference import load_reference, reference_path
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
 
@@ -30,6 +32,10 @@ __all__ = [
     "FEATURES",
     "Collector",
     "ConfidenceMeasure",
+    "DecayingThreshold",
+    "EarlyExit",
+    "EarlyExitOutput",
+    "GenerationStats",
     "LayerState",
     "Lens",
     "ModelStructure",
@@ -50,6 +56,8 @@ __all__ = [
     "find_structure",
     "get_measure",
     "load_measure",
+    "load_reference",
+    "reference_path",
     "register_measure",
     "saturation",
     "saturation_from_topk",

@@ -21,7 +21,9 @@ from deltaexit._version import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "deltaexit.commands.analyze",
     "deltaexit.commands.demo",
+    "deltaexit.commands.generate",
     "deltaexit.commands.support_matrix",
+    "deltaexit.commands.train",
 )
 
 
