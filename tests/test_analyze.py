@@ -105,6 +105,10 @@ def test_cli_errors_are_clear(model_dir, text_file, tmp_path, capsys):
     assert main(["analyze", "--model", str(tmp_path / "nope"), "--data", str(text_file)]) == 1
     assert "not found" in capsys.readouterr().err
 
+    code = main(["analyze", "--model", str(model_dir), "--data", str(text_file), "--measures", "delta-nrom"])
+    assert code == 1
+    assert "unknown measure 'delta-nrom'" in capsys.readouterr().err
+
     # Too few tokens left to fit on after the test tokens.
     with pytest.warns(UserWarning, match="only"):
         code = main(["analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "100000",

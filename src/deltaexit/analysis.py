@@ -27,7 +27,7 @@ from torch import nn
 from deltaexit._version import __version__
 from deltaexit.evaluation import _clean, evaluate_measures, layer_delta_stats
 from deltaexit.features import LABELS, StateSet, collect_states, model_context_length, tokenize_text
-from deltaexit.measures.base import ConfidenceMeasure, get_measure
+from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
 
@@ -62,6 +62,10 @@ def build_measures(
     out: dict[str, ConfidenceMeasure] = {}
     for name in names:
         registry, kwargs = DEFAULT_MEASURES.get(name, (name, {}))
+        if registry not in available_measures():
+            raise ValueError(
+                f"unknown measure {name!r}; choose from {sorted(set(DEFAULT_MEASURES) | set(available_measures()))}"
+            )
         measure_cls = type(get_measure(registry, **kwargs))
         if issubclass(measure_cls, TrainableMeasure):
             kwargs = {**kwargs, "label": label, "seed": seed, **fit_kwargs}
@@ -69,9 +73,7 @@ def build_measures(
     return out
 
 
-def _fit_all(
-    measures: dict[str, ConfidenceMeasure], train: StateSet, label: str, progress: bool
-) -> dict[str, float]:
+def _fit_all(measures: dict[str, ConfidenceMeasure], train: StateSet, label: str, progress: bool) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     seconds = {}
@@ -159,6 +161,7 @@ def _analyze(
     fit_kwargs: dict[str, Any] | None,
 ) -> dict[str, Any]:
     labels = list(labels)
+    cost_measures = build_measures(measures, seed=seed)  # validates the names before any work
     for kind in labels:
         if kind not in LABELS:
             raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
@@ -189,16 +192,11 @@ def _analyze(
     timing["tokenize_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    test = collect_states(
-        model, test_ids, window=window, batch_size=batch_size, progress=progress, desc="collect test"
-    )
-    fit = collect_states(
-        model, fit_ids, window=window, batch_size=batch_size, progress=progress, desc="collect fit"
-    )
+    test = collect_states(model, test_ids, window=window, batch_size=batch_size, progress=progress, desc="collect test")
+    fit = collect_states(model, fit_ids, window=window, batch_size=batch_size, progress=progress, desc="collect fit")
     timing["collect_s"] = time.perf_counter() - start
     train, select = fit.split_windows([1.0 - select_fraction, select_fraction])
 
-    cost_measures = build_measures(measures, seed=seed)
     cost = {
         "context": window,
         "block_flops_per_token": block_flops_per_token(model, context=window),
@@ -269,8 +267,7 @@ def format_report(result: dict[str, Any]) -> str:
     sat_rows = result["oracle"]["per_layer"]
     for row, srow in zip(result["layers"], sat_rows):
         lines.append(
-            f"{row['layer']:>5} {row['delta_norm']:>8.3f} {row['delta_ratio']:>15.3f} "
-            f"{_pct(srow['saturated']):>10}"
+            f"{row['layer']:>5} {row['delta_norm']:>8.3f} {row['delta_ratio']:>15.3f} {_pct(srow['saturated']):>10}"
         )
     o = result["oracle"]
     lines.append(
@@ -295,18 +292,14 @@ def format_report(result: dict[str, Any]) -> str:
         mean_cells = " ".join(f"{_pct(ev['summary'][n]['mean_f1']):>12}" for n in names)
         triv = ev["summary"][names[0]]["mean_trivial_f1"] if names else None
         lines.append(f"{'mean':>5} {'':>6} {'':>6} {'':>6} {_pct(triv):>7} {mean_cells}")
-        beats = " ".join(
-            f"{ev['summary'][n]['beats_trivial']:>10}/{ev['summary'][n]['transitions']}" for n in names
-        )
+        beats = " ".join(f"{ev['summary'][n]['beats_trivial']:>10}/{ev['summary'][n]['transitions']}" for n in names)
         lines.append(f"{'>triv':>5} {'':>6} {'':>6} {'':>6} {'':>7} {beats}")
         lines.append("")
         lines.append(f"label '{kind}' — AUROC (threshold-free; 0.5 = chance):")
         lines.append(f"{'trans':>5} " + " ".join(f"{n[:12]:>12}" for n in names))
         for t in ev["transitions"]:
             cells = " ".join(
-                f"{t['measures'][n]['auroc']:>12.3f}"
-                if t["measures"][n]["auroc"] is not None
-                else f"{'-':>12}"
+                f"{t['measures'][n]['auroc']:>12.3f}" if t["measures"][n]["auroc"] is not None else f"{'-':>12}"
                 for n in names
             )
             lines.append(f"{t['transition']:>5} {cells}")
@@ -322,9 +315,7 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(
-    result: dict[str, Any], directory: str, *, log: Callable[[str], None] | None = None
-) -> list[str]:
+def write_plots(result: dict[str, Any], directory: str, *, log: Callable[[str], None] | None = None) -> list[str]:
     """Write PNGs: saturation per layer, F1/AUROC per transition per measure, ‖delta‖ per layer.
 
     Needs matplotlib (the ``plot`` extra). Returns the written paths.
@@ -382,9 +373,7 @@ def write_plots(
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for name in names:
             axes[0].plot(xs, [t["measures"][name]["f1"] for t in ev["transitions"]], marker="o", label=name)
-            axes[1].plot(
-                xs, [t["measures"][name]["auroc"] for t in ev["transitions"]], marker="o", label=name
-            )
+            axes[1].plot(xs, [t["measures"][name]["auroc"] for t in ev["transitions"]], marker="o", label=name)
         axes[0].plot(xs, [t["trivial_f1"] for t in ev["transitions"]], "k--", label="all positive")
         axes[1].axhline(0.5, color="k", linestyle="--", label="chance")
         axes[0].set_title(f"F1 per transition (label {kind})")
