@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from deltaexit.generation.schedule import ThresholdSchedule, as_schedule
 from deltaexit.generation.speculative import speculative_token
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
+from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.structure import find_structure
 
 __all__ = ["EarlyExit"]
@@ -65,6 +67,21 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "output_attentions": (False, "output_attentions is not supported"),
     "output_hidden_states": (False, "output_hidden_states is not supported; use dx.collect"),
 }
+
+
+def _plain_processors(processors: Any) -> list[Any]:
+    """The logits processors as a plain list, checked once (``LogitsProcessorList`` re-inspects every call)."""
+    if processors is None:
+        return []
+    plain = list(processors)
+    for processor in plain:
+        params = inspect.signature(processor.__call__).parameters
+        if len(params) > 2:
+            raise ValueError(
+                f"EarlyExit: the logits processor {type(processor).__name__} needs extra arguments "
+                f"{list(params)[2:]}; only processors called as processor(input_ids, scores) are supported"
+            )
+    return plain
 
 
 @dataclass
@@ -93,7 +110,7 @@ class _Run:
         self.ee = ee
         self.model = ee.model
         self.input_ids = input_ids
-        self.processors = logits_processor
+        self.processors = _plain_processors(logits_processor)
         self.stopping = stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
         self.pad = generation_config._pad_token_tensor
@@ -139,7 +156,9 @@ class _Run:
         self.done = bool(self.unfinished.max() == 0)
 
     def scores(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return self.processors(prefix, logits)
+        for processor in self.processors:
+            logits = processor(prefix, logits)
+        return logits
 
     def choose(self, prefix: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens from float32 logits (after the processors); also the probabilities when sampling."""
@@ -299,6 +318,7 @@ class EarlyExit:
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
         check_cache(run.cache, self.num_layers, input_ids.shape[1])
+        self._prompt_len = input_ids.shape[1]
         run.stats.prompt_blocks = self.num_layers
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
         del outputs
@@ -331,12 +351,25 @@ class EarlyExit:
         real = exit_layers > 0
         stats.tokens = int(real.sum())
         stats.mean_exit_layer = float(exit_layers[real].float().mean()) if stats.tokens else float("nan")
+        context = (run.input_ids.shape[1] + self._prompt_len) / 2
+        stats.measure_block_fraction = self._measure_block_fraction(int(round(context)))
         stats.time_s = time.perf_counter() - started
         out = EarlyExitOutput(sequences=run.input_ids, exit_layers=exit_layers, stats=stats, cache=run.cache)
         self.last_output = out
         if generation_config.return_dict_in_generate:
             return out
         return run.input_ids
+
+    def _measure_block_fraction(self, context: int) -> float:
+        """One measure call's FLOPs over one block's FLOPs at ``context`` (0 if either is unknown)."""
+        try:
+            cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+            cfg = cfg if cfg is not None else self.model.config
+            flops = float(self.measure.flops_per_token(int(cfg.hidden_size), int(cfg.vocab_size)))
+            block = block_flops_per_token(self.model, context=context)
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            return 0.0
+        return flops / block if block > 0 and math.isfinite(flops) else 0.0
 
     def _check_config(self, generation_config: Any, synced_gpus: bool, model_kwargs: dict[str, Any]) -> None:
         for name, (default, message) in _UNSUPPORTED.items():
