@@ -110,6 +110,7 @@ class _Run:
         self.ee = ee
         self.model = ee.model
         self.input_ids = input_ids
+        self.prompt_len = input_ids.shape[1]
         self.processors = _plain_processors(logits_processor)
         self.stopping = stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
@@ -318,7 +319,6 @@ class EarlyExit:
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
         check_cache(run.cache, self.num_layers, input_ids.shape[1])
-        self._prompt_len = input_ids.shape[1]
         run.stats.prompt_blocks = self.num_layers
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
         del outputs
@@ -351,8 +351,8 @@ class EarlyExit:
         real = exit_layers > 0
         stats.tokens = int(real.sum())
         stats.mean_exit_layer = float(exit_layers[real].float().mean()) if stats.tokens else float("nan")
-        context = (run.input_ids.shape[1] + self._prompt_len) / 2
-        stats.measure_block_fraction = self._measure_block_fraction(int(round(context)))
+        context = (run.input_ids.shape[1] + run.prompt_len) // 2  # mean decode context
+        stats.measure_block_fraction = self._measure_block_fraction(context)
         stats.time_s = time.perf_counter() - started
         out = EarlyExitOutput(sequences=run.input_ids, exit_layers=exit_layers, stats=stats, cache=run.cache)
         self.last_output = out
