@@ -117,3 +117,54 @@ def test_processor_needing_extra_arguments_raises(model):
         EarlyExit(model, Always(), 0.0, "verify").generate(
             ids, logits_processor=LogitsProcessorList([NeedsExtra()]), **KW
         )
+
+
+class Random(ConfidenceMeasure):
+    name = "test-perf-random"
+
+    def score(self, state):
+        g = torch.Generator().manual_seed(1000 * state.layer + int(state.h_out.abs().sum() * 1e3) % 997)
+        return torch.rand(state.h_out.shape[:-1], generator=g)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "falcon"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_adaptive_draft_is_lossless(arch, rows):
+    model = tiny_model(arch, num_layers=4, hidden=32, heads=4, vocab=128, seed=5)
+    ids = torch.randint(3, 128, (rows, 6), generator=torch.Generator().manual_seed(rows))
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    for measure, threshold in ((Random(), 0.5), (Always(), 0.0)):
+        ee = EarlyExit(model, measure, threshold, "verify", min_exit_layer=1, num_draft=5, adaptive_draft=True)
+        out = ee.generate(ids, return_dict_in_generate=True, **kw)
+        assert torch.equal(out.sequences, ref)
+
+
+def test_draft_budget_follows_the_acceptance_rate(model):
+    ee = EarlyExit(model, Always(), 0.0, "verify", min_exit_layer=1, num_draft=6, adaptive_draft=True)
+
+    class R:
+        draft_depth = 1.0
+
+    run = R()
+    budgets = []
+    for rate in (0.0, 0.3, 0.6, 0.9, 0.99):
+        run.accept_rate = rate
+        budgets.append(ee._draft_budget(run))
+    assert budgets[0] == 0  # drafts never accepted: plain full-depth steps
+    assert budgets == sorted(budgets)  # more acceptance, more drafts
+    assert budgets[-1] == 6
+    run.accept_rate, run.draft_depth = 0.9, 4.0  # drafting as deep as the model: no point
+    assert ee._draft_budget(run) == 0
+
+
+def test_adaptive_draft_stops_drafting_when_drafts_are_rejected(model):
+    """Always exiting after block 1 of a random model: drafts are mostly rejected, so the budget falls to 0."""
+    ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(9))
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    fixed = EarlyExit(model, Always(), 0.0, "verify", num_draft=4).generate(ids, **kw).stats
+    adaptive = EarlyExit(model, Always(), 0.0, "verify", num_draft=4, adaptive_draft=True).generate(ids, **kw).stats
+    assert fixed.acceptance_rate < 0.5
+    assert adaptive.drafted < fixed.drafted
+    assert adaptive.blocks_run < fixed.blocks_run

@@ -127,6 +127,8 @@ class _Run:
         self.exit_cols: list[torch.Tensor] = []
         self.max_length = getattr(stopping_criteria, "max_length", None)
         self.stats = GenerationStats(num_layers=ee.num_layers, policy=ee.kv)
+        self.accept_rate = 0.8  # verify's running per-draft acceptance (adaptive_draft), optimistic start
+        self.draft_depth = float(ee.min_exit_layer)  # verify's running draft depth (adaptive_draft)
 
     @property
     def cache(self) -> DynamicCache:
@@ -139,9 +141,7 @@ class _Run:
 
     def extended(self, ids: torch.Tensor, kwargs: dict[str, Any], tokens: torch.Tensor):
         ids = torch.cat([ids, tokens[:, None]], dim=-1)
-        kwargs = self.model._update_model_kwargs_for_generation(
-            {"cache": self.cache}, dict(kwargs), num_new_tokens=1
-        )
+        kwargs = self.model._update_model_kwargs_for_generation({"cache": self.cache}, dict(kwargs), num_new_tokens=1)
         return ids, kwargs
 
     def append(self, tokens: torch.Tensor, exits: torch.Tensor) -> None:
@@ -184,6 +184,10 @@ class EarlyExit:
             ``"recompute"`` (EE-LLM / FREE).
         min_exit_layer: First 1-based layer after which a row may exit.
         num_draft: Most draft tokens per round (``verify``).
+        adaptive_draft: ``verify`` only: choose each round's draft budget in ``0..num_draft`` from the running
+            acceptance rate and draft depth, maximising expected tokens per block (0 = a plain full-depth step
+            when drafts keep being rejected, e.g. at batch > 1 where every row must accept). Output is unchanged
+            (still lossless); only the speed differs.
         max_pending: Most tokens held back before a full-depth step is forced (``recompute``).
         lens: The lens (built from the model if not given).
 
@@ -201,6 +205,7 @@ class EarlyExit:
         *,
         min_exit_layer: int = 1,
         num_draft: int = 4,
+        adaptive_draft: bool = False,
         max_pending: int = 8,
         lens: Lens | None = None,
     ) -> None:
@@ -222,15 +227,14 @@ class EarlyExit:
             raise ValueError(f"unknown kv policy {kv!r}; choose one of {list(KV_POLICIES)}")
         self.kv = kv
         if not isinstance(min_exit_layer, int) or not 1 <= min_exit_layer <= self.num_layers:
-            raise ValueError(
-                f"min_exit_layer must be an int in [1, {self.num_layers}], got {min_exit_layer!r}"
-            )
+            raise ValueError(f"min_exit_layer must be an int in [1, {self.num_layers}], got {min_exit_layer!r}")
         self.min_exit_layer = min_exit_layer
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.num_draft, self.max_pending = int(num_draft), int(max_pending)
+        self.adaptive_draft = bool(adaptive_draft)
         self.schedule = as_schedule(threshold, self.num_layers)
         self.last_output: EarlyExitOutput | None = None
 
@@ -241,9 +245,7 @@ class EarlyExit:
         )
 
     # ------------------------------------------------------------------ public entry points
-    def generate(
-        self, inputs: torch.Tensor | None = None, **kwargs: Any
-    ) -> EarlyExitOutput | torch.LongTensor:
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> EarlyExitOutput | torch.LongTensor:
         """Generate with early exits; takes ``model.generate``'s arguments.
 
         Supported: ``attention_mask``, ``generation_config``, ``max_new_tokens``/``max_length``,
@@ -292,9 +294,7 @@ class EarlyExit:
         cache = model_kwargs.get("cache")
         if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
             if any(type(layer) is not DynamicLayer for layer in cache.layers):
-                model_kwargs["cache"] = (
-                    fresh_cache()
-                )  # croppable full-length layers; masks keep sliding windows
+                model_kwargs["cache"] = fresh_cache()  # croppable full-length layers; masks keep sliding windows
         elif cache is None or cache.get_seq_length() != 0:
             raise UnsupportedCacheError(
                 "early-exit generation starts from an empty DynamicCache; do not pass a filled cache"
@@ -337,14 +337,10 @@ class EarlyExit:
             run.streamer.end()
         return self._finish(run, started, generation_config)
 
-    def _finish(
-        self, run: _Run, started: float, generation_config: Any
-    ) -> EarlyExitOutput | torch.LongTensor:
+    def _finish(self, run: _Run, started: float, generation_config: Any) -> EarlyExitOutput | torch.LongTensor:
         stats = run.stats
         exit_layers = (
-            torch.stack(run.exit_cols, dim=1)
-            if run.exit_cols
-            else run.input_ids.new_zeros((run.input_ids.shape[0], 0))
+            torch.stack(run.exit_cols, dim=1) if run.exit_cols else run.input_ids.new_zeros((run.input_ids.shape[0], 0))
         )
         stats.decode_steps = max(0, len(run.exit_cols) - 1)
         stats.full_depth_blocks = stats.decode_steps * self.num_layers
@@ -452,9 +448,7 @@ class EarlyExit:
                     exit_state = torch.where(new[:, None], h[:, -1], exit_state)
                     if state._logits is not None:
                         lg = state._logits.float()
-                        cached_logits = (
-                            lg if cached_logits is None else torch.where(new[:, None], lg, cached_logits)
-                        )
+                        cached_logits = lg if cached_logits is None else torch.where(new[:, None], lg, cached_logits)
                         have_logits |= new
                     exited = exited | new
                     if bool(exited.all()):
@@ -522,12 +516,42 @@ class EarlyExit:
         token, _ = run.choose(run.input_ids, res.logits_fn())
         run.append(token, res.exit_layer)
 
+    # Per-forward overhead (recording pass, lens, bookkeeping) in block equivalents, for the draft budget.
+    _FORWARD_OVERHEAD_BLOCKS = 1.0
+    _ACCEPT_PRIOR = 0.5
+
+    def _draft_budget(self, run: _Run) -> int:
+        """Drafts to allow this round: argmax over k of expected tokens per block-equivalent of cost."""
+        alpha = min(max(run.accept_rate, 0.0), 0.99)
+        L, o = self.num_layers, self._FORWARD_OVERHEAD_BLOCKS
+        m = min(max(run.draft_depth, 1.0), L)
+        best_k, best = 0, 1.0 / (L + o)  # k = 0: one plain full-depth step
+        tokens = 1.0
+        for k in range(1, self.num_draft + 1):
+            tokens += alpha**k  # expected emitted tokens with k drafts: 1 + a + ... + a^k
+            cost = (k + 1) * (m + o) + (L - m) + o
+            if tokens / cost > best:
+                best_k, best = k, tokens / cost
+        return best_k
+
+    def _learn_acceptance(self, run: _Run, drafted: int, accepted: int, depth: int) -> None:
+        """Update the running per-draft acceptance rate and draft depth (exponential moving averages)."""
+        if drafted == 0:  # no evidence this round: drift back to the prior so drafting is retried
+            run.accept_rate += 0.1 * (self._ACCEPT_PRIOR - run.accept_rate)
+            return
+        failures = 1 if accepted < drafted else 0
+        rate = accepted / (accepted + failures)
+        run.accept_rate = 0.6 * run.accept_rate + 0.4 * rate
+        run.draft_depth = 0.6 * run.draft_depth + 0.4 * depth
+
     def _verify_round(self, run: _Run) -> None:
         L = self.num_layers
         cache = run.cache
         start = cache.get_seq_length()  # x0 (the last token) is in input_ids, not yet in the cache
         room = (run.max_length - run.input_ids.shape[1]) if run.max_length is not None else self.num_draft + 1
         k_max = max(0, min(self.num_draft, room - 1))
+        if self.adaptive_draft:
+            k_max = min(k_max, self._draft_budget(run))
         ids, kwargs = run.input_ids, run.model_kwargs
         cap = L
         chunk_states: list[list[torch.Tensor]] = []
@@ -605,6 +629,8 @@ class EarlyExit:
             exits.append(full)
             break
         accepted = len(emitted) - 1
+        if self.adaptive_draft:
+            self._learn_acceptance(run, len(drafts), accepted, m)
         run.stats.drafted += len(drafts)
         run.stats.accepted += accepted
         run.stats.rounds += 1

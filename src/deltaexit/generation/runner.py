@@ -43,9 +43,7 @@ class _Recorded(Exception):
 class _Recorder(nn.Module):
     """Stands in for one block during a recording pass; unknown attributes come from the block."""
 
-    def __init__(
-        self, block: nn.Module, index: int, sink: list[BlockCall | None], last: bool, returns_tuple: bool
-    ):
+    def __init__(self, block: nn.Module, index: int, sink: list[BlockCall | None], last: bool, returns_tuple: bool):
         super().__init__()
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "_index", index)
@@ -114,9 +112,7 @@ class BlockRunner:
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
         """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
         if self.returns_tuple is None:
-            raise RuntimeError(
-                "internal: run one real forward with probe_output_type() attached before record()"
-            )
+            raise RuntimeError("internal: run one real forward with probe_output_type() attached before record()")
         sink = self._sink
         for i in range(self.num_layers):
             sink[i] = None
@@ -124,10 +120,7 @@ class BlockRunner:
         if recorders is None or recorders[0]._returns_tuple != bool(self.returns_tuple):
             n = self.num_layers
             recorders = nn.ModuleList(
-                [
-                    _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple))
-                    for i, block in enumerate(self.blocks)
-                ]
+                [_Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple)) for i, block in enumerate(self.blocks)]
             )
             self._recorders = recorders
         setattr(self._parent, self._attr, recorders)
