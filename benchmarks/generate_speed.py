@@ -54,13 +54,18 @@ def cost_model(s, head_blocks: float, kv_only_blocks: float) -> float:
     return full / ours if ours else float("nan")
 
 
-def timed(fn, repeats):
-    times, result = [], None
+def paired(base_fn, fn, repeats):
+    """Alternate ``base_fn`` and ``fn``; the median of the per-pair time ratios (robust to load drift)."""
+    ratios, base_times, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
+        base_fn()
+        t1 = time.perf_counter()
         result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+        base_times.append(t1 - t0)
+    return statistics.median(ratios), statistics.median(base_times), result
 
 
 def oracle_mean_layer(model, sequences, prompt_len):
@@ -96,6 +101,7 @@ def main() -> None:
         "--text", default=None, help="prompts from this text file (one paragraph a line; needs a tokenizer)"
     )
     ap.add_argument("--num-draft", type=int, default=4, help="verify: most drafts per round")
+    ap.add_argument("--adaptive-draft", action="store_true", help="verify: adaptive_draft=True")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -156,24 +162,36 @@ def main() -> None:
         kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         with torch.no_grad():
             model.generate(ids, **kw)  # warm-up
-            base_t, ref = timed(lambda ids=ids, kw=kw: model.generate(ids, **kw), args.repeats)
+            ref = model.generate(ids, **kw)
         oracle = oracle_mean_layer(model, ref, args.prompt_len) if args.oracle else None
         for label, measure, threshold, min_exit in settings:
             for kv in args.policies:
-                ee = EarlyExit(model, measure, threshold, kv, min_exit_layer=min_exit, num_draft=args.num_draft)
-                ee.generate(ids, **kw)
-                t, out = timed(
-                    lambda ee=ee, ids=ids, kw=kw: ee.generate(ids, return_dict_in_generate=True, **kw), args.repeats
+                ee = EarlyExit(
+                    model,
+                    measure,
+                    threshold,
+                    kv,
+                    min_exit_layer=min_exit,
+                    num_draft=args.num_draft,
+                    adaptive_draft=args.adaptive_draft,
                 )
+                ee.generate(ids, **kw)
+                with torch.no_grad():
+                    time_ratio, base_t, out = paired(
+                        lambda ids=ids, kw=kw: model.generate(ids, **kw),
+                        lambda ee=ee, ids=ids, kw=kw: ee.generate(ids, return_dict_in_generate=True, **kw),
+                        args.repeats,
+                    )
                 s = out.stats
-                speed = base_t / t
+                speed = 1.0 / time_ratio
                 row = {
                     "batch": batch,
                     "policy": kv,
                     "exit": label,
                     "threshold": threshold,
                     "min_exit_layer": min_exit,
-                    "time_ratio": t / base_t,
+                    "time_ratio": time_ratio,
+                    "generate_s": base_t,
                     "tokens_per_s_ratio": speed,
                     "mean_exit_layer": s.mean_exit_layer,
                     "blocks_run": s.blocks_run,
@@ -208,6 +226,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "num_draft": args.num_draft,
+        "adaptive_draft": args.adaptive_draft,
         "head_block_equivalents": head_blocks,
         "kv_only_block_equivalents": kv_only_blocks,
         "results": results,
