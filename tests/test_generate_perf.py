@@ -127,12 +127,12 @@ class Random(ConfidenceMeasure):
         return torch.rand(state.h_out.shape[:-1], generator=g)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_adaptive_draft_is_lossless(arch, rows):
     model = tiny_model(arch, num_layers=4, hidden=32, heads=4, vocab=128, seed=5)
     ids = torch.randint(3, 128, (rows, 6), generator=torch.Generator().manual_seed(rows))
-    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
     for measure, threshold in ((Random(), 0.5), (Always(), 0.0)):
