@@ -24,6 +24,7 @@ import torch
 import deltaexit as dx
 from deltaexit.generation import EarlyExit
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
+from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.testing import tiny_model
 
 
@@ -36,13 +37,35 @@ class FixedScore(ConfidenceMeasure):
         return torch.ones(state.h_out.shape[:-1], device=state.h_out.device)
 
 
-def timed(fn, repeats):
-    times, result = [], None
+def qkv_flops(model) -> float:
+    """FLOPs per token of block 0's q/k/v projections (what a K/V-only call of ``propagate`` runs)."""
+    total = 0.0
+    for name, p in dx.find_structure(model).blocks[0].named_parameters():
+        if p.dim() == 2 and any(k in name for k in ("q_proj", "k_proj", "v_proj", "qkv", "c_attn", "query_key_value")):
+            total += 2.0 * p.numel()
+    return total
+
+
+def cost_model(s, head_blocks: float, kv_only_blocks: float) -> float:
+    """Full decode cost / early-exit cost in block equivalents: blocks + measure + K/V-only calls + one LM head
+    per decode step on both sides."""
+    full = s.full_depth_blocks + s.decode_steps * head_blocks
+    ours = s.blocks_run + s.measure_block_equivalents + s.kv_only_calls * kv_only_blocks + s.decode_steps * head_blocks
+    return full / ours if ours else float("nan")
+
+
+def paired(base_fn, fn, repeats):
+    """Alternate ``base_fn`` and ``fn``; the median of the per-pair time ratios (robust to load drift)."""
+    ratios, base_times, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
+        base_fn()
+        t1 = time.perf_counter()
         result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+        base_times.append(t1 - t0)
+    return statistics.median(ratios), statistics.median(base_times), result
 
 
 def oracle_mean_layer(model, sequences, prompt_len):
@@ -69,13 +92,22 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--model", default=None, help="local model directory instead of a random config")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="local model directory, or v1/v2 for a shipped reference, instead of a random config",
+    )
+    ap.add_argument(
+        "--text", default=None, help="prompts from this text file (one paragraph a line; needs a tokenizer)"
+    )
+    ap.add_argument("--num-draft", type=int, default=4, help="verify: most drafts per round")
+    ap.add_argument("--adaptive-draft", action="store_true", help="verify: adaptive_draft=True")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--policies", nargs="+", default=["verify", "propagate", "recompute"])
     ap.add_argument("--fixed-exits", type=int, nargs="*", default=[3, 6])
-    ap.add_argument("--measures", nargs="*", default=["delta-norm", "softmax-max", "delta-mlp"])
+    ap.add_argument("--measures", nargs="*", default=["softmax-max", "delta-norm", "state-cosine", "delta-mlp"])
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -83,10 +115,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model:
-        from transformers import AutoModelForCausalLM
+    tokenizer = None
+    if args.model in ("v1", "v2"):
+        model, tokenizer = dx.load_reference(args.model)
+    elif args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+        if args.text:
+            tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     else:
         model = tiny_model(
             args.arch,
@@ -106,39 +143,69 @@ def main() -> None:
                 settings.append((name, get_measure(name), args.threshold, 1))
             except Exception as exc:  # a measure that needs fitting
                 print(json.dumps({"skipped_measure": name, "reason": str(exc)}))
+    block = block_flops_per_token(model, context=args.prompt_len + args.new_tokens // 2)
+    cfg = model.config.get_text_config()
+    head_blocks = 2.0 * cfg.hidden_size * vocab / block
+    kv_only_blocks = qkv_flops(model) / block
     results = []
     for batch in args.batches:
-        g = torch.Generator().manual_seed(batch)
-        ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g)
-        kw = dict(
-            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
-        )
+        if args.text and tokenizer is not None:
+            with open(args.text, encoding="utf-8") as f:
+                lines = [line for line in f if len(line) > 8 * args.prompt_len][
+                    : batch * (1 + args.batches.index(batch))
+                ]
+            ids = torch.stack([tokenizer(line, return_tensors="pt").input_ids[0, : args.prompt_len] for line in lines])
+            ids = ids[-batch:]
+        else:
+            g = torch.Generator().manual_seed(batch)
+            ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g)
+        kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         with torch.no_grad():
             model.generate(ids, **kw)  # warm-up
-            base_t, ref = timed(lambda ids=ids, kw=kw: model.generate(ids, **kw), args.repeats)
+            ref = model.generate(ids, **kw)
         oracle = oracle_mean_layer(model, ref, args.prompt_len) if args.oracle else None
         for label, measure, threshold, min_exit in settings:
             for kv in args.policies:
-                ee = EarlyExit(model, measure, threshold, kv, min_exit_layer=min_exit)
-                ee.generate(ids, **kw)
-                t, out = timed(
-                    lambda ee=ee, ids=ids, kw=kw: ee.generate(ids, return_dict_in_generate=True, **kw), args.repeats
+                ee = EarlyExit(
+                    model,
+                    measure,
+                    threshold,
+                    kv,
+                    min_exit_layer=min_exit,
+                    num_draft=args.num_draft,
+                    adaptive_draft=args.adaptive_draft,
                 )
+                ee.generate(ids, **kw)
+                with torch.no_grad():
+                    time_ratio, base_t, out = paired(
+                        lambda ids=ids, kw=kw: model.generate(ids, **kw),
+                        lambda ee=ee, ids=ids, kw=kw: ee.generate(ids, return_dict_in_generate=True, **kw),
+                        args.repeats,
+                    )
                 s = out.stats
-                speed = base_t / t
+                speed = 1.0 / time_ratio
                 row = {
                     "batch": batch,
                     "policy": kv,
                     "exit": label,
                     "threshold": threshold,
                     "min_exit_layer": min_exit,
-                    "time_ratio": t / base_t,
+                    "time_ratio": time_ratio,
+                    "generate_s": base_t,
                     "tokens_per_s_ratio": speed,
                     "mean_exit_layer": s.mean_exit_layer,
                     "blocks_run": s.blocks_run,
                     "full_depth_blocks": s.full_depth_blocks,
                     "implied_speedup": s.implied_speedup,
-                    "share_of_implied_speedup": speed / s.implied_speedup if s.implied_speedup else None,
+                    "measure_block_fraction": s.measure_block_fraction,
+                    "implied_speedup_with_measure": s.implied_speedup_with_measure,
+                    # the target's figure: wall-clock speed-up / (L / blocks per token, measure cost included)
+                    "share_of_implied_speedup": speed / s.implied_speedup_with_measure
+                    if s.implied_speedup_with_measure
+                    else None,
+                    # FLOP cost model that also counts the LM head once per token and propagate's K/V-only calls
+                    # (q/k/v projections): what a perfect implementation could reach
+                    "cost_model_speedup": cost_model(s, head_blocks, kv_only_blocks),
                     "agreement": float(
                         (out.sequences[:, args.prompt_len :] == ref[:, args.prompt_len :]).float().mean()
                     ),
@@ -158,6 +225,10 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "num_draft": args.num_draft,
+        "adaptive_draft": args.adaptive_draft,
+        "head_block_equivalents": head_blocks,
+        "kv_only_block_equivalents": kv_only_blocks,
         "results": results,
     }
     print(json.dumps(summary))

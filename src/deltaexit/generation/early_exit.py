@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from deltaexit.generation.schedule import ThresholdSchedule, as_schedule
 from deltaexit.generation.speculative import speculative_token
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
+from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.structure import find_structure
 
 __all__ = ["EarlyExit"]
@@ -65,6 +67,21 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "output_attentions": (False, "output_attentions is not supported"),
     "output_hidden_states": (False, "output_hidden_states is not supported; use dx.collect"),
 }
+
+
+def _plain_processors(processors: Any) -> list[Any]:
+    """The logits processors as a plain list, checked once (``LogitsProcessorList`` re-inspects every call)."""
+    if processors is None:
+        return []
+    plain = list(processors)
+    for processor in plain:
+        params = inspect.signature(processor.__call__).parameters
+        if len(params) > 2:
+            raise ValueError(
+                f"EarlyExit: the logits processor {type(processor).__name__} needs extra arguments "
+                f"{list(params)[2:]}; only processors called as processor(input_ids, scores) are supported"
+            )
+    return plain
 
 
 @dataclass
@@ -93,7 +110,8 @@ class _Run:
         self.ee = ee
         self.model = ee.model
         self.input_ids = input_ids
-        self.processors = logits_processor
+        self.prompt_len = input_ids.shape[1]
+        self.processors = _plain_processors(logits_processor)
         self.stopping = stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
         self.pad = generation_config._pad_token_tensor
@@ -109,6 +127,8 @@ class _Run:
         self.exit_cols: list[torch.Tensor] = []
         self.max_length = getattr(stopping_criteria, "max_length", None)
         self.stats = GenerationStats(num_layers=ee.num_layers, policy=ee.kv)
+        self.accept_rate = 0.8  # verify's running per-draft acceptance (adaptive_draft), optimistic start
+        self.draft_depth = float(ee.min_exit_layer)  # verify's running draft depth (adaptive_draft)
 
     @property
     def cache(self) -> DynamicCache:
@@ -121,9 +141,7 @@ class _Run:
 
     def extended(self, ids: torch.Tensor, kwargs: dict[str, Any], tokens: torch.Tensor):
         ids = torch.cat([ids, tokens[:, None]], dim=-1)
-        kwargs = self.model._update_model_kwargs_for_generation(
-            {"cache": self.cache}, dict(kwargs), num_new_tokens=1
-        )
+        kwargs = self.model._update_model_kwargs_for_generation({"cache": self.cache}, dict(kwargs), num_new_tokens=1)
         return ids, kwargs
 
     def append(self, tokens: torch.Tensor, exits: torch.Tensor) -> None:
@@ -139,7 +157,9 @@ class _Run:
         self.done = bool(self.unfinished.max() == 0)
 
     def scores(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return self.processors(prefix, logits)
+        for processor in self.processors:
+            logits = processor(prefix, logits)
+        return logits
 
     def choose(self, prefix: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens from float32 logits (after the processors); also the probabilities when sampling."""
@@ -164,6 +184,10 @@ class EarlyExit:
             ``"recompute"`` (EE-LLM / FREE).
         min_exit_layer: First 1-based layer after which a row may exit.
         num_draft: Most draft tokens per round (``verify``).
+        adaptive_draft: ``verify`` only: choose each round's draft budget in ``0..num_draft`` from the running
+            acceptance rate and draft depth, maximising expected tokens per block (0 = a plain full-depth step
+            when drafts keep being rejected, e.g. at batch > 1 where every row must accept). Output is unchanged
+            (still lossless); only the speed differs.
         max_pending: Most tokens held back before a full-depth step is forced (``recompute``).
         lens: The lens (built from the model if not given).
 
@@ -181,6 +205,7 @@ class EarlyExit:
         *,
         min_exit_layer: int = 1,
         num_draft: int = 4,
+        adaptive_draft: bool = False,
         max_pending: int = 8,
         lens: Lens | None = None,
     ) -> None:
@@ -202,15 +227,14 @@ class EarlyExit:
             raise ValueError(f"unknown kv policy {kv!r}; choose one of {list(KV_POLICIES)}")
         self.kv = kv
         if not isinstance(min_exit_layer, int) or not 1 <= min_exit_layer <= self.num_layers:
-            raise ValueError(
-                f"min_exit_layer must be an int in [1, {self.num_layers}], got {min_exit_layer!r}"
-            )
+            raise ValueError(f"min_exit_layer must be an int in [1, {self.num_layers}], got {min_exit_layer!r}")
         self.min_exit_layer = min_exit_layer
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.num_draft, self.max_pending = int(num_draft), int(max_pending)
+        self.adaptive_draft = bool(adaptive_draft)
         self.schedule = as_schedule(threshold, self.num_layers)
         self.last_output: EarlyExitOutput | None = None
 
@@ -221,9 +245,7 @@ class EarlyExit:
         )
 
     # ------------------------------------------------------------------ public entry points
-    def generate(
-        self, inputs: torch.Tensor | None = None, **kwargs: Any
-    ) -> EarlyExitOutput | torch.LongTensor:
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> EarlyExitOutput | torch.LongTensor:
         """Generate with early exits; takes ``model.generate``'s arguments.
 
         Supported: ``attention_mask``, ``generation_config``, ``max_new_tokens``/``max_length``,
@@ -272,9 +294,7 @@ class EarlyExit:
         cache = model_kwargs.get("cache")
         if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
             if any(type(layer) is not DynamicLayer for layer in cache.layers):
-                model_kwargs["cache"] = (
-                    fresh_cache()
-                )  # croppable full-length layers; masks keep sliding windows
+                model_kwargs["cache"] = fresh_cache()  # croppable full-length layers; masks keep sliding windows
         elif cache is None or cache.get_seq_length() != 0:
             raise UnsupportedCacheError(
                 "early-exit generation starts from an empty DynamicCache; do not pass a filled cache"
@@ -317,26 +337,35 @@ class EarlyExit:
             run.streamer.end()
         return self._finish(run, started, generation_config)
 
-    def _finish(
-        self, run: _Run, started: float, generation_config: Any
-    ) -> EarlyExitOutput | torch.LongTensor:
+    def _finish(self, run: _Run, started: float, generation_config: Any) -> EarlyExitOutput | torch.LongTensor:
         stats = run.stats
         exit_layers = (
-            torch.stack(run.exit_cols, dim=1)
-            if run.exit_cols
-            else run.input_ids.new_zeros((run.input_ids.shape[0], 0))
+            torch.stack(run.exit_cols, dim=1) if run.exit_cols else run.input_ids.new_zeros((run.input_ids.shape[0], 0))
         )
         stats.decode_steps = max(0, len(run.exit_cols) - 1)
         stats.full_depth_blocks = stats.decode_steps * self.num_layers
         real = exit_layers > 0
         stats.tokens = int(real.sum())
         stats.mean_exit_layer = float(exit_layers[real].float().mean()) if stats.tokens else float("nan")
+        context = (run.input_ids.shape[1] + run.prompt_len) // 2  # mean decode context
+        stats.measure_block_fraction = self._measure_block_fraction(context)
         stats.time_s = time.perf_counter() - started
         out = EarlyExitOutput(sequences=run.input_ids, exit_layers=exit_layers, stats=stats, cache=run.cache)
         self.last_output = out
         if generation_config.return_dict_in_generate:
             return out
         return run.input_ids
+
+    def _measure_block_fraction(self, context: int) -> float:
+        """One measure call's FLOPs over one block's FLOPs at ``context`` (0 if either is unknown)."""
+        try:
+            cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+            cfg = cfg if cfg is not None else self.model.config
+            flops = float(self.measure.flops_per_token(int(cfg.hidden_size), int(cfg.vocab_size)))
+            block = block_flops_per_token(self.model, context=context)
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            return 0.0
+        return flops / block if block > 0 and math.isfinite(flops) else 0.0
 
     def _check_config(self, generation_config: Any, synced_gpus: bool, model_kwargs: dict[str, Any]) -> None:
         for name, (default, message) in _UNSUPPORTED.items():
@@ -419,9 +448,7 @@ class EarlyExit:
                     exit_state = torch.where(new[:, None], h[:, -1], exit_state)
                     if state._logits is not None:
                         lg = state._logits.float()
-                        cached_logits = (
-                            lg if cached_logits is None else torch.where(new[:, None], lg, cached_logits)
-                        )
+                        cached_logits = lg if cached_logits is None else torch.where(new[:, None], lg, cached_logits)
                         have_logits |= new
                     exited = exited | new
                     if bool(exited.all()):
@@ -489,12 +516,42 @@ class EarlyExit:
         token, _ = run.choose(run.input_ids, res.logits_fn())
         run.append(token, res.exit_layer)
 
+    # Per-forward overhead (recording pass, lens, bookkeeping) in block equivalents, for the draft budget.
+    _FORWARD_OVERHEAD_BLOCKS = 1.0
+    _ACCEPT_PRIOR = 0.5
+
+    def _draft_budget(self, run: _Run) -> int:
+        """Drafts to allow this round: argmax over k of expected tokens per block-equivalent of cost."""
+        alpha = min(max(run.accept_rate, 0.0), 0.99)
+        L, o = self.num_layers, self._FORWARD_OVERHEAD_BLOCKS
+        m = min(max(run.draft_depth, 1.0), L)
+        best_k, best = 0, 1.0 / (L + o)  # k = 0: one plain full-depth step
+        tokens = 1.0
+        for k in range(1, self.num_draft + 1):
+            tokens += alpha**k  # expected emitted tokens with k drafts: 1 + a + ... + a^k
+            cost = (k + 1) * (m + o) + (L - m) + o
+            if tokens / cost > best:
+                best_k, best = k, tokens / cost
+        return best_k
+
+    def _learn_acceptance(self, run: _Run, drafted: int, accepted: int, depth: int) -> None:
+        """Update the running per-draft acceptance rate and draft depth (exponential moving averages)."""
+        if drafted == 0:  # no evidence this round: drift back to the prior so drafting is retried
+            run.accept_rate += 0.1 * (self._ACCEPT_PRIOR - run.accept_rate)
+            return
+        failures = 1 if accepted < drafted else 0
+        rate = accepted / (accepted + failures)
+        run.accept_rate = 0.6 * run.accept_rate + 0.4 * rate
+        run.draft_depth = 0.6 * run.draft_depth + 0.4 * depth
+
     def _verify_round(self, run: _Run) -> None:
         L = self.num_layers
         cache = run.cache
         start = cache.get_seq_length()  # x0 (the last token) is in input_ids, not yet in the cache
         room = (run.max_length - run.input_ids.shape[1]) if run.max_length is not None else self.num_draft + 1
         k_max = max(0, min(self.num_draft, room - 1))
+        if self.adaptive_draft:
+            k_max = min(k_max, self._draft_budget(run))
         ids, kwargs = run.input_ids, run.model_kwargs
         cap = L
         chunk_states: list[list[torch.Tensor]] = []
@@ -572,6 +629,8 @@ class EarlyExit:
             exits.append(full)
             break
         accepted = len(emitted) - 1
+        if self.adaptive_draft:
+            self._learn_acceptance(run, len(drafts), accepted, m)
         run.stats.drafted += len(drafts)
         run.stats.accepted += accepted
         run.stats.rounds += 1

@@ -79,9 +79,7 @@ def check_cache(cache: Any, num_layers: int, length: int) -> None:
         )
     lengths = cache_lengths(cache)
     if any(n != length for n in lengths):
-        raise UnsupportedCacheError(
-            f"cache lengths {lengths} after the prompt; expected {length} in every layer"
-        )
+        raise UnsupportedCacheError(f"cache lengths {lengths} after the prompt; expected {length} in every layer")
 
 
 def cache_lengths(cache: DynamicCache) -> list[int]:

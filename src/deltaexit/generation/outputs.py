@@ -28,6 +28,9 @@ class GenerationStats:
         token_blocks_run: Sum over forwards of block calls times the tokens in that forward.
         kv_only_calls: Blocks run only up to their key/value projections (``propagate``).
         measure_calls: Calls of the confidence measure.
+        measure_block_fraction: FLOPs of one measure call as a fraction of one block's FLOPs
+            (``measure.flops_per_token(hidden, vocab)`` over :func:`deltaexit.measures.cost.block_flops_per_token`
+            at the mean decode context); 0 when unknown.
         prompt_blocks: Block calls of the prompt's forward (L).
         drafted: Draft tokens proposed (``verify``).
         accepted: Draft tokens accepted (``verify``).
@@ -45,6 +48,7 @@ class GenerationStats:
     token_blocks_run: int = 0
     kv_only_calls: int = 0
     measure_calls: int = 0
+    measure_block_fraction: float = 0.0
     prompt_blocks: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -66,6 +70,18 @@ class GenerationStats:
         return self.full_depth_blocks / self.blocks_run if self.blocks_run else float("nan")
 
     @property
+    def measure_block_equivalents(self) -> float:
+        """``measure_calls * measure_block_fraction``: the measure's cost counted in blocks."""
+        return self.measure_calls * self.measure_block_fraction
+
+    @property
+    def implied_speedup_with_measure(self) -> float:
+        """``full_depth_blocks / (blocks_run + measure_block_equivalents)``: the speed-up the saved blocks imply
+        once the exit decisions are paid for (the figure the speed benchmark compares wall-clock against)."""
+        cost = self.blocks_run + self.measure_block_equivalents
+        return self.full_depth_blocks / cost if cost else float("nan")
+
+    @property
     def acceptance_rate(self) -> float:
         """Accepted / drafted (``verify``)."""
         return self.accepted / self.drafted if self.drafted else float("nan")
@@ -76,6 +92,8 @@ class GenerationStats:
         d.update(
             blocks_saved=self.blocks_saved,
             implied_speedup=self.implied_speedup,
+            measure_block_equivalents=self.measure_block_equivalents,
+            implied_speedup_with_measure=self.implied_speedup_with_measure,
             acceptance_rate=self.acceptance_rate,
         )
         return d

@@ -43,9 +43,7 @@ class _Recorded(Exception):
 class _Recorder(nn.Module):
     """Stands in for one block during a recording pass; unknown attributes come from the block."""
 
-    def __init__(
-        self, block: nn.Module, index: int, sink: list[BlockCall | None], last: bool, returns_tuple: bool
-    ):
+    def __init__(self, block: nn.Module, index: int, sink: list[BlockCall | None], last: bool, returns_tuple: bool):
         super().__init__()
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "_index", index)
@@ -90,6 +88,8 @@ class BlockRunner:
         self.num_layers = self.structure.num_layers
         self._parent, self._attr = self._locate_block_list()
         self.returns_tuple: bool | None = None
+        self._sink: list[BlockCall | None] = [None] * self.num_layers
+        self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
 
     def _locate_block_list(self) -> tuple[nn.Module, str]:
         for _name, module in self.model.named_modules():
@@ -112,17 +112,17 @@ class BlockRunner:
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
         """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
         if self.returns_tuple is None:
-            raise RuntimeError(
-                "internal: run one real forward with probe_output_type() attached before record()"
+            raise RuntimeError("internal: run one real forward with probe_output_type() attached before record()")
+        sink = self._sink
+        for i in range(self.num_layers):
+            sink[i] = None
+        recorders = self._recorders
+        if recorders is None or recorders[0]._returns_tuple != bool(self.returns_tuple):
+            n = self.num_layers
+            recorders = nn.ModuleList(
+                [_Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple)) for i, block in enumerate(self.blocks)]
             )
-        sink: list[BlockCall | None] = [None] * self.num_layers
-        n = self.num_layers
-        recorders = nn.ModuleList(
-            [
-                _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple))
-                for i, block in enumerate(self.blocks)
-            ]
-        )
+            self._recorders = recorders
         setattr(self._parent, self._attr, recorders)
         try:
             self.model(**model_inputs)
@@ -138,9 +138,10 @@ class BlockRunner:
         if any(call is None for call in sink):
             missing = [i for i, c in enumerate(sink) if c is None]
             raise StructureError(f"the model's forward skipped blocks {missing}; unsupported architecture")
-        first = sink[0]
+        calls = list(sink)
+        first = calls[0]
         hidden = first.args[0] if first.args else first.kwargs["hidden_states"]
-        return hidden, sink  # type: ignore[return-value]
+        return hidden, calls  # type: ignore[return-value]
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
         """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it."""

@@ -39,9 +39,7 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, r / mass.clamp_min(1e-30), p)
 
 
-def speculative_token(
-    draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def speculative_token(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One position of speculative sampling: keep ``draft`` or resample from the residual.
 
     Args:
