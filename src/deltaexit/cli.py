@@ -19,6 +19,7 @@ from deltaexit._version import __version__
 
 # One entry per sub-command module (keep sorted; add new commands here).
 COMMAND_MODULES: tuple[str, ...] = (
+    "deltaexit.commands.collect",
     "deltaexit.commands.demo",
     "deltaexit.commands.support_matrix",
 )

@@ -137,7 +137,8 @@ class _ShardWriter:
         index = len(self.manifest.shards)
         name = shard_name(self.rank, index)
         tensors = {key: torch.cat([p[key] for p in self.parts]).contiguous() for key in self.parts[0]}
-        metadata = {"format": "deltaexit-stream", "rank": str(self.rank), "index": str(index)}
+        # One metadata key: safetensors writes several in arbitrary order, which would change the sha256.
+        metadata = {"deltaexit-stream": json.dumps({"rank": self.rank, "index": index})}
         with atomic_path(self.manifest.root / name) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
             sha = file_sha256(tmp)
