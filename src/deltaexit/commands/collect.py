@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated: h_in,h_out,delta,h_in_norm,h_out_norm,delta_norm,lens_topk",
     )
     parser.add_argument("--topk", type=int, default=5, help="k of lens_topk (default 5)")
+    parser.add_argument(
+        "--positions", default="all", choices=["all", "last"], help="all tokens, or the last of each window"
+    )
     parser.add_argument("--subsample", type=float, default=1.0, help="fraction of tokens kept (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=None, help="stop after this many corpus tokens")
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             layers=args.layers,
             features=args.features,
             topk=args.topk,
+            positions=args.positions,
             subsample=args.subsample,
             seed=args.seed,
             context=args.context,

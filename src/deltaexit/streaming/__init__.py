@@ -7,7 +7,15 @@ Example:
 """
 
 from deltaexit.streaming.corpus import Window, batch_windows, iter_documents, read_documents, token_windows
-from deltaexit.streaming.dataset import LABELS, META_FIELDS, ShardDataset, iter_batches, load_features
+from deltaexit.streaming.dataset import (
+    LABELS,
+    META_FIELDS,
+    ShardDataset,
+    iter_batches,
+    layer_labels,
+    layer_states,
+    load_features,
+)
 from deltaexit.streaming.distributed import distributed_rank, init_distributed_from_env
 from deltaexit.streaming.features import STREAM_FEATURES, parse_features
 from deltaexit.streaming.manifest import FORMAT_VERSION, Manifest, ManifestError, merge_manifests
@@ -28,6 +36,8 @@ __all__ = [
     "init_distributed_from_env",
     "iter_batches",
     "iter_documents",
+    "layer_labels",
+    "layer_states",
     "load_features",
     "merge_manifests",
     "model_fingerprint",

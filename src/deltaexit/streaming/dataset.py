@@ -20,12 +20,21 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import IterableDataset, get_worker_info
 
+from deltaexit.measures.base import LayerState
 from deltaexit.saturation import saturation_from_topk
 from deltaexit.streaming.distributed import distributed_rank
 from deltaexit.streaming.features import stored_names
 from deltaexit.streaming.manifest import Manifest, ManifestError
 
-__all__ = ["LABELS", "META_FIELDS", "ShardDataset", "iter_batches", "load_features"]
+__all__ = [
+    "LABELS",
+    "META_FIELDS",
+    "ShardDataset",
+    "iter_batches",
+    "layer_labels",
+    "layer_states",
+    "load_features",
+]
 
 #: Per-token metadata every shard holds: input id, global window id, document id, position in the document.
 META_FIELDS: tuple[str, ...] = ("token_id", "window", "doc", "doc_position")
@@ -193,3 +202,39 @@ def load_features(
     if not parts:
         raise ManifestError("the collection holds no tokens")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def layer_states(
+    batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: object = None
+) -> list[LayerState]:
+    """One :class:`~deltaexit.measures.LayerState` per stored block from a batch of this dataset.
+
+    The states are what confidence measures score and what trainable measures ``fit`` on
+    (``measure.fit(states, labels)``). Vectors are converted to float32. Needs ``h_out``;
+    ``delta`` and ``h_in`` are passed on when stored.
+
+    Example:
+        >>> ds = ShardDataset("out", labels="final", batch_size=8192)            # doctest: +SKIP
+        >>> batch = next(iter(ds))                                               # doctest: +SKIP
+        >>> states = layer_states(batch, ds.manifest)                            # doctest: +SKIP
+        >>> measure.fit(states[:-1], layer_labels(batch, "final")[:-1])          # doctest: +SKIP
+    """
+    if "h_out" not in batch:
+        raise ManifestError("layer states need h_out: collect with features including 'h_out'")
+    states = []
+    for row, layer in enumerate(manifest.layers):
+        h_in = batch["h_in"][:, row].float() if "h_in" in batch else None
+        state = LayerState(layer=layer, h_out=batch["h_out"][:, row].float(), h_in=h_in,
+                           num_layers=manifest.num_layers, lens=lens)  # fmt: skip
+        if "delta" in batch:
+            state._delta = batch["delta"][:, row].float()
+        states.append(state)
+    return states
+
+
+def layer_labels(batch: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
+    """``[tokens]`` bool labels per decision layer (row ``l`` = the decision after block ``l``)."""
+    key = f"label_{kind}"
+    if key not in batch:
+        raise ManifestError(f"the batch has no {kind!r} labels; build the dataset with labels={kind!r}")
+    return list(batch[key].unbind(dim=1))

@@ -213,6 +213,7 @@ def collect_to_disk(
     layers: Iterable[int] | None = None,
     features: Iterable[str] | str = ("delta", "delta_norm", "lens_topk"),
     topk: int = 5,
+    positions: str = "all",
     subsample: float = 1.0,
     seed: int = 0,
     context: int = 128,
@@ -241,6 +242,7 @@ def collect_to_disk(
         features: Any of ``h_in``, ``h_out``, ``delta``, ``h_in_norm``, ``h_out_norm``,
             ``delta_norm``, ``lens_topk`` (a tuple or a comma-separated string).
         topk: ``k`` of ``lens_topk``.
+        positions: ``"all"`` tokens of each window, or only its ``"last"`` one.
         subsample: Fraction of tokens kept, drawn per window from ``seed`` (1.0 keeps all).
         seed: Seed of the subsample.
         context: Tokens per window (one model row).
@@ -268,6 +270,8 @@ def collect_to_disk(
         raise ValueError(f"subsample must be in (0, 1], got {subsample}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last', got {positions!r}")
     if "lens_topk" in feats and topk < 1:
         raise ValueError("lens_topk needs topk >= 1")
     if resume and overwrite:
@@ -297,6 +301,7 @@ def collect_to_disk(
         "layers": layer_ids,
         "features": list(feats),
         "topk": int(topk) if "lens_topk" in feats else 0,
+        "positions": positions,
         "subsample": float(subsample),
         "seed": int(seed),
         "context": int(context),
@@ -386,6 +391,8 @@ def _collect_rank(
                 ids[row, : len(w.ids)] = torch.tensor(w.ids)
                 mask[row, : len(w.ids)] = 1
                 keep[row, : len(w.ids)] = _subsample_keep(w, s["subsample"], s["seed"])
+                if s["positions"] == "last":
+                    keep[row, : len(w.ids) - 1] = False
             with (
                 torch.no_grad(),
                 collect(
@@ -396,11 +403,9 @@ def _collect_rank(
             tensors = reduce_batch(trace, feats, keep, store_dtype)
             rows, cols = keep.nonzero(as_tuple=True)
             tensors["token_id"] = ids[rows, cols]
-            tensors["window"] = torch.tensor([batch[r].index for r in rows.tolist()], dtype=torch.long)
-            tensors["doc"] = torch.tensor([batch[r].doc for r in rows.tolist()], dtype=torch.long)
-            tensors["doc_position"] = (
-                torch.tensor([batch[r].start for r in rows.tolist()], dtype=torch.long) + cols
-            )
+            tensors["window"] = torch.tensor([w.index for w in batch], dtype=torch.long)[rows]
+            tensors["doc"] = torch.tensor([w.doc for w in batch], dtype=torch.long)[rows]
+            tensors["doc_position"] = torch.tensor([w.start for w in batch], dtype=torch.long)[rows] + cols
             writer.add(b, batch, tensors)
             bar.update(sum(lengths))
             if writer.tokens >= s["shard_tokens"]:
