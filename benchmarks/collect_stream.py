@@ -199,6 +199,8 @@ def child_cmd(args, mode: str, scale: int) -> list[str]:
         str(args.shard_tokens),
         "--data",
         str(args.data),
+        "--threads",
+        str(args.threads),
     ]
 
 
@@ -266,7 +268,7 @@ def resume_check(args) -> dict:
         cmd = [sys.executable, __file__, "--stream-child", "--base-tokens", str(tokens),
                "--layers", str(args.layers), "--hidden", str(args.hidden), "--context", str(args.context),
                "--batch-size", str(args.batch_size), "--shard-tokens", str(shard_tokens),
-               "--data", str(args.data)]  # fmt: skip
+               "--data", str(args.data), "--threads", str(args.threads)]  # fmt: skip
 
         def shards_of(out: Path) -> int:
             try:
@@ -344,6 +346,9 @@ def main() -> None:
     parser.add_argument("--resume-shard-tokens", type=int, default=512, help="shard size of the kill test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
+    )
+    parser.add_argument(
         "--seed", type=int, default=None, help="seed of the random kill point (default: random)"
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -355,6 +360,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if not args.data.is_file():
         parser.error(f"data file {args.data} not found; pass --data")
     if args.child:
