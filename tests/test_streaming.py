@@ -385,3 +385,32 @@ def test_bad_input_is_refused_early(model, tmp_path):
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         Manifest.load(tmp_path / "bad")
+
+
+def test_shard_writer_round_trips_through_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from deltaexit.streaming.writer import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 4, generator=g),
+        "f16": torch.randn(5, generator=g).half(),
+        "bf16": torch.randn(2, 3, 2, generator=g).bfloat16(),
+        "i32": torch.randint(-9, 9, (7,), generator=g, dtype=torch.int32),
+        "i64": torch.randint(-9, 9, (2, 2), generator=g),
+        "flags": torch.rand(6, generator=g) > 0.5,
+        "empty": torch.zeros(0, 3),
+        "strided": torch.randn(4, 6, generator=g)[:, ::2],
+    }
+    save_safetensors(tensors, tmp_path / "a.safetensors", {"k": "v"})
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"k": "v"}
+    save_safetensors(tensors, tmp_path / "b.safetensors", {"k": "v"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with pytest.raises(TypeError, match="dtype"):
+        save_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors", {})

@@ -21,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from deltaexit.collector import collect
@@ -49,6 +50,43 @@ from deltaexit.structure import _first_device, find_structure
 __all__ = ["collect_to_disk", "model_fingerprint"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> None:
+    """Write ``tensors`` as a safetensors file (byte-for-byte deterministic: names sorted, one pass).
+
+    ``safetensors.torch.save_file`` creates a new ctypes type for every distinct tensor byte size
+    and numpy caches them for good, so a long collection (thousands of shards) would grow
+    without bound; this writer streams each tensor's bytes from a zero-copy view instead.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors shards are little-endian; this machine is big-endian")
+    header: dict[str, object] = {"__metadata__": metadata}
+    views = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot store {name!r} of dtype {t.dtype} in a safetensors shard")
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + raw.nbytes]}  # fmt: skip
+        offset += raw.nbytes
+        views.append(raw)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(head)))
+        handle.write(head)
+        for raw in views:
+            handle.write(memoryview(raw))
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -140,7 +178,7 @@ class _ShardWriter:
         # One metadata key: safetensors writes several in arbitrary order, which would change the sha256.
         metadata = {"deltaexit-stream": json.dumps({"rank": self.rank, "index": index})}
         with atomic_path(self.manifest.root / name) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_safetensors(tensors, tmp, metadata)
             sha = file_sha256(tmp)
             size = tmp.stat().st_size
         entry = {
