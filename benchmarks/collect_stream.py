@@ -224,8 +224,8 @@ def memory(args) -> dict:
     lo, hi = min(args.scales), max(args.scales)
     return {
         "rows": rows,
-        "streaming_peak_ratio_16x_vs_1x": peak[("stream", hi)] / peak[("stream", lo)],
-        "in_memory_peak_ratio_16x_vs_1x": peak[("memory", hi)] / peak[("memory", lo)],
+        f"streaming_peak_ratio_{hi}x_vs_{lo}x": peak[("stream", hi)] / peak[("stream", lo)],
+        f"in_memory_peak_ratio_{hi}x_vs_{lo}x": peak[("memory", hi)] / peak[("memory", lo)],
         "target_streaming_ratio_max": 1.10,
     }
 
