@@ -9,8 +9,22 @@ Example:
 """
 
 from deltaexit._version import __version__
+from deltaexit.analysis import analyze
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
+from deltaexit.evaluation import evaluate_measures, evaluate_scores
+from deltaexit.features import StateSet, collect_states
+from deltaexit.generation import DecayingThreshold, EarlyExit, EarlyExitOutput, GenerationStats
 from deltaexit.lens import Lens
+from deltaexit.measures import (
+    ConfidenceMeasure,
+    LayerState,
+    TrainableMeasure,
+    available_measures,
+    get_measure,
+    load_measure,
+    register_measure,
+)
+from deltaexit.reference import load_reference, reference_path
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.streaming import (
     Manifest,
@@ -26,6 +40,12 @@ from deltaexit.structure import ModelStructure, StructureError, find_structure
 __all__ = [
     "FEATURES",
     "Collector",
+    "ConfidenceMeasure",
+    "DecayingThreshold",
+    "EarlyExit",
+    "EarlyExitOutput",
+    "GenerationStats",
+    "LayerState",
     "Lens",
     "Manifest",
     "ManifestError",
@@ -33,16 +53,28 @@ __all__ = [
     "Record",
     "Saturation",
     "ShardDataset",
+    "StateSet",
     "StructureError",
     "Trace",
     "TraceError",
+    "TrainableMeasure",
     "__version__",
+    "analyze",
+    "available_measures",
     "collect",
+    "collect_states",
     "collect_to_disk",
+    "evaluate_measures",
+    "evaluate_scores",
     "find_structure",
+    "get_measure",
     "iter_batches",
     "load_features",
+    "load_measure",
+    "load_reference",
     "merge_manifests",
+    "reference_path",
+    "register_measure",
     "saturation",
     "saturation_from_topk",
 ]
