@@ -102,3 +102,18 @@ def test_cpu_offload_hooks_keep_the_collector_exact():
         model(input_ids=IDS, attention_mask=MASK)
     torch.testing.assert_close(trace.delta, ref.delta, atol=1e-5, rtol=1e-4)
     assert torch.equal(trace.topk_ids, ref.topk_ids)
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate", "verify"])
+def test_early_exit_generate_on_an_offloaded_model_matches_the_plain_model(pair, kv):
+    plain, offloaded = pair
+    prompt = IDS[:1]
+    outputs = []
+    for model in (plain, offloaded):
+        ee = dx.EarlyExit(model, measure="softmax-max", threshold=0.0, kv=kv)
+        out = ee.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        outputs.append(out)
+    a, b = outputs
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.exit_layers, b.exit_layers)
+    assert (b.exit_layers < 4).any()  # some tokens really exited early, through the offloaded head
