@@ -102,9 +102,7 @@ def run_streaming(model, args, tokens: int, out: Path) -> float:
     from deltaexit.streaming import collect_to_disk
 
     start = time.perf_counter()
-    manifest = collect_to_disk(
-        model, byte_documents(args.data), out, overwrite=True, **stream_kwargs(args, tokens)
-    )
+    manifest = collect_to_disk(model, byte_documents(args.data), out, overwrite=True, **stream_kwargs(args, tokens))
     elapsed = time.perf_counter() - start
     assert manifest.num_tokens == tokens, (manifest.num_tokens, tokens)
     return elapsed
@@ -117,9 +115,7 @@ def run_in_memory(model, args, tokens: int) -> tuple[float, list]:
 
     kept = []
     start = time.perf_counter()
-    for batch in batch_windows(
-        token_windows(byte_documents(args.data), args.context, tokens), args.batch_size
-    ):
+    for batch in batch_windows(token_windows(byte_documents(args.data), args.context, tokens), args.batch_size):
         seq = max(len(w.ids) for w in batch)
         ids = torch.zeros(len(batch), seq, dtype=torch.long)
         mask = torch.zeros(len(batch), seq, dtype=torch.long)
@@ -345,12 +341,8 @@ def main() -> None:
     parser.add_argument("--shard-tokens", type=int, default=2048)
     parser.add_argument("--resume-shard-tokens", type=int, default=512, help="shard size of the kill test")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="seed of the random kill point (default: random)"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random kill point (default: random)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--only", choices=["throughput", "memory", "resume"], nargs="+", default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")

@@ -33,10 +33,7 @@ KW = {"context": 12, "batch_size": 2, "shard_tokens": 30, "features": ("delta", 
 
 def _docs() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [
-        torch.randint(3, 128, (int(n),), generator=g).tolist()
-        for n in torch.randint(1, 30, (15,), generator=g)
-    ]
+    return [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (15,), generator=g)]
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -54,9 +51,7 @@ def _single(out: Path) -> Manifest:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return collect_to_disk(
-            tiny_model("llama", num_layers=3, hidden=32, vocab=128, seed=0), _docs(), out, **KW
-        )
+        return collect_to_disk(tiny_model("llama", num_layers=3, hidden=32, vocab=128, seed=0), _docs(), out, **KW)
     finally:
         torch.set_num_threads(threads)
 
@@ -104,9 +99,7 @@ def test_independent_parts_merge_when_the_last_one_finishes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun"
-)
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
 def test_torchrun_launches_the_collect_command(tmp_path):
     from test_streaming_cli import save_model_dir, write_corpus
 
@@ -122,9 +115,7 @@ def test_torchrun_launches_the_collect_command(tmp_path):
     }
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     launch = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "deltaexit"]
-    done = subprocess.run(
-        [*launch, *args, "--out", str(tmp_path / "tr")], env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([*launch, *args, "--out", str(tmp_path / "tr")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)

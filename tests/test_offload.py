@@ -60,9 +60,7 @@ def test_structure_and_lens_are_exact_on_an_offloaded_model(pair):
     lens = dx.Lens.from_model(offloaded)
     with torch.no_grad():
         torch.testing.assert_close(lens(trace.h_out[-1]), logits, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(
-            logits, plain(input_ids=IDS, attention_mask=MASK).logits, atol=1e-5, rtol=1e-4
-        )
+        torch.testing.assert_close(logits, plain(input_ids=IDS, attention_mask=MASK).logits, atol=1e-5, rtol=1e-4)
 
 
 def test_collector_on_an_offloaded_model_matches_the_plain_model(pair):

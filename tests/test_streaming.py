@@ -107,9 +107,7 @@ def test_stored_features_match_a_direct_forward_of_each_window(model, tmp_path):
         assert data["doc_position"][sl].tolist() == list(range(w.start, w.start + n))
         torch.testing.assert_close(data["delta"][sl], trace.delta[:, 0].transpose(0, 1), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(data["h_out"][sl], trace.h_out[:, 0].transpose(0, 1), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(
-            data["delta_norm"][sl], trace.delta[:, 0].norm(dim=-1).T, atol=1e-5, rtol=1e-4
-        )
+        torch.testing.assert_close(data["delta_norm"][sl], trace.delta[:, 0].norm(dim=-1).T, atol=1e-5, rtol=1e-4)
         assert torch.equal(data["topk_ids"][sl].long(), trace.topk_ids[:, 0].transpose(0, 1))
         offset += n
 
@@ -305,9 +303,7 @@ def test_dataset_batches_tokens_and_labels_match_the_in_memory_saturation(model,
         "doc_position",
     }
     sat = dx.saturation_from_topk(whole["topk_ids"].long().movedim(1, 0))
-    assert torch.equal(whole["label_next"], sat.stable.T) and torch.equal(
-        whole["label_final"], sat.saturated.T
-    )
+    assert torch.equal(whole["label_next"], sat.stable.T) and torch.equal(whole["label_final"], sat.saturated.T)
     # The labels agree with a direct in-memory collection of the first window.
     w = next(token_windows(docs, 16))
     with dx.collect(model, (), topk=2) as trace:
@@ -326,9 +322,7 @@ def test_dataset_shuffle_and_workers_cover_every_token_once(model, tmp_path):
     expected = ordered["window"] * 1000 + ordered["doc_position"]
     assert not torch.equal(keys, expected)
     assert torch.equal(keys.sort().values, expected.sort().values)
-    loader = torch.utils.data.DataLoader(
-        ShardDataset(tmp_path / "o", batch_size=8), batch_size=None, num_workers=2
-    )
+    loader = torch.utils.data.DataLoader(ShardDataset(tmp_path / "o", batch_size=8), batch_size=None, num_workers=2)
     got = torch.cat([b["window"] * 1000 + b["doc_position"] for b in loader])
     assert torch.equal(got.sort().values, expected.sort().values)
 

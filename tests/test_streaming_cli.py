@@ -111,9 +111,7 @@ def test_sigkill_at_a_random_point_then_resume_loses_and_duplicates_nothing(tmp_
     time.sleep(rng.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / "manifest.json").exists(), (
-        f"the run finished before the kill (after {kill_after} shards)"
-    )
+    assert not (run_dir / "manifest.json").exists(), f"the run finished before the kill (after {kill_after} shards)"
     subprocess.run(_cli(*common, "--out", str(run_dir)), check=True, env=env, capture_output=True)
     resumed = Manifest.load(run_dir)
     assert resumed.window_ids() == reference.window_ids()

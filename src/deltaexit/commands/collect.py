@@ -17,9 +17,7 @@ def _layers(text: str) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers takes 'all' or comma-separated ints, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"--layers takes 'all' or comma-separated ints, got {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -59,9 +59,7 @@ def read_documents(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield the non-empty lines of a UTF-8 text file (one document per line), lazily."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"data file {str(path)!r} does not exist (expected a text file, one document a line)"
-        )
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist (expected a text file, one document a line)")
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             text = line.strip()
@@ -103,9 +101,7 @@ def iter_documents(data: Any, tokenizer: Any = None) -> Iterator[list[int]]:
             yield [int(i) for i in row.tolist()]
         return
     if not isinstance(data, Iterable):
-        raise TypeError(
-            f"cannot read documents from {type(data).__name__}; pass a path, a tensor or an iterable"
-        )
+        raise TypeError(f"cannot read documents from {type(data).__name__}; pass a path, a tensor or an iterable")
     for item in data:
         if isinstance(item, str):
             yield _encode(tokenizer, item)
@@ -115,9 +111,7 @@ def iter_documents(data: Any, tokenizer: Any = None) -> Iterator[list[int]]:
             yield [int(i) for i in item]
 
 
-def token_windows(
-    documents: Iterable[Sequence[int]], context: int, max_tokens: int | None = None
-) -> Iterator[Window]:
+def token_windows(documents: Iterable[Sequence[int]], context: int, max_tokens: int | None = None) -> Iterator[Window]:
     """Cut documents into consecutive, non-overlapping windows of at most ``context`` tokens.
 
     Empty documents are skipped. With ``max_tokens`` the stream stops after exactly that

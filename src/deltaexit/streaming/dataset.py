@@ -204,9 +204,7 @@ def load_features(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def layer_states(
-    batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: object = None
-) -> list[LayerState]:
+def layer_states(batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: object = None) -> list[LayerState]:
     """One :class:`~deltaexit.measures.LayerState` per stored block from a batch of this dataset.
 
     The states are what confidence measures score and what trainable measures ``fit`` on

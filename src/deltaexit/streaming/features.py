@@ -61,9 +61,7 @@ def parse_features(features: Iterable[str] | str) -> tuple[str, ...]:
 
 def capture_for(features: Iterable[str]) -> tuple[str, ...]:
     """The collector captures (``h_in``/``h_out``/``delta``) these features are computed from."""
-    needed = {f for f in features if f in VECTOR_FEATURES} | {
-        NORM_FEATURES[f] for f in features if f in NORM_FEATURES
-    }
+    needed = {f for f in features if f in VECTOR_FEATURES} | {NORM_FEATURES[f] for f in features if f in NORM_FEATURES}
     return tuple(f for f in VECTOR_FEATURES if f in needed)
 
 

@@ -131,9 +131,7 @@ class Manifest:
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write atomically to ``path`` (default: the merged or this rank's manifest path)."""
         if path is None:
-            path = (
-                self.root / MANIFEST_NAME if self.rank is None else rank_manifest_path(self.root, self.rank)
-            )
+            path = self.root / MANIFEST_NAME if self.rank is None else rank_manifest_path(self.root, self.rank)
         atomic_write_json(path, self.to_dict())
         return Path(path)
 
@@ -147,8 +145,7 @@ class Manifest:
             raise
         except (OSError, ValueError) as exc:
             raise ManifestError(
-                f"manifest {str(path)!r} is not valid JSON ({exc}); delete the output directory "
-                "or pass overwrite=True"
+                f"manifest {str(path)!r} is not valid JSON ({exc}); delete the output directory or pass overwrite=True"
             ) from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ManifestError(f"{str(path)!r} is not a {FORMAT} manifest")

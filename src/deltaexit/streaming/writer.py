@@ -57,9 +57,7 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
-) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
     """Write ``tensors`` as a safetensors file (byte-for-byte deterministic: names sorted, one pass).
 
     ``safetensors.torch.save_file`` creates a new ctypes type for every distinct tensor byte size
@@ -97,9 +95,7 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        fields = {
-            k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
-        }
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
         digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     sampled = False
     for name, p in model.named_parameters():
@@ -133,9 +129,7 @@ def _subsample_keep(window: Window, subsample: float, seed: int) -> torch.Tensor
     n = len(window.ids)
     if subsample >= 1.0:
         return torch.ones(n, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(
-        (seed * 1_000_003 + window.index * 7_919 + 12_345) % (2**63 - 1)
-    )
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + window.index * 7_919 + 12_345) % (2**63 - 1))
     return torch.rand(n, generator=generator) < subsample
 
 
@@ -152,9 +146,7 @@ def _window_ranges(windows: Iterable[int]) -> list[list[int]]:
 class _ShardWriter:
     """Buffers per-batch features of one rank and flushes them as shards (+ manifest update)."""
 
-    def __init__(
-        self, manifest: Manifest, rank: int, on_shard: Callable[[dict[str, Any]], None] | None
-    ) -> None:
+    def __init__(self, manifest: Manifest, rank: int, on_shard: Callable[[dict[str, Any]], None] | None) -> None:
         self.manifest = manifest
         self.rank = rank
         self.on_shard = on_shard
@@ -206,9 +198,7 @@ def _resume(manifest_path: Path, settings: dict[str, Any], out_dir: Path, rank: 
         previous = Manifest.read(manifest_path)
         if previous.settings != settings:
             changed = sorted(
-                k
-                for k in set(settings) | set(previous.settings)
-                if settings.get(k) != previous.settings.get(k)
+                k for k in set(settings) | set(previous.settings) if settings.get(k) != previous.settings.get(k)
             )
             raise ManifestError(
                 f"{str(out_dir)!r} holds a collection made with other settings (differences: {changed}); "
@@ -218,9 +208,7 @@ def _resume(manifest_path: Path, settings: dict[str, Any], out_dir: Path, rank: 
         for shard in previous.shards:
             path = out_dir / shard["file"]
             if not path.is_file() or file_sha256(path) != shard["sha256"]:
-                warnings.warn(
-                    f"shard {shard['file']} is missing or corrupt; collecting again from there", stacklevel=3
-                )
+                warnings.warn(f"shard {shard['file']} is missing or corrupt; collecting again from there", stacklevel=3)
                 fresh.complete = False
                 break
             fresh.shards.append(shard)
@@ -433,9 +421,7 @@ def _collect_rank(
                     keep[row, : len(w.ids) - 1] = False
             with (
                 torch.no_grad(),
-                collect(
-                    model, capture, layers=layer_ids, positions="all", topk=topk, structure=structure
-                ) as trace,
+                collect(model, capture, layers=layer_ids, positions="all", topk=topk, structure=structure) as trace,
             ):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             tensors = reduce_batch(trace, feats, keep, store_dtype)
