@@ -26,6 +26,15 @@ from deltaexit.measures import (
 )
 from deltaexit.reference import load_reference, reference_path
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
+from deltaexit.streaming import (
+    Manifest,
+    ManifestError,
+    ShardDataset,
+    collect_to_disk,
+    iter_batches,
+    load_features,
+    merge_manifests,
+)
 from deltaexit.structure import ModelStructure, StructureError, find_structure
 
 __all__ = [
@@ -38,9 +47,12 @@ __all__ = [
     "GenerationStats",
     "LayerState",
     "Lens",
+    "Manifest",
+    "ManifestError",
     "ModelStructure",
     "Record",
     "Saturation",
+    "ShardDataset",
     "StateSet",
     "StructureError",
     "Trace",
@@ -51,12 +63,16 @@ __all__ = [
     "available_measures",
     "collect",
     "collect_states",
+    "collect_to_disk",
     "evaluate_measures",
     "evaluate_scores",
     "find_structure",
     "get_measure",
+    "iter_batches",
+    "load_features",
     "load_measure",
     "load_reference",
+    "merge_manifests",
     "reference_path",
     "register_measure",
     "saturation",

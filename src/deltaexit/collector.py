@@ -328,8 +328,8 @@ class Collector:
             return x
         if self._call_positions == "last":
             rows = torch.arange(x.shape[0], device=x.device)
-            return x[rows, self._last_index].unsqueeze(1)
-        return x[self._keep]
+            return x[rows, self._last_index.to(x.device)].unsqueeze(1)
+        return x[self._keep.to(x.device)]
 
     def _store(self, record: Record, name: str, row: int, value: torch.Tensor, dtype: torch.dtype) -> None:
         buf = record.tensors.get(name)
@@ -362,7 +362,9 @@ class Collector:
                     "('h_in', 'h_out') instead, or choose other layers."
                 )
             compute = torch.promote_types(torch.promote_types(h_out.dtype, store_dtype), torch.float32)
-            delta = self._select(h_out).to(compute) - self._select(h_in).to(compute)
+            # Under a device_map the block's input may still sit on the previous block's device.
+            x_in = self._select(h_in).to(device=h_out.device, dtype=compute)
+            delta = self._select(h_out).to(compute) - x_in
             self._store(record, "delta", row, delta, store_dtype)
         if "h_in" in self.capture:
             assert h_in is not None

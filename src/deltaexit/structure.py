@@ -206,9 +206,32 @@ def _first_tensor(output: object) -> torch.Tensor:
     )
 
 
+def _execution_device(module: nn.Module | None) -> torch.device | None:
+    """Where ``accelerate`` runs ``module`` (its ``_hf_hook``), or None without such a hook."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop(0)
+        if hook is None:
+            continue
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
+        hooks.extend(getattr(hook, "hooks", ()))
+    return None
+
+
 def _first_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
+    """Device the input ids must be on: the input embedding's, skipping offloaded (meta) weights."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    for module in (embeddings, model):
+        device = _execution_device(module)
+        if device is not None:
+            return device
+    params = list(embeddings.parameters()) if isinstance(embeddings, nn.Module) else []
+    for p in [*params, *model.parameters()]:
+        if p.device.type != "meta":
+            return p.device
     return torch.device("cpu")
 
 

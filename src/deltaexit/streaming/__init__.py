@@ -1,0 +1,47 @@
+"""Scale-out: streaming collection to sharded files, lazy datasets, data-parallel runs.
+
+Example:
+    >>> import deltaexit as dx
+    >>> dx.collect_to_disk(model, ids, "out", features="delta_norm,lens_topk")    # doctest: +SKIP
+    >>> ds = dx.ShardDataset("out", labels="final", batch_size=1024)              # doctest: +SKIP
+"""
+
+from deltaexit.streaming.corpus import Window, batch_windows, iter_documents, read_documents, token_windows
+from deltaexit.streaming.dataset import (
+    LABELS,
+    META_FIELDS,
+    ShardDataset,
+    iter_batches,
+    layer_labels,
+    layer_states,
+    load_features,
+)
+from deltaexit.streaming.distributed import distributed_rank, init_distributed_from_env
+from deltaexit.streaming.features import STREAM_FEATURES, parse_features
+from deltaexit.streaming.manifest import FORMAT_VERSION, Manifest, ManifestError, merge_manifests
+from deltaexit.streaming.writer import collect_to_disk, model_fingerprint
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LABELS",
+    "META_FIELDS",
+    "STREAM_FEATURES",
+    "Manifest",
+    "ManifestError",
+    "ShardDataset",
+    "Window",
+    "batch_windows",
+    "collect_to_disk",
+    "distributed_rank",
+    "init_distributed_from_env",
+    "iter_batches",
+    "iter_documents",
+    "layer_labels",
+    "layer_states",
+    "load_features",
+    "merge_manifests",
+    "model_fingerprint",
+    "parse_features",
+    "read_documents",
+    "token_windows",
+]

@@ -1,0 +1,238 @@
+"""Read a streamed collection lazily: a ``torch.utils.data.IterableDataset`` over its shards.
+
+Only one shard (plus one batch) is in memory at a time, so training and analysis
+can run over corpora larger than memory. ``labels="next"`` / ``"final"`` are made
+from the stored lens top-1 per layer (collect with ``lens_topk`` over all layers).
+
+Example:
+    >>> ds = ShardDataset("out", features=("delta",), labels="final", batch_size=4096)   # doctest: +SKIP
+    >>> for batch in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):     # doctest: +SKIP
+    ...     batch["delta"].shape, batch["label_final"].shape   # [4096, L, H], [4096, L]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import IterableDataset, get_worker_info
+
+from deltaexit.measures.base import LayerState
+from deltaexit.saturation import saturation_from_topk
+from deltaexit.streaming.distributed import distributed_rank
+from deltaexit.streaming.features import stored_names
+from deltaexit.streaming.manifest import Manifest, ManifestError
+
+__all__ = [
+    "LABELS",
+    "META_FIELDS",
+    "ShardDataset",
+    "iter_batches",
+    "layer_labels",
+    "layer_states",
+    "load_features",
+]
+
+#: Per-token metadata every shard holds: input id, global window id, document id, position in the document.
+META_FIELDS: tuple[str, ...] = ("token_id", "window", "doc", "doc_position")
+#: Label kinds: ``next`` = top-1 unchanged at the next block ``[L-1]``; ``final`` = saturated ``[L]``.
+LABELS: tuple[str, ...] = ("next", "final")
+
+
+def _labels_from_topk(topk_ids: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    sat = saturation_from_topk(topk_ids.movedim(1, 0).long())  # [L, tokens, k]
+    out = {}
+    if "next" in kinds:
+        out["label_next"] = sat.stable.transpose(0, 1).contiguous()
+    if "final" in kinds:
+        out["label_final"] = sat.saturated.transpose(0, 1).contiguous()
+    return out
+
+
+class ShardDataset(IterableDataset):
+    """Per-token features (and labels) of a streamed collection, read shard by shard.
+
+    Args:
+        source: The output directory of :func:`~deltaexit.streaming.writer.collect_to_disk`
+            or its :class:`~deltaexit.streaming.manifest.Manifest`.
+        features: Stored tensor names to yield (default: all stored features); the metadata
+            fields :data:`META_FIELDS` are always yielded.
+        labels: ``"next"``, ``"final"`` or both; yields bool ``label_next`` ``[L-1]`` /
+            ``label_final`` ``[L]``.
+        batch_size: Yield dicts of ``batch_size`` tokens (the last batch may be smaller);
+            None yields one token at a time.
+        shuffle: Shuffle shard order and tokens within each shard (seeded by ``seed`` and the epoch).
+        seed: Shuffle seed.
+        split_ranks: Give each ``torch.distributed`` rank its own shards (data-parallel training).
+        verify: Check every shard's sha256 against the manifest first.
+
+    Shards are split across ``DataLoader`` workers, so use ``DataLoader(ds, batch_size=None)``
+    with ``batch_size`` set here.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Manifest,
+        *,
+        features: Iterable[str] | None = None,
+        labels: str | Iterable[str] | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        split_ranks: bool = False,
+        verify: bool = False,
+    ) -> None:
+        self.manifest = source if isinstance(source, Manifest) else Manifest.load(source)
+        stored = stored_names(self.manifest.features)
+        self.features = tuple(stored if features is None else features)
+        missing = [f for f in self.features if f not in stored and f not in META_FIELDS]
+        if missing:
+            raise ManifestError(f"feature(s) {missing} are not in this collection (it holds {list(stored)})")
+        kinds = () if labels is None else ((labels,) if isinstance(labels, str) else tuple(labels))
+        bad = [k for k in kinds if k not in LABELS]
+        if bad:
+            raise ValueError(f"unknown label kind(s) {bad}; choose from {list(LABELS)}")
+        if kinds:
+            if "lens_topk" not in self.manifest.features:
+                raise ManifestError("labels need the lens top-k: collect with features including 'lens_topk'")
+            if list(self.manifest.layers) != list(range(self.manifest.num_layers)):
+                raise ManifestError(
+                    f"labels need every block; this collection stored layers {list(self.manifest.layers)} of "
+                    f"{self.manifest.num_layers}"
+                )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        self.labels = kinds
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.split_ranks = split_ranks
+        self.epoch = 0
+        if verify:
+            self.manifest.verify()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the whole collection (before any rank/worker split)."""
+        return self.manifest.num_tokens
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffle order for the next pass (as ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+
+    def _my_shards(self) -> list[Path]:
+        paths = self.manifest.shard_paths()
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        if self.shuffle:
+            paths = [paths[i] for i in torch.randperm(len(paths), generator=generator).tolist()]
+        if self.split_ranks:
+            rank, world = distributed_rank()
+            paths = paths[rank::world]
+        info = get_worker_info()
+        if info is not None:
+            paths = paths[info.id :: info.num_workers]
+        return paths
+
+    def _read(self, path: Path) -> dict[str, torch.Tensor]:
+        names = list(dict.fromkeys([*META_FIELDS, *self.features]))
+        if self.labels and "topk_ids" not in names:
+            names.append("topk_ids")
+        if not path.is_file():
+            raise ManifestError(f"shard {str(path)!r} is missing")
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in names}
+        if self.labels:
+            tensors.update(_labels_from_topk(tensors["topk_ids"], self.labels))
+            if "topk_ids" not in self.features:
+                del tensors["topk_ids"]
+        return tensors
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending: dict[str, torch.Tensor] | None = None
+        shuffle_gen = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch + 1)
+        for path in self._my_shards():
+            tensors = self._read(path)
+            n = int(tensors["token_id"].shape[0])
+            if self.shuffle and n:
+                order = torch.randperm(n, generator=shuffle_gen)
+                tensors = {k: v[order] for k, v in tensors.items()}
+            if self.batch_size is None:
+                for i in range(n):
+                    yield {k: v[i] for k, v in tensors.items()}
+                continue
+            if pending is not None:
+                tensors = {k: torch.cat([pending[k], v]) for k, v in tensors.items()}
+                n = int(tensors["token_id"].shape[0])
+            full = n - n % self.batch_size
+            for start in range(0, full, self.batch_size):
+                yield {k: v[start : start + self.batch_size] for k, v in tensors.items()}
+            pending = {k: v[full:] for k, v in tensors.items()} if full < n else None
+        if pending is not None:
+            yield pending
+
+
+def iter_batches(
+    source: str | os.PathLike[str] | Manifest, batch_size: int, **kwargs
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Iterate ``batch_size``-token dicts over a collection (keywords as :class:`ShardDataset`)."""
+    return iter(ShardDataset(source, batch_size=batch_size, **kwargs))
+
+
+def load_features(
+    source: str | os.PathLike[str] | Manifest, *, max_tokens: int | None = None, **kwargs
+) -> dict[str, torch.Tensor]:
+    """Materialise (the first ``max_tokens`` tokens of) a collection as one dict of tensors.
+
+    Example:
+        >>> data = load_features("out", features=("delta",), labels="next")   # doctest: +SKIP
+        >>> data["delta"].shape, data["label_next"].shape                      # doctest: +SKIP
+    """
+    parts: list[dict[str, torch.Tensor]] = []
+    total = 0
+    for batch in ShardDataset(source, batch_size=65_536, **kwargs):
+        if max_tokens is not None:
+            batch = {k: v[: max_tokens - total] for k, v in batch.items()}
+        parts.append(batch)
+        total += int(batch["token_id"].shape[0])
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not parts:
+        raise ManifestError("the collection holds no tokens")
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def layer_states(batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: object = None) -> list[LayerState]:
+    """One :class:`~deltaexit.measures.LayerState` per stored block from a batch of this dataset.
+
+    The states are what confidence measures score and what trainable measures ``fit`` on
+    (``measure.fit(states, labels)``). Vectors are converted to float32. Needs ``h_out``;
+    ``delta`` and ``h_in`` are passed on when stored.
+
+    Example:
+        >>> ds = ShardDataset("out", labels="final", batch_size=8192)            # doctest: +SKIP
+        >>> batch = next(iter(ds))                                               # doctest: +SKIP
+        >>> states = layer_states(batch, ds.manifest)                            # doctest: +SKIP
+        >>> measure.fit(states[:-1], layer_labels(batch, "final")[:-1])          # doctest: +SKIP
+    """
+    if "h_out" not in batch:
+        raise ManifestError("layer states need h_out: collect with features including 'h_out'")
+    states = []
+    for row, layer in enumerate(manifest.layers):
+        h_in = batch["h_in"][:, row].float() if "h_in" in batch else None
+        state = LayerState(layer=layer, h_out=batch["h_out"][:, row].float(), h_in=h_in,
+                           num_layers=manifest.num_layers, lens=lens)  # fmt: skip
+        if "delta" in batch:
+            state._delta = batch["delta"][:, row].float()
+        states.append(state)
+    return states
+
+
+def layer_labels(batch: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
+    """``[tokens]`` bool labels per decision layer (row ``l`` = the decision after block ``l``)."""
+    key = f"label_{kind}"
+    if key not in batch:
+        raise ManifestError(f"the batch has no {kind!r} labels; build the dataset with labels={kind!r}")
+    return list(batch[key].unbind(dim=1))
