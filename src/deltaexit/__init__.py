@@ -9,12 +9,14 @@ Example:
 """
 
 from deltaexit._version import __version__
+from deltaexit.calibration import CalibrationResult, calibrate
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
 from deltaexit.lens import Lens
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
 
 __all__ = [
+    "CalibrationResult",
     "FEATURES",
     "Collector",
     "Lens",
@@ -25,6 +27,7 @@ __all__ = [
     "Trace",
     "TraceError",
     "__version__",
+    "calibrate",
     "collect",
     "find_structure",
     "saturation",
