@@ -16,8 +16,8 @@ from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
 
 __all__ = [
-    "CalibrationResult",
     "FEATURES",
+    "CalibrationResult",
     "Collector",
     "Lens",
     "ModelStructure",

@@ -20,7 +20,7 @@ from torch import nn
 from deltaexit.calibration.bounds import min_examples
 from deltaexit.calibration.ltt import InsufficientCalibrationData, learn_then_test
 from deltaexit.calibration.result import KINDS, CalibrationResult
-from deltaexit.calibration.risk import GenerationLosses, continuation_mask
+from deltaexit.calibration.risk import GenerationLosses
 from deltaexit.calibration.simulate import (
     LOSSES,
     CalmDecay,
@@ -296,7 +296,6 @@ def calibrate(
     if thresholds is None:
         grid_prompts = [all_prompts[i] for i in grid_ids]
         grid_cont = greedy_continuations(model, grid_prompts, max_new_tokens, batch_size=batch_size)
-        grid_cont = _mask_after_eos(model, grid_cont)
         grid_table = continuation_table(model, grid_prompts, measure, grid_cont, batch_size=batch_size)
         thresholds = candidate_thresholds(
             grid_table, schedule, num_thresholds, min_exit_layer=min_exit_layer, tau=tau
@@ -310,9 +309,7 @@ def calibrate(
         if cal_refs is not None and loss == "risk":
             cont: Any = cal_refs
         else:
-            cont = _mask_after_eos(
-                model, greedy_continuations(model, cal_prompts, max_new_tokens, batch_size=batch_size)
-            )
+            cont = greedy_continuations(model, cal_prompts, max_new_tokens, batch_size=batch_size)
         table = continuation_table(
             model, cal_prompts, measure, cont, batch_size=batch_size, progress=progress
         )
@@ -337,12 +334,6 @@ def calibrate(
         outcome, schedule, measure_name, kv, loss, backend,
         needed, min_exit_layer, max_new_tokens, tau, info,
     )  # fmt: skip
-
-
-def _mask_after_eos(model: nn.Module, continuations: torch.Tensor) -> torch.Tensor:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    keep = continuation_mask(continuations, eos)
-    return torch.where(keep, continuations, torch.full_like(continuations, -1))
 
 
 def _plain(value: Any) -> Any:

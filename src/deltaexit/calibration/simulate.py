@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltaexit.calibration.risk import continuation_mask
 from deltaexit.collector import collect
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
@@ -420,7 +421,10 @@ def pad_token_id(model: nn.Module) -> int:
 def greedy_continuations(
     model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, batch_size: int = 16
 ) -> torch.Tensor:
-    """``[n, max_new_tokens]`` the full model's greedy continuations (``model.generate``), pad-filled."""
+    """``[n, max_new_tokens]`` the full model's greedy continuations (``model.generate``).
+
+    Positions after a row's first EOS are ``-1`` (not scored by :func:`continuation_table`).
+    """
     device = next(model.parameters()).device
     pad = pad_token_id(model)
     outs = []
@@ -434,7 +438,9 @@ def greedy_continuations(
         if new.shape[1] < max_new_tokens:
             new = torch.cat([new, torch.full((new.shape[0], max_new_tokens - new.shape[1]), pad)], dim=1)
         outs.append(new)
-    return torch.cat(outs)
+    out = torch.cat(outs)
+    keep = continuation_mask(out, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    return torch.where(keep, out, torch.full_like(out, -1))
 
 
 def continuation_table(
