@@ -160,7 +160,7 @@ def validity(
     """Random calibration/test splits of the pool: how often does the realised risk exceed delta?"""
     g = torch.Generator().manual_seed(seed)
     pool, _ = losses.shape
-    n_cal = int(round(cal_fraction * pool))
+    n_cal = round(cal_fraction * pool)
     violations, chosen, realised, cal_risk = 0, [], [], []
     for _ in range(splits):
         perm = torch.randperm(pool, generator=g)
