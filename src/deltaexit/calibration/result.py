@@ -134,6 +134,8 @@ class CalibrationResult:
         """
         if not self.certified:
             return math.inf
+        if self.kind != "per-layer" and math.isinf(float(self.threshold)):
+            return math.inf  # never exit (a clipped decaying schedule of inf would read 1.0)
         if self.kind == "decaying":
             steps = self.max_new_tokens or 64
             try:
