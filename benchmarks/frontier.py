@@ -123,6 +123,9 @@ def generation_points(
     out = []
     for thr in thresholds:
         ee = dx.EarlyExit(model, measure=measure, threshold=thr, kv=kv)
+        warm = prompts[0][None]
+        model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), **kwargs)  # warm-up, untimed
+        ee.generate(warm, attention_mask=torch.ones_like(warm), **kwargs)
         t_full = t_ee = 0.0
         agree = total = 0
         blocks_run = full_blocks = 0

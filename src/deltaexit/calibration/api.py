@@ -289,6 +289,14 @@ def calibrate(
     if len(cal_ids) < needed:
         raise InsufficientCalibrationData(_too_few(len(cal_ids), needed, delta, epsilon, bound, num_grid))
 
+    if backend == "generate":
+        try:
+            from deltaexit.generation import EarlyExit  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "backend='generate' needs dx.EarlyExit (deltaexit.generation), missing in this installation; "
+                "use backend='offline' (the exit-table simulator) instead"
+            ) from None
     info: dict[str, Any] = {"num_prompts": total, "num_grid_prompts": num_grid}
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if name_or_path:
