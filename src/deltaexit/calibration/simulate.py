@@ -126,6 +126,10 @@ class ExitTable:
         reference: ``[T]`` the reference next token (for the ``"risk"`` loss), or None.
         num_examples: Number of examples.
         measure: The measure's name.
+        full_depth_steps: Tokens with ``step`` below this always run at full depth: 1 for
+            continuations, whose first token comes from the prompt's full-depth forward (as in
+            :class:`deltaexit.EarlyExit`). They count as agreeing in the losses and are left out of
+            :meth:`summary` and :meth:`oracle` (like ``GenerationStats``, which counts decode steps).
     """
 
     scores: torch.Tensor
@@ -135,6 +139,7 @@ class ExitTable:
     reference: torch.Tensor | None
     num_examples: int
     measure: str = ""
+    full_depth_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.scores.shape != self.top1.shape or self.scores.dim() != 2:
@@ -180,6 +185,7 @@ class ExitTable:
         thr = threshold_matrix(threshold, num_layers, steps)[self.step].T  # [L, T]
         passes = self.scores.to(torch.float64) >= thr
         passes[: min_exit_layer - 1] = False
+        passes[:, self.step < self.full_depth_steps] = False
         passes[-1] = True  # full depth
         return passes.to(torch.int8).argmax(dim=0) + 1
 
@@ -220,13 +226,19 @@ class ExitTable:
             return diff.clamp(0.0, 1.0)
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
 
+    def _decode(self) -> torch.Tensor:
+        """``[T]`` bool: tokens an exit rule decides (not forced to full depth)."""
+        decode = self.step >= self.full_depth_steps
+        return decode if decode.any() else torch.ones_like(decode)
+
     def summary(self, threshold: Any, *, min_exit_layer: int = 1) -> dict[str, float]:
-        """Token-weighted agreement with the full model, mean exit layer and blocks saved."""
+        """Token-weighted agreement with the full model, mean exit layer and blocks saved (decode steps)."""
         exits = self.exit_layers(threshold, min_exit_layer=min_exit_layer)
         agree = (self.predictions(exits) == self.final).to(torch.float64)
-        mean_layer = float(exits.to(torch.float64).mean())
+        decode = self._decode()
+        mean_layer = float(exits[decode].to(torch.float64).mean())
         return {
-            "agreement": float(agree.mean()),
+            "agreement": float(agree[decode].mean()),
             "mean_exit_layer": mean_layer,
             "blocks_saved": 1.0 - mean_layer / self.num_layers,
             "sequence_agreement": float((self._per_example_mean(1 - agree) == 0).to(torch.float64).mean()),
@@ -234,7 +246,7 @@ class ExitTable:
 
     def oracle(self) -> dict[str, float]:
         """The ceiling: every token exits at its saturation layer (agreement 1 by construction)."""
-        mean_layer = float(self.saturation_layer.to(torch.float64).mean())
+        mean_layer = float(self.saturation_layer[self._decode()].to(torch.float64).mean())
         return {
             "agreement": 1.0,
             "mean_exit_layer": mean_layer,
@@ -258,6 +270,7 @@ class ExitTable:
             reference=None if self.reference is None else self.reference[keep],
             num_examples=int(examples.numel()),
             measure=self.measure,
+            full_depth_steps=self.full_depth_steps,
         )
 
     def exit_scores(self, *, min_exit_layer: int = 1) -> torch.Tensor:
@@ -302,6 +315,7 @@ def exit_table(
     *,
     score_mask: torch.Tensor | None = None,
     with_references: bool = True,
+    full_depth_steps: int = 0,
     lens: Lens | None = None,
     batch_size: int = 16,
     chunk_tokens: int = 4096,
@@ -318,6 +332,7 @@ def exit_table(
             real position that has a real next token). For prompts + greedy continuations pass the
             positions that predict the continuation.
         with_references: Keep the next input token as the reference (for the ``"risk"`` loss).
+        full_depth_steps: Scored tokens per row forced to full depth (see :class:`ExitTable`).
         lens: The model's lens (built if not given).
         batch_size: Rows per forward.
         chunk_tokens: Tokens per lens/measure call (bounds the logits' memory).
@@ -393,6 +408,7 @@ def exit_table(
         reference=reference,
         num_examples=n,
         measure=measure.name,
+        full_depth_steps=full_depth_steps,
     )
 
 
@@ -449,6 +465,7 @@ def continuation_table(
     measure: str | ConfidenceMeasure,
     continuations: torch.Tensor | Sequence[torch.Tensor],
     *,
+    prefill_full_depth: bool = True,
     lens: Lens | None = None,
     batch_size: int = 16,
     progress: bool = False,
@@ -457,7 +474,8 @@ def continuation_table(
 
     Pass the full model's greedy continuations (:func:`greedy_continuations`) for textual
     consistency, or reference continuations for risk consistency (the table's ``reference`` is
-    then the reference token). Continuation entries ``< 0`` are padding and are not scored.
+    then the reference token). Continuation entries ``< 0`` are padding and are not scored. With
+    ``prefill_full_depth`` the first continuation token comes from full depth, as in generation.
 
     Example:
         >>> cont = greedy_continuations(model, prompts, 16)                  # doctest: +SKIP
@@ -486,5 +504,5 @@ def continuation_table(
         scored.append(sc)
     return exit_table(
         model, torch.stack(rows), torch.stack(masks), measure, score_mask=torch.stack(scored),
-        lens=lens, batch_size=batch_size, progress=progress,
+        full_depth_steps=int(prefill_full_depth), lens=lens, batch_size=batch_size, progress=progress,
     )  # fmt: skip
