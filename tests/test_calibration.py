@@ -362,3 +362,32 @@ def test_generation_losses_adapter(model, monkeypatch):
     assert gen.records[repr(0.1)]["mean_exit_layer"] == 2.0
     seq = GenerationLosses(model, prompts, MaxProb(), "propagate", max_new_tokens=4, loss="sequence")
     assert seq(0.1).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_first_continuation_token_is_full_depth(model):
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    cont = greedy_continuations(model, prompts, 3)
+    tab = continuation_table(model, prompts, MaxProb(), cont)
+    exits = tab.exit_layers(-math.inf)
+    assert (exits[tab.step == 0] == 3).all() and (exits[tab.step > 0] == 1).all()
+    assert tab.summary(-math.inf)["mean_exit_layer"] == 1.0  # decode steps only, like GenerationStats
+
+
+def test_offline_sequence_loss_is_exact_for_recompute(model):
+    """Up to the first disagreement, recompute sees the full model's states: the offline 'sequence'
+    loss equals real early-exit generation's, example by example (runs once dx.EarlyExit exists)."""
+    pytest.importorskip("deltaexit.generation")
+    g = torch.Generator().manual_seed(5)
+    prompts = [
+        torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g) for _ in range(8)
+    ]
+    cont = greedy_continuations(model, prompts, 4)
+    tab = continuation_table(model, prompts, MaxProb(), cont)
+    gen = GenerationLosses(
+        model, prompts, MaxProb(), "recompute", max_new_tokens=4, loss="sequence", batch_size=8
+    )
+    verify = GenerationLosses(model, prompts, MaxProb(), "verify", max_new_tokens=4, batch_size=8)
+    grid = candidate_thresholds(tab, "constant", 8)
+    for c in grid[1:]:
+        assert tab.losses(c, "sequence").tolist() == gen(c).tolist()
+    assert verify(grid[-1]).tolist() == [0.0] * 8  # lossless at any threshold
