@@ -119,7 +119,14 @@ def load_model(spec: str) -> tuple[Any, Any, str]:
 
 
 def load_prompts(
-    tokenizer: Any, vocab: int, n: int, prompt_tokens: int, *, split: str = "test.txt", seed: int = 0
+    tokenizer: Any,
+    vocab: int,
+    n: int,
+    prompt_tokens: int,
+    *,
+    split: str = "test.txt",
+    seed: int = 0,
+    data: Path = DATA,
 ) -> list[torch.Tensor]:
     """``n`` prompts of ``prompt_tokens`` tokens: the start of distinct WikiText paragraphs
     (random ids when there is no tokenizer)."""
@@ -127,7 +134,7 @@ def load_prompts(
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)
         return [torch.randint(0, vocab, (prompt_tokens,), generator=g) for _ in range(n)]
-    path = DATA / split
+    path = Path(data) / split
     if not path.is_file():
         raise SystemExit(f"no WikiText file at {path}")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=DATA, help="WikiText-2 directory (test.txt)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -222,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tok, described = load_model(args.model)
     measure = resolve_measure(args.measure)
     vocab = dx.Lens.from_model(model).vocab_size
-    prompts = load_prompts(tok, vocab, args.grid_prompts + args.pool, args.prompt_tokens, seed=args.seed)
+    prompts = load_prompts(
+        tok, vocab, args.grid_prompts + args.pool, args.prompt_tokens, seed=args.seed, data=args.data
+    )
     grid_prompts, pool = prompts[: args.grid_prompts], prompts[args.grid_prompts :]
     cont = greedy_continuations(model, prompts, args.max_new_tokens, batch_size=args.batch_size)
     grid_table = continuation_table(

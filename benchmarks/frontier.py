@@ -51,11 +51,13 @@ DEFAULT_MEASURES = (
 
 # -- measures -------------------------------------------------------------------------------------------
 @torch.no_grad()
-def fit_measure(measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128) -> None:
+def fit_measure(
+    measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128, data: Path = DATA
+) -> None:
     """Fit a trainable measure on ``valid.txt`` states with the ``final`` label (decision after block l)."""
     if tokenizer is None:
         raise RuntimeError("no tokenizer: cannot read valid.txt")
-    text = (DATA / "valid.txt").read_text(encoding="utf-8")
+    text = (Path(data) / "valid.txt").read_text(encoding="utf-8")
     ids = torch.tensor(tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens])
     ids = ids[: (ids.numel() // window) * window].reshape(-1, window)
     lens = dx.Lens.from_model(model)
@@ -73,7 +75,7 @@ def fit_measure(measure: Any, model: Any, tokenizer: Any, tokens: int, window: i
 
 
 def build_measures(
-    names: list[str], model: Any, tokenizer: Any, fit_tokens: int
+    names: list[str], model: Any, tokenizer: Any, fit_tokens: int, data: Path = DATA
 ) -> tuple[list[Any], dict[str, str]]:
     measures, skipped = [], {}
     for name in names:
@@ -85,7 +87,7 @@ def build_measures(
         if getattr(m, "requires_fit", False):
             try:
                 t0 = time.perf_counter()
-                fit_measure(m, model, tokenizer, fit_tokens)
+                fit_measure(m, model, tokenizer, fit_tokens, data=data)
                 print(f"fitted {name} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
             except Exception as exc:  # the measures API may differ; record and go on
                 skipped[name] = f"fit failed: {type(exc).__name__}: {exc}"
@@ -238,8 +240,10 @@ def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         or [m for m in DEFAULT_MEASURES if m in available_measures()]
         or ["softmax-max", "delta-norm"]
     )
-    measures, skipped = build_measures(names, model, tok, args.fit_tokens)
-    prompts = load_prompts(tok, vocab, args.prompts, args.prompt_tokens, seed=args.seed + 1000)
+    measures, skipped = build_measures(names, model, tok, args.fit_tokens, data=args.data)
+    prompts = load_prompts(
+        tok, vocab, args.prompts, args.prompt_tokens, seed=args.seed + 1000, data=args.data
+    )
     full = greedy_continuations(model, prompts, args.max_new_tokens, batch_size=args.batch_size)
     offline, tables = {}, {}
     oracle = None
@@ -326,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fit-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=DATA, help="WikiText-2 directory (valid.txt, test.txt)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plots", type=Path, default=None)
     args = p.parse_args(argv)
