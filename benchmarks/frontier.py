@@ -50,7 +50,6 @@ DEFAULT_MEASURES = (
 
 
 # -- measures -------------------------------------------------------------------------------------------
-@torch.no_grad()
 def fit_measure(
     measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128, data: Path = DATA
 ) -> None:
@@ -61,17 +60,18 @@ def fit_measure(
     ids = torch.tensor(tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens])
     ids = ids[: (ids.numel() // window) * window].reshape(-1, window)
     lens = dx.Lens.from_model(model)
-    with dx.collect(model, capture=("h_in", "h_out"), positions="all") as trace:
-        for start in range(0, ids.shape[0], 16):
-            model(input_ids=ids[start : start + 16], use_cache=False)
-    h_in, h_out = trace.tokens("h_in"), trace.tokens("h_out")  # [L, N, H]
-    num_layers = h_out.shape[0]
-    top1 = torch.stack([lens(h_out[i]).argmax(-1) for i in range(num_layers)])
+    with torch.no_grad():
+        with dx.collect(model, capture=("h_in", "h_out"), positions="all") as trace:
+            for start in range(0, ids.shape[0], 16):
+                model(input_ids=ids[start : start + 16], use_cache=False)
+        h_in, h_out = trace.tokens("h_in"), trace.tokens("h_out")  # [L, N, H]
+        num_layers = h_out.shape[0]
+        top1 = torch.stack([lens(h_out[i]).argmax(-1) for i in range(num_layers)])
     sat = saturation_from_topk(top1[..., None])
     states = [LayerState(layer=i, h_out=h_out[i], h_in=h_in[i], num_layers=num_layers, lens=lens)
               for i in range(num_layers - 1)]  # fmt: skip
     labels = [sat.saturated[i] for i in range(num_layers - 1)]
-    measure.fit(states, labels)
+    measure.fit(states, labels)  # outside no_grad: the measure trains
 
 
 def build_measures(
