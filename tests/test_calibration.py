@@ -304,6 +304,19 @@ def test_candidate_grids_are_ordered(table):
     assert all(a >= b for a, b in itertools.pairwise(means))  # safest first
 
 
+def test_compute_spaced_grid(table):
+    for kind in ("constant", "per-layer", "decaying"):
+        grid = candidate_thresholds(table, kind, 10)
+        assert 2 <= len(grid) <= 10
+        if kind == "decaying":
+            steps = int(table.step.max()) + 1
+            grid = [CalmDecay(c, max_steps=steps) if math.isfinite(c) else c for c in grid]
+        depth = [table.summary(c)["mean_exit_layer"] for c in grid]
+        assert depth[0] == 3.0 and all(a > b for a, b in itertools.pairwise(depth))
+    quant = candidate_thresholds(table, "constant", 10, spacing="quantile")
+    assert quant[0] == math.inf and len(quant) <= 11
+
+
 def test_table_subset(table):
     sub = table.subset([5, 2])
     assert sub.num_examples == 2

@@ -51,47 +51,78 @@ def quantile_levels(num: int) -> torch.Tensor:
     return torch.unique(torch.cat([linear, tail])).flip(0)
 
 
-def candidate_thresholds(
-    table: ExitTable, kind: str = "constant", num: int = 64, *, min_exit_layer: int = 1, tau: float = 4.0
+def _quantile_candidates(
+    scores: torch.Tensor, kind: str, levels: torch.Tensor, min_exit_layer: int, tau: float
 ) -> list[Any]:
-    """Ordered candidates (safest first) from the score distribution in ``table``.
+    """Candidates at the given quantile levels (descending), the never-exit one first."""
+    if kind == "per-layer":
+        q = torch.quantile(scores, levels, dim=1)  # [levels, layers]
+        prefix = [math.inf] * (min_exit_layer - 1)
+        candidates: list[Any] = [prefix + [math.inf] * scores.shape[0]]
+        seen = set()
+        for row in q.tolist():
+            if tuple(row) not in seen:
+                seen.add(tuple(row))
+                candidates.append(prefix + row)
+        return candidates
+    flat = scores.reshape(-1)
+    if flat.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample is plenty
+        flat = flat[:: math.ceil(flat.numel() / 1_000_000)]
+    values = torch.unique(torch.quantile(flat, levels)).flip(0)
+    if kind == "decaying":  # 0.9 * base + 0.1 * exp(-tau / 2) == quantile at the middle step
+        values = (values - 0.1 * math.exp(-tau / 2)) / 0.9
+    return [math.inf, *values.tolist()]
+
+
+def candidate_thresholds(
+    table: ExitTable,
+    kind: str = "constant",
+    num: int = 64,
+    *,
+    min_exit_layer: int = 1,
+    tau: float = 4.0,
+    max_steps: int | None = None,
+    spacing: str = "compute",
+) -> list[Any]:
+    """Ordered candidates (safest first) from the measure's scores in ``table``.
 
     ``"constant"``: quantiles of the pooled scores of the layers that can exit; ``"decaying"``: the
     bases whose schedule passes through those quantiles half-way through decoding;
     ``"per-layer"``: at each quantile level, that level's quantile of each layer's own scores. The
-    first candidate never exits. Build it on examples disjoint from the calibration examples.
+    first candidate never exits. With ``spacing="compute"`` (default) ``num`` candidates are
+    picked from a fine quantile grid so that the blocks they save on ``table`` are evenly spaced
+    (no coarse jumps where the risk rises); ``"quantile"`` keeps ``num`` quantile levels. Build it on
+    examples disjoint from the calibration examples.
 
     Example:
         >>> grid = candidate_thresholds(table, "per-layer", 32)   # doctest: +SKIP
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if spacing not in ("compute", "quantile"):
+        raise ValueError(f"spacing must be 'compute' or 'quantile', got {spacing!r}")
     scores = table.exit_scores(min_exit_layer=min_exit_layer).to(torch.float64)
     if scores.numel() == 0:
         raise ValueError(
             f"no layer can exit with min_exit_layer={min_exit_layer} in a {table.num_layers}-layer model"
         )
-    levels = quantile_levels(num)
-    candidates: list[Any]
-    if kind == "per-layer":
-        q = torch.quantile(scores, levels, dim=1)  # [levels, layers]
-        prefix = [math.inf] * (min_exit_layer - 1)
-        candidates = [prefix + [math.inf] * scores.shape[0]]
-        seen = set()
-        for row in q.tolist():
-            key = tuple(row)
-            if key not in seen:
-                seen.add(key)
-                candidates.append(prefix + row)
-    else:
-        flat = scores.reshape(-1)
-        if flat.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample is plenty
-            flat = flat[:: math.ceil(flat.numel() / 1_000_000)]
-        values = torch.unique(torch.quantile(flat, levels)).flip(0)
-        if kind == "decaying":  # 0.9 * base + 0.1 * exp(-tau / 2) == quantile at the middle step
-            values = (values - 0.1 * math.exp(-tau / 2)) / 0.9
-        candidates = [math.inf] + values.tolist()
-    return candidates
+    if spacing == "quantile":
+        return _quantile_candidates(scores, kind, quantile_levels(num), min_exit_layer, tau)
+    fine = _quantile_candidates(scores, kind, quantile_levels(max(1024, 16 * num)), min_exit_layer, tau)
+    steps = max_steps if max_steps is not None else int(table.step.max()) + 1
+
+    def mean_depth(candidate: Any) -> float:
+        threshold = make_threshold(kind, candidate, max_steps=steps, tau=tau)
+        return float(table.exit_layers(threshold, min_exit_layer=min_exit_layer).to(torch.float64).mean())
+
+    depth = torch.tensor([mean_depth(c) for c in fine])
+    saved = torch.cummax(table.num_layers - depth, dim=0).values  # safest first: non-decreasing
+    picks: list[int] = [0]
+    for target in torch.linspace(0.0, float(saved[-1]), num)[1:]:
+        index = int(torch.searchsorted(saved, target, right=True)) - 1
+        if index > picks[-1] and saved[index] > saved[picks[-1]]:
+            picks.append(index)
+    return [fine[i] for i in picks]
 
 
 def make_threshold(
