@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     grid_table = continuation_table(
         model, grid_prompts, measure, cont[: args.grid_prompts], batch_size=args.batch_size
     )
-    candidates = candidate_thresholds(grid_table, args.schedule, args.num_thresholds)
+    candidates = candidate_thresholds(
+        grid_table, args.schedule, args.num_thresholds, max_steps=args.max_new_tokens
+    )
     if args.backend == "offline":
         table = continuation_table(
             model, pool, measure, cont[args.grid_prompts :], batch_size=args.batch_size

@@ -337,7 +337,12 @@ def calibrate(
         grid_cont = greedy_continuations(model, grid_prompts, max_new_tokens, batch_size=batch_size)
         grid_table = continuation_table(model, grid_prompts, measure, grid_cont, batch_size=batch_size)
         thresholds = candidate_thresholds(
-            grid_table, schedule, num_thresholds, min_exit_layer=min_exit_layer, tau=tau
+            grid_table,
+            schedule,
+            num_thresholds,
+            min_exit_layer=min_exit_layer,
+            tau=tau,
+            max_steps=max_new_tokens,
         )
     candidates = list(thresholds)
 
