@@ -11,6 +11,7 @@ Example:
 from deltaexit._version import __version__
 from deltaexit.calibration import CalibrationResult, calibrate
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
+from deltaexit.generation import DecayingThreshold, EarlyExit, EarlyExitOutput, GenerationStats
 from deltaexit.lens import Lens
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
@@ -19,6 +20,10 @@ __all__ = [
     "FEATURES",
     "CalibrationResult",
     "Collector",
+    "DecayingThreshold",
+    "EarlyExit",
+    "EarlyExitOutput",
+    "GenerationStats",
     "Lens",
     "ModelStructure",
     "Record",

@@ -1,0 +1,29 @@
+"""Early-exit generation: the :class:`EarlyExit` loop, KV policies, thresholds and outputs.
+
+Example:
+    >>> from deltaexit.generation import EarlyExit, DecayingThreshold   # doctest: +SKIP
+"""
+
+from deltaexit.generation.early_exit import EarlyExit
+from deltaexit.generation.kv import KV_POLICIES, UnsupportedCacheError
+from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
+from deltaexit.generation.schedule import (
+    ConstantThreshold,
+    DecayingThreshold,
+    PerLayerThreshold,
+    ThresholdSchedule,
+    as_schedule,
+)
+
+__all__ = [
+    "KV_POLICIES",
+    "ConstantThreshold",
+    "DecayingThreshold",
+    "EarlyExit",
+    "EarlyExitOutput",
+    "GenerationStats",
+    "PerLayerThreshold",
+    "ThresholdSchedule",
+    "UnsupportedCacheError",
+    "as_schedule",
+]

@@ -1,0 +1,145 @@
+"""KV-cache policies for the layers an early exit skips, and the cache helpers they share.
+
+Policies (``kv=``):
+
+* ``"propagate"`` (CALM): a skipped layer gets keys/values computed from the exit state.
+* ``"recompute"`` (EE-LLM, FREE): the exited token is held back from the cache; it runs again, together with
+  the following tokens, until a token goes to full depth, so the deep layers see its true states.
+* ``"verify"`` (LayerSkip self-speculation): early exits only draft; the full model verifies the drafts in one
+  pass that shares the draft's cache for the shallow layers, and the cache is cropped on rejection.
+
+Every policy keeps all layers' caches at the same length after every step. The only thing a policy needs from
+an architecture is that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a
+full-length :class:`transformers.DynamicCache` layer, which holds for every architecture in
+:data:`deltaexit.testing.ARCHITECTURES`; anything else (linear attention, static or quantised caches, KV shared
+between layers) is detected after the prompt and refused with a clear error.
+
+Example:
+    >>> crop_cache(cache, 10)           # doctest: +SKIP
+    >>> cache_lengths(cache)            # doctest: +SKIP
+    [10, 10, 10]
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+__all__ = [
+    "KV_POLICIES",
+    "KVStored",
+    "UnsupportedCacheError",
+    "cache_lengths",
+    "cache_view",
+    "check_cache",
+    "crop_cache",
+    "fresh_cache",
+    "store_kv_only",
+]
+
+#: The KV policies early-exit generation implements.
+KV_POLICIES: tuple[str, ...] = ("verify", "propagate", "recompute")
+
+
+class UnsupportedCacheError(ValueError):
+    """The model's cache cannot be kept consistent under early exit."""
+
+
+class KVStored(Exception):
+    """Raised right after a block's attention stored its keys/values, to skip the rest of the block."""
+
+
+def fresh_cache() -> DynamicCache:
+    """A :class:`DynamicCache` whose layers all keep every position (croppable).
+
+    Sliding-window layers still attend only within their window: the window is applied by the model's mask.
+    """
+    return DynamicCache()
+
+
+def check_cache(cache: Any, num_layers: int, length: int) -> None:
+    """Raise :class:`UnsupportedCacheError` unless ``cache`` has ``num_layers`` full layers of ``length`` tokens."""
+    if not isinstance(cache, DynamicCache):
+        raise UnsupportedCacheError(
+            f"early-exit generation needs a transformers DynamicCache; got {type(cache).__name__}. "
+            "Do not pass cache_implementation=... or a static/quantised cache."
+        )
+    layers = getattr(cache, "layers", [])
+    if len(layers) != num_layers or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise UnsupportedCacheError(
+            f"this model's cache has {len(layers)} layers of kinds {kinds} for {num_layers} blocks; early exit "
+            "needs one full-length DynamicLayer per block (models with linear attention, KV shared between "
+            "layers or custom caches are not supported)."
+        )
+    lengths = cache_lengths(cache)
+    if any(n != length for n in lengths):
+        raise UnsupportedCacheError(
+            f"cache lengths {lengths} after the prompt; expected {length} in every layer"
+        )
+
+
+def cache_lengths(cache: DynamicCache) -> list[int]:
+    """The number of cached positions in each layer."""
+    return [layer.get_seq_length() for layer in cache.layers]
+
+
+def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) -> None:
+    """Keep the first ``length`` positions of the given layers (all by default)."""
+    for idx in layers if layers is not None else range(len(cache.layers)):
+        layer = cache.layers[idx]
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+@contextmanager
+def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
+    """Make ``cache`` look ``length`` positions long (read-only views) inside the block; restore after."""
+    real = cache.layers
+    view = []
+    for layer in real:
+        if layer.get_seq_length() > length:
+            shallow = copy.copy(layer)
+            shallow.keys = layer.keys[..., :length, :]
+            shallow.values = layer.values[..., :length, :]
+            view.append(shallow)
+        else:
+            view.append(layer)
+    cache.layers = view
+    try:
+        yield
+    finally:
+        cache.layers = real
+
+
+def store_kv_only(cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any]) -> None:
+    """Run ``run_block`` only until its attention has stored keys/values for ``layer_idx`` (CALM propagation).
+
+    The block computes its input norm and key/value projections (and rotary embedding) exactly as usual; the
+    attention itself, the MLP and the residual update are skipped.
+    """
+    original = cache.update
+
+    def update_then_stop(key_states: Any, value_states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
+        out = original(key_states, value_states, idx, *args, **kwargs)
+        if idx == layer_idx:
+            raise KVStored
+        return out
+
+    cache.update = update_then_stop  # type: ignore[method-assign]
+    try:
+        run_block()
+    except KVStored:
+        return
+    finally:
+        del cache.update
+    raise UnsupportedCacheError(
+        f"block {layer_idx} finished without storing keys/values through cache.update(..., layer_idx={layer_idx}); "
+        "kv='propagate' is not supported for this architecture. Use kv='verify' or kv='recompute'."
+    )

@@ -1,0 +1,104 @@
+"""What early-exit generation returns: the sequences, each token's exit layer, and the compute it took.
+
+Example:
+    >>> out = ee.generate(ids, max_new_tokens=8, return_dict_in_generate=True)   # doctest: +SKIP
+    >>> out.sequences.shape, out.exit_layers.shape, out.stats.implied_speedup    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["EarlyExitOutput", "GenerationStats"]
+
+
+@dataclass
+class GenerationStats:
+    """Compute counters of one early-exit ``generate`` call (the prompt's forward is counted apart).
+
+    Attributes:
+        num_layers: Blocks in the model (L).
+        policy: The KV policy.
+        decode_steps: Generated positions after the first token (each would be one full-depth forward).
+        blocks_run: Block calls on the batch while decoding (a call runs one block for every row).
+        full_depth_blocks: ``decode_steps * L``: block calls a full-depth decode makes.
+        token_blocks_run: Sum over forwards of block calls times the tokens in that forward.
+        kv_only_calls: Blocks run only up to their key/value projections (``propagate``).
+        measure_calls: Calls of the confidence measure.
+        prompt_blocks: Block calls of the prompt's forward (L).
+        drafted: Draft tokens proposed (``verify``).
+        accepted: Draft tokens accepted (``verify``).
+        rounds: Draft/verify rounds (``verify``) or held-back tokens re-run (``recompute``).
+        tokens: Real (non-padding) generated tokens.
+        mean_exit_layer: Mean 1-based exit layer of the real generated tokens.
+        time_s: Wall-clock seconds of the whole call.
+    """
+
+    num_layers: int
+    policy: str
+    decode_steps: int = 0
+    blocks_run: int = 0
+    full_depth_blocks: int = 0
+    token_blocks_run: int = 0
+    kv_only_calls: int = 0
+    measure_calls: int = 0
+    prompt_blocks: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    tokens: int = 0
+    mean_exit_layer: float = float("nan")
+    time_s: float = 0.0
+
+    @property
+    def blocks_saved(self) -> float:
+        """Share of the full-depth decode's block calls that were not run (negative if more were run)."""
+        if self.full_depth_blocks == 0:
+            return 0.0
+        return 1.0 - self.blocks_run / self.full_depth_blocks
+
+    @property
+    def implied_speedup(self) -> float:
+        """``full_depth_blocks / blocks_run``: the decode speed-up the saved blocks imply."""
+        return self.full_depth_blocks / self.blocks_run if self.blocks_run else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted (``verify``)."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict, derived figures included."""
+        d = asdict(self)
+        d.update(
+            blocks_saved=self.blocks_saved,
+            implied_speedup=self.implied_speedup,
+            acceptance_rate=self.acceptance_rate,
+        )
+        return d
+
+
+@dataclass
+class EarlyExitOutput:
+    """Result of :meth:`deltaexit.EarlyExit.generate` with ``return_dict_in_generate=True``.
+
+    Attributes:
+        sequences: ``[batch, prompt + new]`` token ids, as ``model.generate`` returns them.
+        exit_layers: ``[batch, new]`` 1-based layer each generated token came from (L = full depth; 0 = padding
+            after the row finished).
+        stats: :class:`GenerationStats`.
+        cache: The KV cache after generation.
+    """
+
+    sequences: torch.LongTensor
+    exit_layers: torch.LongTensor
+    stats: GenerationStats
+    cache: Any = field(default=None, repr=False)
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, int):
+            return (self.sequences, self.exit_layers, self.stats)[key]
+        return getattr(self, key)

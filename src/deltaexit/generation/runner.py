@@ -1,0 +1,151 @@
+"""Run a causal LM's decoder blocks one at a time, with the model's own prologue.
+
+The model's forward computes, before its block loop, everything the blocks need
+(embeddings, rotary tables, causal/sliding masks, alibi, ...). :class:`BlockRunner`
+lets the model's own forward do that work, with the block list temporarily swapped
+for lightweight recorders that store the exact arguments each block would receive
+and abort the forward at the last one. The caller then runs the real blocks itself,
+as many as it wants, with those arguments. No per-architecture forward code is
+forked: whatever the model passes its blocks, the runner passes too.
+
+Example:
+    >>> runner = BlockRunner(model)                        # doctest: +SKIP
+    >>> h, calls = runner.record(**model_inputs)           # doctest: +SKIP
+    >>> for layer in range(runner.num_layers):             # doctest: +SKIP
+    ...     h = runner.run_block(layer, h, calls[layer])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltaexit.structure import ModelStructure, StructureError, find_structure
+
+__all__ = ["BlockCall", "BlockRunner"]
+
+
+@dataclass
+class BlockCall:
+    """The positional and keyword arguments the model passes one block in one forward."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _Recorded(Exception):
+    """Raised by the last recorder to abort the model's forward once every call is stored."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for one block during a recording pass; unknown attributes come from the block."""
+
+    def __init__(
+        self, block: nn.Module, index: int, sink: list[BlockCall | None], last: bool, returns_tuple: bool
+    ):
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_sink", sink)
+        object.__setattr__(self, "_last", last)
+        object.__setattr__(self, "_returns_tuple", returns_tuple)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._sink[self._index] = BlockCall(args, kwargs)
+        if self._last:
+            raise _Recorded
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self._returns_tuple else hidden
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise StructureError(f"a decoder block returned {type(output).__name__}; expected a tensor or a tuple")
+
+
+class BlockRunner:
+    """Records the model's per-block arguments for a forward and runs blocks one by one.
+
+    Args:
+        model: A ``transformers`` causal LM.
+        structure: Its :class:`~deltaexit.structure.ModelStructure` (found if not given).
+    """
+
+    def __init__(self, model: nn.Module, structure: ModelStructure | None = None) -> None:
+        self.model = model
+        self.structure = structure if structure is not None else find_structure(model)
+        self.blocks = self.structure.blocks
+        self.num_layers = self.structure.num_layers
+        self._parent, self._attr = self._locate_block_list()
+        self.returns_tuple: bool | None = None
+
+    def _locate_block_list(self) -> tuple[nn.Module, str]:
+        for _name, module in self.model.named_modules():
+            for child_name, child in module.named_children():
+                if child is self.blocks:
+                    return module, child_name
+        raise StructureError(
+            "the block list is not an attribute of a module inside the model; early-exit generation needs to "
+            "swap it during a recording pass. Pass blocks='<dotted path>' to dx.find_structure."
+        )
+
+    def probe_output_type(self) -> Any:
+        """A forward hook (returned handle) that notes whether block 0 returns a tuple; remove after one forward."""
+
+        def note(_module: nn.Module, _args: Any, output: Any) -> None:
+            self.returns_tuple = not isinstance(output, torch.Tensor)
+
+        return self.blocks[0].register_forward_hook(note)
+
+    def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
+        """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
+        if self.returns_tuple is None:
+            raise RuntimeError(
+                "internal: run one real forward with probe_output_type() attached before record()"
+            )
+        sink: list[BlockCall | None] = [None] * self.num_layers
+        n = self.num_layers
+        recorders = nn.ModuleList(
+            [
+                _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple))
+                for i, block in enumerate(self.blocks)
+            ]
+        )
+        setattr(self._parent, self._attr, recorders)
+        try:
+            self.model(**model_inputs)
+        except _Recorded:
+            pass
+        else:
+            raise StructureError(
+                "the model's forward did not call its last block; early-exit generation cannot record the block "
+                "arguments for this architecture."
+            )
+        finally:
+            setattr(self._parent, self._attr, self.blocks)
+        if any(call is None for call in sink):
+            missing = [i for i, c in enumerate(sink) if c is None]
+            raise StructureError(f"the model's forward skipped blocks {missing}; unsupported architecture")
+        first = sink[0]
+        hidden = first.args[0] if first.args else first.kwargs["hidden_states"]
+        return hidden, sink  # type: ignore[return-value]
+
+    def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it."""
+        if call.args:
+            out = self.blocks[layer](hidden, *call.args[1:], **call.kwargs)
+        else:
+            out = self.blocks[layer](**{**call.kwargs, "hidden_states": hidden})
+        return _first_tensor(out)

@@ -1,0 +1,120 @@
+"""Exit thresholds: one value, one per layer, or CALM's schedule decaying over decode steps.
+
+A row exits after block ``l`` when ``score >= threshold``; ``float('inf')`` never exits.
+
+Example:
+    >>> as_schedule(0.9, num_layers=4).values(step=0)
+    [0.9, 0.9, 0.9, 0.9]
+    >>> as_schedule([1.0, 0.8, 0.5], num_layers=4).values(step=3)
+    [1.0, 0.8, 0.5, inf]
+    >>> s = DecayingThreshold(0.9, tau=4.0, max_steps=10)
+    >>> round(s.values(0, num_layers=2)[0], 4), round(s.values(10, num_layers=2)[0], 4)
+    (0.91, 0.8118)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["ConstantThreshold", "DecayingThreshold", "PerLayerThreshold", "ThresholdSchedule", "as_schedule"]
+
+
+class ThresholdSchedule:
+    """Base class: ``values(step, num_layers)`` gives one threshold per block (0-based) for a decode step."""
+
+    num_layers: int | None = None
+
+    def values(self, step: int, num_layers: int | None = None) -> list[float]:
+        """Thresholds for blocks ``0..L-1`` at decode step ``step`` (0 = first token after the prompt)."""
+        raise NotImplementedError
+
+    def _layers(self, num_layers: int | None) -> int:
+        n = num_layers if num_layers is not None else self.num_layers
+        if n is None:
+            raise ValueError("the number of layers is unknown; pass num_layers")
+        return n
+
+
+class ConstantThreshold(ThresholdSchedule):
+    """The same threshold after every block and at every step."""
+
+    def __init__(self, value: float, num_layers: int | None = None) -> None:
+        self.value = _check_value(value)
+        self.num_layers = num_layers
+
+    def values(self, step: int, num_layers: int | None = None) -> list[float]:
+        return [self.value] * self._layers(num_layers)
+
+    def __repr__(self) -> str:
+        return f"ConstantThreshold({self.value})"
+
+
+class PerLayerThreshold(ThresholdSchedule):
+    """One threshold per block (0-based); blocks beyond the list never exit."""
+
+    def __init__(self, values: Sequence[float], num_layers: int | None = None) -> None:
+        if len(values) == 0:
+            raise ValueError("per-layer thresholds: the list is empty")
+        self.thresholds = [_check_value(v) for v in values]
+        self.num_layers = num_layers
+
+    def values(self, step: int, num_layers: int | None = None) -> list[float]:
+        n = self._layers(num_layers)
+        if len(self.thresholds) > n:
+            raise ValueError(f"{len(self.thresholds)} per-layer thresholds for a model with {n} blocks")
+        return self.thresholds + [math.inf] * (n - len(self.thresholds))
+
+    def __repr__(self) -> str:
+        return f"PerLayerThreshold({self.thresholds})"
+
+
+class DecayingThreshold(ThresholdSchedule):
+    """CALM's schedule: ``clip(0.9 * base + 0.1 * exp(-tau * step / max_steps))``, easing as decoding goes on.
+
+    Args:
+        base: The threshold the schedule relaxes towards (CALM's lambda).
+        tau: Decay temperature.
+        max_steps: The decode length N the decay is spread over (e.g. ``max_new_tokens``).
+        clip: Clip to [0, 1] (for probability-like scores).
+    """
+
+    def __init__(self, base: float, *, tau: float = 4.0, max_steps: int = 64, clip: bool = True) -> None:
+        self.base = _check_value(base)
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.tau, self.max_steps, self.clip = float(tau), int(max_steps), clip
+
+    def values(self, step: int, num_layers: int | None = None) -> list[float]:
+        value = 0.9 * self.base + 0.1 * math.exp(-self.tau * step / self.max_steps)
+        if self.clip:
+            value = min(1.0, max(0.0, value))
+        return [value] * self._layers(num_layers)
+
+    def __repr__(self) -> str:
+        return f"DecayingThreshold(base={self.base}, tau={self.tau}, max_steps={self.max_steps})"
+
+
+def _check_value(value: float) -> float:
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("a threshold is NaN; use float('inf') for 'never exit'")
+    return value
+
+
+def as_schedule(threshold: float | Sequence[float] | ThresholdSchedule, num_layers: int) -> ThresholdSchedule:
+    """Turn a float, a per-layer list or a schedule into a :class:`ThresholdSchedule` for ``num_layers`` blocks."""
+    if isinstance(threshold, ThresholdSchedule):
+        schedule = threshold
+    elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        schedule = ConstantThreshold(threshold)
+    elif isinstance(threshold, Sequence) and not isinstance(threshold, str):
+        schedule = PerLayerThreshold(list(threshold))
+    else:
+        raise TypeError(
+            "threshold must be a float, a list of per-layer floats or a ThresholdSchedule, "
+            f"got {type(threshold).__name__}"
+        )
+    schedule.num_layers = num_layers
+    schedule.values(0, num_layers)  # validates the length
+    return schedule

@@ -1,0 +1,426 @@
+"""Invariants of early-exit generate() on tiny random models (see docs/generate.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+import deltaexit as dx
+from deltaexit.generation import DecayingThreshold, EarlyExit, PerLayerThreshold, as_schedule
+from deltaexit.generation.kv import cache_lengths
+from deltaexit.generation.speculative import greedy_accept, residual_distribution, speculative_token
+from deltaexit.measures.base import ConfidenceMeasure
+from deltaexit.testing import ARCHITECTURES, tiny_model
+
+POLICIES = ("verify", "propagate", "recompute")
+NEVER = math.inf
+
+
+class LensMaxProb(ConfidenceMeasure):
+    """Max softmax probability of the lens (a CALM-style measure, for tests)."""
+
+    name = "test-lens-max-prob"
+    needs_lens = True
+
+    def score(self, state):
+        return torch.softmax(state.logits.float(), dim=-1).max(dim=-1).values
+
+
+class RandomScore(ConfidenceMeasure):
+    """Uniform random scores from its own generator: exits at arbitrary layers."""
+
+    name = "test-random"
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def score(self, state):
+        return torch.rand(state.h_out.shape[:-1], generator=self.gen)
+
+
+class Constant(ConfidenceMeasure):
+    """The same score everywhere."""
+
+    name = "test-constant"
+
+    def __init__(self, value: float = 1.0):
+        self.value = value
+
+    def score(self, state):
+        return torch.full(state.h_out.shape[:-1], self.value)
+
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def model_of(arch: str, layers: int = 3) -> torch.nn.Module:
+    key = f"{arch}-{layers}"
+    if key not in _MODELS:
+        _MODELS[key] = tiny_model(arch, num_layers=layers)
+    return _MODELS[key]
+
+
+def batch(seed: int = 0, rows: int = 2, length: int = 6, pad_left: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    if rows > 1 and pad_left:
+        mask[1, :pad_left] = 0
+        ids[1, :pad_left] = 0
+    return ids, mask
+
+
+def reference(model, ids, mask, n, **kw):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+class CountBlocks:
+    """Counts completed block forwards (forward hooks do not fire for KV-only calls that stop early)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        blocks = dx.find_structure(model).blocks
+        self.handles = [b.register_forward_hook(self._hook) for b in blocks]
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class CacheChecker(BaseStreamer):
+    """A streamer that checks after every appended token that every layer's cache has one length."""
+
+    def __init__(self, cache: DynamicCache):
+        self.cache = cache
+        self.puts = 0
+        self.ended = False
+        self.bad: list[list[int]] = []
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts > 1:  # the first put is the prompt, before any forward
+            lengths = cache_lengths(self.cache)
+            if len(set(lengths)) != 1:
+                self.bad.append(lengths)
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_never_exit_reproduces_generate_every_policy(arch):
+    model = model_of(arch)
+    ids, mask = batch()
+    ref = reference(model, ids, mask, 8)
+    for kv in POLICIES:
+        ee = EarlyExit(model, measure=LensMaxProb(), threshold=NEVER, kv=kv)
+        out = ee.generate(
+            ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, return_dict_in_generate=True
+        )
+        assert torch.equal(out.sequences, ref), kv
+        assert ((out.exit_layers == 3) | (out.exit_layers == 0)).all()
+        assert out.stats.blocks_run == out.stats.full_depth_blocks
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_verify_is_lossless_for_any_measure(arch):
+    model = model_of(arch)
+    ids, mask = batch(seed=1)
+    n = 20  # crosses the tiny sliding windows (8 for gpt_neo, 16 for mistral/gemma2)
+    ref = reference(model, ids, mask, n)
+    for measure, threshold in ((RandomScore(1), 0.4), (Constant(1.0), 0.5), (LensMaxProb(), 0.01)):
+        ee = EarlyExit(model, measure=measure, threshold=threshold, kv="verify", num_draft=3)
+        out = ee.generate(
+            ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True
+        )
+        assert torch.equal(out.sequences, ref), measure
+        if not isinstance(measure, LensMaxProb):  # the lens of a random model is rarely confident
+            assert out.stats.drafted > 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    layers=st.integers(2, 5),
+    rows=st.integers(1, 3),
+    length=st.integers(1, 7),
+    pad=st.integers(0, 3),
+    threshold=st.floats(0.0, 1.0),
+    min_exit=st.integers(1, 2),
+    num_draft=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_verify_lossless_property(layers, rows, length, pad, threshold, min_exit, num_draft, seed):
+    model = model_of("llama", layers)
+    ids, mask = batch(seed, rows, length, min(pad, length - 1))
+    ref = reference(model, ids, mask, 10)
+    ee = EarlyExit(
+        model,
+        RandomScore(seed),
+        threshold,
+        "verify",
+        min_exit_layer=min(min_exit, layers),
+        num_draft=num_draft,
+    )
+    assert torch.equal(ee.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0), ref)
+
+
+@pytest.mark.parametrize("kv", POLICIES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "gemma2"])
+def test_blocks_run_match_exit_layers_and_caches_stay_aligned(arch, kv):
+    model = model_of(arch, 4)
+    ids, mask = batch(seed=2, rows=3)
+    cache = DynamicCache()
+    checker = CacheChecker(cache)
+    counter = CountBlocks(model)
+    try:
+        ee = EarlyExit(model, RandomScore(2), 0.5, kv)
+        out = ee.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            pad_token_id=0,
+            cache=cache,
+            streamer=checker,
+            return_dict_in_generate=True,
+        )
+    finally:
+        counter.close()
+    assert checker.bad == [] and checker.ended
+    assert len(set(cache_lengths(out.cache))) == 1
+    stats = out.stats
+    assert counter.calls == 4 + stats.blocks_run  # the prompt's forward + every block the loop ran
+    exits = out.exit_layers[:, 1:]  # the first token comes from the prompt's full-depth forward
+    assert ((exits >= 0) & (exits <= 4)).all()
+    if kv == "propagate":
+        # one forward per token, as deep as its deepest row
+        assert stats.blocks_run == int(exits.max(dim=0).values.sum())
+        assert stats.kv_only_calls == int((4 - exits.max(dim=0).values).sum())
+    if kv == "recompute":
+        assert stats.blocks_run == int(exits.max(dim=0).values.sum())
+    assert stats.blocks_run < stats.full_depth_blocks or kv == "verify"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_exit_token_comes_from_the_lens_at_the_exit_layer(arch):
+    """With every token exiting after block 2 of 4, recompute decodes exactly with the 2-layer lens."""
+    model = model_of(arch, 4)
+    ids, _ = batch(seed=3, rows=1)
+    ee = EarlyExit(model, Constant(1.0), 0.5, "recompute", min_exit_layer=2, max_pending=100)
+    out = ee.generate(ids, max_new_tokens=6, return_dict_in_generate=True)
+    assert (out.exit_layers[:, 1:] == 2).all()
+    lens = dx.Lens.from_model(model)
+    seq = ids
+    with torch.no_grad():
+        first = model(seq).logits[:, -1].argmax(-1)
+        seq = torch.cat([seq, first[:, None]], dim=1)
+        for _ in range(5):
+            h2 = model(seq, output_hidden_states=True).hidden_states[2][:, -1]
+            seq = torch.cat([seq, lens(h2).argmax(-1)[:, None]], dim=1)
+    assert torch.equal(out.sequences, seq)
+
+
+def test_propagate_skips_blocks_and_counts_them():
+    model = model_of("llama", 4)
+    ids, mask = batch(seed=4)
+    counter = CountBlocks(model)
+    try:
+        ee = EarlyExit(model, Constant(1.0), 0.5, "propagate", min_exit_layer=1)
+        out = ee.generate(
+            ids, attention_mask=mask, max_new_tokens=7, pad_token_id=0, return_dict_in_generate=True
+        )
+    finally:
+        counter.close()
+    assert (out.exit_layers[:, 1:] == 1).all()
+    assert out.stats.blocks_run == 6 and counter.calls == 4 + 6
+    assert out.stats.kv_only_calls == 6 * 3
+    assert out.stats.implied_speedup == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kv", POLICIES)
+def test_eos_rows_stop_and_are_padded(kv):
+    model = model_of("llama")
+    ids, mask = batch(seed=5)
+    free = reference(model, ids, mask, 10)
+    eos = int(free[0, ids.shape[1] + 2])  # row 0 says this token at its third step
+    ref = reference(model, ids, mask, 10, eos_token_id=eos)
+    ee = EarlyExit(model, RandomScore(5), NEVER if kv != "verify" else 0.3, kv)
+    out = ee.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        pad_token_id=0,
+        eos_token_id=[eos, 127],
+        return_dict_in_generate=True,
+    )
+    ref_list = reference(model, ids, mask, 10, eos_token_id=[eos, 127])
+    assert torch.equal(out.sequences, ref_list) and torch.equal(ref, ref_list)
+    row0 = out.sequences[0, ids.shape[1] :]
+    stop = int((row0 == eos).nonzero()[0])
+    assert (row0[stop + 1 :] == 0).all()
+    assert (out.exit_layers[0, stop + 1 :] == 0).all() and (out.exit_layers[0, : stop + 1] > 0).all()
+
+
+@pytest.mark.parametrize("kv", POLICIES)
+def test_sampling_is_reproducible_with_a_seed(kv):
+    model = model_of("llama")
+    ids, mask = batch(seed=6)
+    ee = EarlyExit(model, LensMaxProb(), 0.05, kv)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(
+            ee.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=10,
+                do_sample=True,
+                temperature=0.8,
+                top_k=50,
+                top_p=0.95,
+                pad_token_id=0,
+            )
+        )
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(124)
+    other = ee.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0)
+    assert other.shape == runs[0].shape
+
+
+def test_sampling_never_exit_matches_generate_sampling():
+    model = model_of("llama")
+    ids, mask = batch(seed=7)
+    torch.manual_seed(9)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    for kv in ("propagate", "recompute", "verify"):
+        torch.manual_seed(9)
+        out = EarlyExit(model, LensMaxProb(), NEVER, kv).generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0
+        )
+        assert torch.equal(out, ref), kv
+
+
+def test_speculative_token_has_the_target_distribution():
+    torch.manual_seed(0)
+    vocab, n = 6, 200_000
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.2, 0.0])
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.1, 0.1])
+    draft = torch.multinomial(q, n, replacement=True)
+    ok, token = speculative_token(draft, p.expand(n, vocab), q.expand(n, vocab))
+    freq = torch.bincount(token, minlength=vocab).float() / n
+    assert torch.allclose(freq, p, atol=0.005)
+    assert (token[~ok] != 5).all()  # a resample never lands where p has no mass
+
+
+def test_greedy_accept_and_residual():
+    assert greedy_accept(
+        torch.tensor([[1, 2, 3], [1, 9, 3]]), torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    ).tolist() == [3, 1]
+    r = residual_distribution(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))
+    assert torch.allclose(r, torch.tensor([[0.5, 0.5]]))
+
+
+def test_custom_generate_and_streamer():
+    model = model_of("gpt2")
+    ids, mask = batch(seed=8)
+    ee = EarlyExit(model, RandomScore(8), 0.5, "verify")
+    via_model = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, custom_generate=ee.custom_generate
+    )
+    assert torch.equal(via_model, reference(model, ids, mask, 6))
+    assert ee.last_output is not None and ee.last_output.exit_layers.shape == (2, 6)
+    streamer = CacheChecker(DynamicCache())
+    ee.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, streamer=streamer)
+    assert streamer.puts == 1 + 6 and streamer.ended
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_beams": 2}, "beam"),
+        ({"output_scores": True, "return_dict_in_generate": True}, "output_scores"),
+        ({"use_cache": False}, "cache"),
+    ],
+)
+def test_unsupported_options_raise(kwargs, match):
+    model = model_of("llama")
+    ids, _ = batch(rows=1)
+    with pytest.raises(ValueError, match=match):
+        EarlyExit(model, Constant(), 0.5, "propagate").generate(ids, max_new_tokens=3, **kwargs)
+
+
+def test_bad_arguments_raise():
+    model = model_of("llama")
+    with pytest.raises(ValueError, match="kv policy"):
+        EarlyExit(model, Constant(), 0.5, kv="skip")
+    with pytest.raises(ValueError, match="min_exit_layer"):
+        EarlyExit(model, Constant(), 0.5, min_exit_layer=4)
+    with pytest.raises(TypeError, match="ConfidenceMeasure"):
+        EarlyExit(model, measure=3.0)
+    with pytest.raises(KeyError, match="unknown measure"):
+        EarlyExit(model, measure="no-such-measure")
+    with pytest.raises(ValueError, match="per-layer"):
+        EarlyExit(model, Constant(), [0.5] * 4)
+    with pytest.raises(ValueError, match="NaN"):
+        EarlyExit(model, Constant(), float("nan"))
+
+
+def test_threshold_schedules():
+    assert as_schedule(0.5, 3).values(0) == [0.5, 0.5, 0.5]
+    assert PerLayerThreshold([0.1]).values(0, 3) == [0.1, NEVER, NEVER]
+    calm = DecayingThreshold(0.9, tau=4.0, max_steps=10)
+    values = [calm.values(t, 1)[0] for t in range(11)]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(0.91)
+    model = model_of("llama")
+    ids, _ = batch(rows=1)
+    out = EarlyExit(model, Constant(0.85), calm, "propagate").generate(
+        ids, max_new_tokens=10, return_dict_in_generate=True
+    )
+    exits = out.exit_layers[0, 1:].tolist()
+    # Constant 0.85 passes once the schedule has decayed below it (step 3: 0.81 + 0.1 * e^-1.2 = 0.84).
+    assert exits[:2] == [3, 3] and exits[-1] == 1
+
+
+def test_verify_sampling_matches_the_model_distribution():
+    """20000 independent rows: the early-exit (t1, t2) joint and t3 marginal equal the model's exact ones."""
+    model = tiny_model("llama", num_layers=3, vocab=8, seed=3)
+    with torch.no_grad():  # make the deep layers matter, so layer-1 drafts are often wrong
+        for block in model.model.layers[1:]:
+            block.mlp.down_proj.weight.mul_(30.0)
+    rows = 20_000
+    prompt = torch.tensor([[5, 3, 6, 4]])
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt).logits[0, -1].float(), -1)  # [8]
+        two = torch.cat([prompt.repeat(8, 1), torch.arange(8)[:, None]], dim=1)
+        p2 = torch.softmax(model(two).logits[:, -1].float(), -1)  # [8, 8]
+        joint = p1[:, None] * p2
+        three = torch.cat(
+            [prompt.repeat(64, 1), torch.cartesian_prod(torch.arange(8), torch.arange(8))], dim=1
+        )
+        p3 = (joint.reshape(64, 1) * torch.softmax(model(three).logits[:, -1].float(), -1)).sum(0)
+    ee = EarlyExit(model, Constant(1.0), 0.5, "verify", num_draft=2)  # every draft from layer 1
+    torch.manual_seed(0)
+    out = ee.generate(
+        prompt.repeat(rows, 1),
+        max_new_tokens=3,
+        do_sample=True,
+        eos_token_id=None,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+    )
+    assert out.stats.drafted > 0 and (out.exit_layers[:, 1:] < 3).any()
+    kept = (out.exit_layers[:, 1] == 1).float().mean()  # rows whose layer-1 draft passed the test
+    assert 0.05 < kept < 0.95
+    new = out.sequences[:, 4:]
+    emp_joint = torch.bincount(new[:, 0] * 8 + new[:, 1], minlength=64).float() / rows
+    emp_t3 = torch.bincount(new[:, 2], minlength=8).float() / rows
+    assert 0.5 * (emp_joint - joint.reshape(-1)).abs().sum() < 0.04
+    assert 0.5 * (emp_t3 - p3).abs().sum() < 0.03

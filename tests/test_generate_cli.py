@@ -1,0 +1,94 @@
+"""The ``deltaexit generate`` command on a tiny saved model with a character tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from deltaexit.cli import main
+from deltaexit.measures.base import ConfidenceMeasure, register_measure
+from deltaexit.testing import tiny_model
+
+
+@register_measure
+class _AlwaysHalf(ConfidenceMeasure):
+    name = "test-cli-half"
+
+    def score(self, state):
+        return torch.full(state.h_out.shape[:-1], 0.5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    vocab = {chr(i): i for i in range(32, 127)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    tiny_model("llama", num_layers=4, vocab=128).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kv", ["verify", "propagate", "recompute"])
+def test_generate_command_json(model_dir, capsys, kv):
+    code = main(
+        [
+            "generate",
+            "--model",
+            model_dir,
+            "--prompt",
+            "Hello",
+            "--measure",
+            "test-cli-half",
+            "--threshold",
+            "0.4",
+            "--kv",
+            kv,
+            "--min-exit-layer",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    layers = [t["exit_layer"] for t in out["tokens"]]
+    assert layers[0] == 4 and all(1 <= x <= 4 for x in layers)
+    if kv != "verify":
+        assert layers[1:] == [2] * (len(layers) - 1)
+    assert out["stats"]["policy"] == kv
+
+
+def test_generate_command_text_and_errors(model_dir, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                model_dir,
+                "--prompt",
+                "Hi",
+                "--measure",
+                "test-cli-half",
+                "--threshold",
+                "inf",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("Hi") and "[4]" in text and "mean exit layer 4.00/4" in text
+    assert main(["generate", "--model", model_dir, "--prompt", "Hi", "--measure", "nope"]) == 1
+    assert "unknown measure" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir + "/missing", "--prompt", "Hi"]) == 1
