@@ -106,9 +106,7 @@ def load_model(spec: str) -> tuple[Any, Any, str]:
     if spec == "tiny":
         from deltaexit.testing import tiny_model
 
-        model = tiny_model(
-            "llama", num_layers=8, hidden=64, heads=4, vocab=4096, seed=0, intermediate_size=256
-        )
+        model = tiny_model("llama", num_layers=8, hidden=64, heads=4, vocab=4096, seed=0, intermediate_size=256)
         return model, None, "random tiny llama (8 layers, hidden 64, vocab 4096) -- no trained weights"
     path = Path(spec)
     if not (path / "config.json").is_file():
@@ -148,9 +146,7 @@ def load_prompts(
         if len(prompts) == n:
             break
     if len(prompts) < n:
-        raise SystemExit(
-            f"only {len(prompts)} paragraphs with {prompt_tokens} tokens in {path}; ask for fewer"
-        )
+        raise SystemExit(f"only {len(prompts)} paragraphs with {prompt_tokens} tokens in {path}; ask for fewer")
     return prompts
 
 
@@ -172,9 +168,7 @@ def validity(
     for _ in range(splits):
         perm = torch.randperm(pool, generator=g)
         cal, test = perm[:n_cal], perm[n_cal:]
-        out = learn_then_test(
-            lambda j, cal=cal: losses[cal, j], range(losses.shape[1]), delta=delta, epsilon=epsilon
-        )
+        out = learn_then_test(lambda j, cal=cal: losses[cal, j], range(losses.shape[1]), delta=delta, epsilon=epsilon)
         idx = max(out.index, 0)  # nothing certified -> the never-exit candidate 0 (risk 0)
         risk = float(losses[test, idx].mean())
         violations += risk > delta
@@ -235,16 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     grid_prompts, pool = prompts[: args.grid_prompts], prompts[args.grid_prompts :]
     cont = greedy_continuations(model, prompts, args.max_new_tokens, batch_size=args.batch_size)
-    grid_table = continuation_table(
-        model, grid_prompts, measure, cont[: args.grid_prompts], batch_size=args.batch_size
-    )
-    candidates = candidate_thresholds(
-        grid_table, args.schedule, args.num_thresholds, max_steps=args.max_new_tokens
-    )
+    grid_table = continuation_table(model, grid_prompts, measure, cont[: args.grid_prompts], batch_size=args.batch_size)
+    candidates = candidate_thresholds(grid_table, args.schedule, args.num_thresholds, max_steps=args.max_new_tokens)
     if args.backend == "offline":
-        table = continuation_table(
-            model, pool, measure, cont[args.grid_prompts :], batch_size=args.batch_size
-        )
+        table = continuation_table(model, pool, measure, cont[args.grid_prompts :], batch_size=args.batch_size)
         losses = loss_matrix(table, candidates, args.schedule, args.loss, args.max_new_tokens)
     else:
         from deltaexit.calibration import GenerationLosses
@@ -262,9 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cols += [torch.ones(len(pool), dtype=torch.float64)] * (len(candidates) - len(cols))
         losses = torch.stack(cols, dim=1)
 
-    results = [
-        validity(losses, d, args.epsilon, args.splits, args.cal_fraction, args.seed + 1) for d in args.deltas
-    ]
+    results = [validity(losses, d, args.epsilon, args.splits, args.cal_fraction, args.seed + 1) for d in args.deltas]
     out = {
         "benchmark": "calibration_validity",
         "model": described,
@@ -281,8 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pool_risk_by_candidate": [round(float(v), 6) for v in losses.mean(0)],
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python benchmarks/calibration_validity.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/calibration_validity.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     text = json.dumps(out, indent=2)
     print(text)

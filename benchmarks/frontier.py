@@ -50,9 +50,7 @@ DEFAULT_MEASURES = (
 
 
 # -- measures -------------------------------------------------------------------------------------------
-def fit_measure(
-    measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128, data: Path = DATA
-) -> None:
+def fit_measure(measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128, data: Path = DATA) -> None:
     """Fit a trainable measure on ``valid.txt`` states with the ``final`` label (decision after block l)."""
     if tokenizer is None:
         raise RuntimeError("no tokenizer: cannot read valid.txt")
@@ -137,9 +135,7 @@ def generation_points(
                 t0 = time.perf_counter()
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
                 t1 = time.perf_counter()
-                res = ee.generate(
-                    ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, **kwargs
-                )
+                res = ee.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, **kwargs)
                 t2 = time.perf_counter()
                 t_full += t1 - t0
                 t_ee += t2 - t1
@@ -200,9 +196,7 @@ def plot(result: dict[str, Any], directory: Path) -> list[str]:
     if gen:
         keys = sorted({(g["measure"], g["kv"]) for g in gen})
         for m, kv in keys:
-            pts = sorted(
-                (g for g in gen if g["measure"] == m and g["kv"] == kv), key=lambda g: g["agreement"]
-            )
+            pts = sorted((g for g in gen if g["measure"] == m and g["kv"] == kv), key=lambda g: g["agreement"])
             ax.plot(
                 [g["tokens_per_s_ratio"] for g in pts],
                 [g["agreement"] for g in pts],
@@ -214,9 +208,7 @@ def plot(result: dict[str, Any], directory: Path) -> list[str]:
         for m, points in result["offline"].items():
             ax.plot([1 / (1 - p["blocks_saved"]) for p in points], [p["agreement"] for p in points], label=m)
         ax.set_xlabel("speed-up implied by blocks saved (L / mean blocks; no generate measured)")
-    ax.scatter(
-        [1 / (1 - oracle["blocks_saved"])], [1.0], marker="*", s=180, color="black", label="oracle (implied)"
-    )
+    ax.scatter([1 / (1 - oracle["blocks_saved"])], [1.0], marker="*", s=180, color="black", label="oracle (implied)")
     ax.axhline(0.99, color="grey", lw=0.6, ls="--")
     ax.set_ylabel("agreement with full model's greedy output")
     ax.set_title(f"{name}: speed vs agreement")
@@ -235,15 +227,9 @@ def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     model, tok, described = load_model(spec)
     vocab = dx.Lens.from_model(model).vocab_size
     num_layers = dx.find_structure(model).num_layers
-    names = (
-        args.measures
-        or [m for m in DEFAULT_MEASURES if m in available_measures()]
-        or ["softmax-max", "delta-norm"]
-    )
+    names = args.measures or [m for m in DEFAULT_MEASURES if m in available_measures()] or ["softmax-max", "delta-norm"]
     measures, skipped = build_measures(names, model, tok, args.fit_tokens, data=args.data)
-    prompts = load_prompts(
-        tok, vocab, args.prompts, args.prompt_tokens, seed=args.seed + 1000, data=args.data
-    )
+    prompts = load_prompts(tok, vocab, args.prompts, args.prompt_tokens, seed=args.seed + 1000, data=args.data)
     full = greedy_continuations(model, prompts, args.max_new_tokens, batch_size=args.batch_size)
     offline, tables = {}, {}
     oracle = None
@@ -258,9 +244,7 @@ def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         b = best_at(points, args.target_agreement)
         at99[m] = {
             "blocks_saved": b["blocks_saved"] if b else 0.0,
-            "share_of_oracle": (b["blocks_saved"] / oracle["blocks_saved"])
-            if b and oracle["blocks_saved"]
-            else 0.0,
+            "share_of_oracle": (b["blocks_saved"] / oracle["blocks_saved"]) if b and oracle["blocks_saved"] else 0.0,
             "threshold": b["threshold"] if b else None,
         }
     best = max(at99, key=lambda k: at99[k]["share_of_oracle"])
@@ -294,9 +278,7 @@ def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
                         model, gen_prompts, full, m, kv, thresholds, args.max_new_tokens, args.repeats
                     )
                 except Exception as exc:  # record, keep going
-                    result.setdefault("generation_errors", {})[f"{m.name}/{kv}"] = (
-                        f"{type(exc).__name__}: {exc}"
-                    )
+                    result.setdefault("generation_errors", {})[f"{m.name}/{kv}"] = f"{type(exc).__name__}: {exc}"
                     continue
                 gen += [{"measure": m.name, **p} for p in pts]
                 print(f"generated {m.name}/{kv}", file=sys.stderr)

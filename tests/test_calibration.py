@@ -115,18 +115,14 @@ def test_guarantee_is_not_vacuous():
 def test_calibrate_with_custom_losses():
     assert dx.calibrate is calibrate and dx.CalibrationResult is CalibrationResult
     curve = {1.0: 0.0, 0.8: 0.0, 0.6: 0.02, 0.4: 0.2, 0.2: 0.0}
-    r = calibrate(
-        losses=lambda t: torch.full((500,), curve[t]), thresholds=list(curve), delta=0.05, epsilon=0.1
-    )
+    r = calibrate(losses=lambda t: torch.full((500,), curve[t]), thresholds=list(curve), delta=0.05, epsilon=0.1)
     assert r.certified and r.threshold == 0.6 and r.index == 2
     assert r.n == 500 and r.delta == 0.05 and r.epsilon == 0.1
     assert r.pvalues[2] == pytest.approx(hb_pvalue(0.02, 500, 0.05))
     assert len(r.pvalues) == 4  # stopped at 0.4; 0.2 (risk 0 again) is never reached
     assert r.min_examples == min_examples(0.05, 0.1)
     assert "0.6" in r.summary()
-    nothing = calibrate(
-        losses=lambda t: torch.full((500,), 0.3), thresholds=[1.0, 0.5], delta=0.05, epsilon=0.1
-    )
+    nothing = calibrate(losses=lambda t: torch.full((500,), 0.3), thresholds=[1.0, 0.5], delta=0.05, epsilon=0.1)
     assert not nothing.certified and nothing.threshold is None and nothing.schedule() == math.inf
     assert "nothing certified" in nothing.summary()
 
@@ -325,9 +321,7 @@ def test_table_subset(table):
 
 def test_offline_calibration_end_to_end(model):
     g = torch.Generator().manual_seed(5)
-    prompts = [
-        torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g) for _ in range(16)
-    ]
+    prompts = [torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g) for _ in range(16)]
     cont = greedy_continuations(model, prompts, 3, batch_size=16)
     tab = continuation_table(model, prompts, MaxProb(), cont)
     assert torch.equal(tab.final, tab.reference)  # the lens at the last block reproduces generate
@@ -391,14 +385,10 @@ def test_offline_sequence_loss_is_exact_for_recompute(model):
     loss equals real early-exit generation's, example by example (runs once dx.EarlyExit exists)."""
     pytest.importorskip("deltaexit.generation")
     g = torch.Generator().manual_seed(5)
-    prompts = [
-        torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g) for _ in range(8)
-    ]
+    prompts = [torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g) for _ in range(8)]
     cont = greedy_continuations(model, prompts, 4)
     tab = continuation_table(model, prompts, MaxProb(), cont)
-    gen = GenerationLosses(
-        model, prompts, MaxProb(), "recompute", max_new_tokens=4, loss="sequence", batch_size=8
-    )
+    gen = GenerationLosses(model, prompts, MaxProb(), "recompute", max_new_tokens=4, loss="sequence", batch_size=8)
     verify = GenerationLosses(model, prompts, MaxProb(), "verify", max_new_tokens=4, batch_size=8)
     grid = candidate_thresholds(tab, "constant", 8)
     for c in grid[1:]:

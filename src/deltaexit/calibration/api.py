@@ -103,9 +103,7 @@ def candidate_thresholds(
         raise ValueError(f"spacing must be 'compute' or 'quantile', got {spacing!r}")
     scores = table.exit_scores(min_exit_layer=min_exit_layer).to(torch.float64)
     if scores.numel() == 0:
-        raise ValueError(
-            f"no layer can exit with min_exit_layer={min_exit_layer} in a {table.num_layers}-layer model"
-        )
+        raise ValueError(f"no layer can exit with min_exit_layer={min_exit_layer} in a {table.num_layers}-layer model")
     if spacing == "quantile":
         return _quantile_candidates(scores, kind, quantile_levels(num), min_exit_layer, tau)
     fine = _quantile_candidates(scores, kind, quantile_levels(max(1024, 16 * num)), min_exit_layer, tau)
@@ -125,9 +123,7 @@ def candidate_thresholds(
     return [fine[i] for i in picks]
 
 
-def make_threshold(
-    kind: str, value: Any, *, max_steps: int = 64, tau: float = 4.0, for_generate: bool = False
-) -> Any:
+def make_threshold(kind: str, value: Any, *, max_steps: int = 64, tau: float = 4.0, for_generate: bool = False) -> Any:
     """The threshold object for candidate ``value``: a float, a per-layer list or CALM's schedule."""
     if kind == "constant":
         return float(value)
@@ -149,9 +145,7 @@ def _as_prompts(prompts: Any, tokenizer: Any) -> list[torch.Tensor]:
         raise ValueError("pass calibration prompts (a list of token-id tensors, or strings with tokenizer=)")
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2:
-            raise ValueError(
-                "a tensor of prompts must be [examples, tokens] (unpadded); pass a list otherwise"
-            )
+            raise ValueError("a tensor of prompts must be [examples, tokens] (unpadded); pass a list otherwise")
         prompts = list(prompts)
     out = []
     for p in prompts:
@@ -170,8 +164,7 @@ def _as_prompts(prompts: Any, tokenizer: Any) -> list[torch.Tensor]:
 
 def _too_few(n: int, needed: int, delta: float, epsilon: float, bound: str, grid: int = 0) -> str:
     extra = (
-        f" ({grid} more prompts are set aside to build the threshold grid; "
-        "pass thresholds= to use all of them)"
+        f" ({grid} more prompts are set aside to build the threshold grid; pass thresholds= to use all of them)"
         if grid
         else ""
     )
@@ -286,9 +279,7 @@ def calibrate(
             test_all=test_all,
             progress=progress,
         )
-        return _result(
-            outcome, schedule, measure_name, kv, "custom", "custom", needed, min_exit_layer, None, tau, {}
-        )
+        return _result(outcome, schedule, measure_name, kv, "custom", "custom", needed, min_exit_layer, None, tau, {})
 
     if model is None:
         raise ValueError("pass the model (or a custom losses= callable with thresholds=)")
@@ -297,9 +288,7 @@ def calibrate(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
     if loss == "risk" and references is None:
-        raise ValueError(
-            "loss='risk' (risk consistency) needs references=: one reference continuation per prompt"
-        )
+        raise ValueError("loss='risk' (risk consistency) needs references=: one reference continuation per prompt")
     if isinstance(measure, str):
         measure = get_measure(measure)
     all_prompts = _as_prompts(prompts, tokenizer)
@@ -354,9 +343,7 @@ def calibrate(
             cont: Any = cal_refs
         else:
             cont = greedy_continuations(model, cal_prompts, max_new_tokens, batch_size=batch_size)
-        table = continuation_table(
-            model, cal_prompts, measure, cont, batch_size=batch_size, progress=progress
-        )
+        table = continuation_table(model, cal_prompts, measure, cont, batch_size=batch_size, progress=progress)
 
         def fn(value: Any) -> torch.Tensor:
             threshold = make_threshold(schedule, value, max_steps=max_new_tokens, tau=tau)

@@ -55,9 +55,7 @@ def check_losses(losses: Any, n: int | None = None) -> torch.Tensor:
             f"[{float(losses.min()):.4g}, {float(losses.max()):.4g}]"
         )
     if n is not None and losses.numel() != n:
-        raise ValueError(
-            f"losses(candidate) returned {losses.numel()} values, expected {n} (one per example)"
-        )
+        raise ValueError(f"losses(candidate) returned {losses.numel()} values, expected {n} (one per example)")
     return losses
 
 

@@ -257,7 +257,6 @@ class CalibrationResult:
                 raise CalibrationFileError(f"{tensors} is corrupt ({exc})") from exc
             if result.losses.dim() != 2 or result.losses.shape[1] != result.n:
                 raise CalibrationFileError(
-                    f"{tensors} holds losses of shape {tuple(result.losses.shape)}, "
-                    f"expected [tested, {result.n}]"
+                    f"{tensors} holds losses of shape {tuple(result.losses.shape)}, expected [tested, {result.n}]"
                 )
         return result

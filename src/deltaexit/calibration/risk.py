@@ -52,18 +52,14 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> 
     return mask
 
 
-def token_disagreement(
-    early: torch.Tensor, full: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def token_disagreement(early: torch.Tensor, full: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[n]`` share of (unmasked) positions where ``early`` and ``full`` differ."""
     mask = _check_pair(early, full, mask)
     diff = ((early != full) & mask).sum(dim=1).to(torch.float64)
     return (diff / mask.sum(dim=1).to(torch.float64)).cpu()
 
 
-def sequence_disagreement(
-    early: torch.Tensor, full: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def sequence_disagreement(early: torch.Tensor, full: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[n]`` 1.0 where the continuations differ at any (unmasked) position, else 0.0."""
     mask = _check_pair(early, full, mask)
     return ((early != full) & mask).any(dim=1).to(torch.float64).cpu()
@@ -215,9 +211,7 @@ class GenerationLosses:
                 seq = self.model.generate(input_ids=ids, attention_mask=mask, **self._gen_kwargs())
                 layers = None
             else:
-                out = ee.generate(
-                    ids, attention_mask=mask, return_dict_in_generate=True, **self._gen_kwargs()
-                )
+                out = ee.generate(ids, attention_mask=mask, return_dict_in_generate=True, **self._gen_kwargs())
                 seq, layers = out.sequences, out.exit_layers
             new = seq[:, ids.shape[1] :].cpu()
             if new.shape[1] < self.max_new_tokens:  # every row stopped early

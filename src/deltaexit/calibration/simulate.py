@@ -199,9 +199,7 @@ class ExitTable:
         return self.predictions(exits) != self.final
 
     def _per_example_mean(self, x: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(self.num_examples, dtype=torch.float64).index_add_(
-            0, self.example, x.to(torch.float64)
-        )
+        sums = torch.zeros(self.num_examples, dtype=torch.float64).index_add_(0, self.example, x.to(torch.float64))
         return sums / self._counts
 
     def losses(self, threshold: Any, loss: str = "textual", *, min_exit_layer: int = 1) -> torch.Tensor:
@@ -220,9 +218,7 @@ class ExitTable:
         if loss == "risk":
             if self.reference is None:
                 raise ValueError("the 'risk' loss needs references; build the table with references")
-            diff = self._per_example_mean(pred != self.reference) - self._per_example_mean(
-                self.final != self.reference
-            )
+            diff = self._per_example_mean(pred != self.reference) - self._per_example_mean(self.final != self.reference)
             return diff.clamp(0.0, 1.0)
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
 
@@ -282,13 +278,9 @@ def _as_measure(measure: str | ConfidenceMeasure) -> ConfidenceMeasure:
     if isinstance(measure, str):
         measure = get_measure(measure)
     if not isinstance(measure, ConfidenceMeasure):
-        raise TypeError(
-            f"measure must be a registered name or a ConfidenceMeasure, got {type(measure).__name__}"
-        )
+        raise TypeError(f"measure must be a registered name or a ConfidenceMeasure, got {type(measure).__name__}")
     if getattr(measure, "requires_fit", False) and not getattr(measure, "is_fitted", True):
-        raise ValueError(
-            f"the measure {measure!r} must be fitted before it can score states; call .fit(...) first"
-        )
+        raise ValueError(f"the measure {measure!r} must be fitted before it can score states; call .fit(...) first")
     return measure
 
 
