@@ -221,6 +221,55 @@ def plot(result: dict[str, Any], directory: Path) -> list[str]:
     return files
 
 
+# -- markdown --------------------------------------------------------------------------------------------------
+def markdown(out: dict[str, Any], target: float) -> str:
+    """Tables for docs/frontier.md: per model, each measure at the target agreement, and generation points."""
+    lines = []
+    for r in out["models"].values():
+        oracle = r["oracle"]
+        lines += [
+            f"### {r['model']}",
+            "",
+            f"{r['prompts']} held-out prompts x {r['max_new_tokens']} greedy tokens ({r['scored_tokens']} tokens); "
+            f"{r['num_layers']} layers. Oracle: mean exit layer {oracle['mean_exit_layer']:.2f}, "
+            f"blocks saved {oracle['blocks_saved']:.1%}.",
+            "",
+            f"| measure | blocks saved at >= {target:.0%} agreement (offline) | share of oracle's saving "
+            "| mean blocks/token | implied speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        for m, v in sorted(r[f"at_agreement_{target}"].items(), key=lambda kv: -kv[1]["share_of_oracle"]):
+            saved = v["blocks_saved"]
+            lines.append(
+                f"| {m} | {saved:.1%} | {v['share_of_oracle']:.1%} | {r['num_layers'] * (1 - saved):.2f} "
+                f"| {1 / (1 - saved):.2f}x |"
+            )
+        lines.append(
+            f"| *oracle* | {oracle['blocks_saved']:.1%} | 100% | {oracle['mean_exit_layer']:.2f} "
+            f"| {1 / (1 - oracle['blocks_saved']):.2f}x |"
+        )
+        gen = r.get("generation") or []
+        if gen:
+            lines += [
+                "",
+                f"Generation, batch 1, {r.get('generation_prompts')} prompts, interleaved with `model.generate`:",
+                "",
+                "| measure | KV | threshold | agreement | blocks saved | mean blocks/token | tokens/s ratio |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for g in gen:
+                lines.append(
+                    f"| {g['measure']} | {g['kv']} | {g['threshold']:.4g} | {g['agreement']:.1%} "
+                    f"| {g['blocks_saved']:.1%} | {g['mean_blocks_per_token']:.2f} | {g['tokens_per_s_ratio']:.2f} |"
+                )
+        elif r.get("generation_note"):
+            lines += ["", f"*{r['generation_note']}*"]
+        if r.get("measures_skipped"):
+            lines += ["", f"Skipped: {r['measures_skipped']}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
 # -- main ----------------------------------------------------------------------------------------------------
 def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -315,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", type=Path, default=DATA, help="WikiText-2 directory (valid.txt, test.txt)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plots", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None, help="write the docs tables here")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     out: dict[str, Any] = {"benchmark": "frontier", "models": {}, "unavailable": {}}
@@ -331,6 +381,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from deltaexit.io import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
+    if args.markdown is not None:
+        from deltaexit.io import atomic_write_text
+
+        atomic_write_text(args.markdown, markdown(out, args.target_agreement) + "\n")
     return out
 
 

@@ -110,9 +110,7 @@ def main() -> None:
     for batch in args.batches:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g)
-        kw = dict(
-            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0
-        )
+        kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         with torch.no_grad():
             model.generate(ids, **kw)  # warm-up
             base_t, ref = timed(lambda ids=ids, kw=kw: model.generate(ids, **kw), args.repeats)
