@@ -158,7 +158,13 @@ def loss_matrix(table: Any, candidates: list[Any], kind: str, loss: str, max_new
 
 # -- the check --------------------------------------------------------------------------------------------
 def validity(
-    losses: torch.Tensor, delta: float, epsilon: float, splits: int, cal_fraction: float, seed: int
+    losses: torch.Tensor,
+    delta: float,
+    epsilon: float,
+    splits: int,
+    cal_fraction: float,
+    seed: int,
+    saved: list[float] | None = None,
 ) -> dict[str, Any]:
     """Random calibration/test splits of the pool: how often does the realised risk exceed delta?"""
     g = torch.Generator().manual_seed(seed)
@@ -193,6 +199,7 @@ def validity(
         "chosen_index_mean": sum(chosen) / splits,
         "chosen_index_range": [min(chosen), max(chosen)],
         "never_exit_share": sum(c == 0 for c in chosen) / splits,
+        "mean_blocks_saved_at_chosen": None if saved is None else sum(saved[c] for c in chosen) / splits,
     }
 
 
@@ -234,9 +241,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.backend == "offline":
         table = continuation_table(model, pool, measure, cont[args.grid_prompts :], batch_size=args.batch_size)
         losses = loss_matrix(table, candidates, args.schedule, args.loss, args.max_new_tokens)
+        saved = [
+            table.summary(make_threshold(args.schedule, c, max_steps=args.max_new_tokens))["blocks_saved"]
+            for c in candidates
+        ]
     else:
         from deltaexit.calibration import GenerationLosses
 
+        saved = None
         gen = GenerationLosses(
             model, pool, measure, args.kv, max_new_tokens=args.max_new_tokens, loss=args.loss,
             batch_size=args.batch_size,
@@ -250,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cols += [torch.ones(len(pool), dtype=torch.float64)] * (len(candidates) - len(cols))
         losses = torch.stack(cols, dim=1)
 
-    results = [validity(losses, d, args.epsilon, args.splits, args.cal_fraction, args.seed + 1) for d in args.deltas]
+    results = [
+        validity(losses, d, args.epsilon, args.splits, args.cal_fraction, args.seed + 1, saved) for d in args.deltas
+    ]
     out = {
         "benchmark": "calibration_validity",
         "model": described,
