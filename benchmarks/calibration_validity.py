@@ -248,17 +248,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         from deltaexit.calibration import GenerationLosses
 
-        saved = None
+        saved = []
         gen = GenerationLosses(
             model, pool, measure, args.kv, max_new_tokens=args.max_new_tokens, loss=args.loss,
             batch_size=args.batch_size,
         )  # fmt: skip
         cols = []
         for c in candidates:
-            col = gen(make_threshold(args.schedule, c, max_steps=args.max_new_tokens, for_generate=True))
+            threshold = make_threshold(args.schedule, c, max_steps=args.max_new_tokens, for_generate=True)
+            col = gen(threshold)
             cols.append(col)
+            saved.append(gen.records.get(repr(threshold), {}).get("blocks_saved", 0.0))
             if float(col.mean()) > 3 * max(args.deltas):
                 break  # more aggressive candidates are never chosen; pad with ones (worst case)
+        saved += [float("nan")] * (len(candidates) - len(cols))
         cols += [torch.ones(len(pool), dtype=torch.float64)] * (len(candidates) - len(cols))
         losses = torch.stack(cols, dim=1)
 
