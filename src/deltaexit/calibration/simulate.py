@@ -119,7 +119,8 @@ class ExitTable:
     """Per-token, per-layer top-1 and scores of one full forward; simulates any exit rule.
 
     Attributes:
-        scores: ``[L, T]`` float32 measure score after each block (higher = safer to exit).
+        scores: ``[L, T]`` float32 measure score after each block (higher = safer to exit); the last
+            block's row is ``inf`` (no decision is taken there, and fitted measures cover ``0..L-2``).
         top1: ``[L, T]`` lens top-1 after each block; ``top1[-1]`` is the model's own greedy token.
         example: ``[T]`` index of the example (prompt / text window) each token belongs to.
         step: ``[T]`` decode step of each token within its example (0 = first scored token).
@@ -380,7 +381,10 @@ def exit_table(
                     num_layers=num_layers, lens=lens,
                 )  # fmt: skip
                 tp[layer, c : c + chunk_tokens] = state.logits.argmax(dim=-1).cpu()
-                sc[layer, c : c + chunk_tokens] = measure.score(state).float().cpu()
+                if layer == num_layers - 1:  # no exit decision after the last block
+                    sc[layer, c : c + chunk_tokens] = math.inf
+                else:
+                    sc[layer, c : c + chunk_tokens] = measure.score(state).float().cpu()
         del trace, h_in, h_out
         scores_parts.append(sc)
         top1_parts.append(tp)
