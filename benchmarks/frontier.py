@@ -170,7 +170,7 @@ def plot(result: dict[str, Any], directory: Path) -> list[str]:
 
     directory.mkdir(parents=True, exist_ok=True)
     files = []
-    name = result["model_key"]
+    name = Path(str(result["model_key"]).rstrip("/")).name or "model"  # a directory spec -> its last part
     oracle = result["oracle"]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for m, points in result["offline"].items():
