@@ -9,10 +9,23 @@ Example:
 """
 
 from deltaexit._version import __version__
+from deltaexit.analysis import analyze
 from deltaexit.calibration import CalibrationResult, calibrate
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
+from deltaexit.evaluation import evaluate_measures, evaluate_scores
+from deltaexit.features import StateSet, collect_states
 from deltaexit.generation import DecayingThreshold, EarlyExit, EarlyExitOutput, GenerationStats
 from deltaexit.lens import Lens
+from deltaexit.measures import (
+    ConfidenceMeasure,
+    LayerState,
+    TrainableMeasure,
+    available_measures,
+    get_measure,
+    load_measure,
+    register_measure,
+)
+from deltaexit.reference import load_reference, reference_path
 from deltaexit.saturation import Saturation, saturation, saturation_from_topk
 from deltaexit.structure import ModelStructure, StructureError, find_structure
 
@@ -20,21 +33,35 @@ __all__ = [
     "FEATURES",
     "CalibrationResult",
     "Collector",
+    "ConfidenceMeasure",
     "DecayingThreshold",
     "EarlyExit",
     "EarlyExitOutput",
     "GenerationStats",
+    "LayerState",
     "Lens",
     "ModelStructure",
     "Record",
     "Saturation",
+    "StateSet",
     "StructureError",
     "Trace",
     "TraceError",
+    "TrainableMeasure",
     "__version__",
+    "analyze",
+    "available_measures",
     "calibrate",
     "collect",
+    "collect_states",
+    "evaluate_measures",
+    "evaluate_scores",
     "find_structure",
+    "get_measure",
+    "load_measure",
+    "load_reference",
+    "reference_path",
+    "register_measure",
     "saturation",
     "saturation_from_topk",
 ]

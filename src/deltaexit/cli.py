@@ -19,9 +19,11 @@ from deltaexit._version import __version__
 
 # One entry per sub-command module (keep sorted; add new commands here).
 COMMAND_MODULES: tuple[str, ...] = (
+    "deltaexit.commands.analyze",
     "deltaexit.commands.demo",
     "deltaexit.commands.generate",
     "deltaexit.commands.support_matrix",
+    "deltaexit.commands.train",
 )
 
 

@@ -41,6 +41,8 @@ class LayerState:
         h_in: State before the block (None if unknown).
         num_layers: Total blocks in the model (None if unknown).
         lens: The model's :class:`~deltaexit.lens.Lens` (None if not available).
+        topk_probs: Optional precomputed lens top-k probabilities ``[..., k]`` (descending,
+            e.g. ``trace.topk_probs[l]``); softmax measures read them instead of calling the lens.
     """
 
     layer: int
@@ -48,6 +50,7 @@ class LayerState:
     h_in: torch.Tensor | None = None
     num_layers: int | None = None
     lens: Any = None
+    topk_probs: torch.Tensor | None = None
     _delta: torch.Tensor | None = field(default=None, repr=False)
     _logits: torch.Tensor | None = field(default=None, repr=False)
 

@@ -1,0 +1,396 @@
+"""``dx.analyze``: collect a text's states, fit the trainable measures, evaluate every measure.
+
+Split protocol (all parts disjoint, cut at window boundaries):
+
+- **test**: the first ``tokens`` tokens of ``text``; every reported figure is on these.
+- **fit**: ``fit_tokens`` further tokens: those right after the test tokens in ``text``, or
+  the start of ``fit_text`` when given. The fit part is cut into whole windows:
+  ``train`` (the first ``1 - select_fraction``; the trainable measures fit there, holding out
+  the tail of it for early stopping) and ``select`` (the rest; the F1 threshold of every
+  measure, trainable or not, is chosen there).
+
+Example:
+    >>> result = dx.analyze(model, tokenizer, open("test.txt").read(), tokens=65536)   # doctest: +SKIP
+    >>> result["labels"]["next"]["summary"]["delta-mlp"]["mean_f1"]                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltaexit._version import __version__
+from deltaexit.evaluation import _clean, evaluate_measures, layer_delta_stats
+from deltaexit.features import LABELS, StateSet, collect_states, model_context_length, tokenize_text
+from deltaexit.measures.base import ConfidenceMeasure, get_measure
+from deltaexit.measures.cost import block_flops_per_token, measure_cost
+from deltaexit.measures.trainable import TrainableMeasure
+
+__all__ = ["DEFAULT_MEASURES", "analyze", "build_measures", "format_report", "write_plots"]
+
+#: Display name -> (registry name, keyword arguments) of the measures ``analyze`` evaluates.
+DEFAULT_MEASURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "softmax-max": ("softmax-max", {}),
+    "softmax-gap": ("softmax-gap", {}),
+    "state-cosine": ("state-cosine", {}),
+    "delta-norm": ("delta-norm", {}),
+    "delta-ratio": ("delta-ratio", {}),
+    "linear": ("linear", {"features": "delta"}),
+    "linear(h)": ("linear", {"features": "h"}),
+    "delta-mlp": ("delta-mlp", {}),
+    "delta-mlp/per-layer": ("delta-mlp", {"per_layer": True}),
+    "hdelta-mlp": ("hdelta-mlp", {}),
+    "hdelta-mlp/per-layer": ("hdelta-mlp", {"per_layer": True}),
+}
+#: Measures that read only the delta (and ``h_in`` for the ratio): the thesis's family.
+DELTA_BASED = ("delta-norm", "delta-ratio", "linear", "delta-mlp", "delta-mlp/per-layer")
+
+
+def build_measures(
+    names: Sequence[str] | None = None, *, label: str = "next", seed: int = 0, **fit_kwargs: Any
+) -> dict[str, ConfidenceMeasure]:
+    """Unfitted measures by display name (default: all of :data:`DEFAULT_MEASURES`).
+
+    A display name is a key of :data:`DEFAULT_MEASURES` or any registered measure name.
+    """
+    names = list(names) if names is not None else list(DEFAULT_MEASURES)
+    out: dict[str, ConfidenceMeasure] = {}
+    for name in names:
+        registry, kwargs = DEFAULT_MEASURES.get(name, (name, {}))
+        measure_cls = type(get_measure(registry, **kwargs))
+        if issubclass(measure_cls, TrainableMeasure):
+            kwargs = {**kwargs, "label": label, "seed": seed, **fit_kwargs}
+        out[name] = get_measure(registry, **kwargs)
+    return out
+
+
+def _fit_all(
+    measures: dict[str, ConfidenceMeasure], train: StateSet, label: str, progress: bool
+) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    seconds = {}
+    states = train.decision_states()
+    labels = list(train.labels(label))
+    todo = [(n, m) for n, m in measures.items() if isinstance(m, TrainableMeasure)]
+    for name, measure in tqdm(todo, desc=f"fit ({label})", disable=not progress, unit="measure"):
+        start = time.perf_counter()
+        measure.fit(states, labels)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def analyze(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    tokens: int = 65536,
+    fit_text: str | None = None,
+    fit_tokens: int | None = None,
+    labels: Sequence[str] = ("next",),
+    measures: Sequence[str] | None = None,
+    window: int | None = None,
+    batch_size: int = 16,
+    select_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = False,
+    fit_kwargs: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Collect, fit and evaluate every measure on a text; returns all figures as a JSON-ready dict.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (``AutoTokenizer``).
+        text: The evaluation text; its first ``tokens`` tokens are the test tokens.
+        tokens: Number of test tokens.
+        fit_text: Text for the fit tokens (default: ``text`` after the test tokens).
+        fit_tokens: Number of fit tokens (default: ``tokens``).
+        labels: Label kinds to evaluate (``"next"``, ``"final"``).
+        measures: Display names (default: :data:`DEFAULT_MEASURES`).
+        window: Tokens per window (default ``min(256, context length)``).
+        batch_size: Windows per forward.
+        select_fraction: Share of the fit windows used to choose thresholds.
+        seed: Seed of every trainable measure.
+        progress: tqdm bars.
+        fit_kwargs: Extra keyword arguments for the trainable measures (e.g. ``max_epochs``).
+        threads: torch intra-op threads for the run (restored afterwards); 1 is fastest for
+            small models on a busy machine. Default: leave torch's setting.
+
+    Returns:
+        ``{"config", "tokens", "layers", "oracle", "cost", "labels": {label: evaluation}, "timing"}``.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _analyze(
+            model, tokenizer, text, tokens=tokens, fit_text=fit_text, fit_tokens=fit_tokens, labels=labels,
+            measures=measures, window=window, batch_size=batch_size, select_fraction=select_fraction,
+            seed=seed, progress=progress, fit_kwargs=fit_kwargs,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _analyze(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    tokens: int,
+    fit_text: str | None,
+    fit_tokens: int | None,
+    labels: Sequence[str],
+    measures: Sequence[str] | None,
+    window: int | None,
+    batch_size: int,
+    select_fraction: float,
+    seed: int,
+    progress: bool,
+    fit_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    labels = list(labels)
+    for kind in labels:
+        if kind not in LABELS:
+            raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
+    if tokens < 2:
+        raise ValueError(f"tokens must be >= 2, got {tokens}")
+    fit_tokens = tokens if fit_tokens is None else fit_tokens
+    window = window or min(256, model_context_length(model))
+    timing: dict[str, Any] = {}
+    start = time.perf_counter()
+    if fit_text is None:
+        ids = tokenize_text(tokenizer, text, max_tokens=tokens + fit_tokens)
+        test_ids, fit_ids = ids[:tokens], ids[tokens:]
+        fit_source = "text after the test tokens"
+    else:
+        test_ids = tokenize_text(tokenizer, text, max_tokens=tokens)
+        fit_ids = tokenize_text(tokenizer, fit_text, max_tokens=fit_tokens)
+        fit_source = "fit_text"
+    if test_ids.numel() < tokens:
+        warnings.warn(f"the text has only {test_ids.numel()} tokens; evaluating on all of them", stacklevel=2)
+    min_fit = 4 * window
+    if fit_ids.numel() < min_fit:
+        raise ValueError(
+            f"only {fit_ids.numel()} tokens are left to fit the measures on (need >= {min_fit}, 4 windows "
+            f"of {window}); pass a longer text, fewer --tokens, or a separate fit text (--fit-data)"
+        )
+    if fit_ids.numel() < fit_tokens:
+        warnings.warn(f"fitting on {fit_ids.numel()} tokens (fewer than {fit_tokens} asked)", stacklevel=2)
+    timing["tokenize_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    test = collect_states(
+        model, test_ids, window=window, batch_size=batch_size, progress=progress, desc="collect test"
+    )
+    fit = collect_states(
+        model, fit_ids, window=window, batch_size=batch_size, progress=progress, desc="collect fit"
+    )
+    timing["collect_s"] = time.perf_counter() - start
+    train, select = fit.split_windows([1.0 - select_fraction, select_fraction])
+
+    cost_measures = build_measures(measures, seed=seed)
+    cost = {
+        "context": window,
+        "block_flops_per_token": block_flops_per_token(model, context=window),
+        "measures": {n: measure_cost(m, model, context=window) for n, m in cost_measures.items()},
+    }
+    results: dict[str, Any] = {}
+    timing["fit_s"] = {}
+    timing["evaluate_s"] = {}
+    for kind in labels:
+        chosen = build_measures(measures, label=kind, seed=seed, **(fit_kwargs or {}))
+        timing["fit_s"][kind] = _fit_all(chosen, train, kind, progress)
+        start = time.perf_counter()
+        results[kind] = evaluate_measures(chosen, select, test, label=kind)
+        timing["evaluate_s"][kind] = time.perf_counter() - start
+        results[kind]["fitted"] = {
+            name: {"best_epoch": m.best_epoch_, "epochs_run": len(m.history_) - 1}
+            for name, m in chosen.items()
+            if isinstance(m, TrainableMeasure)
+        }
+
+    sat = test.saturation
+    config = model.config  # type: ignore[attr-defined]
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return _clean(
+        {
+            "deltaexit_version": __version__,
+            "config": {
+                "model_type": getattr(config, "model_type", None),
+                "hidden_size": int(config.hidden_size),
+                "num_layers": test.num_layers,
+                "vocab_size": int(config.vocab_size),
+                "window": window,
+                "seed": seed,
+                "select_fraction": select_fraction,
+                "fit_source": fit_source,
+            },
+            "tokens": {
+                "test": test.num_tokens,
+                "fit": fit.num_tokens,
+                "train": train.num_tokens,
+                "select": select.num_tokens,
+            },
+            "layers": layer_delta_stats(test),
+            "oracle": sat.summary(),
+            "cost": cost,
+            "labels": results,
+            "timing": timing,
+        }
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The tables of an :func:`analyze` result as plain text."""
+    lines: list[str] = []
+    cfg, tok = result["config"], result["tokens"]
+    lines.append(
+        f"model: {cfg['model_type']}, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}; "
+        f"test {tok['test']} tokens, fit {tok['train']} + select {tok['select']} tokens "
+        f"({cfg['fit_source']}), window {cfg['window']}"
+    )
+    lines.append("")
+    lines.append("per layer (test tokens):")
+    lines.append(f"{'layer':>5} {'|delta|':>8} {'|delta|/|h_in|':>15} {'saturated':>10}")
+    sat_rows = result["oracle"]["per_layer"]
+    for row, srow in zip(result["layers"], sat_rows):
+        lines.append(
+            f"{row['layer']:>5} {row['delta_norm']:>8.3f} {row['delta_ratio']:>15.3f} "
+            f"{_pct(srow['saturated']):>10}"
+        )
+    o = result["oracle"]
+    lines.append(
+        f"oracle: mean saturation layer {o['oracle_mean_layer']:.2f}/{o['num_layers']}; a perfect free "
+        f"predictor saves {_pct(o['oracle_compute_saved']).strip()} of block compute"
+    )
+    for kind, ev in result["labels"].items():
+        names = list(ev["summary"])
+        lines.append("")
+        lines.append(f"label '{kind}' — F1 at the threshold chosen on the select split (test tokens):")
+        head = f"{'trans':>5} {'pos':>6} {'change':>6} {'r':>6} {'trivial':>7} " + " ".join(
+            f"{n[:12]:>12}" for n in names
+        )
+        lines.append(head)
+        for t in ev["transitions"]:
+            r = t["r_delta_change"]
+            cells = " ".join(f"{_pct(t['measures'][n]['f1']):>12}" for n in names)
+            lines.append(
+                f"{t['transition']:>5} {_pct(t['positive_rate'])} {_pct(t['change_rate'])} "
+                f"{(f'{r:.3f}' if r is not None else '-'):>6} {_pct(t['trivial_f1']):>7} {cells}"
+            )
+        mean_cells = " ".join(f"{_pct(ev['summary'][n]['mean_f1']):>12}" for n in names)
+        triv = ev["summary"][names[0]]["mean_trivial_f1"] if names else None
+        lines.append(f"{'mean':>5} {'':>6} {'':>6} {'':>6} {_pct(triv):>7} {mean_cells}")
+        beats = " ".join(
+            f"{ev['summary'][n]['beats_trivial']:>10}/{ev['summary'][n]['transitions']}" for n in names
+        )
+        lines.append(f"{'>triv':>5} {'':>6} {'':>6} {'':>6} {'':>7} {beats}")
+        lines.append("")
+        lines.append(f"label '{kind}' — AUROC (threshold-free; 0.5 = chance):")
+        lines.append(f"{'trans':>5} " + " ".join(f"{n[:12]:>12}" for n in names))
+        for t in ev["transitions"]:
+            cells = " ".join(
+                f"{t['measures'][n]['auroc']:>12.3f}"
+                if t["measures"][n]["auroc"] is not None
+                else f"{'-':>12}"
+                for n in names
+            )
+            lines.append(f"{t['transition']:>5} {cells}")
+        lines.append(f"{'mean':>5} " + " ".join(f"{ev['summary'][n]['mean_auroc']:>12.3f}" for n in names))
+    cost = result["cost"]
+    lines.append("")
+    lines.append(
+        f"cost per decision as a fraction of one block ({cost['block_flops_per_token']:.0f} FLOPs/token "
+        f"at context {cost['context']}):"
+    )
+    for name, c in cost["measures"].items():
+        lines.append(f"  {name:<22} {c['flops_per_decision']:>12.0f} FLOPs  {c['fraction_of_block']:>8.4f}")
+    return "\n".join(lines)
+
+
+def write_plots(
+    result: dict[str, Any], directory: str, *, log: Callable[[str], None] | None = None
+) -> list[str]:
+    """Write PNGs: saturation per layer, F1/AUROC per transition per measure, ‖delta‖ per layer.
+
+    Needs matplotlib (the ``plot`` extra). Returns the written paths.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("plots need matplotlib: pip install 'deltaexit[plot]'") from exc
+    from pathlib import Path
+
+    from deltaexit.io import atomic_path
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        path = out / name
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        plt.close(fig)
+        written.append(str(path))
+        if log:
+            log(str(path))
+
+    rows = result["oracle"]["per_layer"]
+    layers = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, [r["saturated"] for r in rows], marker="o", label="saturated (top-1 final)")
+    ax.plot(layers[:-1], [1 - r["change_rate"] for r in rows[:-1]], marker="s", label="stable to next layer")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of tokens")
+    ax.set_ylim(0, 1)
+    ax.set_title("saturation per layer")
+    ax.legend()
+    save(fig, "saturation.png")
+
+    stats = result["layers"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([s["layer"] for s in stats], [s["delta_norm"] for s in stats], color="tab:blue")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean ‖delta‖", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot([s["layer"] for s in stats], [s["delta_ratio"] for s in stats], color="tab:red", marker="o")
+    twin.set_ylabel("mean ‖delta‖ / ‖h_in‖", color="tab:red")
+    ax.set_title("residual update per layer")
+    save(fig, "delta_norm.png")
+
+    for kind, ev in result["labels"].items():
+        names = list(ev["summary"])
+        xs = [t["layer"] for t in ev["transitions"]]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name in names:
+            axes[0].plot(xs, [t["measures"][name]["f1"] for t in ev["transitions"]], marker="o", label=name)
+            axes[1].plot(
+                xs, [t["measures"][name]["auroc"] for t in ev["transitions"]], marker="o", label=name
+            )
+        axes[0].plot(xs, [t["trivial_f1"] for t in ev["transitions"]], "k--", label="all positive")
+        axes[1].axhline(0.5, color="k", linestyle="--", label="chance")
+        axes[0].set_title(f"F1 per transition (label {kind})")
+        axes[1].set_title(f"AUROC per transition (label {kind})")
+        for a in axes:
+            a.set_xlabel("exit after layer")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        save(fig, f"measures_{kind}.png")
+    return written

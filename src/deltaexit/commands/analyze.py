@@ -1,0 +1,116 @@
+"""``deltaexit analyze``: every exit measure on a model directory and a text file.
+
+Example:
+    $ deltaexit analyze --model path/to/hf-model --data test.txt --tokens 65536 --label both \\
+        --json results.json --plots plots/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="collect, fit and evaluate every exit measure on a model and a text",
+        description=(
+            "Tokenise --data with the model's tokenizer, run the model over windows, fit the trainable "
+            "measures on tokens disjoint from the first --tokens test tokens, choose thresholds on a "
+            "third disjoint part, and print F1 (with the trivial all-positive F1), AUROC, per-layer "
+            "‖delta‖ and the oracle ceiling."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="HF model directory (model + tokenizer files)")
+    parser.add_argument("--data", required=True, help="UTF-8 text file; its first --tokens tokens are scored")
+    parser.add_argument("--tokens", type=int, default=65536, help="test tokens (default 65536)")
+    parser.add_argument(
+        "--fit-data", default=None, help="text file to fit on (default: --data after the test tokens)"
+    )
+    parser.add_argument("--fit-tokens", type=int, default=None, help="fit tokens (default: --tokens)")
+    parser.add_argument("--label", choices=["next", "final", "both"], default="next")
+    parser.add_argument("--measures", default=None, help="comma-separated display names (default: all)")
+    parser.add_argument(
+        "--window", type=int, default=None, help="tokens per window (default min(256, context))"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 is fastest for small models on a busy machine)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {path} not found")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty: pass a file with some text in it")
+    return text
+
+
+def load_model_and_tokenizer(directory: str):
+    """``(model, tokenizer)`` from an HF directory, with clear errors for what is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {directory} not found")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: pass a HuggingFace model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise FileNotFoundError(
+            f"no usable tokenizer in {directory} ({exc}); save one there with tokenizer.save_pretrained(...)"
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    return model.eval(), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import deltaexit as dx
+    from deltaexit.analysis import format_report, write_plots
+    from deltaexit.io import atomic_write_json
+
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
+    text = _read_text(args.data)
+    fit_text = _read_text(args.fit_data) if args.fit_data else None
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    labels = ["next", "final"] if args.label == "both" else [args.label]
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()] if args.measures else None
+    result = dx.analyze(
+        model,
+        tokenizer,
+        text,
+        tokens=args.tokens,
+        fit_text=fit_text,
+        fit_tokens=args.fit_tokens,
+        labels=labels,
+        measures=measures,
+        window=args.window,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+        threads=args.threads,
+    )
+    result["config"]["model_dir"] = str(args.model)
+    result["config"]["data"] = str(args.data)
+    print(format_report(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.plots:
+        for path in write_plots(result, args.plots):
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,133 @@
+"""Training-free confidence measures: softmax response, state propagation, delta size.
+
+Every score follows the one sign convention of :class:`~deltaexit.measures.base.ConfidenceMeasure`:
+**higher = safer to exit**. Measures of *change* are therefore negated: ``delta-norm``
+scores ``-‖delta‖`` (a small update means a stable prediction) and ``delta-ratio`` scores
+``-‖delta‖ / ‖h_in‖``. A threshold ``t`` on ``delta-norm`` thus means "exit when
+``‖delta‖ <= -t``".
+
+Example:
+    >>> import torch
+    >>> from deltaexit.measures import LayerState, get_measure
+    >>> h_in = torch.ones(2, 4); h_out = h_in + torch.tensor([[0.0] * 4, [1.0] * 4])
+    >>> get_measure("delta-norm").score(LayerState(layer=0, h_in=h_in, h_out=h_out)).tolist()
+    [-0.0, -2.0]
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from deltaexit.measures.base import ConfidenceMeasure, LayerState, register_measure
+
+__all__ = ["DeltaNorm", "DeltaRatio", "SoftmaxGap", "SoftmaxMax", "StateCosine"]
+
+_EPS = 1e-12
+
+
+def _lens_head_flops(hidden_size: int, vocab_size: int) -> float:
+    """Final norm + LM head matmul + softmax for one token."""
+    return 2.0 * hidden_size * vocab_size + 5.0 * hidden_size + 3.0 * vocab_size
+
+
+def _top2(state: LayerState) -> torch.Tensor:
+    """Top-2 lens probabilities ``[..., 2]`` (float32), from ``state.topk_probs`` when given."""
+    if state.topk_probs is not None and state.topk_probs.shape[-1] >= 2:
+        return state.topk_probs[..., :2].float()
+    probs = torch.softmax(state.logits.float(), dim=-1)
+    if probs.shape[-1] < 2:
+        raise ValueError("softmax measures need a vocabulary of at least 2 tokens")
+    return probs.topk(2, dim=-1).values
+
+
+@register_measure
+class SoftmaxMax(ConfidenceMeasure):
+    """CALM's softmax response: the lens's maximum probability after block ``l`` (in [0, 1]).
+
+    Example:
+        >>> m = SoftmaxMax()
+        >>> m.score(LayerState(layer=0, h_out=torch.zeros(1, 4), topk_probs=torch.tensor([[0.7, 0.2]])))
+        tensor([0.7000])
+    """
+
+    name: ClassVar[str] = "softmax-max"
+    needs_lens: ClassVar[bool] = True
+    inputs: ClassVar[tuple[str, ...]] = ("h_out",)
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        if state.topk_probs is not None:
+            return state.topk_probs[..., 0].float()
+        return torch.softmax(state.logits.float(), dim=-1).amax(dim=-1)
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        return _lens_head_flops(hidden_size, vocab_size) + vocab_size
+
+
+@register_measure
+class SoftmaxGap(ConfidenceMeasure):
+    """CALM's softmax response as top-1 minus top-2 probability (in [0, 1])."""
+
+    name: ClassVar[str] = "softmax-gap"
+    needs_lens: ClassVar[bool] = True
+    inputs: ClassVar[tuple[str, ...]] = ("h_out",)
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        top = _top2(state)
+        return top[..., 0] - top[..., 1]
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        return _lens_head_flops(hidden_size, vocab_size) + 2.0 * vocab_size
+
+
+@register_measure
+class StateCosine(ConfidenceMeasure):
+    """CALM's state propagation: ``cos(h_in, h_out)`` of block ``l`` (in [-1, 1]; 1 = no turn)."""
+
+    name: ClassVar[str] = "state-cosine"
+    inputs: ClassVar[tuple[str, ...]] = ("h_in", "h_out")
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        if state.h_in is None:
+            raise ValueError("state-cosine needs h_in (the state before the block)")
+        a, b = state.h_in.float(), state.h_out.float()
+        dot = (a * b).sum(dim=-1)
+        norms = a.norm(dim=-1) * b.norm(dim=-1)
+        return (dot / norms.clamp_min(_EPS)).clamp(-1.0, 1.0)
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        return 6.0 * hidden_size + 2.0
+
+
+@register_measure
+class DeltaNorm(ConfidenceMeasure):
+    """``-‖delta‖``: a small residual update of block ``l`` means a stable prediction.
+
+    The score is negated so that higher = safer to exit; ``‖delta‖ = -score``.
+    """
+
+    name: ClassVar[str] = "delta-norm"
+    inputs: ClassVar[tuple[str, ...]] = ("delta",)
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return -state.delta.float().norm(dim=-1)
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        return 3.0 * hidden_size  # subtract (delta) + square-accumulate
+
+
+@register_measure
+class DeltaRatio(ConfidenceMeasure):
+    """``-‖delta‖ / ‖h_in‖``: the relative size of block ``l``'s update (negated)."""
+
+    name: ClassVar[str] = "delta-ratio"
+    inputs: ClassVar[tuple[str, ...]] = ("h_in", "delta")
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        if state.h_in is None:
+            raise ValueError("delta-ratio needs h_in (the state before the block)")
+        return -state.delta.float().norm(dim=-1) / state.h_in.float().norm(dim=-1).clamp_min(_EPS)
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        return 5.0 * hidden_size + 1.0

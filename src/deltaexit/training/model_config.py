@@ -1,0 +1,80 @@
+"""Llama-architecture configurations for the reference models, and the named training presets.
+
+Example:
+    >>> config = reference_config(vocab_size=4096)          # the research note's shape
+    >>> config.hidden_size, config.num_hidden_layers
+    (64, 8)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LlamaConfig
+
+__all__ = ["PRESETS", "reference_config"]
+
+
+def reference_config(
+    vocab_size: int = 4096,
+    hidden: int = 64,
+    heads: int = 4,
+    ffn: int = 256,
+    layers: int = 8,
+    context: int = 256,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    pad_token_id: int = 0,
+) -> LlamaConfig:
+    """A :class:`~transformers.LlamaConfig` of the given shape (untied embeddings, RoPE, RMSNorm, SwiGLU).
+
+    Raises:
+        ValueError: a non-positive size, or ``hidden`` not divisible by ``heads``.
+    """
+    sizes = {
+        "vocab": vocab_size,
+        "hidden": hidden,
+        "heads": heads,
+        "ffn": ffn,
+        "layers": layers,
+        "context": context,
+    }
+    bad = {k: v for k, v in sizes.items() if int(v) < 1}
+    if bad:
+        raise ValueError(f"model sizes must be positive integers, got {bad}")
+    if hidden % heads:
+        raise ValueError(f"--hidden {hidden} must be divisible by --heads {heads}")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=context,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+_REF64: dict[str, Any] = {"hidden": 64, "heads": 4, "ffn": 256, "layers": 8, "context": 256, "vocab": 4096}
+_REF256: dict[str, Any] = {
+    "hidden": 256,
+    "heads": 8,
+    "ffn": 1024,
+    "layers": 12,
+    "context": 256,
+    "vocab": 4096,
+}
+
+#: Named settings for ``deltaexit train --preset NAME``; explicit flags override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ref64-plain": {**_REF64, "recipe": "plain", "steps": 240, "batch_size": 8, "lr": 3e-3},
+    "ref64-layerskip": {**_REF64, "recipe": "layerskip", "steps": 240, "batch_size": 8, "lr": 3e-3},
+    "ref256-plain": {**_REF256, "recipe": "plain", "steps": 600, "batch_size": 8, "lr": 1.5e-3},
+    "ref256-layerskip": {**_REF256, "recipe": "layerskip", "steps": 600, "batch_size": 8, "lr": 1.5e-3},
+}

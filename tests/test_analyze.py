@@ -1,0 +1,113 @@
+"""``dx.analyze`` / ``deltaexit analyze`` on a tiny random model with a tiny offline BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltaexit as dx
+from _tiny_lm import tiny_model_dir, tiny_text, tiny_tokenizer
+from deltaexit.cli import main
+from deltaexit.features import collect_states, tokenize_text
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tinylm"), num_layers=4, hidden=32)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(tiny_text(150))
+    return path
+
+
+def test_collect_states_matches_the_model(llama):
+    ids = torch.randint(3, 128, (70,), generator=torch.Generator().manual_seed(0))
+    states = collect_states(llama, ids, window=32, batch_size=2)
+    assert states.num_tokens == 70 and states.num_layers == 3
+    assert states.window.tolist() == [0] * 32 + [1] * 32 + [2] * 6
+    with torch.no_grad():
+        logits = llama(input_ids=ids[:32].unsqueeze(0)).logits[0]
+    assert torch.equal(states.topk_ids[-1, :32, 0], logits.argmax(-1))
+    torch.testing.assert_close(states.h_in[1:], states.h_out[:-1])  # h_in[l+1] == h_out[l]
+
+
+def test_tokenize_text_rejects_empty_text():
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_text(tiny_tokenizer(), "  \n ")
+
+
+def test_analyze_function_returns_every_figure(model_dir, text_file):
+    from deltaexit.commands.analyze import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    result = dx.analyze(
+        model,
+        tokenizer,
+        text_file.read_text(),
+        tokens=512,
+        window=32,
+        labels=("next", "final"),
+        fit_kwargs={"max_epochs": 2},
+    )
+    json.dumps(result, allow_nan=False)
+    assert result["tokens"]["test"] == 512
+    assert result["tokens"]["train"] + result["tokens"]["select"] == result["tokens"]["fit"] == 512
+    assert len(result["layers"]) == 4
+    assert 1 <= result["oracle"]["oracle_mean_layer"] <= 4
+    for label in ("next", "final"):
+        ev = result["labels"][label]
+        assert len(ev["transitions"]) == 3
+        assert set(ev["summary"]) == set(dx.analysis.DEFAULT_MEASURES)
+        for t in ev["transitions"]:
+            for m in t["measures"].values():
+                assert 0 <= m["f1"] <= 1
+                assert m["auroc"] is None or 0 <= m["auroc"] <= 1
+    assert set(result["cost"]["measures"]) == set(dx.analysis.DEFAULT_MEASURES)
+
+
+def test_cli_writes_json_and_plots(model_dir, text_file, tmp_path, capsys):
+    out_json, plots = tmp_path / "r.json", tmp_path / "plots"
+    code = main(
+        [
+            "analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "384",
+            "--window", "32", "--label", "both", "--measures", "delta-norm,softmax-max,linear",
+            "--json", str(out_json), "--plots", str(plots), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "AUROC" in out and "trivial" in out and "oracle" in out
+    data = json.loads(out_json.read_text())
+    assert set(data["labels"]) == {"next", "final"}
+    assert set(data["labels"]["next"]["summary"]) == {"delta-norm", "softmax-max", "linear"}
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert pngs == ["delta_norm.png", "measures_final.png", "measures_next.png", "saturation.png"]
+    assert all((plots / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_cli_errors_are_clear(model_dir, text_file, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert main(["analyze", "--model", str(model_dir), "--data", str(empty)]) == 1
+    assert "empty" in capsys.readouterr().err
+
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((model_dir / "config.json").read_text())
+    assert main(["analyze", "--model", str(no_tok), "--data", str(text_file)]) == 1
+    assert "tokenizer" in capsys.readouterr().err
+
+    assert main(["analyze", "--model", str(tmp_path / "nope"), "--data", str(text_file)]) == 1
+    assert "not found" in capsys.readouterr().err
+
+    # Too few tokens left to fit on after the test tokens.
+    with pytest.warns(UserWarning, match="only"):
+        code = main(["analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "100000",
+                     "--window", "32", "--quiet"])  # fmt: skip
+    assert code == 1
+    assert "fit" in capsys.readouterr().err
