@@ -336,8 +336,8 @@ def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         result["generation"] = []
         result["generation_note"] = (
-            "dx.EarlyExit is not installed in this checkout: speed is the implied L / mean blocks from the "
-            "offline sweep; rerun after the generate branch is merged"
+            "generation not run (dx.EarlyExit missing, or --kv given no policies): speed is the implied "
+            "L / mean blocks from the offline sweep"
         )
     if args.plots is not None:
         result["plots"] = plot(result, args.plots)
