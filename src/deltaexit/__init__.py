@@ -10,6 +10,7 @@ Example:
 
 from deltaexit._version import __version__
 from deltaexit.analysis import analyze
+from deltaexit.calibration import CalibrationResult, calibrate
 from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
 from deltaexit.evaluation import evaluate_measures, evaluate_scores
 from deltaexit.features import StateSet, collect_states
@@ -39,6 +40,7 @@ from deltaexit.structure import ModelStructure, StructureError, find_structure
 
 __all__ = [
     "FEATURES",
+    "CalibrationResult",
     "Collector",
     "ConfidenceMeasure",
     "DecayingThreshold",
@@ -61,6 +63,7 @@ __all__ = [
     "__version__",
     "analyze",
     "available_measures",
+    "calibrate",
     "collect",
     "collect_states",
     "collect_to_disk",
