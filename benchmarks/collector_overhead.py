@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -53,6 +54,31 @@ def one_forward(model, ids, mode: str):
     return elapsed, trace
 
 
+def _peak_rss_kib() -> int:
+    """Peak RSS (VmHWM) in KiB; falls back to ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss_kib() -> int:
+    """Reset the peak-RSS mark to the current RSS (Linux) and return it in KiB.
+
+    ru_maxrss is inherited from the parent across fork/exec, so it cannot serve as a baseline.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _peak_rss_kib()
+
+
 def memory_child(mode: str, layers: int, hidden: int, batch: int, seq: int) -> None:
     """Run one forward in this process and print peak RSS growth over the pre-forward baseline."""
     torch.manual_seed(0)
@@ -63,9 +89,9 @@ def memory_child(mode: str, layers: int, hidden: int, batch: int, seq: int) -> N
         import deltaexit as dx
 
         dx.find_structure(model)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = _reset_peak_rss_kib()
         _, trace = one_forward(model, ids, mode)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = _peak_rss_kib()
         captured = 0 if trace is None else trace.delta.numel() * trace.delta.element_size()
     print(json.dumps({"peak_growth_bytes": (peak - base) * 1024, "captured_bytes": captured}))
 
@@ -85,20 +111,7 @@ def main() -> None:
 
     import deltaexit as dx
 
-    torch.manual_seed(0)
-    model = build(args.layers, args.hidden)
-    ids = torch.randint(0, 50257, (args.batch, args.seq))
-    times: dict[str, list[float]] = {"bare": [], "idle": [], "delta": []}
-    with torch.no_grad():
-        dx.find_structure(model)
-        one_forward(model, ids, "bare")  # warm-up
-        modes = list(times)
-        for i in range(args.repeats):
-            # Interleaved and rotated, so drift and position effects hit every mode alike.
-            for mode in modes[i % 3 :] + modes[: i % 3]:
-                times[mode].append(one_forward(model, ids, mode)[0])
-    median = {k: statistics.median(v) for k, v in times.items()}
-
+    # Memory first, in fresh subprocesses, while this process is still small.
     def child(mode: str) -> dict:
         cmd = [
             sys.executable,
@@ -119,6 +132,21 @@ def main() -> None:
         )
 
     bare_mem, delta_mem = child("bare"), child("delta")
+    print(json.dumps({"memory_children": [bare_mem, delta_mem]}), file=sys.stderr)
+    torch.manual_seed(0)
+    model = build(args.layers, args.hidden)
+    ids = torch.randint(0, 50257, (args.batch, args.seq))
+    times: dict[str, list[float]] = {"bare": [], "idle": [], "delta": []}
+    with torch.no_grad():
+        dx.find_structure(model)
+        one_forward(model, ids, "bare")  # warm-up
+        modes = list(times)
+        for i in range(args.repeats):
+            # Interleaved and rotated, so drift and position effects hit every mode alike.
+            for mode in modes[i % 3 :] + modes[: i % 3]:
+                times[mode].append(one_forward(model, ids, mode)[0])
+    median = {k: statistics.median(v) for k, v in times.items()}
+
     extra = delta_mem["peak_growth_bytes"] - bare_mem["peak_growth_bytes"]
     result = {
         "model": f"gpt2-shaped random, {args.layers} layers x {args.hidden} wide",

@@ -148,9 +148,7 @@ class Trace:
         try:
             return self.layers.index(layer)
         except ValueError:
-            raise TraceError(
-                f"layer {layer} was not captured; captured layers are {list(self.layers)}"
-            ) from None
+            raise TraceError(f"layer {layer} was not captured; captured layers are {list(self.layers)}") from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -221,9 +219,7 @@ class Collector:
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         if self._used:
-            raise TraceError(
-                "this collector was already used and closed; create a new one with dx.collect(...)"
-            )
+            raise TraceError("this collector was already used and closed; create a new one with dx.collect(...)")
         self._used = True
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -231,9 +227,7 @@ class Collector:
             for row, layer in enumerate(self.layers):
                 block = self.structure.blocks[layer]
                 if need_input:
-                    self._handles.append(
-                        block.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True)
-                    )
+                    self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True))
                 self._handles.append(block.register_forward_hook(self._make_post_hook(layer, row)))
         except BaseException:
             self.remove()
@@ -263,9 +257,7 @@ class Collector:
         embeds = kwargs.get("inputs_embeds")
         ref = ids if isinstance(ids, torch.Tensor) else embeds
         if isinstance(ref, torch.Tensor) and ref.dim() >= 2 and (ref.shape[0] == 0 or ref.shape[1] == 0):
-            raise ValueError(
-                f"empty batch: input of shape {tuple(ref.shape)}; pass at least one row with one token."
-            )
+            raise ValueError(f"empty batch: input of shape {tuple(ref.shape)}; pass at least one row with one token.")
         mask = kwargs.get("attention_mask")
         self._call_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         if self.positions == "auto":
@@ -292,8 +284,7 @@ class Collector:
     def _start_record(self, h: torch.Tensor) -> Record:
         if h.dim() != 3:
             raise StructureError(
-                f"a decoder block produced hidden states of shape {tuple(h.shape)}; expected "
-                "[batch, seq, hidden]."
+                f"a decoder block produced hidden states of shape {tuple(h.shape)}; expected [batch, seq, hidden]."
             )
         batch, seq = h.shape[0], h.shape[1]
         mask = self._call_mask
@@ -303,9 +294,7 @@ class Collector:
         record = Record()
         store = self.device if self.device is not None else h.device
         if self._call_positions == "all":
-            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(
-                store
-            )
+            record.token_mask = (keep if keep is not None else torch.ones(batch, seq, dtype=torch.bool)).to(store)
         elif self._call_positions == "last":
             record.token_mask = torch.ones(batch, 1, dtype=torch.bool, device=store)
             if keep is not None:
@@ -331,7 +320,7 @@ class Collector:
             return x[rows, self._last_index.to(x.device)].unsqueeze(1)
         return x[self._keep.to(x.device)]
 
-    def _store(self, record: Record, name: str, row: int, value: torch.Tensor, dtype: torch.dtype) -> None:
+    def _store(self, record: Record, name: str, row: int, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         buf = record.tensors.get(name)
         if buf is None:
             device = self.device if self.device is not None else value.device
@@ -343,6 +332,7 @@ class Collector:
                 f"blocks gave {tuple(buf.shape[1:])}; capture layers of one width at a time (layers=[...])."
             )
         buf[row].copy_(value)
+        return buf[row]
 
     def _record(self, layer: int, row: int, h_out: torch.Tensor) -> None:
         record = self._current
@@ -364,8 +354,13 @@ class Collector:
             compute = torch.promote_types(torch.promote_types(h_out.dtype, store_dtype), torch.float32)
             # Under a device_map the block's input may still sit on the previous block's device.
             x_in = self._select(h_in).to(device=h_out.device, dtype=compute)
-            delta = self._select(h_out).to(compute) - x_in
-            self._store(record, "delta", row, delta, store_dtype)
+            if compute == store_dtype:
+                # Subtract in place in the storage buffer: no delta-sized temporary per layer.
+                stored = self._store(record, "delta", row, self._select(h_out), store_dtype)
+                stored.sub_(x_in.to(stored.device))
+            else:
+                delta = self._select(h_out).to(compute) - x_in
+                self._store(record, "delta", row, delta, store_dtype)
         if "h_in" in self.capture:
             assert h_in is not None
             self._store(record, "h_in", row, self._select(h_in), store_dtype)
