@@ -14,6 +14,7 @@ def test_demo_runs_end_to_end(capsys):
     # verify is lossless: its agreement with model.generate must print as exactly 1.000.
     verify_row = next(line for line in out.splitlines() if line.strip().startswith("verify"))
     assert verify_row.split()[3] == "1.000"
+    assert "identical output: True" in out  # self-speculation on v2 keeps model.generate's tokens
 
 
 def test_support_matrix_writes_markdown(tmp_path, monkeypatch):
