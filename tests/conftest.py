@@ -24,3 +24,12 @@ def llama():
     from deltaexit.testing import cached_tiny_model
 
     return cached_tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run much faster on one torch thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -62,12 +62,8 @@ def test_invariants_on_every_architecture(model_type):
     pad=st.sampled_from([None, "left", "right"]),
     seed=st.integers(0, 2**16),
 )
-def test_invariants_over_random_configs(
-    model_type, num_layers, heads, head_dim, vocab, batch, seq, pad, seed
-):
-    model = tiny_model(
-        model_type, num_layers=num_layers, hidden=heads * head_dim, heads=heads, vocab=vocab, seed=seed
-    )
+def test_invariants_over_random_configs(model_type, num_layers, heads, head_dim, vocab, batch, seq, pad, seed):
+    model = tiny_model(model_type, num_layers=num_layers, hidden=heads * head_dim, heads=heads, vocab=vocab, seed=seed)
     ids, mask = random_batch(vocab, batch, seq, seed=seed, pad=pad)
     ids = ids.clamp(max=vocab - 1)
     trace = _check_invariants(model, ids, mask)

@@ -17,14 +17,7 @@ from deltaexit.cli import main
 from deltaexit.streaming import Manifest, ManifestError, collect_to_disk, load_features, merge_manifests
 from deltaexit.testing import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KW = {"context": 12, "batch_size": 2, "shard_tokens": 30, "features": ("delta", "delta_norm", "lens_topk"),

@@ -123,9 +123,7 @@ def test_never_exit_reproduces_generate_every_policy(arch):
     ref = reference(model, ids, mask, 8)
     for kv in POLICIES:
         ee = EarlyExit(model, measure=LensMaxProb(), threshold=NEVER, kv=kv)
-        out = ee.generate(
-            ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, return_dict_in_generate=True
-        )
+        out = ee.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), kv
         assert ((out.exit_layers == 3) | (out.exit_layers == 0)).all()
         assert out.stats.blocks_run == out.stats.full_depth_blocks
@@ -139,9 +137,7 @@ def test_verify_is_lossless_for_any_measure(arch):
     ref = reference(model, ids, mask, n)
     for measure, threshold in ((RandomScore(1), 0.4), (Constant(1.0), 0.5), (LensMaxProb(), 0.01)):
         ee = EarlyExit(model, measure=measure, threshold=threshold, kv="verify", num_draft=3)
-        out = ee.generate(
-            ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True
-        )
+        out = ee.generate(ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), measure
         if not isinstance(measure, LensMaxProb):  # the lens of a random model is rarely confident
             assert out.stats.drafted > 0
@@ -234,9 +230,7 @@ def test_propagate_skips_blocks_and_counts_them():
     counter = CountBlocks(model)
     try:
         ee = EarlyExit(model, Constant(1.0), 0.5, "propagate", min_exit_layer=1)
-        out = ee.generate(
-            ids, attention_mask=mask, max_new_tokens=7, pad_token_id=0, return_dict_in_generate=True
-        )
+        out = ee.generate(ids, attention_mask=mask, max_new_tokens=7, pad_token_id=0, return_dict_in_generate=True)
     finally:
         counter.close()
     assert (out.exit_layers[:, 1:] == 1).all()
@@ -321,9 +315,10 @@ def test_speculative_token_has_the_target_distribution():
 
 
 def test_greedy_accept_and_residual():
-    assert greedy_accept(
-        torch.tensor([[1, 2, 3], [1, 9, 3]]), torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
-    ).tolist() == [3, 1]
+    assert greedy_accept(torch.tensor([[1, 2, 3], [1, 9, 3]]), torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])).tolist() == [
+        3,
+        1,
+    ]
     r = residual_distribution(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))
     assert torch.allclose(r, torch.tensor([[0.5, 0.5]]))
 
@@ -402,9 +397,7 @@ def test_verify_sampling_matches_the_model_distribution():
         two = torch.cat([prompt.repeat(8, 1), torch.arange(8)[:, None]], dim=1)
         p2 = torch.softmax(model(two).logits[:, -1].float(), -1)  # [8, 8]
         joint = p1[:, None] * p2
-        three = torch.cat(
-            [prompt.repeat(64, 1), torch.cartesian_prod(torch.arange(8), torch.arange(8))], dim=1
-        )
+        three = torch.cat([prompt.repeat(64, 1), torch.cartesian_prod(torch.arange(8), torch.arange(8))], dim=1)
         p3 = (joint.reshape(64, 1) * torch.softmax(model(three).logits[:, -1].float(), -1)).sum(0)
     ee = EarlyExit(model, Constant(1.0), 0.5, "verify", num_draft=2)  # every draft from layer 1
     torch.manual_seed(0)

@@ -29,9 +29,7 @@ def model_dir(tmp_path_factory):
     vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tiny_model("llama", num_layers=4, vocab=128).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)

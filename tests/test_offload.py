@@ -12,14 +12,7 @@ from deltaexit.testing import tiny_model
 accelerate = pytest.importorskip("accelerate")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Embeddings, some blocks, the final norm and the head on "disk"; the rest on the CPU.

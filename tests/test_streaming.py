@@ -23,14 +23,7 @@ from deltaexit.streaming import (
 )
 from deltaexit.testing import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FEATS = ("delta", "h_out", "delta_norm", "lens_topk")

@@ -137,9 +137,7 @@ class StateSet:
             raise ValueError(f"fractions must be positive and sum to 1, got {list(fractions)}")
         windows = self.window.unique(sorted=True)
         if len(windows) < len(fractions):
-            raise ValueError(
-                f"cannot split {len(windows)} window(s) into {len(fractions)} parts; use more tokens"
-            )
+            raise ValueError(f"cannot split {len(windows)} window(s) into {len(fractions)} parts; use more tokens")
         count, parts_n = len(windows), len(fractions)
         bounds, acc = [0], 0.0
         for i, f in enumerate(fractions[:-1]):
@@ -254,9 +252,7 @@ def collect_states(
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             with (
                 torch.no_grad(),
-                collect(
-                    model, ("h_in", "h_out"), positions="all", dtype=torch.float32, structure=structure
-                ) as trace,
+                collect(model, ("h_in", "h_out"), positions="all", dtype=torch.float32, structure=structure) as trace,
             ):
                 model(input_ids=batch.to(device), **extra)
             b_in, b_out = trace.tokens("h_in"), trace.tokens("h_out")

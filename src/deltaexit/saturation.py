@@ -179,7 +179,6 @@ def saturation(trace: Trace, lens: Lens | None = None, *, k: int | None = None) 
             ids = torch.stack([lens.topk(h[layer], k)[0].to(h.device) for layer in range(h.shape[0])])
     else:
         raise TraceError(
-            "saturation needs the lens top-k per layer: collect with topk=k, "
-            "or capture 'h_out' and pass the lens."
+            "saturation needs the lens top-k per layer: collect with topk=k, or capture 'h_out' and pass the lens."
         )
     return saturation_from_topk(ids, trace.token_mask)

@@ -166,9 +166,7 @@ class ModelStructure:
             handle.remove()
             model.train(was_training)
         if not captured:
-            raise StructureError(
-                f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}"
-            )
+            raise StructureError(f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}")
         try:
             with torch.no_grad():
                 lens_logits = Lens(self)(captured[-1])
@@ -266,9 +264,7 @@ def _num_layers_from_config(model: nn.Module) -> int | None:
 def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
     n_layers = _num_layers_from_config(model)
     candidates = [
-        (name, module)
-        for name, module in root.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
+        (name, module) for name, module in root.named_modules() if isinstance(module, nn.ModuleList) and len(module) > 0
     ]
     if n_layers is not None:
         matching = [(n, m) for n, m in candidates if len(m) == n_layers]

@@ -92,8 +92,7 @@ def support_matrix_markdown(model_types: Iterable[str] = ARCHITECTURES) -> str:
         "",
         "- **collect**: hooks capture `h_in`, `h_out`, `delta`; deltas telescope "
         "(`h_in[0] + sum(delta) == h_out[-1]`).",
-        "- **lens exact**: the lens on the last block's output reproduces the model's logits "
-        "(max abs error shown).",
+        "- **lens exact**: the lens on the last block's output reproduces the model's logits (max abs error shown).",
         "- **generate**: early-exit `generate()` with a never-exit threshold reproduces "
         "`model.generate` greedy, per KV policy.",
         "",
@@ -102,9 +101,7 @@ def support_matrix_markdown(model_types: Iterable[str] = ARCHITECTURES) -> str:
     ]
     for r in rows:
         err = r.get("lens_max_abs_err")
-        lens = (
-            f"{r.get('lens_exact', '-')} ({err:.1e})" if isinstance(err, float) else r.get("lens_exact", "-")
-        )
+        lens = f"{r.get('lens_exact', '-')} ({err:.1e})" if isinstance(err, float) else r.get("lens_exact", "-")
         lines.append(
             f"| {r['model_type']} | `{r.get('blocks', '-')}` | `{r.get('final_norm', '-')}` | "
             f"{r['collect']} | {lens} | {r.get('generate', '-')} |"

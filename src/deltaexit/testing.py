@@ -146,9 +146,7 @@ def tiny_model(model_type: str, *, seed: int = 0, **kwargs: Any) -> PreTrainedMo
 
 
 @functools.lru_cache(maxsize=64)
-def cached_tiny_model(
-    model_type: str, num_layers: int = 3, hidden: int = 32, heads: int = 4, vocab: int = 128
-):
+def cached_tiny_model(model_type: str, num_layers: int = 3, hidden: int = 32, heads: int = 4, vocab: int = 128):
     """A tiny eval-mode model; cached, so tests must not modify it."""
     return tiny_model(model_type, num_layers=num_layers, hidden=hidden, heads=heads, vocab=vocab)
 

@@ -25,15 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="HF model directory (model + tokenizer files)")
     parser.add_argument("--data", required=True, help="UTF-8 text file; its first --tokens tokens are scored")
     parser.add_argument("--tokens", type=int, default=65536, help="test tokens (default 65536)")
-    parser.add_argument(
-        "--fit-data", default=None, help="text file to fit on (default: --data after the test tokens)"
-    )
+    parser.add_argument("--fit-data", default=None, help="text file to fit on (default: --data after the test tokens)")
     parser.add_argument("--fit-tokens", type=int, default=None, help="fit tokens (default: --tokens)")
     parser.add_argument("--label", choices=["next", "final", "both"], default="next")
     parser.add_argument("--measures", default=None, help="comma-separated display names (default: all)")
-    parser.add_argument(
-        "--window", type=int, default=None, help="tokens per window (default min(256, context))"
-    )
+    parser.add_argument("--window", type=int, default=None, help="tokens per window (default min(256, context))")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")

@@ -14,14 +14,10 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="early-exit generation with per-token exit layers")
-    parser.add_argument(
-        "--model", required=True, help="local model directory (from_pretrained; no downloads)"
-    )
+    parser.add_argument("--model", required=True, help="local model directory (from_pretrained; no downloads)")
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--measure", default="delta-norm", help="registered confidence measure name")
-    parser.add_argument(
-        "--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)"
-    )
+    parser.add_argument("--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)")
     parser.add_argument("--kv", default="verify", choices=("verify", "propagate", "recompute"))
     parser.add_argument("--min-exit-layer", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=32)

@@ -68,9 +68,7 @@ class LayerState:
         """Lens logits of ``h_out`` (computed once)."""
         if self._logits is None:
             if self.lens is None:
-                raise ValueError(
-                    "this measure needs the lens; build the state with lens=dx.Lens.from_model(model)"
-                )
+                raise ValueError("this measure needs the lens; build the state with lens=dx.Lens.from_model(model)")
             self._logits = self.lens(self.h_out)
         return self._logits
 
@@ -120,8 +118,7 @@ def register_measure(cls: type[ConfidenceMeasure]) -> type[ConfidenceMeasure]:
         raise ValueError(f"{cls.__name__} has no `name`; set a class attribute name = '...'")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(
-            f"a measure named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__}); "
-            "choose another name"
+            f"a measure named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__}); choose another name"
         )
     _REGISTRY[cls.name] = cls
     return cls

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from deltaexit.io import file_sha256
+
 __all__ = [
     "Window",
     "batch_windows",
@@ -158,10 +160,7 @@ def data_fingerprint(data: Any) -> str | None:
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return "file:" + digest.hexdigest()
+        return "file:" + file_sha256(path)
     if isinstance(data, torch.Tensor):
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())

@@ -14,14 +14,13 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltaexit.io import atomic_write_json
+from deltaexit.io import atomic_write_json, file_sha256
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Manifest", "ManifestError", "file_sha256", "rank_manifest_path"]
 
@@ -42,15 +41,6 @@ def rank_manifest_path(out_dir: str | os.PathLike[str], rank: int) -> Path:
 def shard_name(rank: int, index: int) -> str:
     """File name of shard ``index`` of rank ``rank``."""
     return f"shard-r{rank:05d}-{index:05d}.safetensors"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from deltaexit.io import atomic_write_json
+from deltaexit.io import atomic_write_json, file_sha256
 from deltaexit.training.data import WindowSampler, encode_stream, read_paragraphs
 from deltaexit.training.model_config import reference_config
 from deltaexit.training.perplexity import layer_perplexities
@@ -29,14 +28,6 @@ __all__ = ["TRAINING_FORMAT_VERSION", "save_model_dir", "train_reference"]
 
 #: Version of the ``training.json`` record written beside the weights.
 TRAINING_FORMAT_VERSION = 1
-
-
-def _sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_model_dir(model, tokenizer, out: str | os.PathLike[str], record: dict[str, Any] | None = None) -> Path:
@@ -141,7 +132,7 @@ def train_reference(
         history = train_loop(model, sampler, train, recipe, progress=progress)
         report: dict[str, Any] = {
             "format_version": TRAINING_FORMAT_VERSION,
-            "data": {"path": str(data), "sha256": _sha256(data), "tokens": int(stream.numel())},
+            "data": {"path": str(data), "sha256": file_sha256(data), "tokens": int(stream.numel())},
             "init": str(init) if init is not None else None,
             "recipe": recipe.to_dict(),
             "train": train.to_dict(),
@@ -155,7 +146,7 @@ def train_reference(
             )
             report["eval"] = {
                 "path": str(eval_data),
-                "sha256": _sha256(eval_data),
+                "sha256": file_sha256(eval_data),
                 "max_tokens": eval_tokens,
                 "perplexity": per_layer[-1],
                 "layer_perplexity": per_layer,
