@@ -49,13 +49,13 @@ def main(path: str) -> None:
         names = [n for n in SHOWN if n in ev["summary"]]
         trs = ev["transitions"]
         print(f"\n### Label `{kind}`: F1 at the threshold chosen on the select split (test tokens)\n")
-        head = "| transition | note change | ours change | note r | ours r | ours r (delta l+1) |"
+        head = "| transition | note change | ours change | note r | ours r | ours r (‖delta‖ of block l+1) |"
         head += " trivial F1 |"
         head += " note delta-norm | note linear | note delta-MLP | " + " | ".join(names) + " |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for i, t in enumerate(trs):
-            note = i < len(NOTE["r"]) and kind == "next"
+            note = i < len(NOTE["r"]) and kind in ("next", "kept")
             cells = [
                 t["transition"],
                 f"{NOTE['change_rate'][i]:.1f}%" if note else "",
@@ -74,7 +74,7 @@ def main(path: str) -> None:
         s = ev["summary"]
         triv = s[names[0]]["mean_trivial_f1"]
         mean_cells = ["**mean**", "", "", "", "", "", pct(triv)]
-        if kind == "next":
+        if kind in ("next", "kept"):
             mean_cells += [f"{NOTE_MEAN[k]:.1f}%" for k in ("delta-norm", "linear", "delta-mlp")]
         else:
             mean_cells += ["", "", ""]
@@ -102,8 +102,7 @@ def main(path: str) -> None:
             print(
                 f"| {t['transition']} | "
                 + " | ".join(
-                    f"{t['measures'][n]['auroc']:.3f}" if t["measures"][n]["auroc"] is not None else "-"
-                    for n in names
+                    f"{t['measures'][n]['auroc']:.3f}" if t["measures"][n]["auroc"] is not None else "-" for n in names
                 )
                 + " |"
             )

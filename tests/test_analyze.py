@@ -75,7 +75,7 @@ def test_cli_writes_json_and_plots(model_dir, text_file, tmp_path, capsys):
     code = main(
         [
             "analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "384",
-            "--window", "32", "--label", "both", "--measures", "delta-norm,softmax-max,linear",
+            "--window", "32", "--label", "all", "--measures", "delta-norm,softmax-max,linear",
             "--json", str(out_json), "--plots", str(plots), "--quiet",
         ]
     )  # fmt: skip
@@ -83,10 +83,15 @@ def test_cli_writes_json_and_plots(model_dir, text_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "AUROC" in out and "trivial" in out and "oracle" in out
     data = json.loads(out_json.read_text())
-    assert set(data["labels"]) == {"next", "final"}
+    assert set(data["labels"]) == {"next", "final", "kept"}
     assert set(data["labels"]["next"]["summary"]) == {"delta-norm", "softmax-max", "linear"}
+    # 'kept' scores transition l→l+1 from block l+1: decision layers 2..L
+    assert [t["layer"] for t in data["labels"]["kept"]["transitions"]] == [2, 3, 4]
+    assert [t["layer"] for t in data["labels"]["next"]["transitions"]] == [1, 2, 3]
     pngs = sorted(p.name for p in plots.iterdir())
-    assert pngs == ["delta_norm.png", "measures_final.png", "measures_next.png", "saturation.png"]
+    assert pngs == [
+        "delta_norm.png", "measures_final.png", "measures_kept.png", "measures_next.png", "saturation.png"
+    ]  # fmt: skip
     assert all((plots / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 

@@ -176,6 +176,30 @@ def test_evaluate_measures_is_per_transition_and_json_ready():
         evaluate_measures(measures, select, test, label="soon")
 
 
+def test_kept_label_scores_the_block_that_made_the_change():
+    """The research note's protocol: transition l→l+1 is scored from block l+1's own state."""
+    select, test = _random_states(seed=3), _random_states(seed=4)
+    assert test.decision_layers("next") == [0, 1, 2]
+    assert test.decision_layers("kept") == [1, 2, 3]
+    assert [s.layer for s in test.decision_states("kept")] == [1, 2, 3]
+    assert torch.equal(test.labels("kept"), test.topk_ids[:-1, :, 0] == test.topk_ids[1:, :, 0])
+    measures = {"delta-norm": get_measure("delta-norm")}
+    out = evaluate_measures(measures, select, test, label="kept")
+    assert [t["transition"] for t in out["transitions"]] == ["1→2", "2→3", "3→4"]
+    assert [t["layer"] for t in out["transitions"]] == [2, 3, 4]
+    norm = test.delta.norm(dim=-1)
+    y = test.labels("kept")
+    for i, t in enumerate(out["transitions"]):
+        # ‖delta‖ of the block that made (or not) the change, i.e. block i+1 (0-based)
+        assert t["r_delta_change"] == pytest.approx(pearson(norm[i + 1], ~y[i]))
+        assert t["r_delta_change"] == pytest.approx(t["r_next_delta_change"])
+        # the score evaluated is (minus: small = safe) the delta norm of block i+1, not of block i
+        expected = evaluate_scores(-select.delta.norm(dim=-1)[i + 1], select.labels("kept")[i], -norm[i + 1], y[i])
+        assert t["measures"]["delta-norm"]["auroc"] == pytest.approx(expected["auroc"])
+    with pytest.raises(ValueError, match="label"):
+        test.decision_layers("soon")
+
+
 def test_layer_delta_stats():
     states = _random_states()
     stats = layer_delta_stats(states)

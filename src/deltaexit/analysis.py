@@ -77,7 +77,7 @@ def _fit_all(measures: dict[str, ConfidenceMeasure], train: StateSet, label: str
     from tqdm.auto import tqdm
 
     seconds = {}
-    states = train.decision_states()
+    states = train.decision_states(label)
     labels = list(train.labels(label))
     todo = [(n, m) for n, m in measures.items() if isinstance(m, TrainableMeasure)]
     for name, measure in tqdm(todo, desc=f"fit ({label})", disable=not progress, unit="measure"):

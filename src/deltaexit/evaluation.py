@@ -249,13 +249,16 @@ def evaluate_measures(
 
     Row ``l`` (1-based ``layer``) is the decision after block ``l``; measures read the state
     after that block (its ``h_out``, its delta, its lens). For ``next`` it predicts that block
-    ``l+1`` keeps the top-1 (transition ``l→l+1``); for ``final`` that the top-1 is final.
+    ``l+1`` keeps the top-1 (transition ``l→l+1``); for ``final`` that the top-1 is final. For
+    ``kept`` (the research note's protocol) transition ``l→l+1`` is scored from block ``l+1``'s
+    own state: did the block whose delta is read leave the top-1 unchanged.
 
     Returns:
         ``{"label", "transitions": [...], "summary": {measure: {...}}}`` where each transition
-        has ``positive_rate``, ``change_rate``, ``trivial_f1``, ``r_delta_change`` (‖delta of
-        block l‖ vs change), ``r_next_delta_change`` (‖delta of block l+1‖ vs change: looks
-        ahead, for comparison only) and ``measures`` (the output of :func:`evaluate_scores`).
+        has ``positive_rate``, ``change_rate``, ``trivial_f1``, ``r_delta_change`` (‖delta‖ of
+        the scored block vs change), ``r_next_delta_change`` (‖delta of block l+1‖ vs change: for
+        ``next``/``final`` it looks ahead, for comparison only) and ``measures`` (the output of
+        :func:`evaluate_scores`).
     """
     if label not in LABELS:
         raise ValueError(f"label must be one of {list(LABELS)}, got {label!r}")
@@ -264,24 +267,24 @@ def evaluate_measures(
     sel_y, test_y = select.labels(label), test.labels(label)
     test_norm = test.delta.norm(dim=-1)
     transitions = []
-    for layer in range(test.num_layers - 1):
-        y = test_y[layer]
+    for i, block in enumerate(test.decision_layers(label)):
+        y = test_y[i]
         change = (~y).double()
         row: dict[str, Any] = {
-            "layer": layer + 1,
-            "transition": f"{layer + 1}→{layer + 2}",
+            "layer": block + 1,
+            "transition": f"{i + 1}→{i + 2}",
             "positive_rate": float(y.double().mean()),
             "change_rate": float(change.mean()),
             "trivial_f1": trivial_f1(float(y.double().mean())),
-            "r_delta_change": pearson(test_norm[layer], change),
-            "r_next_delta_change": pearson(test_norm[layer + 1], change),
+            "r_delta_change": pearson(test_norm[block], change),
+            "r_next_delta_change": pearson(test_norm[i + 1], change),
             "measures": {},
         }
-        sel_state, test_state = select.state(layer), test.state(layer)
+        sel_state, test_state = select.state(block), test.state(block)
         for name, measure in measures.items():
             s_sel = measure.score(sel_state)
             s_test = measure.score(test_state)
-            row["measures"][name] = evaluate_scores(s_sel, sel_y[layer], s_test, y)
+            row["measures"][name] = evaluate_scores(s_sel, sel_y[i], s_test, y)
         transitions.append(row)
     summary = {}
     for name in measures:

@@ -38,7 +38,14 @@ from deltaexit.structure import find_structure
 __all__ = ["LABELS", "StateSet", "collect_states", "model_context_length", "tokenize_text"]
 
 #: The label kinds every fit and evaluation supports.
-LABELS: tuple[str, ...] = ("next", "final")
+#:
+#: - ``next``: the decision after block ``l`` predicts that block ``l+1`` keeps the lens top-1
+#:   (causal: the state scored is known when the exit is decided).
+#: - ``final``: the decision after block ``l`` predicts that the top-1 is already the final one.
+#: - ``kept``: block ``l`` itself left the top-1 unchanged, scored from block ``l``'s own state
+#:   (its ``h_in``, ``h_out`` and delta): the research note's protocol, which detects the change a
+#:   block made rather than predicting the next one. Decisions after blocks ``1 .. L-1``.
+LABELS: tuple[str, ...] = ("next", "final", "kept")
 
 
 @dataclass
@@ -96,8 +103,12 @@ class StateSet:
         return self._saturation
 
     def labels(self, kind: str = "next") -> torch.Tensor:
-        """``[L-1, N]`` bool: row ``l`` is True where exiting after block ``l`` is safe."""
-        if kind == "next":
+        """``[L-1, N]`` bool, row ``i`` for the state after block ``decision_layers(kind)[i]``.
+
+        ``next``/``final``: True where exiting after block ``i`` is safe. ``kept``: True where
+        block ``i+1`` left the lens top-1 unchanged (the same tensor as ``next``, scored one block later).
+        """
+        if kind in ("next", "kept"):
             return self.saturation.stable
         if kind == "final":
             return self.saturation.saturated[:-1]
@@ -116,9 +127,16 @@ class StateSet:
             topk_probs=self.topk_probs[layer],
         )
 
-    def decision_states(self) -> list[LayerState]:
-        """States after blocks ``0 .. L-2`` (the blocks after which an exit can be decided)."""
-        return [self.state(layer) for layer in range(self.num_layers - 1)]
+    def decision_layers(self, kind: str = "next") -> list[int]:
+        """Blocks (0-based) whose states are scored for label ``kind``: ``0 .. L-2``, or ``1 .. L-1`` for ``kept``."""
+        if kind not in LABELS:
+            raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
+        first = 1 if kind == "kept" else 0
+        return list(range(first, first + self.num_layers - 1))
+
+    def decision_states(self, kind: str = "next") -> list[LayerState]:
+        """States after the blocks of :meth:`decision_layers` (aligned with the rows of :meth:`labels`)."""
+        return [self.state(layer) for layer in self.decision_layers(kind)]
 
     def subset(self, index: torch.Tensor) -> StateSet:
         """The tokens at ``index`` (a bool mask or long indices over ``N``)."""

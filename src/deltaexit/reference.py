@@ -112,7 +112,13 @@ def build_preset(
     if not data.is_file():
         raise FileNotFoundError(f"training data {str(data)!r} not found: pass data=PATH to valid.txt")
     s = PRESETS[preset]
-    train = TrainConfig(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup=s.get("warmup", 30))
+    train = TrainConfig(
+        steps=s["steps"],
+        batch_size=s["batch_size"],
+        lr=s["lr"],
+        warmup=s.get("warmup", 30),
+        threads=s.get("threads", 1),
+    )
     shape = {k: s[k] for k in ("vocab", "hidden", "heads", "ffn", "layers", "context")}
     train_reference(data, out, train=train, recipe=get_recipe(s["recipe"]), eval_data=None, progress=progress, **shape)
     return out

@@ -27,7 +27,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="test tokens (default 65536)")
     parser.add_argument("--fit-data", default=None, help="text file to fit on (default: --data after the test tokens)")
     parser.add_argument("--fit-tokens", type=int, default=None, help="fit tokens (default: --tokens)")
-    parser.add_argument("--label", choices=["next", "final", "both"], default="next")
+    parser.add_argument(
+        "--label",
+        choices=["next", "final", "kept", "both", "all"],
+        default="next",
+        help=(
+            "next: after block l, will block l+1 keep the top-1; final: is the top-1 already final; "
+            "kept: did block l keep the top-1, scored from block l's own delta (the research note's protocol); "
+            "both = next + final; all = the three"
+        ),
+    )
     parser.add_argument("--measures", default=None, help="comma-separated display names (default: all)")
     parser.add_argument("--window", type=int, default=None, help="tokens per window (default min(256, context))")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward")
@@ -83,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     text = _read_text(args.data)
     fit_text = _read_text(args.fit_data) if args.fit_data else None
     model, tokenizer = load_model_and_tokenizer(args.model)
-    labels = ["next", "final"] if args.label == "both" else [args.label]
+    labels = {"both": ["next", "final"], "all": ["next", "final", "kept"]}.get(args.label, [args.label])
     measures = [m.strip() for m in args.measures.split(",") if m.strip()] if args.measures else None
     result = dx.analyze(
         model,

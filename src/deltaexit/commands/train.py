@@ -28,6 +28,7 @@ _DEFAULTS = {
     "lr": 3e-3,
     "warmup": 30,
     "recipe": "plain",
+    "threads": 1,
 }
 
 
@@ -63,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (default 1: fastest on a shared machine; bit-identical results for a fixed count)",
+        help="torch threads (default 1, or the preset's; bit-identical results for a fixed count)",
     )
     rec = parser.add_argument_group("recipe")
     rec.add_argument("--recipe", choices=["plain", "layerskip"], help="training recipe (default plain)")
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=min(s["warmup"], s["steps"]),
         seed=args.seed,
         minutes=args.minutes,
-        threads=args.threads,
+        threads=s["threads"],
     )
     report = train_reference(
         data,

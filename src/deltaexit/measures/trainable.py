@@ -175,8 +175,8 @@ class TrainableMeasure(ConfidenceMeasure):
         hidden_units = self.default_hidden_units if hidden_units is None else int(hidden_units)
         if hidden_units < 0:
             raise ValueError(f"hidden_units must be >= 0, got {hidden_units}")
-        if label not in ("next", "final"):
-            raise ValueError(f"label must be 'next' or 'final', got {label!r}")
+        if label not in ("next", "final", "kept"):
+            raise ValueError(f"label must be 'next', 'final' or 'kept', got {label!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         self.features = features
