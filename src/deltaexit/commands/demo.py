@@ -125,9 +125,7 @@ def _verify_on_v2(prompt, kw) -> None:
     kw = {**kw, "max_new_tokens": max(kw["max_new_tokens"], 32)}
     # Draft from block 2 always (threshold -inf: a cheap measure that never blocks the exit); the full
     # model verifies every draft, so the output stays exactly model.generate's.
-    ee = dx.EarlyExit(
-        model, "delta-norm", float("-inf"), kv="verify", min_exit_layer=2, num_draft=8, adaptive_draft=True
-    )
+    ee = dx.EarlyExit(model, "delta-norm", float("-inf"), kv="verify", min_exit_layer=2, num_draft=4)
     with torch.no_grad():
         model.generate(prompt, **kw)  # warm-up
         ee.generate(prompt, **kw)
