@@ -32,20 +32,10 @@ from torch import nn
 from deltaexit.collector import collect
 from deltaexit.lens import Lens
 from deltaexit.measures.base import LayerState
-from deltaexit.saturation import Saturation, saturation_from_topk
+from deltaexit.saturation import LABELS, Saturation, saturation_from_topk
 from deltaexit.structure import find_structure
 
 __all__ = ["LABELS", "StateSet", "collect_states", "model_context_length", "tokenize_text"]
-
-#: The label kinds every fit and evaluation supports.
-#:
-#: - ``next``: the decision after block ``l`` predicts that block ``l+1`` keeps the lens top-1
-#:   (causal: the state scored is known when the exit is decided).
-#: - ``final``: the decision after block ``l`` predicts that the top-1 is already the final one.
-#: - ``kept``: block ``l`` itself left the top-1 unchanged, scored from block ``l``'s own state
-#:   (its ``h_in``, ``h_out`` and delta): the research note's protocol, which detects the change a
-#:   block made rather than predicting the next one. Decisions after blocks ``1 .. L-1``.
-LABELS: tuple[str, ...] = ("next", "final", "kept")
 
 
 @dataclass

@@ -22,7 +22,17 @@ import torch
 from deltaexit.collector import Trace, TraceError
 from deltaexit.lens import Lens
 
-__all__ = ["Saturation", "saturation", "saturation_from_topk"]
+__all__ = ["LABELS", "Saturation", "saturation", "saturation_from_topk"]
+
+#: The label kinds every fit and evaluation supports.
+#:
+#: - ``next``: the decision after block ``l`` predicts that block ``l+1`` keeps the lens top-1
+#:   (causal: the state scored is known when the exit is decided).
+#: - ``final``: the decision after block ``l`` predicts that the top-1 is already the final one.
+#: - ``kept``: block ``l`` itself left the top-1 unchanged, scored from block ``l``'s own state
+#:   (its ``h_in``, ``h_out`` and delta): the research note's protocol, which detects the change a
+#:   block made rather than predicting the next one. Decisions after blocks ``1 .. L-1``.
+LABELS: tuple[str, ...] = ("next", "final", "kept")
 
 
 def _suffix_all(x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from torch import nn
 
 from deltaexit.io import atomic_path, atomic_write_json
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure, register_measure
+from deltaexit.saturation import LABELS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -175,8 +176,8 @@ class TrainableMeasure(ConfidenceMeasure):
         hidden_units = self.default_hidden_units if hidden_units is None else int(hidden_units)
         if hidden_units < 0:
             raise ValueError(f"hidden_units must be >= 0, got {hidden_units}")
-        if label not in ("next", "final", "kept"):
-            raise ValueError(f"label must be 'next', 'final' or 'kept', got {label!r}")
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {list(LABELS)}, got {label!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         self.features = features
