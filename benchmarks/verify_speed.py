@@ -1,9 +1,10 @@
 """Lossless self-speculation (`kv="verify"`) against `model.generate` over several prompts, batch 1.
 
 For each setting (draft layer, draft budget, adaptive or not) and each prompt: one warm-up, then
-``--repeats`` alternated (`model.generate`, `EarlyExit.generate`) pairs; the prompt's speed is the
-median of the pair ratios and the setting's speed the median over prompts. Every output is checked
-to equal `model.generate`'s (greedy). Prints one JSON line per setting and, with ``--json``, writes them all.
+``--repeats`` alternated (`model.generate`, `EarlyExit.generate`) pairs (``generate_speed.paired``);
+the prompt's speed is the inverse of the median pair time ratio and the setting's speed the median
+over prompts. Every output is checked to equal `model.generate`'s (greedy). Prints one JSON line
+per setting and, with ``--json``, writes them all.
 
 Usage:
     python benchmarks/verify_speed.py --model DIR --settings 2:4 2:8:adaptive 4:4 6:4 \\
@@ -15,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from generate_speed import paired
 
 import deltaexit as dx
 
@@ -66,18 +67,15 @@ def main() -> None:
         speeds, accepted, drafted, identical = [], 0, 0, True
         for ids in prompts:
             with torch.no_grad():
-                model.generate(ids, **kw)
+                full = model.generate(ids, **kw)  # warm-up, and the reference output
                 ee.generate(ids, **kw)
-                ratios = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    full = model.generate(ids, **kw)
-                    t_full = time.perf_counter() - start
-                    start = time.perf_counter()
-                    out = ee.generate(ids, return_dict_in_generate=True, **kw)
-                    ratios.append(t_full / (time.perf_counter() - start))
+                time_ratio, _, out = paired(
+                    lambda ids=ids: model.generate(ids, **kw),
+                    lambda ids=ids, ee=ee: ee.generate(ids, return_dict_in_generate=True, **kw),
+                    args.repeats,
+                )
             identical &= bool(torch.equal(out.sequences, full))
-            speeds.append(statistics.median(ratios))
+            speeds.append(1.0 / time_ratio)
             accepted += out.stats.accepted
             drafted += out.stats.drafted
         row = {
