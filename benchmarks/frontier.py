@@ -45,7 +45,7 @@ from deltaexit.saturation import saturation_from_topk
 
 DEFAULT_MEASURES = (
     "softmax-max", "softmax-gap", "state-cosine", "delta-norm", "delta-ratio",
-    "linear", "delta-mlp", "hdelta-mlp",
+    "linear", "delta-mlp", "hdelta-mlp", "lens-mlp",
 )  # fmt: skip
 
 

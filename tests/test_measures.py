@@ -33,6 +33,7 @@ BUILT_IN = (
     "linear",
     "delta-mlp",
     "hdelta-mlp",
+    "lens-mlp",
 )
 SIMPLE = ("state-cosine", "delta-norm", "delta-ratio")
 TRAINABLE = (

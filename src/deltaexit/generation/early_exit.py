@@ -418,6 +418,7 @@ class EarlyExit:
         states = [hidden] if keep_states else None
         stats = run.stats
         depth, h, all_exited = 0, hidden, False
+        prev_logits: torch.Tensor | None = None
         for layer in range(max_depth):
             out = self.runner.run_block(layer, h, calls[layer])
             stats.blocks_run += 1
@@ -430,6 +431,7 @@ class EarlyExit:
             if states is not None:
                 states.append(h)
             threshold = thresholds[layer]
+            logits_in, prev_logits = prev_logits, None  # valid only for the block right after the one scored
             if exits and self.min_exit_layer <= depth < self.num_layers and threshold != math.inf:
                 state = LayerState(
                     layer=layer,
@@ -437,8 +439,10 @@ class EarlyExit:
                     h_in=h_prev[:, -1],
                     num_layers=self.num_layers,
                     lens=self.lens,
+                    _logits_in=logits_in,  # the previous layer's lens of this h_in, when a measure made it
                 )
                 score = self.measure.score(state)
+                prev_logits = state._logits
                 stats.measure_calls += 1
                 if torch.isnan(score).any():
                     raise ValueError(f"the measure {self.measure!r} returned NaN at layer {depth}")

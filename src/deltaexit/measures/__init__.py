@@ -7,6 +7,7 @@ Built in (higher score = safer to exit):
 - ``delta-norm`` (``-‖delta‖``), ``delta-ratio`` (``-‖delta‖/‖h_in‖``).
 - ``linear``: logistic exit classifier (on ``delta`` by default, or ``h``).
 - ``delta-mlp``: small MLP on the delta; ``hdelta-mlp``: MLP on ``[h, delta]``.
+- ``lens-mlp``: small MLP on logit-lens summary features and their change over the last block.
 
 Example:
     >>> from deltaexit.measures import available_measures
@@ -28,9 +29,11 @@ from deltaexit.measures.trainable import (
     DeltaMLP,
     ExitNet,
     HDeltaMLP,
+    LensMLP,
     LinearExit,
     MeasureFileError,
     TrainableMeasure,
+    lens_features,
     load_measure,
 )
 
@@ -43,6 +46,7 @@ __all__ = [
     "ExitNet",
     "HDeltaMLP",
     "LayerState",
+    "LensMLP",
     "LinearExit",
     "MeasureFileError",
     "SoftmaxGap",
@@ -52,6 +56,7 @@ __all__ = [
     "available_measures",
     "block_flops_per_token",
     "get_measure",
+    "lens_features",
     "load_measure",
     "measure_cost",
     "register_measure",

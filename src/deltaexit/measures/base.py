@@ -53,6 +53,7 @@ class LayerState:
     topk_probs: torch.Tensor | None = None
     _delta: torch.Tensor | None = field(default=None, repr=False)
     _logits: torch.Tensor | None = field(default=None, repr=False)
+    _logits_in: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -71,6 +72,21 @@ class LayerState:
                 raise ValueError("this measure needs the lens; build the state with lens=dx.Lens.from_model(model)")
             self._logits = self.lens(self.h_out)
         return self._logits
+
+    @property
+    def logits_in(self) -> torch.Tensor:
+        """Lens logits of ``h_in`` (the previous layer's lens; computed once).
+
+        The early-exit loop passes the previous layer's logits in, so a measure that compares
+        consecutive layers pays one lens call per layer, not two.
+        """
+        if self._logits_in is None:
+            if self.h_in is None:
+                raise ValueError("this measure needs h_in (the state before the block)")
+            if self.lens is None:
+                raise ValueError("this measure needs the lens; build the state with lens=dx.Lens.from_model(model)")
+            self._logits_in = self.lens(self.h_in)
+        return self._logits_in
 
 
 _REGISTRY: dict[str, type[ConfidenceMeasure]] = {}

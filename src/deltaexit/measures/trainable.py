@@ -41,12 +41,15 @@ from deltaexit.saturation import LABELS
 
 __all__ = [
     "FORMAT_VERSION",
+    "LENS_FEATURE_NAMES",
     "DeltaMLP",
     "ExitNet",
     "HDeltaMLP",
+    "LensMLP",
     "LinearExit",
     "MeasureFileError",
     "TrainableMeasure",
+    "lens_features",
     "load_measure",
 ]
 
@@ -58,7 +61,58 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "delta": ("delta",),
     "h": ("h_out",),
     "h+delta": ("h_out", "delta"),
+    "lens": ("h_in", "h_out"),
 }
+_LENS_CHUNK = 4096  # tokens per lens call when lens features are computed for many tokens at once
+#: Names of the columns :func:`lens_features` returns (``k = 4``).
+LENS_FEATURE_NAMES: tuple[str, ...] = (
+    "p1", "p2", "p3", "p4", "p1_minus_p2", "entropy", "log_p1",
+    "prev_top1_same", "prev_p_of_top1", "p_of_prev_top1", "kl_to_prev",
+    "delta_norm", "h_out_norm", "cos_h_in_h_out",
+)  # fmt: skip
+
+
+def lens_features(state: LayerState, k: int = 4) -> torch.Tensor:
+    """Summary features of the logit lens after block ``l`` and of its change from block ``l - 1``.
+
+    Columns (:data:`LENS_FEATURE_NAMES` for ``k = 4``): the top-``k`` lens probabilities, top-1 minus
+    top-2, entropy, log-probability of the top-1; whether the previous layer's lens (of ``h_in``) had
+    the same top-1, the previous layer's probability of the current top-1, the current probability
+    of the previous top-1, ``KL(current || previous)``; ``‖delta‖``, ``‖h_out‖`` and
+    ``cos(h_in, h_out)``. These are what CALM's softmax response and "Looking Beyond the Top-1"
+    read off the lens, plus how the prediction moved in the last block.
+
+    Returns:
+        ``[..., 2k + 6]`` float32.
+    """
+    if state.h_in is None:
+        raise ValueError("lens features need h_in (the state before the block)")
+    logp = torch.log_softmax(state.logits.float(), dim=-1)
+    if logp.shape[-1] < k:
+        raise ValueError(f"lens features need a vocabulary of at least {k} tokens, got {logp.shape[-1]}")
+    probs = logp.exp()
+    top = probs.topk(k, dim=-1)
+    top1 = top.indices[..., :1]
+    logp_prev = torch.log_softmax(state.logits_in.float(), dim=-1)
+    prev_top1 = logp_prev.argmax(dim=-1, keepdim=True)
+    h_in, h_out = state.h_in.float(), state.h_out.float()
+    delta = h_out - h_in
+    return torch.cat(
+        [
+            top.values,
+            top.values[..., :1] - top.values[..., 1:2],
+            -(probs * logp).sum(dim=-1, keepdim=True),
+            logp.gather(-1, top1),
+            (prev_top1 == top1).float(),
+            logp_prev.gather(-1, top1).exp(),
+            probs.gather(-1, prev_top1),
+            (probs * (logp - logp_prev)).sum(dim=-1, keepdim=True),
+            delta.norm(dim=-1, keepdim=True),
+            h_out.norm(dim=-1, keepdim=True),
+            torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)[..., None],
+        ],
+        dim=-1,
+    )
 
 
 class MeasureFileError(ValueError):
@@ -138,6 +192,9 @@ class TrainableMeasure(ConfidenceMeasure):
         val_fraction: Tail share of each layer's tokens held out for early stopping.
         patience: Epochs without held-out improvement before stopping.
         seed: Seed of the initialisation and the batch order.
+        class_weight: ``"balanced"`` (default) weighs each layer's positives and negatives equally, so
+            the score ranks tokens within a layer; ``None`` keeps the natural label rates, so the score
+            is the log-odds of the posterior and one threshold means the same risk at every layer.
         verbose: Print the held-out loss per epoch.
 
     Fitted attributes:
@@ -168,16 +225,24 @@ class TrainableMeasure(ConfidenceMeasure):
         val_fraction: float = 0.15,
         patience: int = 4,
         seed: int = 0,
+        class_weight: str | None = "balanced",
         verbose: bool = False,
     ) -> None:
         features = self.default_features if features is None else features
         if features not in FEATURE_SETS:
             raise ValueError(f"features must be one of {list(FEATURE_SETS)}, got {features!r}")
+        if (features == "lens") != (self.default_features == "lens"):
+            raise ValueError(
+                f"{self.name}: features={features!r} is not available here; lens features are the "
+                "'lens-mlp' measure's (it reads the lens), the others take 'delta', 'h' or 'h+delta'"
+            )
         hidden_units = self.default_hidden_units if hidden_units is None else int(hidden_units)
         if hidden_units < 0:
             raise ValueError(f"hidden_units must be >= 0, got {hidden_units}")
         if label not in LABELS:
             raise ValueError(f"label must be one of {list(LABELS)}, got {label!r}")
+        if class_weight not in ("balanced", None):
+            raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         self.features = features
@@ -191,6 +256,7 @@ class TrainableMeasure(ConfidenceMeasure):
         self.val_fraction = float(val_fraction)
         self.patience = int(patience)
         self.seed = int(seed)
+        self.class_weight = class_weight
         self.verbose = bool(verbose)
         self.inputs = FEATURE_SETS[features]  # type: ignore[misc]
 
@@ -209,6 +275,7 @@ class TrainableMeasure(ConfidenceMeasure):
             "val_fraction": self.val_fraction,
             "patience": self.patience,
             "seed": self.seed,
+            "class_weight": self.class_weight,
         }
 
     @property
@@ -232,6 +299,8 @@ class TrainableMeasure(ConfidenceMeasure):
 
     # -- features ----------------------------------------------------------------------------------
     def _raw_features(self, state: LayerState) -> torch.Tensor:
+        if self.features == "lens":
+            return lens_features(state)
         parts = []
         for name in self.inputs:
             if name == "delta":
@@ -310,9 +379,13 @@ class TrainableMeasure(ConfidenceMeasure):
         tx, ty, tr = torch.cat(train_x), torch.cat(train_y), torch.cat(train_r)
         vx, vy, vr = torch.cat(val_x), torch.cat(val_y), torch.cat(val_r)
 
-        # Class-balanced weights per layer: positives and negatives weigh half each.
+        # Class-balanced weights per layer: positives and negatives weigh half each. Without them
+        # (class_weight=None) the logit estimates the posterior P(safe | state), comparable across layers.
         rate = torch.tensor(rates, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
-        w_pos, w_neg = 0.5 / rate, 0.5 / (1 - rate)
+        if self.class_weight == "balanced":
+            w_pos, w_neg = 0.5 / rate, 0.5 / (1 - rate)
+        else:
+            w_pos, w_neg = torch.ones_like(rate), torch.ones_like(rate)
 
         def weights(y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             return torch.where(y, w_pos[r], w_neg[r])
@@ -562,3 +635,65 @@ class HDeltaMLP(TrainableMeasure):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("features", "h+delta")
         super().__init__(**kwargs)
+
+
+@register_measure
+class LensMLP(TrainableMeasure):
+    """A small MLP on logit-lens summary features (:func:`lens_features`): CALM's learned classifier
+    fed what the softmax response, "Looking Beyond the Top-1" and state propagation look at, plus how
+    the lens's prediction moved in the last block.
+
+    Defaults to ``class_weight=None``: the score is then the log-odds of the posterior "safe to exit",
+    so one threshold means about the same risk at every layer (class-balanced fits rank tokens within
+    a layer but shift the scale from layer to layer). Costs one lens call per scored layer: the
+    early-exit loop hands the previous layer's lens logits on; only the first scored layer of a step
+    also runs the lens on its ``h_in``.
+
+    Example:
+        >>> m = get_measure("lens-mlp")                        # doctest: +SKIP
+        >>> m.fit(states, labels)                              # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "lens-mlp"
+    needs_lens: ClassVar[bool] = True
+    default_features: ClassVar[str] = "lens"
+    default_hidden_units: ClassVar[int] = 64
+    inputs: ClassVar[tuple[str, ...]] = ("h_in", "h_out")
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("features", "lens")
+        kwargs.setdefault("class_weight", None)
+        if kwargs["features"] != "lens":
+            raise ValueError(f"lens-mlp reads lens features only (features='lens'), got {kwargs['features']!r}")
+        super().__init__(**kwargs)
+
+    def _raw_features(self, state: LayerState) -> torch.Tensor:
+        """Lens features, in chunks of tokens so a fit on many tokens never holds all their logits."""
+        h_out = state.h_out.reshape(-1, state.h_out.shape[-1])
+        if h_out.shape[0] <= _LENS_CHUNK:
+            return lens_features(state)
+        if state.h_in is None:
+            raise ValueError("lens features need h_in (the state before the block)")
+        h_in = state.h_in.reshape(-1, state.h_in.shape[-1])
+        parts = []
+        for start in range(0, h_out.shape[0], _LENS_CHUNK):
+            part = slice(start, start + _LENS_CHUNK)
+            chunk = LayerState(layer=state.layer, h_out=h_out[part], h_in=h_in[part], lens=state.lens)
+            if state._logits is not None:
+                chunk._logits = state._logits.reshape(-1, state._logits.shape[-1])[part]
+            if state._logits_in is not None:
+                chunk._logits_in = state._logits_in.reshape(-1, state._logits_in.shape[-1])[part]
+            parts.append(lens_features(chunk))
+        return torch.cat(parts).reshape(*state.h_out.shape[:-1], -1)
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        from deltaexit.measures.simple import _lens_head_flops
+
+        n_in = len(LENS_FEATURE_NAMES)
+        h = self.hidden_units
+        head = _lens_head_flops(hidden_size, vocab_size)
+        # log-softmax of both layers' logits, top-k, gathers, entropy and KL over the vocabulary
+        lens_stats = 14.0 * vocab_size
+        states = 10.0 * hidden_size  # delta, two norms, cosine
+        mlp = 2.0 * n_in + 2.0 * n_in * h + 12.0 * h + 1.0
+        return head + lens_stats + states + mlp
