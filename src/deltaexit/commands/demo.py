@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-DEMO_MEASURES = ("softmax-max", "state-cosine", "delta-norm", "linear", "delta-mlp", "hdelta-mlp")
+DEMO_MEASURES = ("softmax-max", "state-cosine", "delta-norm", "linear", "delta-mlp", "hdelta-mlp", "lens-mlp")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
