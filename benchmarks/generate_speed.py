@@ -23,8 +23,10 @@ import torch
 
 import deltaexit as dx
 from deltaexit.generation import EarlyExit
+from deltaexit.generation import kv as kv_policies
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
 from deltaexit.measures.cost import block_flops_per_token
+from deltaexit.structure import query_projection
 from deltaexit.testing import tiny_model
 
 
@@ -38,9 +40,15 @@ class FixedScore(ConfidenceMeasure):
 
 
 def qkv_flops(model) -> float:
-    """FLOPs per token of block 0's q/k/v projections (what a K/V-only call of ``propagate`` runs)."""
+    """FLOPs per token of what a K/V-only call of ``propagate`` runs in block 0: the k/v projections, and the q
+    projection too where it is fused with them or the query skip is off (``deltaexit.generation.kv.QUERY_SKIP``)."""
+    block = dx.find_structure(model).blocks[0]
+    found = query_projection(block) if kv_policies.QUERY_SKIP else None
+    skipped = {id(p) for p in found[0]._modules[found[1]].parameters()} if found is not None else set()
     total = 0.0
-    for name, p in dx.find_structure(model).blocks[0].named_parameters():
+    for name, p in block.named_parameters():
+        if id(p) in skipped:
+            continue
         if p.dim() == 2 and any(k in name for k in ("q_proj", "k_proj", "v_proj", "qkv", "c_attn", "query_key_value")):
             total += 2.0 * p.numel()
     return total
@@ -229,6 +237,7 @@ def main() -> None:
         "adaptive_draft": args.adaptive_draft,
         "head_block_equivalents": head_blocks,
         "kv_only_block_equivalents": kv_only_blocks,
+        "query_skip": kv_policies.QUERY_SKIP,  # K/V-only calls skip a separate q projection (DELTAEXIT_NO_QSKIP=1: off)
         "results": results,
     }
     print(json.dumps(summary))

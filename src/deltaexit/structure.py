@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ModelStructure", "StructureError", "find_structure", "resolve_module"]
+__all__ = ["ModelStructure", "StructureError", "find_structure", "query_projection", "resolve_module"]
 
 #: Attribute names that hold the final norm in common architectures.
 FINAL_NORM_NAMES: tuple[str, ...] = (
@@ -40,6 +40,15 @@ FINAL_NORM_NAMES: tuple[str, ...] = (
 )
 #: Attribute names of modules applied after the final norm and before the head.
 POST_NORM_NAMES: tuple[str, ...] = ("project_out",)
+#: Attribute names of separate query/key/value projections inside an attention module (query first).
+QKV_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("query_proj", "key_proj", "value_proj"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("wq", "wk", "wv"),
+    ("q", "k", "v"),
+)
 #: Config attributes that scale or cap the logits, in the order models apply them.
 _LOGIT_CONFIG_ATTRS: tuple[str, ...] = ("logit_scale", "logits_scaling", "final_logit_softcapping")
 
@@ -67,6 +76,37 @@ def resolve_module(model: nn.Module, path: str | nn.Module | None) -> nn.Module 
         return model.get_submodule(path)
     except AttributeError as exc:
         raise StructureError(f"model has no submodule {path!r}. {_OVERRIDE_HINT}") from exc
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    """A linear-like layer: a module with integer ``in_features`` and ``out_features``."""
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int
+    )
+
+
+def query_projection(block: nn.Module) -> tuple[nn.Module, str] | None:
+    """The separate query projection of a decoder block's attention, as ``(attention module, attribute name)``.
+
+    Found by structure: the one submodule of ``block`` that holds a query, a key and a value projection as three
+    separate linear layers (``in_features``/``out_features``, same input width) under one of the name triples in
+    :data:`QKV_NAMES`. None when there is no such module (fused projections such as GPT-2's ``c_attn``, Phi-3's
+    ``qkv_proj`` or Falcon's ``query_key_value``) or more than one (e.g. self- and cross-attention).
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> attn, name = query_projection(find_structure(tiny_model("llama")).blocks[0])
+        >>> type(attn).__name__, name
+        ('LlamaAttention', 'q_proj')
+    """
+    found: list[tuple[nn.Module, str]] = []
+    for module in block.modules():
+        for names in QKV_NAMES:
+            projs = [module._modules.get(n) for n in names]
+            if all(_is_linear(p) for p in projs) and len({p.in_features for p in projs}) == 1:  # type: ignore[union-attr]
+                found.append((module, names[0]))
+                break
+    return found[0] if len(found) == 1 else None
 
 
 def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:

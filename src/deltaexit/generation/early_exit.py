@@ -494,6 +494,7 @@ class EarlyExit:
                     run.cache,
                     layer,
                     lambda layer=layer: self.runner.run_block(layer, h_exit, res.calls[layer]),
+                    block=self.runner.blocks[layer],
                 )
                 run.stats.kv_only_calls += 1
         token, _ = run.choose(run.input_ids, res.logits_fn())

@@ -8,6 +8,12 @@ Policies (``kv=``):
 * ``"verify"`` (LayerSkip self-speculation): early exits only draft; the full model verifies the drafts in one
   pass that shares the draft's cache for the shallow layers, and the cache is cropped on rejection.
 
+``propagate``'s K/V-only calls skip the query projection where the block's attention has a separate one
+(:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for a stand-in that
+returns zeros of the right shape, since the queries are never used. The keys/values stored are bit-for-bit those
+of the full projection and the model is restored after every call. :data:`QUERY_SKIP` (or ``DELTAEXIT_NO_QSKIP=1``
+in the environment before import) turns this off.
+
 Every policy keeps all layers' caches at the same length after every step. The only thing a policy needs from
 an architecture is that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a
 full-length :class:`transformers.DynamicCache` layer, which holds for every architecture in
@@ -23,15 +29,23 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from deltaexit.structure import query_projection
+
 __all__ = [
     "KV_POLICIES",
+    "QUERY_SKIP",
     "KVStored",
     "UnsupportedCacheError",
     "cache_lengths",
@@ -44,6 +58,10 @@ __all__ = [
 
 #: The KV policies early-exit generation implements.
 KV_POLICIES: tuple[str, ...] = ("verify", "propagate", "recompute")
+
+#: Skip the query projection in :func:`store_kv_only` calls given a ``block`` (the default). Assign False, or set
+#: ``DELTAEXIT_NO_QSKIP=1`` in the environment before import, to run the model's own query projection there too.
+QUERY_SKIP: bool = os.environ.get("DELTAEXIT_NO_QSKIP", "").strip() in ("", "0")
 
 
 class UnsupportedCacheError(ValueError):
@@ -116,12 +134,60 @@ def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
         cache.layers = real
 
 
-def store_kv_only(cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any]) -> None:
+class _ZeroQuery(nn.Module):
+    """Stands in for a query projection during a K/V-only call: zeros of the projection's output shape."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
+
+
+@dataclass
+class _QuerySlot:
+    """Where a block's query projection lives, the projection itself and its stand-in."""
+
+    parent: nn.Module
+    name: str
+    original: nn.Module
+    stand_in: _ZeroQuery
+
+
+_QUERY_SLOTS: weakref.WeakKeyDictionary[nn.Module, _QuerySlot | None] = weakref.WeakKeyDictionary()
+
+
+def _query_slot(block: nn.Module) -> _QuerySlot | None:
+    """The block's query-projection slot (found once and cached; found again if the projection was replaced)."""
+    if block in _QUERY_SLOTS:
+        slot = _QUERY_SLOTS[block]
+        if slot is None or slot.parent._modules.get(slot.name) is slot.original:
+            return slot
+    found = query_projection(block)
+    if found is None:
+        slot = None
+    else:
+        parent, name = found
+        original = parent._modules[name]
+        slot = _QuerySlot(parent, name, original, _ZeroQuery(int(original.out_features)))  # type: ignore[arg-type]
+    _QUERY_SLOTS[block] = slot
+    return slot
+
+
+def store_kv_only(
+    cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any], block: nn.Module | None = None
+) -> None:
     """Run ``run_block`` only until its attention has stored keys/values for ``layer_idx`` (CALM propagation).
 
     The block computes its input norm and key/value projections (and rotary embedding) exactly as usual; the
-    attention itself, the MLP and the residual update are skipped.
+    attention itself, the MLP and the residual update are skipped. Given the ``block`` module that ``run_block``
+    runs, and with :data:`QUERY_SKIP` on, its separate query projection (if it has one) is replaced by zeros for
+    the duration of the call, as the queries are never used; the original module is put back in every case.
     """
+    slot = _query_slot(block) if QUERY_SKIP and block is not None else None
     original = cache.update
 
     def update_then_stop(key_states: Any, value_states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
@@ -131,12 +197,16 @@ def store_kv_only(cache: DynamicCache, layer_idx: int, run_block: Callable[[], A
         return out
 
     cache.update = update_then_stop  # type: ignore[method-assign]
+    if slot is not None:
+        slot.parent._modules[slot.name] = slot.stand_in
     try:
         run_block()
     except KVStored:
         return
     finally:
         del cache.update
+        if slot is not None:
+            slot.parent._modules[slot.name] = slot.original
     raise UnsupportedCacheError(
         f"block {layer_idx} finished without storing keys/values through cache.update(..., layer_idx={layer_idx}); "
         "kv='propagate' is not supported for this architecture. Use kv='verify' or kv='recompute'."
