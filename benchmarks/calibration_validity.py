@@ -49,6 +49,7 @@ from deltaexit.calibration import (  # noqa: E402
     min_examples,
 )
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, available_measures, get_measure  # noqa: E402
+from deltaexit.saturation import saturation_from_topk  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 
@@ -72,6 +73,28 @@ class FallbackDeltaNorm(ConfidenceMeasure):
 
     def score(self, state: LayerState) -> torch.Tensor:
         return -state.delta.float().norm(dim=-1)
+
+
+def fit_measure(measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128, data: Path = DATA) -> None:
+    """Fit a trainable measure on ``valid.txt`` states with the ``final`` label (decision after block l)."""
+    if tokenizer is None:
+        raise RuntimeError("no tokenizer: cannot read valid.txt")
+    text = (Path(data) / "valid.txt").read_text(encoding="utf-8")
+    ids = torch.tensor(tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens])
+    ids = ids[: (ids.numel() // window) * window].reshape(-1, window)
+    lens = dx.Lens.from_model(model)
+    with torch.no_grad():
+        with dx.collect(model, capture=("h_in", "h_out"), positions="all") as trace:
+            for start in range(0, ids.shape[0], 16):
+                model(input_ids=ids[start : start + 16], use_cache=False)
+        h_in, h_out = trace.tokens("h_in"), trace.tokens("h_out")  # [L, N, H]
+        num_layers = h_out.shape[0]
+        top1 = torch.stack([lens(h_out[i]).argmax(-1) for i in range(num_layers)])
+    sat = saturation_from_topk(top1[..., None])
+    states = [LayerState(layer=i, h_out=h_out[i], h_in=h_in[i], num_layers=num_layers, lens=lens)
+              for i in range(num_layers - 1)]  # fmt: skip
+    labels = [sat.saturated[i] for i in range(num_layers - 1)]
+    measure.fit(states, labels)  # outside no_grad: the measure trains
 
 
 def resolve_measure(name: str) -> ConfidenceMeasure:
@@ -222,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-tokens", type=int, default=16384, help="valid.txt tokens a trainable measure is fitted on")
     p.add_argument("--data", type=Path, default=DATA, help="WikiText-2 directory (test.txt)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -230,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, tok, described = load_model(args.model)
     measure = resolve_measure(args.measure)
+    if getattr(measure, "requires_fit", False):
+        fit_measure(measure, model, tok, args.fit_tokens, data=args.data)
     vocab = dx.Lens.from_model(model).vocab_size
     prompts = load_prompts(
         tok, vocab, args.grid_prompts + args.pool, args.prompt_tokens, seed=args.seed, data=args.data

@@ -35,13 +35,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibration_validity import DATA, load_model, load_prompts, resolve_measure
+from calibration_validity import DATA, fit_measure, load_model, load_prompts, resolve_measure
 
 import deltaexit as dx
 from deltaexit.calibration import candidate_thresholds, continuation_table, greedy_continuations
 from deltaexit.calibration.risk import continuation_mask
-from deltaexit.measures.base import LayerState, available_measures
-from deltaexit.saturation import saturation_from_topk
+from deltaexit.measures.base import available_measures
 
 DEFAULT_MEASURES = (
     "softmax-max", "softmax-gap", "state-cosine", "delta-norm", "delta-ratio",
@@ -50,28 +49,6 @@ DEFAULT_MEASURES = (
 
 
 # -- measures -------------------------------------------------------------------------------------------
-def fit_measure(measure: Any, model: Any, tokenizer: Any, tokens: int, window: int = 128, data: Path = DATA) -> None:
-    """Fit a trainable measure on ``valid.txt`` states with the ``final`` label (decision after block l)."""
-    if tokenizer is None:
-        raise RuntimeError("no tokenizer: cannot read valid.txt")
-    text = (Path(data) / "valid.txt").read_text(encoding="utf-8")
-    ids = torch.tensor(tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens])
-    ids = ids[: (ids.numel() // window) * window].reshape(-1, window)
-    lens = dx.Lens.from_model(model)
-    with torch.no_grad():
-        with dx.collect(model, capture=("h_in", "h_out"), positions="all") as trace:
-            for start in range(0, ids.shape[0], 16):
-                model(input_ids=ids[start : start + 16], use_cache=False)
-        h_in, h_out = trace.tokens("h_in"), trace.tokens("h_out")  # [L, N, H]
-        num_layers = h_out.shape[0]
-        top1 = torch.stack([lens(h_out[i]).argmax(-1) for i in range(num_layers)])
-    sat = saturation_from_topk(top1[..., None])
-    states = [LayerState(layer=i, h_out=h_out[i], h_in=h_in[i], num_layers=num_layers, lens=lens)
-              for i in range(num_layers - 1)]  # fmt: skip
-    labels = [sat.saturated[i] for i in range(num_layers - 1)]
-    measure.fit(states, labels)  # outside no_grad: the measure trains
-
-
 def build_measures(
     names: list[str], model: Any, tokenizer: Any, fit_tokens: int, data: Path = DATA
 ) -> tuple[list[Any], dict[str, str]]:
