@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: the tiny config's, heads/2)")
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default: the tiny config's, 2*hidden)")
     ap.add_argument(
         "--model",
         default=None,
@@ -140,6 +142,8 @@ def main() -> None:
             heads=args.heads,
             vocab=args.vocab,
             max_position_embeddings=1024,
+            **({"num_key_value_heads": args.kv_heads} if args.kv_heads else {}),
+            **({"intermediate_size": args.intermediate} if args.intermediate else {}),
         )
     num_layers = dx.find_structure(model).num_layers
     vocab = model.config.vocab_size
@@ -226,7 +230,12 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps(row), flush=True)
     summary = {
-        "model": args.model or f"random {args.arch} {num_layers}x{args.hidden} vocab {vocab}",
+        "model": args.model
+        or (
+            f"random {args.arch} {num_layers}x{args.hidden} vocab {vocab}, "
+            f"{getattr(model.config, 'num_key_value_heads', args.heads)}/{args.heads} kv heads, "
+            f"FFN {getattr(model.config, 'intermediate_size', '?')}"
+        ),
         "num_layers": num_layers,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
