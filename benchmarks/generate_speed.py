@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 import deltaexit as dx
 from deltaexit.generation import EarlyExit
@@ -62,18 +63,43 @@ def cost_model(s, head_blocks: float, kv_only_blocks: float) -> float:
     return full / ours if ours else float("nan")
 
 
+class DecodeClock(BaseStreamer):
+    """A streamer that notes when the first generated token arrives (the prompt's forward is done)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt, the second the token from the prompt's forward
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 def paired(base_fn, fn, repeats):
-    """Alternate ``base_fn`` and ``fn``; the median of the per-pair time ratios (robust to load drift)."""
-    ratios, base_times, result = [], [], None
+    """Alternate ``base_fn`` and ``fn`` (each called with a streamer); medians of the per-pair time ratios.
+
+    Returns ``(whole-call time ratio, decode time ratio, median base time, last result)``. The decode time runs
+    from the first generated token (the prompt's full-depth forward, which early exit cannot shorten, is done)
+    to the return: the steps that ``stats.implied_speedup`` counts.
+    """
+    ratios, decode_ratios, base_times, result = [], [], [], None
     for _ in range(repeats):
+        base_clock, clock = DecodeClock(), DecodeClock()
         t0 = time.perf_counter()
-        base_fn()
+        base_fn(base_clock)
         t1 = time.perf_counter()
-        result = fn()
+        result = fn(clock)
         t2 = time.perf_counter()
         ratios.append((t2 - t1) / (t1 - t0))
+        if base_clock.first is not None and clock.first is not None:
+            decode_ratios.append((t2 - clock.first) / (t1 - base_clock.first))
         base_times.append(t1 - t0)
-    return statistics.median(ratios), statistics.median(base_times), result
+    decode = statistics.median(decode_ratios) if decode_ratios else float("nan")
+    return statistics.median(ratios), decode, statistics.median(base_times), result
 
 
 def oracle_mean_layer(model, sequences, prompt_len):
@@ -189,13 +215,16 @@ def main() -> None:
                 )
                 ee.generate(ids, **kw)
                 with torch.no_grad():
-                    time_ratio, base_t, out = paired(
-                        lambda ids=ids, kw=kw: model.generate(ids, **kw),
-                        lambda ee=ee, ids=ids, kw=kw: ee.generate(ids, return_dict_in_generate=True, **kw),
+                    time_ratio, decode_ratio, base_t, out = paired(
+                        lambda clock, ids=ids, kw=kw: model.generate(ids, streamer=clock, **kw),
+                        lambda clock, ee=ee, ids=ids, kw=kw: ee.generate(
+                            ids, return_dict_in_generate=True, streamer=clock, **kw
+                        ),
                         args.repeats,
                     )
                 s = out.stats
                 speed = 1.0 / time_ratio
+                decode_speed = 1.0 / decode_ratio
                 row = {
                     "batch": batch,
                     "policy": kv,
@@ -218,6 +247,13 @@ def main() -> None:
                     # FLOP cost model that also counts the LM head once per token and propagate's K/V-only calls
                     # (q/k/v projections): what a perfect implementation could reach
                     "cost_model_speedup": cost_model(s, head_blocks, kv_only_blocks),
+                    # the same over the decode steps only (from the first generated token on): the steps the
+                    # implied speed-up counts; the prompt's forward is the same full-depth pass on both sides
+                    "decode_time_ratio": decode_ratio,
+                    "decode_tokens_per_s_ratio": decode_speed,
+                    "decode_share_of_implied_speedup": decode_speed / s.implied_speedup_with_measure
+                    if s.implied_speedup_with_measure
+                    else None,
                     "agreement": float(
                         (out.sequences[:, args.prompt_len :] == ref[:, args.prompt_len :]).float().mean()
                     ),

@@ -69,9 +69,9 @@ def main() -> None:
             with torch.no_grad():
                 full = model.generate(ids, **kw)  # warm-up, and the reference output
                 ee.generate(ids, **kw)
-                time_ratio, _, out = paired(
-                    lambda ids=ids: model.generate(ids, **kw),
-                    lambda ids=ids, ee=ee: ee.generate(ids, return_dict_in_generate=True, **kw),
+                time_ratio, _, _, out = paired(
+                    lambda clock, ids=ids: model.generate(ids, streamer=clock, **kw),
+                    lambda clock, ids=ids, ee=ee: ee.generate(ids, return_dict_in_generate=True, streamer=clock, **kw),
                     args.repeats,
                 )
             identical &= bool(torch.equal(out.sequences, full))
