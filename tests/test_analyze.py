@@ -95,6 +95,25 @@ def test_cli_writes_json_and_plots(model_dir, text_file, tmp_path, capsys):
     assert all((plots / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+def test_cli_saves_fitted_measures_that_generate_can_load(model_dir, text_file, tmp_path, capsys):
+    saved = tmp_path / "measures"
+    code = main(
+        [
+            "analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "384",
+            "--window", "32", "--label", "next", "--measures", "delta-norm,linear,delta-mlp/per-layer",
+            "--save-measures", str(saved), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in (saved / "next").iterdir()) == ["delta-mlp_per-layer", "linear"]
+    capsys.readouterr()
+    loaded = dx.load_measure(saved / "next" / "delta-mlp_per-layer")
+    assert loaded.display_name == "delta-mlp/per-layer" and loaded.label == "next"
+    args = ["generate", "--model", str(model_dir), "--prompt", "The", "--max-new-tokens", "3", "--json"]
+    assert main([*args, "--measure", str(saved / "next" / "linear"), "--threshold", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["policy"] == "verify"
+
+
 def test_cli_errors_are_clear(model_dir, text_file, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")

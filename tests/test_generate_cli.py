@@ -90,3 +90,25 @@ def test_generate_command_text_and_errors(model_dir, capsys):
     assert main(["generate", "--model", model_dir, "--prompt", "Hi", "--measure", "nope"]) == 1
     assert "unknown measure" in capsys.readouterr().err
     assert main(["generate", "--model", model_dir + "/missing", "--prompt", "Hi"]) == 1
+
+
+def test_generate_command_loads_a_fitted_measure_and_refuses_an_unfitted_one(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import deltaexit as dx
+    from deltaexit.measures import LayerState, get_measure
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    lens = dx.Lens.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    states, labels = [], []
+    for layer in range(3):
+        h = torch.randn(64, model.config.hidden_size, generator=g)
+        states.append(LayerState(layer=layer, h_in=h, h_out=h * 1.1, lens=lens, num_layers=4))
+        labels.append(torch.arange(64) % 2 == 0)
+    saved = get_measure("lens-mlp", max_epochs=1).fit(states, labels).save(tmp_path / "lm")
+    args = ["generate", "--model", model_dir, "--prompt", "Hi", "--threshold", "inf", "--max-new-tokens", "2"]
+    assert main([*args, "--measure", str(saved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["mean_exit_layer"] == 4
+    assert main([*args, "--measure", "lens-mlp"]) == 1
+    assert "must be fitted first" in capsys.readouterr().err

@@ -16,9 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +107,7 @@ def analyze(
     progress: bool = False,
     fit_kwargs: dict[str, Any] | None = None,
     threads: int | None = None,
+    save_measures: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Collect, fit and evaluate every measure on a text; returns all figures as a JSON-ready dict.
 
@@ -122,6 +126,8 @@ def analyze(
         seed: Seed of every trainable measure.
         progress: tqdm bars.
         fit_kwargs: Extra keyword arguments for the trainable measures (e.g. ``max_epochs``).
+        save_measures: Directory to save every fitted measure into, as ``DIR/<label>/<name>``
+            (:meth:`~deltaexit.measures.TrainableMeasure.save`; load with ``dx.load_measure``).
         threads: torch intra-op threads for the run (restored afterwards); 1 is fastest for
             small models on a busy machine. Default: leave torch's setting.
 
@@ -137,7 +143,7 @@ def analyze(
         return _analyze(
             model, tokenizer, text, tokens=tokens, fit_text=fit_text, fit_tokens=fit_tokens, labels=labels,
             measures=measures, window=window, batch_size=batch_size, select_fraction=select_fraction,
-            seed=seed, progress=progress, fit_kwargs=fit_kwargs,
+            seed=seed, progress=progress, fit_kwargs=fit_kwargs, save_measures=save_measures,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous)
@@ -159,6 +165,7 @@ def _analyze(
     seed: int,
     progress: bool,
     fit_kwargs: dict[str, Any] | None,
+    save_measures: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     labels = list(labels)
     cost_measures = build_measures(measures, seed=seed)  # validates the names before any work
@@ -208,6 +215,10 @@ def _analyze(
     for kind in labels:
         chosen = build_measures(measures, label=kind, seed=seed, **(fit_kwargs or {}))
         timing["fit_s"][kind] = _fit_all(chosen, train, kind, progress)
+        if save_measures is not None:
+            for name, m in chosen.items():
+                if isinstance(m, TrainableMeasure):
+                    m.save(Path(save_measures) / kind / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
         start = time.perf_counter()
         results[kind] = evaluate_measures(chosen, select, test, label=kind)
         timing["evaluate_s"][kind] = time.perf_counter() - start

@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="torch threads (1 is fastest for small models on a busy machine)",
     )
+    parser.add_argument(
+        "--save-measures",
+        default=None,
+        help="save every fitted measure into DIR/<label>/<name> (for deltaexit generate --measure DIR/...)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -108,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         threads=args.threads,
+        save_measures=args.save_measures,
     )
     result["config"]["model_dir"] = str(args.model)
     result["config"]["data"] = str(args.data)
@@ -118,4 +124,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plots:
         for path in write_plots(result, args.plots):
             print(f"wrote {path}")
+    if args.save_measures:
+        print(f"saved the fitted measures under {args.save_measures}/<label>/<name>")
     return 0

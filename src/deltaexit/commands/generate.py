@@ -16,7 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="early-exit generation with per-token exit layers")
     parser.add_argument("--model", required=True, help="local model directory (from_pretrained; no downloads)")
     parser.add_argument("--prompt", required=True, help="prompt text")
-    parser.add_argument("--measure", default="delta-norm", help="registered confidence measure name")
+    parser.add_argument(
+        "--measure",
+        default="delta-norm",
+        help="registered confidence measure name, or the directory of a fitted measure (measure.save(DIR))",
+    )
     parser.add_argument("--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)")
     parser.add_argument("--kv", default="verify", choices=("verify", "propagate", "recompute"))
     parser.add_argument("--min-exit-layer", type=int, default=1)
@@ -50,10 +54,18 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     threshold = math.inf if math.isinf(args.threshold) else args.threshold
-    try:
-        measure = dx.measures.get_measure(args.measure)
-    except KeyError as exc:
-        raise ValueError(str(exc).strip('"')) from None
+    if os.path.isdir(args.measure):
+        measure = dx.measures.load_measure(args.measure, model=model)
+    else:
+        try:
+            measure = dx.measures.get_measure(args.measure)
+        except KeyError as exc:
+            raise ValueError(str(exc).strip('"')) from None
+        if getattr(measure, "requires_fit", False):
+            raise ValueError(
+                f"measure {args.measure!r} must be fitted first: fit and save it (`deltaexit analyze ... "
+                "--save-measures DIR`, or measure.fit(states, labels).save(DIR)) and pass --measure DIR/..."
+            )
     ee = dx.EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
     enc = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
