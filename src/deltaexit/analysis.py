@@ -49,6 +49,7 @@ DEFAULT_MEASURES: dict[str, tuple[str, dict[str, Any]]] = {
     "delta-mlp/per-layer": ("delta-mlp", {"per_layer": True}),
     "hdelta-mlp": ("hdelta-mlp", {}),
     "hdelta-mlp/per-layer": ("hdelta-mlp", {"per_layer": True}),
+    "lens-mlp": ("lens-mlp", {}),
 }
 #: Measures that read only the delta (and ``h_in`` for the ratio): the thesis's family.
 DELTA_BASED = ("delta-norm", "delta-ratio", "linear", "delta-mlp", "delta-mlp/per-layer")
