@@ -89,39 +89,45 @@ def best_at(points: list[dict[str, float]], agreement: float) -> dict[str, float
 @torch.no_grad()
 def generation_points(
     model: Any, prompts: list[torch.Tensor], full: torch.Tensor, measure: Any, kv: str,
-    thresholds: list[float], max_new_tokens: int, repeats: int,
+    thresholds: list[float], max_new_tokens: int, repeats: int, batch: int = 1,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Batch-1 early exit vs model.generate, interleaved per prompt."""
+    """Early exit vs model.generate on the same batches of ``batch`` prompts, interleaved per batch.
+
+    The prompts all have the same length, so a batch needs no padding; rows exit independently.
+    """
     from deltaexit.calibration.simulate import pad_token_id
 
     pad = pad_token_id(model)
     eos = getattr(model.generation_config, "eos_token_id", None)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+    groups = [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
     out = []
     for thr in thresholds:
         ee = dx.EarlyExit(model, measure=measure, threshold=thr, kv=kv)
-        warm = prompts[0][None]
+        warm = torch.stack([prompts[i] for i in groups[0]])
         model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), **kwargs)  # warm-up, untimed
         ee.generate(warm, attention_mask=torch.ones_like(warm), **kwargs)
         t_full = t_ee = 0.0
         agree = total = 0
         blocks_run = full_blocks = 0
         for _ in range(repeats):
-            for i, p in enumerate(prompts):
-                ids = p[None]
+            for group in groups:
+                ids = torch.stack([prompts[i] for i in group])
+                mask = torch.ones_like(ids)
                 t0 = time.perf_counter()
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                model.generate(input_ids=ids, attention_mask=mask, **kwargs)
                 t1 = time.perf_counter()
-                res = ee.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, **kwargs)
+                res = ee.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
                 t2 = time.perf_counter()
                 t_full += t1 - t0
                 t_ee += t2 - t1
-                new = res.sequences[0, ids.shape[1] :]
-                ref = full[i]
-                mask = continuation_mask(ref[None].clamp(min=0), eos)[0] & (ref >= 0)
-                n = min(new.numel(), ref.numel())
-                agree += int(((new[:n] == ref[:n]) & mask[:n]).sum())
-                total += int(mask.sum())
+                for row, i in enumerate(group):
+                    new = res.sequences[row, ids.shape[1] :]
+                    ref = full[i]
+                    ok = continuation_mask(ref[None].clamp(min=0), eos)[0] & (ref >= 0)
+                    n = min(new.numel(), ref.numel())
+                    agree += int(((new[:n] == ref[:n]) & ok[:n]).sum())
+                    total += int(ok.sum())
                 blocks_run += res.stats.blocks_run
                 full_blocks += res.stats.full_depth_blocks
         num_layers = res.stats.num_layers
@@ -129,6 +135,7 @@ def generation_points(
         out.append({
             "threshold": thr,
             "kv": kv,
+            "batch": batch,
             "agreement": agree / max(total, 1),
             "tokens_per_s_ratio": t_full / t_ee if t_ee else float("nan"),
             "blocks_saved": saved,
@@ -153,7 +160,7 @@ def plot(result: dict[str, Any], directory: Path) -> list[str]:
     for m, points in result["offline"].items():
         ax.plot([p["blocks_saved"] for p in points], [p["agreement"] for p in points], label=m, lw=1.4)
     markers = {"verify": "s", "propagate": "^", "recompute": "o"}
-    for g in result.get("generation", []):
+    for g in (g for g in result.get("generation", []) if g.get("batch", 1) == 1):
         ax.scatter([g["blocks_saved"]], [g["agreement"]], marker=markers.get(g["kv"], "x"), s=18, alpha=0.7)
     ax.scatter([oracle["blocks_saved"]], [1.0], marker="*", s=180, color="black", label="oracle", zorder=5)
     ax.axhline(0.99, color="grey", lw=0.6, ls="--")
@@ -169,7 +176,7 @@ def plot(result: dict[str, Any], directory: Path) -> list[str]:
     files.append(str(path))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    gen = result.get("generation", [])
+    gen = [g for g in result.get("generation", []) if g.get("batch", 1) == 1]  # batch 1 in the speed plot
     if gen:
         keys = sorted({(g["measure"], g["kv"]) for g in gen})
         for m, kv in keys:
@@ -229,14 +236,15 @@ def markdown(out: dict[str, Any], target: float) -> str:
         if gen:
             lines += [
                 "",
-                f"Generation, batch 1, {r.get('generation_prompts')} prompts, interleaved with `model.generate`:",
+                f"Generation, {r.get('generation_prompts')} prompts, interleaved with `model.generate` on the same "
+                "batches:",
                 "",
-                "| measure | KV | threshold | agreement | blocks saved | mean blocks/token | tokens/s ratio |",
-                "|---|---|---|---|---|---|---|",
+                "| measure | KV | batch | threshold | agreement | blocks saved | mean blocks/token | tokens/s ratio |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for g in gen:
                 lines.append(
-                    f"| {g['measure']} | {g['kv']} | {g['threshold']:.4g} | {g['agreement']:.1%} "
+                    f"| {g['measure']} | {g['kv']} | {g.get('batch', 1)} | {g['threshold']:.4g} | {g['agreement']:.1%} "
                     f"| {g['blocks_saved']:.1%} | {g['mean_blocks_per_token']:.2f} | {g['tokens_per_s_ratio']:.2f} |"
                 )
         elif r.get("generation_note"):
@@ -298,16 +306,18 @@ def run_model(spec: str, args: argparse.Namespace) -> dict[str, Any]:
                 b = best_at(offline[m.name], a)
                 if b and math.isfinite(b["threshold"]) and b["threshold"] not in thresholds:
                     thresholds.append(b["threshold"])
-            for kv in args.kv:
-                try:
-                    pts = generation_points(
-                        model, gen_prompts, full, m, kv, thresholds, args.max_new_tokens, args.repeats
-                    )
-                except Exception as exc:  # record, keep going
-                    result.setdefault("generation_errors", {})[f"{m.name}/{kv}"] = f"{type(exc).__name__}: {exc}"
-                    continue
-                gen += [{"measure": m.name, **p} for p in pts]
-                print(f"generated {m.name}/{kv}", file=sys.stderr)
+            for batch in args.gen_batches:
+                for kv in args.kv:
+                    try:
+                        pts = generation_points(
+                            model, gen_prompts, full, m, kv, thresholds, args.max_new_tokens, args.repeats, batch
+                        )
+                    except Exception as exc:  # record, keep going
+                        key = f"{m.name}/{kv}/batch {batch}"
+                        result.setdefault("generation_errors", {})[key] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    gen += [{"measure": m.name, **p} for p in pts]
+                    print(f"generated {m.name}/{kv}/batch {batch}", file=sys.stderr)
         result["generation"] = gen
         result["generation_prompts"] = len(gen_prompts)
     else:
@@ -334,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--target-agreement", type=float, default=0.99)
     p.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.97, 0.99, 0.999])
     p.add_argument("--gen-prompts", type=int, default=8)
+    p.add_argument(
+        "--gen-batches", type=int, nargs="+", default=[1], help="batch sizes of the generation runs (rows exit apart)"
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--fit-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=64)
