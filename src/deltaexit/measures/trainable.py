@@ -299,8 +299,6 @@ class TrainableMeasure(ConfidenceMeasure):
 
     # -- features ----------------------------------------------------------------------------------
     def _raw_features(self, state: LayerState) -> torch.Tensor:
-        if self.features == "lens":
-            return lens_features(state)
         parts = []
         for name in self.inputs:
             if name == "delta":
@@ -663,9 +661,7 @@ class LensMLP(TrainableMeasure):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("features", "lens")
         kwargs.setdefault("class_weight", None)
-        if kwargs["features"] != "lens":
-            raise ValueError(f"lens-mlp reads lens features only (features='lens'), got {kwargs['features']!r}")
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # rejects any features but "lens"
 
     def _raw_features(self, state: LayerState) -> torch.Tensor:
         """Lens features, in chunks of tokens so a fit on many tokens never holds all their logits."""
