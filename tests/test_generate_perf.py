@@ -168,3 +168,46 @@ def test_adaptive_draft_stops_drafting_when_drafts_are_rejected(model):
     assert fixed.acceptance_rate < 0.5
     assert adaptive.drafted < fixed.drafted
     assert adaptive.blocks_run < fixed.blocks_run
+
+
+class _Half(ConfidenceMeasure):
+    name = "test-perf-half"
+
+    def score(self, state):
+        return torch.full(state.h_out.shape[:-1], 0.5)
+
+
+_HOST_READS = {
+    torch.Tensor.__bool__,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+}
+
+
+class _CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts tensor-to-Python reads (each is a device sync on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kv", ["verify", "propagate", "recompute"])
+@pytest.mark.parametrize("threshold", [0.9, 0.4])  # 0.9: scored at every block, never exits; 0.4: exits at once
+def test_one_host_read_per_scored_block(model, kv, threshold):
+    """The exit decision needs one device-to-host read per scored block; the loop adds at most two per step."""
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    ee = EarlyExit(model, _Half(), threshold, kv, min_exit_layer=1)
+    with _CountHostReads() as reads:
+        out = ee.generate(ids, return_dict_in_generate=True, min_new_tokens=8, **KW)
+    steps = out.sequences.shape[1] - ids.shape[1]
+    assert out.stats.measure_calls >= steps - 1
+    assert reads.count <= out.stats.measure_calls + 2 * steps + 8, (reads.count, out.stats.measure_calls)

@@ -418,12 +418,13 @@ class EarlyExit:
         states = [hidden] if keep_states else None
         stats = run.stats
         depth, h, all_exited = 0, hidden, False
+        any_frozen = False  # whether an active row has exited (tracked on the host: no sync per block)
         prev_logits: torch.Tensor | None = None
         for layer in range(max_depth):
             out = self.runner.run_block(layer, h, calls[layer])
             stats.blocks_run += 1
             stats.token_blocks_run += n_tok
-            if freeze and exited.any():
+            if freeze and any_frozen:
                 frozen = (exited & active)[:, None, None]
                 out = torch.where(frozen, h, out)
             h_prev, h = h, out
@@ -444,10 +445,14 @@ class EarlyExit:
                 score = self.measure.score(state)
                 prev_logits = state._logits
                 stats.measure_calls += 1
-                if torch.isnan(score).any():
-                    raise ValueError(f"the measure {self.measure!r} returned NaN at layer {depth}")
                 new = (score >= threshold) & ~exited
-                if bool(new.any()):
+                # One device-to-host transfer per scored block (the exit decision needs one; a GPU pays per sync).
+                has_nan, any_new, now_all = torch.stack(
+                    (torch.isnan(score).any(), new.any(), (exited | new).all())
+                ).tolist()
+                if has_nan:
+                    raise ValueError(f"the measure {self.measure!r} returned NaN at layer {depth}")
+                if any_new:
                     exit_layer = torch.where(new, depth, exit_layer)
                     exit_state = torch.where(new[:, None], h[:, -1], exit_state)
                     if state._logits is not None:
@@ -455,7 +460,8 @@ class EarlyExit:
                         cached_logits = lg if cached_logits is None else torch.where(new[:, None], lg, cached_logits)
                         have_logits |= new
                     exited = exited | new
-                    if bool(exited.all()):
+                    any_frozen = True
+                    if now_all:
                         all_exited = True
                         break
         remaining = active & (exit_layer == 0)
