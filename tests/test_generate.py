@@ -302,6 +302,75 @@ def test_sampling_never_exit_matches_generate_sampling():
         assert torch.equal(out, ref), kv
 
 
+def _scored_reference(model, ids, mask, n, **kw):
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("kv", POLICIES)
+def test_scores_and_logits_match_generate_when_the_full_model_decides(kv):
+    """output_scores / output_logits follow model.generate: never-exit for every policy, any measure for verify."""
+    model = model_of("llama", 4)
+    ids, mask = batch(seed=11)
+    kw = dict(do_sample=False, repetition_penalty=1.3)  # a processor, so scores differ from logits
+    ref = _scored_reference(model, ids, mask, 7, **kw)
+    measures = [(LensMaxProb(), NEVER)] + ([(RandomScore(2), 0.3), (Constant(1.0), 0.5)] if kv == "verify" else [])
+    for measure, threshold in measures:
+        out = EarlyExit(model, measure, threshold, kv, num_draft=3).generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=7,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_scores=True,
+            output_logits=True,
+            **kw,
+        )
+        assert torch.equal(out.sequences, ref.sequences)
+        assert len(out.scores) == len(out.logits) == len(ref.scores) == 7
+        for mine, theirs in zip(out.scores, ref.scores):
+            torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+        for mine, theirs in zip(out.logits, ref.logits):
+            torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+        assert not torch.equal(out.scores[3], out.logits[3])  # processed vs raw
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_scores_are_those_the_exit_layer_chose_from(kv):
+    """With exits after block 2 of 4, each token is the argmax of its reported scores, the 2-layer lens's logits
+    (blocks 1-2 run for every token, so their states are the model's own under either policy)."""
+    model = model_of("llama", 4)
+    ids, _ = batch(seed=12, pad_left=0)
+    out = EarlyExit(model, Constant(1.0), 0.5, kv, min_exit_layer=2, max_pending=100).generate(
+        ids, max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, output_scores=True
+    )
+    assert out.logits is None and len(out.scores) == 6
+    new = out.sequences[:, ids.shape[1] :]
+    assert torch.equal(torch.stack([s.argmax(-1) for s in out.scores], dim=1), new)
+    lens = dx.Lens.from_model(model)
+    with torch.no_grad():
+        h2 = model(out.sequences[:, :-1], output_hidden_states=True).hidden_states[2]
+    for i in range(1, 6):  # token i came from position prompt + i - 1 at layer 2
+        expected = lens(h2[:, ids.shape[1] + i - 1]).float()
+        torch.testing.assert_close(out.scores[i], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_scores_need_return_dict_as_in_generate():
+    model = model_of("llama")
+    ids, mask = batch(seed=13)
+    ee = EarlyExit(model, Constant(1.0), 0.5, "propagate")
+    seqs = ee.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, output_scores=True)
+    assert isinstance(seqs, torch.Tensor) and ee.last_output.scores is None
+
+
 def test_speculative_token_has_the_target_distribution():
     torch.manual_seed(0)
     vocab, n = 6, 200_000
@@ -341,7 +410,7 @@ def test_custom_generate_and_streamer():
     "kwargs, match",
     [
         ({"num_beams": 2}, "beam"),
-        ({"output_scores": True, "return_dict_in_generate": True}, "output_scores"),
+        ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
         ({"use_cache": False}, "cache"),
     ],
 )

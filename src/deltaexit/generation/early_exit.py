@@ -62,8 +62,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
         None,
         "prompt-lookup decoding is not supported (kv='verify' is self-speculative)",
     ),
-    "output_scores": (False, "output_scores is not supported; read out.exit_layers instead"),
-    "output_logits": (False, "output_logits is not supported"),
     "output_attentions": (False, "output_attentions is not supported"),
     "output_hidden_states": (False, "output_hidden_states is not supported; use dx.collect"),
 }
@@ -125,6 +123,15 @@ class _Run:
         self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         self.done = False
         self.exit_cols: list[torch.Tensor] = []
+        returns_dict = bool(generation_config.return_dict_in_generate)
+        # model.generate's output_scores / output_logits: per generated token, the processed scores and the raw
+        # float32 logits it was chosen from (at its exit layer; the full model's for verify's emitted tokens).
+        self.score_cols: list[torch.Tensor] | None = (
+            [] if returns_dict and getattr(generation_config, "output_scores", False) else None
+        )
+        self.logit_cols: list[torch.Tensor] | None = (
+            [] if returns_dict and getattr(generation_config, "output_logits", False) else None
+        )
         self.max_length = getattr(stopping_criteria, "max_length", None)
         self.stats = GenerationStats(num_layers=ee.num_layers, policy=ee.kv)
         self.accept_rate = 0.8  # verify's running per-draft acceptance (adaptive_draft), optimistic start
@@ -144,8 +151,19 @@ class _Run:
         kwargs = self.model._update_model_kwargs_for_generation({"cache": self.cache}, dict(kwargs), num_new_tokens=1)
         return ids, kwargs
 
-    def append(self, tokens: torch.Tensor, exits: torch.Tensor) -> None:
-        """Add one token per row, as ``model.generate`` does (padding finished rows, stopping criteria, streamer)."""
+    def append(
+        self,
+        tokens: torch.Tensor,
+        exits: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> None:
+        """Add one token per row, as ``model.generate`` does (padding finished rows, stopping criteria, streamer),
+        with the processed ``scores`` and raw ``logits`` it was chosen from (kept when asked for)."""
+        if self.score_cols is not None:
+            self.score_cols.append(scores)
+        if self.logit_cols is not None:
+            self.logit_cols.append(logits)
         if self.has_eos:
             tokens = tokens * self.unfinished + self.pad * (1 - self.unfinished)
         exits = exits * self.unfinished
@@ -161,13 +179,15 @@ class _Run:
             logits = processor(prefix, logits)
         return logits
 
-    def choose(self, prefix: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next tokens from float32 logits (after the processors); also the probabilities when sampling."""
+    def choose(
+        self, prefix: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Next tokens from float32 logits; also the probabilities when sampling, and the processed scores."""
         scores = self.scores(prefix, logits)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            return torch.multinomial(probs, num_samples=1).squeeze(1), probs
-        return torch.argmax(scores, dim=-1), None
+            return torch.multinomial(probs, num_samples=1).squeeze(1), probs, scores
+        return torch.argmax(scores, dim=-1), None, scores
 
 
 class EarlyExit:
@@ -251,8 +271,9 @@ class EarlyExit:
         Supported: ``attention_mask``, ``generation_config``, ``max_new_tokens``/``max_length``,
         ``eos_token_id`` (int or list), ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``
         (and any other logits processor ``model.generate`` builds), ``logits_processor``,
-        ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``. Beam search, contrastive search,
-        assisted decoding and ``output_scores``/``attentions``/``hidden_states`` raise ``ValueError``.
+        ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ``output_scores``, ``output_logits``.
+        Beam search, contrastive search, assisted decoding and ``output_attentions``/``output_hidden_states``
+        raise ``ValueError``.
 
         Returns:
             ``[batch, prompt + new]`` sequences, or an :class:`EarlyExitOutput` with
@@ -322,8 +343,8 @@ class EarlyExit:
         run.stats.prompt_blocks = self.num_layers
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
         del outputs
-        token, _ = run.choose(run.input_ids, logits)
-        run.append(token, torch.full_like(token, self.num_layers))
+        token, _, scores = run.choose(run.input_ids, logits)
+        run.append(token, torch.full_like(token, self.num_layers), scores, logits)
 
         while not run.done:
             if self.kv == "verify":
@@ -350,7 +371,14 @@ class EarlyExit:
         context = (run.input_ids.shape[1] + run.prompt_len) // 2  # mean decode context
         stats.measure_block_fraction = self._measure_block_fraction(context)
         stats.time_s = time.perf_counter() - started
-        out = EarlyExitOutput(sequences=run.input_ids, exit_layers=exit_layers, stats=stats, cache=run.cache)
+        out = EarlyExitOutput(
+            sequences=run.input_ids,
+            exit_layers=exit_layers,
+            stats=stats,
+            cache=run.cache,
+            scores=tuple(run.score_cols) if run.score_cols is not None else None,
+            logits=tuple(run.logit_cols) if run.logit_cols is not None else None,
+        )
         self.last_output = out
         if generation_config.return_dict_in_generate:
             return out
@@ -503,8 +531,9 @@ class EarlyExit:
                     block=self.runner.blocks[layer],
                 )
                 run.stats.kv_only_calls += 1
-        token, _ = run.choose(run.input_ids, res.logits_fn())
-        run.append(token, res.exit_layer)
+        logits = res.logits_fn()
+        token, _, scores = run.choose(run.input_ids, logits)
+        run.append(token, res.exit_layer, scores, logits)
 
     def _recompute_step(self, run: _Run) -> None:
         start = run.cache.get_seq_length()
@@ -524,8 +553,9 @@ class EarlyExit:
         if res.depth < self.num_layers:
             crop_cache(run.cache, start)  # held back: re-run with the next token that goes deep
             run.stats.rounds += 1
-        token, _ = run.choose(run.input_ids, res.logits_fn())
-        run.append(token, res.exit_layer)
+        logits = res.logits_fn()
+        token, _, scores = run.choose(run.input_ids, logits)
+        run.append(token, res.exit_layer, scores, logits)
 
     # Per-forward overhead (recording pass, lens, bookkeeping) in block equivalents, for the draft budget.
     _FORWARD_OVERHEAD_BLOCKS = 1.0
@@ -585,7 +615,7 @@ class EarlyExit:
             chunk_states.append(res.states)
             if j >= k_max or not res.all_exited:
                 break
-            token, probs = run.choose(ids, res.logits_fn())
+            token, probs, _ = run.choose(ids, res.logits_fn())
             drafts.append(token)
             draft_exits.append(res.exit_layer)
             draft_probs.append(probs)
@@ -609,8 +639,10 @@ class EarlyExit:
         exits: list[torch.Tensor] = []
         full = torch.full_like(run.unfinished, L)
         prefix = run.input_ids
+        step_scores: list[torch.Tensor] = []  # the full model's processed scores at each emitted position
         for i in range(n_chunk):
             scores = run.scores(prefix, target[:, i])
+            step_scores.append(scores)  # every iteration emits exactly one token
             if i == n_chunk - 1:  # every draft so far accepted by all rows: the bonus token
                 if run.do_sample:
                     tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
@@ -646,7 +678,7 @@ class EarlyExit:
         run.stats.accepted += accepted
         run.stats.rounds += 1
         crop_cache(cache, start + len(emitted))
-        for tok, ex in zip(emitted, exits):
-            run.append(tok, ex)
+        for i, (tok, ex) in enumerate(zip(emitted, exits)):
+            run.append(tok, ex, step_scores[i], target[:, i])
             if run.done:
                 break

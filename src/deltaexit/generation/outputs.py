@@ -109,12 +109,18 @@ class EarlyExitOutput:
             after the row finished).
         stats: :class:`GenerationStats`.
         cache: The KV cache after generation.
+        scores: With ``output_scores=True``, as ``model.generate``: one ``[batch, vocab]`` tensor per generated
+            token, the processed scores it was chosen from (at its exit layer; for ``verify``, the full model's
+            scores at that position, so greedy ``verify`` returns ``model.generate``'s scores). Otherwise None.
+        logits: With ``output_logits=True``, the same for the raw float32 logits (before the processors).
     """
 
     sequences: torch.LongTensor
     exit_layers: torch.LongTensor
     stats: GenerationStats
     cache: Any = field(default=None, repr=False)
+    scores: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, int):
