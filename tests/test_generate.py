@@ -421,6 +421,32 @@ def test_unsupported_options_raise(kwargs, match):
         EarlyExit(model, Constant(), 0.5, "propagate").generate(ids, max_new_tokens=3, **kwargs)
 
 
+@pytest.mark.parametrize("kv", POLICIES)
+def test_stop_strings_as_in_generate(kv):
+    """model.generate drops the tokenizer before a custom loop; EarlyExit.generate builds the criterion itself."""
+    model, tok = dx.load_reference("v1")
+    ids = tok("The game was", return_tensors="pt").input_ids
+    free = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    word = tok.decode(free[0, ids.shape[1] + 5 : ids.shape[1] + 6]).strip()
+    ref = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0, stop_strings=[word], tokenizer=tok)
+    assert ref.shape[1] < free.shape[1]  # the stop string does stop it
+    ee = EarlyExit(model, Constant(1.0), NEVER, kv)
+    out = ee.generate(ids, max_new_tokens=30, pad_token_id=0, stop_strings=[word], tokenizer=tok)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ee.generate(ids, max_new_tokens=30, pad_token_id=0, stop_strings=[word])
+
+
+def test_assisted_decoding_is_refused():
+    model = model_of("llama")
+    ids, _ = batch(rows=1)
+    ee = EarlyExit(model, Constant(), 0.5, "verify")
+    with pytest.raises(ValueError, match="assistant_model"):
+        ee.generate(ids, max_new_tokens=3, assistant_model=model)
+    with pytest.raises(ValueError, match="assistant_early_exit"):
+        ee.generate(ids, max_new_tokens=3, assistant_early_exit=2)
+
+
 def test_bad_arguments_raise():
     model = model_of("llama")
     with pytest.raises(ValueError, match="kv policy"):

@@ -62,6 +62,10 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
         None,
         "prompt-lookup decoding is not supported (kv='verify' is self-speculative)",
     ),
+    "assistant_early_exit": (
+        None,
+        "assistant_early_exit is transformers' own self-speculation; use kv='verify' with min_exit_layer instead",
+    ),
     "output_attentions": (False, "output_attentions is not supported"),
     "output_hidden_states": (False, "output_hidden_states is not supported; use dx.collect"),
 }
@@ -271,9 +275,10 @@ class EarlyExit:
         Supported: ``attention_mask``, ``generation_config``, ``max_new_tokens``/``max_length``,
         ``eos_token_id`` (int or list), ``pad_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``
         (and any other logits processor ``model.generate`` builds), ``logits_processor``,
-        ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ``output_scores``, ``output_logits``.
-        Beam search, contrastive search, assisted decoding and ``output_attentions``/``output_hidden_states``
-        raise ``ValueError``.
+        ``stopping_criteria``, ``stop_strings`` (with ``tokenizer``), ``streamer``, ``return_dict_in_generate``,
+        ``output_scores``, ``output_logits``. Beam search, contrastive search, assisted decoding
+        (``assistant_model``, ``assistant_early_exit``, prompt lookup) and
+        ``output_attentions``/``output_hidden_states`` raise ``ValueError``.
 
         Returns:
             ``[batch, prompt + new]`` sequences, or an :class:`EarlyExitOutput` with
@@ -281,16 +286,45 @@ class EarlyExit:
         """
         if "custom_generate" in kwargs:
             raise ValueError("EarlyExit.generate sets custom_generate itself; do not pass it")
+        if kwargs.get("assistant_model") is not None:
+            raise ValueError(
+                "EarlyExit: assisted decoding (assistant_model) is not supported; kv='verify' drafts with the "
+                "model's own early exits"
+            )
+        self._stop_strings_to_criteria(kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = fresh_cache()
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
 
+    def _stop_strings_to_criteria(self, kwargs: dict[str, Any]) -> None:
+        """Turn ``stop_strings`` + ``tokenizer`` into a stopping criterion, in place.
+
+        ``model.generate`` drops ``tokenizer`` before calling a ``custom_generate`` callable, so it cannot build
+        the stop-string criterion itself; we build it here and hand it in with ``stopping_criteria``.
+        """
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        stop = kwargs.get("stop_strings", getattr(config, "stop_strings", None))
+        tokenizer = kwargs.pop("tokenizer", None)
+        if not stop:
+            return
+        if tokenizer is None:
+            raise ValueError("EarlyExit: stop_strings need the model's tokenizer; pass tokenizer=... to generate")
+        from transformers import StoppingCriteriaList
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop))
+        kwargs["stopping_criteria"] = criteria
+        kwargs["stop_strings"] = None  # built above; model.generate could not (it has no tokenizer here)
+
     @property
     def custom_generate(self):
         """The decoding loop to pass as ``model.generate(..., custom_generate=ee.custom_generate)``.
 
-        ``model.generate`` does not hand its ``streamer`` to custom loops: pass it as ``ee_streamer=`` too.
+        ``model.generate`` does not hand its ``streamer`` to custom loops: pass it as ``ee_streamer=`` too. It drops
+        ``tokenizer`` as well, so ``stop_strings`` work through :meth:`generate` only (or pass a
+        ``StopStringCriteria`` in ``stopping_criteria``).
         """
         return self._decode
 
