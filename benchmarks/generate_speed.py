@@ -23,11 +23,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import deltaexit as dx
-from deltaexit.generation import EarlyExit
+from deltaexit.generation import CostModel, EarlyExit
 from deltaexit.generation import kv as kv_policies
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
-from deltaexit.measures.cost import block_flops_per_token
-from deltaexit.structure import query_projection
 from deltaexit.testing import tiny_model
 
 
@@ -38,29 +36,6 @@ class FixedScore(ConfidenceMeasure):
 
     def score(self, state):
         return torch.ones(state.h_out.shape[:-1], device=state.h_out.device)
-
-
-def qkv_flops(model) -> float:
-    """FLOPs per token of what a K/V-only call of ``propagate`` runs in block 0: the k/v projections, and the q
-    projection too where it is fused with them or the query skip is off (``deltaexit.generation.kv.QUERY_SKIP``)."""
-    block = dx.find_structure(model).blocks[0]
-    found = query_projection(block) if kv_policies.QUERY_SKIP else None
-    skipped = {id(p) for p in found[0]._modules[found[1]].parameters()} if found is not None else set()
-    total = 0.0
-    for name, p in block.named_parameters():
-        if id(p) in skipped:
-            continue
-        if p.dim() == 2 and any(k in name for k in ("q_proj", "k_proj", "v_proj", "qkv", "c_attn", "query_key_value")):
-            total += 2.0 * p.numel()
-    return total
-
-
-def cost_model(s, head_blocks: float, kv_only_blocks: float) -> float:
-    """Full decode cost / early-exit cost in block equivalents: blocks + measure + K/V-only calls + one LM head
-    per decode step on both sides."""
-    full = s.full_depth_blocks + s.decode_steps * head_blocks
-    ours = s.blocks_run + s.measure_block_equivalents + s.kv_only_calls * kv_only_blocks + s.decode_steps * head_blocks
-    return full / ours if ours else float("nan")
 
 
 class DecodeClock(BaseStreamer):
@@ -181,10 +156,8 @@ def main() -> None:
                 settings.append((name, get_measure(name), args.threshold, 1))
             except Exception as exc:  # a measure that needs fitting
                 print(json.dumps({"skipped_measure": name, "reason": str(exc)}))
-    block = block_flops_per_token(model, context=args.prompt_len + args.new_tokens // 2)
-    cfg = model.config.get_text_config()
-    head_blocks = 2.0 * cfg.hidden_size * vocab / block
-    kv_only_blocks = qkv_flops(model) / block
+    cost = CostModel.from_model(model, context=args.prompt_len + args.new_tokens // 2)
+    head_blocks, kv_only_blocks = cost.head_blocks, cost.kv_only_blocks
     results = []
     for batch in args.batches:
         if args.text and tokenizer is not None:
@@ -246,7 +219,7 @@ def main() -> None:
                     else None,
                     # FLOP cost model that also counts the LM head once per token and propagate's K/V-only calls
                     # (q/k/v projections): what a perfect implementation could reach
-                    "cost_model_speedup": cost_model(s, head_blocks, kv_only_blocks),
+                    "cost_model_speedup": cost.speedup_of(s),
                     # the same over the decode steps only (from the first generated token on): the steps the
                     # implied speed-up counts; the prompt's forward is the same full-depth pass on both sides
                     "decode_time_ratio": decode_ratio,

@@ -4,6 +4,7 @@ Example:
     >>> from deltaexit.generation import EarlyExit, DecayingThreshold   # doctest: +SKIP
 """
 
+from deltaexit.generation.cost import CostModel
 from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.generation.kv import KV_POLICIES, UnsupportedCacheError
 from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
@@ -18,6 +19,7 @@ from deltaexit.generation.schedule import (
 __all__ = [
     "KV_POLICIES",
     "ConstantThreshold",
+    "CostModel",
     "DecayingThreshold",
     "EarlyExit",
     "EarlyExitOutput",

@@ -1,0 +1,159 @@
+"""The speed-up early exit can reach at best: a FLOP model of a decode step, from the model's weights.
+
+``GenerationStats.implied_speedup`` (``L / blocks run``) counts decoder blocks only. A decode step does more:
+the LM head runs once per token on both sides (the exit's lens is a full head), and under ``kv="propagate"``
+every skipped block still computes its keys/values from the exit state. :class:`CostModel` counts those from
+the weights (``2 * in * out`` per matrix), so :meth:`CostModel.speedup` is what a perfect implementation
+reaches where time follows FLOPs (or bytes of weights read, which is the same count at batch 1), and
+:meth:`CostModel.share_ceiling` is the largest share of ``L / blocks run`` any implementation can reach.
+
+The model may live on the ``meta`` device: nothing is computed, so the ceiling of a 70B configuration costs no
+memory.
+
+Example:
+    >>> from deltaexit.testing import tiny_model
+    >>> cost = CostModel.from_model(tiny_model("llama", num_layers=4, hidden=32, vocab=128))
+    >>> round(cost.speedup(blocks_per_token=4), 6)   # never exiting saves nothing
+    1.0
+    >>> cost.share_ceiling(blocks_per_token=2) < 1.0  # the head and propagate's K/V are not free
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from deltaexit.generation import kv as kv_policies
+from deltaexit.generation.outputs import GenerationStats
+from deltaexit.measures.cost import block_flops_per_token
+from deltaexit.structure import find_structure, query_projection
+
+__all__ = ["CostModel"]
+
+# Names of attention projections a K/V-only call runs (separate or fused).
+_KV_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+
+
+def kv_only_flops(block: nn.Module, *, query_skip: bool | None = None) -> float:
+    """FLOPs per token of ``propagate``'s K/V-only call in ``block``: its key/value projections, plus the query
+    projection where it is fused with them or the query skip (:data:`deltaexit.generation.kv.QUERY_SKIP`) is off.
+    """
+    skip = kv_policies.QUERY_SKIP if query_skip is None else query_skip
+    found = query_projection(block) if skip else None
+    skipped = {id(p) for p in found[0]._modules[found[1]].parameters()} if found is not None else set()
+    total = 0.0
+    for name, p in block.named_parameters():
+        if id(p) in skipped or p.dim() != 2:
+            continue
+        if any(part in _KV_PROJECTIONS for part in name.split(".")):
+            total += 2.0 * p.numel()
+    return total
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """FLOPs per token of one decode step's parts, and the speed-ups they allow.
+
+    Attributes:
+        num_layers: Decoder blocks (L).
+        block_flops: One block for one token at ``context`` (weights plus attention over the context).
+        head_flops: The LM head for one token (paid once per token by early exit and by the full model).
+        kv_only_flops: One K/V-only call of ``propagate`` (see :func:`kv_only_flops`).
+        context: Context length the attention FLOPs were counted at.
+    """
+
+    num_layers: int
+    block_flops: float
+    head_flops: float
+    kv_only_flops: float
+    context: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, context: int = 256, query_skip: bool | None = None) -> CostModel:
+        """Count the parts from ``model``'s weights (block 0 stands for every block; ``meta`` weights are fine).
+
+        Args:
+            model: A ``transformers`` causal LM.
+            context: Context length for the attention FLOPs of a block.
+            query_skip: Whether K/V-only calls skip a separate query projection (default: as
+                :data:`deltaexit.generation.kv.QUERY_SKIP`).
+        """
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        structure = find_structure(model, validate=False)
+        head = structure.lm_head
+        head_params = sum(p.numel() for p in head.parameters() if p.dim() == 2)
+        if head_params == 0:
+            raise ValueError(f"the LM head {type(head).__name__} has no weight matrix to count")
+        return cls(
+            num_layers=structure.num_layers,
+            block_flops=block_flops_per_token(model, context=context),
+            head_flops=2.0 * head_params,
+            kv_only_flops=kv_only_flops(structure.blocks[0], query_skip=query_skip),
+            context=int(context),
+        )
+
+    @property
+    def head_blocks(self) -> float:
+        """The LM head in block equivalents."""
+        return self.head_flops / self.block_flops
+
+    @property
+    def kv_only_blocks(self) -> float:
+        """One K/V-only call in block equivalents."""
+        return self.kv_only_flops / self.block_flops
+
+    def _check(self, blocks_per_token: float) -> None:
+        if not 0 < blocks_per_token <= self.num_layers:
+            raise ValueError(f"blocks_per_token must be in (0, {self.num_layers}], got {blocks_per_token}")
+
+    def speedup(
+        self,
+        blocks_per_token: float,
+        *,
+        kv: str = "propagate",
+        measure_blocks_per_token: float = 0.0,
+        kv_only_per_token: float | None = None,
+    ) -> float:
+        """The FLOP speed-up of decoding with ``blocks_per_token`` blocks run per token, head included.
+
+        Args:
+            blocks_per_token: Mean blocks run per generated token (``L`` = no exit).
+            kv: The KV policy; ``propagate`` pays a K/V-only call per skipped block unless
+                ``kv_only_per_token`` says otherwise, the others none.
+            measure_blocks_per_token: The exit decisions' cost in block equivalents per token.
+            kv_only_per_token: K/V-only calls per token (default: ``L - blocks_per_token`` for ``propagate``).
+        """
+        self._check(blocks_per_token)
+        if kv not in kv_policies.KV_POLICIES:
+            raise ValueError(f"unknown kv policy {kv!r}; choose one of {list(kv_policies.KV_POLICIES)}")
+        if kv_only_per_token is None:
+            kv_only_per_token = self.num_layers - blocks_per_token if kv == "propagate" else 0.0
+        full = self.num_layers + self.head_blocks
+        ours = blocks_per_token + measure_blocks_per_token + kv_only_per_token * self.kv_only_blocks + self.head_blocks
+        return full / ours
+
+    def share_ceiling(self, blocks_per_token: float, **kwargs: Any) -> float:
+        """:meth:`speedup` over ``L / (blocks_per_token + measure_blocks_per_token)``: the largest share of the
+        blocks-implied speed-up (measure cost included) that any implementation can reach."""
+        implied = self.num_layers / (blocks_per_token + kwargs.get("measure_blocks_per_token", 0.0))
+        return self.speedup(blocks_per_token, **kwargs) / implied
+
+    def speedup_of(self, stats: GenerationStats) -> float:
+        """The FLOP speed-up of one early-exit ``generate`` call's decode steps, from its :class:`GenerationStats`
+        (blocks, measure calls, K/V-only calls and one head per decode step on both sides)."""
+        if stats.num_layers != self.num_layers:
+            raise ValueError(f"stats are for {stats.num_layers} layers, this cost model for {self.num_layers}")
+        head = stats.decode_steps * self.head_blocks
+        full = stats.full_depth_blocks + head
+        ours = stats.blocks_run + stats.measure_block_equivalents + stats.kv_only_calls * self.kv_only_blocks + head
+        return full / ours if ours else float("nan")
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-friendly dict, block equivalents included."""
+        d: dict[str, float] = dict(asdict(self))
+        d.update(head_blocks=self.head_blocks, kv_only_blocks=self.kv_only_blocks)
+        return d
