@@ -64,6 +64,8 @@ def test_generate_command_json(model_dir, capsys, kv):
     if kv != "verify":
         assert layers[1:] == [2] * (len(layers) - 1)
     assert out["stats"]["policy"] == kv
+    if kv != "verify":  # the head and K/V-only calls only pull the FLOP figure from the blocks' towards 1
+        assert 1.0 < out["stats"]["flop_speedup"] < out["stats"]["implied_speedup"]
 
 
 def test_generate_command_text_and_errors(model_dir, capsys):

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     import deltaexit as dx
     import deltaexit.measures
+    from deltaexit.generation import CostModel
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (only local models are loaded)")
@@ -82,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     layers = out.exit_layers[0].tolist()
     pieces = [(tokenizer.decode([t]), layer) for t, layer in zip(new, layers) if layer > 0]
     stats = out.stats.to_dict()
+    context = (enc.input_ids.shape[1] + out.sequences.shape[1]) // 2
+    flop = CostModel.from_model(model, context=context).speedup_of(out.stats) if out.stats.decode_steps else 1.0
+    stats["flop_speedup"] = flop  # blocks, measure, K/V-only calls and one LM head per token (CostModel)
     if args.json:
         print(
             json.dumps(
@@ -102,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print(args.prompt + "".join(f"{s}[{layer}]" for s, layer in pieces))
     print(
         f"{out.stats.tokens} tokens, mean exit layer {out.stats.mean_exit_layer:.2f}/{n}, blocks run "
-        f"{out.stats.blocks_run}/{out.stats.full_depth_blocks} (implied speed-up {out.stats.implied_speedup:.2f}x), "
+        f"{out.stats.blocks_run}/{out.stats.full_depth_blocks} (implied speed-up {out.stats.implied_speedup:.2f}x, "
+        f"{flop:.2f}x counting the measure, LM head and K/V-only calls), "
         f"kv={args.kv}, accepted drafts {out.stats.accepted}/{out.stats.drafted}, {out.stats.time_s:.2f}s"
     )
     return 0
