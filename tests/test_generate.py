@@ -302,6 +302,28 @@ def test_sampling_never_exit_matches_generate_sampling():
         assert torch.equal(out, ref), kv
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_bfloat16_model(arch):
+    """A bfloat16 model (as on a GPU): never-exit and verify reproduce model.generate; scores come out in float32."""
+    model = tiny_model(arch, num_layers=3).to(torch.bfloat16)
+    ids, mask = batch(seed=1)
+    ref = reference(model, ids, mask, 10)
+    for kv in POLICIES:
+        out = EarlyExit(model, LensMaxProb(), NEVER, kv).generate(
+            ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0
+        )
+        assert torch.equal(out, ref), kv
+    out = EarlyExit(model, RandomScore(3), 0.4, "verify").generate(
+        ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0
+    )
+    assert torch.equal(out, ref)
+    out = EarlyExit(model, LensMaxProb(), 0.01, "propagate").generate(
+        ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, return_dict_in_generate=True, output_scores=True
+    )
+    assert out.scores[1].dtype == torch.float32 and (out.exit_layers[:, 1:] < 3).any()
+    assert out.cache.layers[0].keys.dtype == torch.bfloat16
+
+
 def _scored_reference(model, ids, mask, n, **kw):
     return model.generate(
         ids,
