@@ -385,6 +385,21 @@ def test_scores_are_those_the_exit_layer_chose_from(kv):
         torch.testing.assert_close(out.scores[i], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_output_is_a_transformers_generate_output():
+    from transformers.generation import GenerateDecoderOnlyOutput
+
+    model = model_of("llama")
+    ids, mask = batch(seed=14)
+    out = EarlyExit(model, Constant(1.0), 0.5, "propagate").generate(
+        ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, return_dict_in_generate=True
+    )
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, return_dict_in_generate=True)
+    assert isinstance(out, GenerateDecoderOnlyOutput) and type(ref) is GenerateDecoderOnlyOutput
+    assert torch.equal(out["sequences"], out.sequences) and torch.equal(out[0], out.sequences)
+    assert set(ref.keys()) <= set(out.keys()) == {"sequences", "cache", "exit_layers", "stats"}
+    assert out.stats.decode_steps == 2 and out["exit_layers"].shape == (2, 3)
+
+
 def test_scores_need_return_dict_as_in_generate():
     model = model_of("llama")
     ids, mask = batch(seed=13)

@@ -7,10 +7,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from transformers.generation import GenerateDecoderOnlyOutput
 
 __all__ = ["EarlyExitOutput", "GenerationStats"]
 
@@ -100,29 +101,23 @@ class GenerationStats:
 
 
 @dataclass
-class EarlyExitOutput:
+class EarlyExitOutput(GenerateDecoderOnlyOutput):
     """Result of :meth:`deltaexit.EarlyExit.generate` with ``return_dict_in_generate=True``.
+
+    A :class:`transformers.generation.GenerateDecoderOnlyOutput` (what ``model.generate`` returns for
+    decoder-only sampling and greedy search: same fields, same dict and tuple access) with two fields added.
 
     Attributes:
         sequences: ``[batch, prompt + new]`` token ids, as ``model.generate`` returns them.
-        exit_layers: ``[batch, new]`` 1-based layer each generated token came from (L = full depth; 0 = padding
-            after the row finished).
-        stats: :class:`GenerationStats`.
-        cache: The KV cache after generation.
         scores: With ``output_scores=True``, as ``model.generate``: one ``[batch, vocab]`` tensor per generated
             token, the processed scores it was chosen from (at its exit layer; for ``verify``, the full model's
             scores at that position, so greedy ``verify`` returns ``model.generate``'s scores). Otherwise None.
         logits: With ``output_logits=True``, the same for the raw float32 logits (before the processors).
+        cache: The KV cache after generation.
+        exit_layers: ``[batch, new]`` 1-based layer each generated token came from (L = full depth; 0 = padding
+            after the row finished).
+        stats: :class:`GenerationStats`.
     """
 
-    sequences: torch.LongTensor
-    exit_layers: torch.LongTensor
-    stats: GenerationStats
-    cache: Any = field(default=None, repr=False)
-    scores: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
-    logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, int):
-            return (self.sequences, self.exit_layers, self.stats)[key]
-        return getattr(self, key)
+    exit_layers: torch.LongTensor | None = None
+    stats: GenerationStats | None = None
