@@ -408,6 +408,18 @@ def test_scores_need_return_dict_as_in_generate():
     assert isinstance(seqs, torch.Tensor) and ee.last_output.scores is None
 
 
+def test_num_return_sequences_as_in_generate():
+    model = model_of("llama")
+    ids, mask = batch(seed=8)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, num_return_sequences=3, pad_token_id=0)
+    torch.manual_seed(5)
+    ref = model.generate(ids, **kw)
+    assert ref.shape[0] == 6
+    for kv in POLICIES:
+        torch.manual_seed(5)
+        assert torch.equal(EarlyExit(model, LensMaxProb(), NEVER, kv).generate(ids, **kw), ref), kv
+
+
 def test_speculative_token_has_the_target_distribution():
     torch.manual_seed(0)
     vocab, n = 6, 200_000
