@@ -86,6 +86,11 @@ def _plain_processors(processors: Any) -> list[Any]:
     return plain
 
 
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, copied if it is a view (a view of verify's ``[B, chunk, V]`` logits would keep the whole chunk)."""
+    return t.clone() if t is not None and t._base is not None else t
+
+
 @dataclass
 class _Step:
     depth: int  # blocks run
@@ -165,9 +170,9 @@ class _Run:
         """Add one token per row, as ``model.generate`` does (padding finished rows, stopping criteria, streamer),
         with the processed ``scores`` and raw ``logits`` it was chosen from (kept when asked for)."""
         if self.score_cols is not None:
-            self.score_cols.append(scores)
+            self.score_cols.append(_own(scores))
         if self.logit_cols is not None:
-            self.logit_cols.append(logits)
+            self.logit_cols.append(_own(logits))
         if self.has_eos:
             tokens = tokens * self.unfinished + self.pad * (1 - self.unfinished)
         exits = exits * self.unfinished
