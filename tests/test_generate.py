@@ -157,7 +157,7 @@ def test_verify_is_lossless_for_any_measure(arch):
 def test_verify_lossless_property(layers, rows, length, pad, threshold, min_exit, num_draft, seed):
     model = model_of("llama", layers)
     ids, mask = batch(seed, rows, length, min(pad, length - 1))
-    ref = reference(model, ids, mask, 10)
+    ref = _scored_reference(model, ids, mask, 10, do_sample=False)
     ee = EarlyExit(
         model,
         RandomScore(seed),
@@ -166,7 +166,18 @@ def test_verify_lossless_property(layers, rows, length, pad, threshold, min_exit
         min_exit_layer=min(min_exit, layers),
         num_draft=num_draft,
     )
-    assert torch.equal(ee.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0), ref)
+    out = ee.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    assert torch.equal(out.sequences, ref.sequences)
+    for mine, theirs in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # the full model's, drafted or not
 
 
 @pytest.mark.parametrize("kv", POLICIES)
