@@ -25,17 +25,8 @@ from transformers.generation.streamers import BaseStreamer
 import deltaexit as dx
 from deltaexit.generation import CostModel, EarlyExit
 from deltaexit.generation import kv as kv_policies
-from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
-from deltaexit.testing import tiny_model
-
-
-class FixedScore(ConfidenceMeasure):
-    """Scores 1 everywhere: with min_exit_layer=E every token exits after block E."""
-
-    name = "bench-fixed"
-
-    def score(self, state):
-        return torch.ones(state.h_out.shape[:-1], device=state.h_out.device)
+from deltaexit.measures.base import available_measures, get_measure
+from deltaexit.testing import ConstantScore, tiny_model
 
 
 class DecodeClock(BaseStreamer):
@@ -148,8 +139,8 @@ def main() -> None:
         )
     num_layers = dx.find_structure(model).num_layers
     vocab = model.config.vocab_size
-    settings = [("never", FixedScore(), math.inf, 1)]
-    settings += [(f"fixed-{e}", FixedScore(), 0.5, e) for e in args.fixed_exits]
+    settings = [("never", ConstantScore(), math.inf, 1)]
+    settings += [(f"fixed-{e}", ConstantScore(), 0.5, e) for e in args.fixed_exits]
     for name in args.measures:
         if name in available_measures():
             try:

@@ -10,17 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from deltaexit.generation import CostModel, EarlyExit
 from deltaexit.generation.cost import kv_only_flops
-from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.structure import find_structure
-from deltaexit.testing import ARCHITECTURES, tiny_model
-
-
-class Always(ConfidenceMeasure):
-    name = "test-cost-always"
-
-    def score(self, state):
-        return torch.ones(state.h_out.shape[:-1])
+from deltaexit.testing import ARCHITECTURES, ConstantScore, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def test_every_architecture_has_a_kv_only_cost(arch):
 def test_speedup_of_a_run_matches_the_formula(llama):
     """Every token after the first exits after block 2 of 4 under propagate: 2 blocks, 2 K/V-only calls, a head."""
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
-    out = EarlyExit(llama, Always(), 0.5, "propagate", min_exit_layer=2).generate(
+    out = EarlyExit(llama, ConstantScore(), 0.5, "propagate", min_exit_layer=2).generate(
         ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True
     )
     s = out.stats
@@ -122,6 +114,8 @@ def test_bad_input_raises(llama):
         CostModel.from_model(llama, context=-1)
     other = tiny_model("llama", num_layers=2, hidden=32, heads=4, vocab=128)
     ids = torch.randint(3, 128, (1, 4))
-    out = EarlyExit(other, Always(), 0.5, "propagate").generate(ids, max_new_tokens=3, return_dict_in_generate=True)
+    out = EarlyExit(other, ConstantScore(), 0.5, "propagate").generate(
+        ids, max_new_tokens=3, return_dict_in_generate=True
+    )
     with pytest.raises(ValueError, match="layers"):
         cost.speedup_of(out.stats)

@@ -16,7 +16,7 @@ from deltaexit.generation import DecayingThreshold, EarlyExit, PerLayerThreshold
 from deltaexit.generation.kv import cache_lengths
 from deltaexit.generation.speculative import greedy_accept, residual_distribution, speculative_token
 from deltaexit.measures.base import ConfidenceMeasure
-from deltaexit.testing import ARCHITECTURES, tiny_model
+from deltaexit.testing import ARCHITECTURES, ConstantScore, tiny_model
 
 POLICIES = ("verify", "propagate", "recompute")
 NEVER = math.inf
@@ -42,18 +42,6 @@ class RandomScore(ConfidenceMeasure):
 
     def score(self, state):
         return torch.rand(state.h_out.shape[:-1], generator=self.gen)
-
-
-class Constant(ConfidenceMeasure):
-    """The same score everywhere."""
-
-    name = "test-constant"
-
-    def __init__(self, value: float = 1.0):
-        self.value = value
-
-    def score(self, state):
-        return torch.full(state.h_out.shape[:-1], self.value)
 
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -135,7 +123,7 @@ def test_verify_is_lossless_for_any_measure(arch):
     ids, mask = batch(seed=1)
     n = 20  # crosses the tiny sliding windows (8 for gpt_neo, 16 for mistral/gemma2)
     ref = reference(model, ids, mask, n)
-    for measure, threshold in ((RandomScore(1), 0.4), (Constant(1.0), 0.5), (LensMaxProb(), 0.01)):
+    for measure, threshold in ((RandomScore(1), 0.4), (ConstantScore(1.0), 0.5), (LensMaxProb(), 0.01)):
         ee = EarlyExit(model, measure=measure, threshold=threshold, kv="verify", num_draft=3)
         out = ee.generate(ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), measure
@@ -221,7 +209,7 @@ def test_exit_token_comes_from_the_lens_at_the_exit_layer(arch):
     """With every token exiting after block 2 of 4, recompute decodes exactly with the 2-layer lens."""
     model = model_of(arch, 4)
     ids, _ = batch(seed=3, rows=1)
-    ee = EarlyExit(model, Constant(1.0), 0.5, "recompute", min_exit_layer=2, max_pending=100)
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, "recompute", min_exit_layer=2, max_pending=100)
     out = ee.generate(ids, max_new_tokens=6, return_dict_in_generate=True)
     assert (out.exit_layers[:, 1:] == 2).all()
     lens = dx.Lens.from_model(model)
@@ -240,7 +228,7 @@ def test_propagate_skips_blocks_and_counts_them():
     ids, mask = batch(seed=4)
     counter = CountBlocks(model)
     try:
-        ee = EarlyExit(model, Constant(1.0), 0.5, "propagate", min_exit_layer=1)
+        ee = EarlyExit(model, ConstantScore(1.0), 0.5, "propagate", min_exit_layer=1)
         out = ee.generate(ids, attention_mask=mask, max_new_tokens=7, pad_token_id=0, return_dict_in_generate=True)
     finally:
         counter.close()
@@ -355,7 +343,7 @@ def test_scores_and_logits_match_generate_when_the_full_model_decides(kv):
     ids, mask = batch(seed=11)
     kw = dict(do_sample=False, repetition_penalty=1.3)  # a processor, so scores differ from logits
     ref = _scored_reference(model, ids, mask, 7, **kw)
-    measures = [(LensMaxProb(), NEVER)] + ([(RandomScore(2), 0.3), (Constant(1.0), 0.5)] if kv == "verify" else [])
+    measures = [(LensMaxProb(), NEVER)] + ([(RandomScore(2), 0.3), (ConstantScore(1.0), 0.5)] if kv == "verify" else [])
     for measure, threshold in measures:
         out = EarlyExit(model, measure, threshold, kv, num_draft=3).generate(
             ids,
@@ -382,7 +370,7 @@ def test_scores_are_those_the_exit_layer_chose_from(kv):
     (blocks 1-2 run for every token, so their states are the model's own under either policy)."""
     model = model_of("llama", 4)
     ids, _ = batch(seed=12, pad_left=0)
-    out = EarlyExit(model, Constant(1.0), 0.5, kv, min_exit_layer=2, max_pending=100).generate(
+    out = EarlyExit(model, ConstantScore(1.0), 0.5, kv, min_exit_layer=2, max_pending=100).generate(
         ids, max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, output_scores=True
     )
     assert out.logits is None and len(out.scores) == 6
@@ -401,7 +389,7 @@ def test_output_is_a_transformers_generate_output():
 
     model = model_of("llama")
     ids, mask = batch(seed=14)
-    out = EarlyExit(model, Constant(1.0), 0.5, "propagate").generate(
+    out = EarlyExit(model, ConstantScore(1.0), 0.5, "propagate").generate(
         ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, return_dict_in_generate=True
     )
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, return_dict_in_generate=True)
@@ -414,7 +402,7 @@ def test_output_is_a_transformers_generate_output():
 def test_scores_need_return_dict_as_in_generate():
     model = model_of("llama")
     ids, mask = batch(seed=13)
-    ee = EarlyExit(model, Constant(1.0), 0.5, "propagate")
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, "propagate")
     seqs = ee.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, output_scores=True)
     assert isinstance(seqs, torch.Tensor) and ee.last_output.scores is None
 
@@ -478,7 +466,7 @@ def test_unsupported_options_raise(kwargs, match):
     model = model_of("llama")
     ids, _ = batch(rows=1)
     with pytest.raises(ValueError, match=match):
-        EarlyExit(model, Constant(), 0.5, "propagate").generate(ids, max_new_tokens=3, **kwargs)
+        EarlyExit(model, ConstantScore(), 0.5, "propagate").generate(ids, max_new_tokens=3, **kwargs)
 
 
 @pytest.mark.parametrize("kv", POLICIES)
@@ -490,7 +478,7 @@ def test_stop_strings_as_in_generate(kv):
     word = tok.decode(free[0, ids.shape[1] + 5 : ids.shape[1] + 6]).strip()
     ref = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0, stop_strings=[word], tokenizer=tok)
     assert ref.shape[1] < free.shape[1]  # the stop string does stop it
-    ee = EarlyExit(model, Constant(1.0), NEVER, kv)
+    ee = EarlyExit(model, ConstantScore(1.0), NEVER, kv)
     out = ee.generate(ids, max_new_tokens=30, pad_token_id=0, stop_strings=[word], tokenizer=tok)
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="tokenizer"):
@@ -500,7 +488,7 @@ def test_stop_strings_as_in_generate(kv):
 def test_assisted_decoding_is_refused():
     model = model_of("llama")
     ids, _ = batch(rows=1)
-    ee = EarlyExit(model, Constant(), 0.5, "verify")
+    ee = EarlyExit(model, ConstantScore(), 0.5, "verify")
     with pytest.raises(ValueError, match="assistant_model"):
         ee.generate(ids, max_new_tokens=3, assistant_model=model)
     with pytest.raises(ValueError, match="assistant_early_exit"):
@@ -510,17 +498,17 @@ def test_assisted_decoding_is_refused():
 def test_bad_arguments_raise():
     model = model_of("llama")
     with pytest.raises(ValueError, match="kv policy"):
-        EarlyExit(model, Constant(), 0.5, kv="skip")
+        EarlyExit(model, ConstantScore(), 0.5, kv="skip")
     with pytest.raises(ValueError, match="min_exit_layer"):
-        EarlyExit(model, Constant(), 0.5, min_exit_layer=4)
+        EarlyExit(model, ConstantScore(), 0.5, min_exit_layer=4)
     with pytest.raises(TypeError, match="ConfidenceMeasure"):
         EarlyExit(model, measure=3.0)
     with pytest.raises(KeyError, match="unknown measure"):
         EarlyExit(model, measure="no-such-measure")
     with pytest.raises(ValueError, match="per-layer"):
-        EarlyExit(model, Constant(), [0.5] * 4)
+        EarlyExit(model, ConstantScore(), [0.5] * 4)
     with pytest.raises(ValueError, match="NaN"):
-        EarlyExit(model, Constant(), float("nan"))
+        EarlyExit(model, ConstantScore(), float("nan"))
 
 
 def test_threshold_schedules():
@@ -531,7 +519,7 @@ def test_threshold_schedules():
     assert values == sorted(values, reverse=True) and values[0] == pytest.approx(0.91)
     model = model_of("llama")
     ids, _ = batch(rows=1)
-    out = EarlyExit(model, Constant(0.85), calm, "propagate").generate(
+    out = EarlyExit(model, ConstantScore(0.85), calm, "propagate").generate(
         ids, max_new_tokens=10, return_dict_in_generate=True
     )
     exits = out.exit_layers[0, 1:].tolist()
@@ -554,7 +542,7 @@ def test_verify_sampling_matches_the_model_distribution():
         joint = p1[:, None] * p2
         three = torch.cat([prompt.repeat(64, 1), torch.cartesian_prod(torch.arange(8), torch.arange(8))], dim=1)
         p3 = (joint.reshape(64, 1) * torch.softmax(model(three).logits[:, -1].float(), -1)).sum(0)
-    ee = EarlyExit(model, Constant(1.0), 0.5, "verify", num_draft=2)  # every draft from layer 1
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, "verify", num_draft=2)  # every draft from layer 1
     torch.manual_seed(0)
     out = ee.generate(
         prompt.repeat(rows, 1),

@@ -12,16 +12,9 @@ from deltaexit.generation import EarlyExit
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.measures.base import ConfidenceMeasure, get_measure
 from deltaexit.measures.cost import block_flops_per_token
-from deltaexit.testing import tiny_model
+from deltaexit.testing import ConstantScore, tiny_model
 
 KW = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-
-
-class Always(ConfidenceMeasure):
-    name = "test-perf-always"
-
-    def score(self, state):
-        return torch.ones(state.h_out.shape[:-1])
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +100,14 @@ def test_custom_logits_processors_are_applied(model, kv):
         ref = model.generate(ids, logits_processor=procs, **KW)
     assert not (ref[:, ids.shape[1] :] == banned).any()
     threshold = math.inf if kv != "verify" else 0.0
-    out = EarlyExit(model, Always(), threshold, kv, min_exit_layer=2).generate(ids, logits_processor=procs, **KW)
+    out = EarlyExit(model, ConstantScore(), threshold, kv, min_exit_layer=2).generate(ids, logits_processor=procs, **KW)
     assert torch.equal(out, ref)
 
 
 def test_processor_needing_extra_arguments_raises(model):
     ids = torch.randint(3, 128, (1, 5))
     with pytest.raises(ValueError, match="extra arguments"):
-        EarlyExit(model, Always(), 0.0, "verify").generate(
+        EarlyExit(model, ConstantScore(), 0.0, "verify").generate(
             ids, logits_processor=LogitsProcessorList([NeedsExtra()]), **KW
         )
 
@@ -135,14 +128,14 @@ def test_adaptive_draft_is_lossless(arch, rows):
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
-    for measure, threshold in ((Random(), 0.5), (Always(), 0.0)):
+    for measure, threshold in ((Random(), 0.5), (ConstantScore(), 0.0)):
         ee = EarlyExit(model, measure, threshold, "verify", min_exit_layer=1, num_draft=5, adaptive_draft=True)
         out = ee.generate(ids, return_dict_in_generate=True, **kw)
         assert torch.equal(out.sequences, ref)
 
 
 def test_draft_budget_follows_the_acceptance_rate(model):
-    ee = EarlyExit(model, Always(), 0.0, "verify", min_exit_layer=1, num_draft=6, adaptive_draft=True)
+    ee = EarlyExit(model, ConstantScore(), 0.0, "verify", min_exit_layer=1, num_draft=6, adaptive_draft=True)
 
     class R:
         draft_depth = 1.0
@@ -163,18 +156,13 @@ def test_adaptive_draft_stops_drafting_when_drafts_are_rejected(model):
     """Always exiting after block 1 of a random model: drafts are mostly rejected, so the budget falls to 0."""
     ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(9))
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    fixed = EarlyExit(model, Always(), 0.0, "verify", num_draft=4).generate(ids, **kw).stats
-    adaptive = EarlyExit(model, Always(), 0.0, "verify", num_draft=4, adaptive_draft=True).generate(ids, **kw).stats
+    fixed = EarlyExit(model, ConstantScore(), 0.0, "verify", num_draft=4).generate(ids, **kw).stats
+    adaptive = (
+        EarlyExit(model, ConstantScore(), 0.0, "verify", num_draft=4, adaptive_draft=True).generate(ids, **kw).stats
+    )
     assert fixed.acceptance_rate < 0.5
     assert adaptive.drafted < fixed.drafted
     assert adaptive.blocks_run < fixed.blocks_run
-
-
-class _Half(ConfidenceMeasure):
-    name = "test-perf-half"
-
-    def score(self, state):
-        return torch.full(state.h_out.shape[:-1], 0.5)
 
 
 _HOST_READS = {
@@ -205,7 +193,7 @@ class _CountHostReads(torch.overrides.TorchFunctionMode):
 def test_one_host_read_per_scored_block(model, kv, threshold):
     """The exit decision needs one device-to-host read per scored block; the loop adds at most two per step."""
     ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
-    ee = EarlyExit(model, _Half(), threshold, kv, min_exit_layer=1)
+    ee = EarlyExit(model, ConstantScore(0.5), threshold, kv, min_exit_layer=1)
     with _CountHostReads() as reads:
         out = ee.generate(ids, return_dict_in_generate=True, min_new_tokens=8, **KW)
     steps = out.sequences.shape[1] - ids.shape[1]

@@ -12,22 +12,14 @@ import torch
 from deltaexit.generation import EarlyExit
 from deltaexit.generation import kv as kv_module
 from deltaexit.generation.kv import fresh_cache, store_kv_only
-from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.structure import find_structure, query_projection
-from deltaexit.testing import ARCHITECTURES, tiny_model
+from deltaexit.testing import ARCHITECTURES, ConstantScore, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = 4
 EXIT = 2  # every token exits after block 2 of 4: two K/V-only calls per token
 FUSED = ("gpt2", "gpt_neox", "bloom", "falcon", "phi3")  # one fused q/k/v projection: nothing to skip
-
-
-class Constant(ConfidenceMeasure):
-    name = "test-qskip-constant"
-
-    def score(self, state):
-        return torch.ones(state.h_out.shape[:-1])
 
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -50,7 +42,7 @@ def prompt():
 def generate(model, skip: bool, monkeypatch):
     monkeypatch.setattr(kv_module, "QUERY_SKIP", skip)
     ids, mask = prompt()
-    ee = EarlyExit(model, Constant(), 0.5, "propagate", min_exit_layer=EXIT)
+    ee = EarlyExit(model, ConstantScore(), 0.5, "propagate", min_exit_layer=EXIT)
     with torch.no_grad():
         return ee.generate(ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, return_dict_in_generate=True)
 

@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from deltaexit.measures.base import ConfidenceMeasure
+
 __all__ = [
     "ARCHITECTURES",
+    "ConstantScore",
     "cached_tiny_model",
     "hook_counts",
     "random_batch",
@@ -175,3 +178,21 @@ def random_batch(vocab: int, batch: int, seq: int, *, seed: int = 0, pad: str | 
                 mask[row, seq - n :] = 0
                 ids[row, seq - n :] = 0
     return ids, mask
+
+
+class ConstantScore(ConfidenceMeasure):
+    """Scores ``value`` at every state: with a threshold at or below it and ``min_exit_layer=E``, every token
+    exits after block E (a controlled exit depth for tests and benchmarks); above it, no token ever exits.
+
+    Example:
+        >>> from deltaexit.generation import EarlyExit
+        >>> ee = EarlyExit(tiny_model("llama", num_layers=4), ConstantScore(), 0.5, "propagate", min_exit_layer=2)
+    """
+
+    name = "constant"
+
+    def __init__(self, value: float = 1.0) -> None:
+        self.value = float(value)
+
+    def score(self, state: Any) -> torch.Tensor:
+        return torch.full(state.h_out.shape[:-1], self.value, device=state.h_out.device)
