@@ -15,9 +15,10 @@ import argparse
 import json
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from deltaexit.generation import CostModel
+from deltaexit.testing import tiny_config
 
 # Published sizes: (model_type, hidden, layers, heads, kv_heads, ffn, vocab, tied embeddings).
 SHAPES: dict[str, tuple[str, int, int, int, int, int, int, bool]] = {
@@ -35,19 +36,10 @@ SHAPES: dict[str, tuple[str, int, int, int, int, int, int, bool]] = {
 
 def build(shape: tuple[str, int, int, int, int, int, int, bool]) -> torch.nn.Module:
     model_type, hidden, layers, heads, kv_heads, ffn, vocab, tied = shape
-    if model_type == "gpt2":
-        cfg = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn, vocab_size=vocab)
-    else:
-        cfg = AutoConfig.for_model(
-            model_type,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            intermediate_size=ffn,
-            vocab_size=vocab,
-            tie_word_embeddings=tied,
-        )
+    sizes = {"n_inner": ffn} if model_type == "gpt2" else {"num_key_value_heads": kv_heads, "intermediate_size": ffn}
+    cfg = tiny_config(
+        model_type, num_layers=layers, hidden=hidden, heads=heads, vocab=vocab, tie_word_embeddings=tied, **sizes
+    )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
 
