@@ -29,12 +29,13 @@ from torch import nn
 from deltaexit.generation import kv as kv_policies
 from deltaexit.generation.outputs import GenerationStats
 from deltaexit.measures.cost import block_flops_per_token
-from deltaexit.structure import find_structure, query_projection
+from deltaexit.structure import QKV_NAMES, find_structure, query_projection
 
 __all__ = ["CostModel"]
 
-# Names of attention projections a K/V-only call runs (separate or fused).
-_KV_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+# Names of attention projections a K/V-only call runs: the separate ones structure discovery knows, and fused ones.
+_FUSED_QKV = ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+_KV_PROJECTIONS = frozenset(name for names in QKV_NAMES for name in names) | frozenset(_FUSED_QKV)
 
 
 def kv_only_flops(block: nn.Module, *, query_skip: bool | None = None) -> float:
