@@ -193,10 +193,15 @@ class _Run:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Next tokens from float32 logits; also the probabilities when sampling, and the processed scores."""
         scores = self.scores(prefix, logits)
+        tokens, probs = self.pick(scores)
+        return tokens, probs, scores
+
+    def pick(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens from processed scores (argmax, or a sample); also the probabilities when sampling."""
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            return torch.multinomial(probs, num_samples=1).squeeze(1), probs, scores
-        return torch.argmax(scores, dim=-1), None, scores
+            return torch.multinomial(probs, num_samples=1).squeeze(1), probs
+        return torch.argmax(scores, dim=-1), None
 
 
 class EarlyExit:
@@ -683,10 +688,7 @@ class EarlyExit:
             scores = run.scores(prefix, target[:, i])
             step_scores.append(scores)  # every iteration emits exactly one token
             if i == n_chunk - 1:  # every draft so far accepted by all rows: the bonus token
-                if run.do_sample:
-                    tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
-                else:
-                    tok = scores.argmax(dim=-1)
+                tok, _ = run.pick(scores)
                 emitted.append(tok)
                 exits.append(full)
                 break
