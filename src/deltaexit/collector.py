@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltaexit.lens import Lens
-from deltaexit.structure import ModelStructure, StructureError, _first_tensor, find_structure
+from deltaexit.structure import ModelStructure, StructureError, block_output, find_structure
 
 __all__ = ["FEATURES", "Collector", "Record", "Trace", "TraceError", "collect"]
 
@@ -277,7 +277,7 @@ class Collector:
     def _make_post_hook(self, layer: int, row: int):
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
             with torch.no_grad():
-                self._record(layer, row, _first_tensor(output))
+                self._record(layer, row, block_output(output))
 
         return hook
 

@@ -48,39 +48,21 @@ class Lens:
     @property
     def vocab_size(self) -> int:
         """Number of logits the head produces."""
-        head = self.structure.lm_head
-        out = getattr(head, "out_features", None)
-        if out is None:
-            out = head.weight.shape[0]  # type: ignore[union-attr]
-        return int(out)
+        return self.structure.vocab_size
 
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the final norm and post-norm modules (the state the head reads)."""
-        s = self.structure
-        if s.final_norm is not None:
-            h = s.final_norm(h)
-        for module in s.post_norm:
-            h = module(h)
-        return h
+        return self.structure.normalize(h)
 
     def logits_from_normalized(self, h: torch.Tensor) -> torch.Tensor:
         """Head and logit steps applied to an already normalised state."""
-        s = self.structure
-        logits = s.lm_head(h)
-        if s.logit_scale is not None:
-            logits = logits * s.logit_scale
-        if s.logit_divisor is not None:
-            logits = logits / s.logit_divisor
-        if s.final_softcap is not None:
-            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
-        if s.logit_transform is not None:
-            logits = s.logit_transform(logits)
-        return logits
+        return self.structure.head_logits(h)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """Logits for hidden states ``h`` of shape ``[..., hidden]``."""
-        h = self._to_head(h)
-        return self.logits_from_normalized(self.normalize(h))
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"the lens takes a tensor of hidden states, got {type(h).__name__}")
+        return self.structure.unembed(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Alias of ``lens(h)``."""
@@ -97,19 +79,6 @@ class Lens:
         probs = self.probs(h)
         values, ids = probs.topk(min(k, probs.shape[-1]), dim=-1)
         return ids, values
-
-    def _to_head(self, h: torch.Tensor) -> torch.Tensor:
-        if not isinstance(h, torch.Tensor):
-            raise TypeError(f"the lens takes a tensor of hidden states, got {type(h).__name__}")
-        s = self.structure
-        first = s.final_norm if s.final_norm is not None else s.lm_head
-        param = next(first.parameters(), None)
-        if param is None:
-            param = next(s.lm_head.parameters(), None)
-        usable = param is not None and param.device.type != "meta"
-        if usable and (h.device != param.device or h.dtype != param.dtype):
-            h = h.to(device=param.device, dtype=param.dtype)
-        return h
 
     def __repr__(self) -> str:
         return f"Lens({self.structure.describe()})"

@@ -22,35 +22,35 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelStructure", "StructureError", "find_structure", "query_projection", "resolve_module"]
+from deltaexit.aliases import (
+    CONTEXT_LENGTH_ATTRS,
+    FINAL_NORM_NAMES,
+    HEAD_DIM_ATTRS,
+    HIDDEN_SIZE_ATTRS,
+    KV_HEADS_ATTRS,
+    LOGIT_CONFIG_ATTRS,
+    NUM_HEADS_ATTRS,
+    NUM_LAYERS_ATTRS,
+    POST_NORM_NAMES,
+    QKV_NAMES,
+    VOCAB_SIZE_ATTRS,
+)
 
-#: Attribute names that hold the final norm in common architectures.
-FINAL_NORM_NAMES: tuple[str, ...] = (
-    "norm",
-    "final_layernorm",
-    "final_layer_norm",
-    "ln_f",
-    "norm_f",
-    "final_norm",
-    "ln_final",
-)
-#: Attribute names of modules applied after the final norm and before the head.
-POST_NORM_NAMES: tuple[str, ...] = ("project_out",)
-#: Attribute names of separate query/key/value projections inside an attention module (query first).
-QKV_NAMES: tuple[tuple[str, str, str], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("query", "key", "value"),
-    ("query_proj", "key_proj", "value_proj"),
-    ("q_lin", "k_lin", "v_lin"),
-    ("wq", "wk", "wv"),
-    ("q", "k", "v"),
-)
-#: Config attributes that scale or cap the logits, in the order models apply them.
-_LOGIT_CONFIG_ATTRS: tuple[str, ...] = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+__all__ = [
+    "ModelStructure",
+    "StructureError",
+    "block_output",
+    "find_structure",
+    "input_device",
+    "query_projection",
+    "resolve_module",
+    "text_config",
+]
 
 _OVERRIDE_HINT = (
     "Pass the piece explicitly, e.g. dx.find_structure(model, blocks='model.layers', "
@@ -118,6 +118,128 @@ def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
+def block_output(output: object) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, or the first item of a tuple).
+
+    Example:
+        >>> h = torch.zeros(1, 2, 4)
+        >>> block_output((h, None)) is h
+        True
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise StructureError(
+        f"a decoder block returned {type(output).__name__}; expected a tensor or a tuple whose "
+        "first item is the hidden states."
+    )
+
+
+def block_input(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a block was called with: its first positional argument, else ``hidden_states=``.
+
+    Example:
+        >>> h = torch.zeros(1, 2, 4)
+        >>> block_input((), {"hidden_states": h}) is h
+        True
+    """
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise StructureError(
+        f"a decoder block was called without hidden states (keywords {sorted(kwargs)}); expected them as the "
+        "first positional argument or as hidden_states=."
+    )
+
+
+def with_block_input(args: Sequence[Any], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a block call with its hidden states replaced by ``hidden``.
+
+    Example:
+        >>> args, kwargs = with_block_input((1, 2), {"x": 3}, "h")
+        >>> args, kwargs
+        (('h', 2), {'x': 3})
+    """
+    if args:
+        return (hidden, *args[1:]), dict(kwargs)
+    return (), {**kwargs, "hidden_states": hidden}
+
+
+def _execution_device(module: nn.Module | None) -> torch.device | None:
+    """Where ``accelerate`` runs ``module`` (its ``_hf_hook``), or None without such a hook."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop(0)
+        if hook is None:
+            continue
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
+        hooks.extend(getattr(hook, "hooks", ()))
+    return None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device the input ids must be on: the input embedding's, offload-aware (``accelerate`` hooks, meta weights).
+
+    Example:
+        >>> input_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    for module in (embeddings, model):
+        device = _execution_device(module)
+        if device is not None:
+            return device
+    params = list(embeddings.parameters()) if isinstance(embeddings, nn.Module) else []
+    for p in [*params, *model.parameters()]:
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config of the model's text decoder (``config.get_text_config()``), or None without a config.
+
+    Example:
+        >>> text_config(nn.Linear(2, 2)) is None
+        True
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def config_int(config: Any, names: Sequence[str]) -> int | None:
+    """The first positive integer among ``config``'s attributes ``names`` (None if none is set).
+
+    Example:
+        >>> class C: n_embd = 64
+        >>> config_int(C(), ("hidden_size", "n_embd"))
+        64
+    """
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _vocab_size(model: nn.Module) -> int:
+    vocab = config_int(text_config(model), VOCAB_SIZE_ATTRS)
+    if vocab is None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = getattr(head, "out_features", None)
+    if vocab is None:
+        raise StructureError("cannot tell the vocabulary size: the config has no vocab_size.")
+    return int(vocab)
+
+
 @dataclass
 class ModelStructure:
     """The residual-stream pieces of one causal LM.
@@ -169,6 +291,107 @@ class ModelStructure:
             "logit_transform": None if self.logit_transform is None else repr(self.logit_transform),
         }
 
+    # -- architecture facts: everything else asks the structure ---------------------------------------
+    @property
+    def text_config(self) -> Any:
+        """The text decoder's config (``config.get_text_config()``), or None."""
+        return text_config(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream (from the config, else the head's input width)."""
+        value = config_int(self.text_config, HIDDEN_SIZE_ATTRS)
+        if value is None:
+            value = getattr(self.lm_head, "in_features", None)
+        if value is None:
+            raise StructureError("cannot tell the hidden size: the config has no hidden_size.")
+        return int(value)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of logits the head produces (the head's output width, else the config's vocab)."""
+        out = getattr(self.lm_head, "out_features", None)
+        if out is None and getattr(self.lm_head, "weight", None) is not None:
+            out = self.lm_head.weight.shape[0]
+        return int(out) if out is not None else _vocab_size(self.model)
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Query heads per attention block (0 if the config does not say)."""
+        return config_int(self.text_config, NUM_HEADS_ATTRS) or 0
+
+    @property
+    def num_key_value_heads(self) -> int:
+        """Key/value heads per attention block (the query heads without grouped-query attention)."""
+        return config_int(self.text_config, KV_HEADS_ATTRS) or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (``head_dim``, else ``hidden_size // heads``; 0 if unknown)."""
+        value = config_int(self.text_config, HEAD_DIM_ATTRS)
+        if value is not None:
+            return value
+        heads = self.num_attention_heads
+        return self.hidden_size // heads if heads else 0
+
+    def context_length(self, default: int = 512) -> int:
+        """The longest context the model was built for (``max_position_embeddings`` ...), else ``default``."""
+        return config_int(self.text_config, CONTEXT_LENGTH_ATTRS) or default
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device the input ids must be on (offload-aware; see :func:`input_device`)."""
+        return input_device(self.model)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The pad id to pad prompts with: the generation config's, else the config's, else the first EOS, else 0."""
+        configs = [getattr(self.model, "generation_config", None), self.text_config]
+        for attr in ("pad_token_id", "eos_token_id"):
+            for cfg in configs:
+                value = getattr(cfg, attr, None)
+                if isinstance(value, (list, tuple)):
+                    value = value[0] if value else None
+                if isinstance(value, int):
+                    return value
+        return 0
+
+    block_input = staticmethod(block_input)
+    block_output = staticmethod(block_output)
+    with_block_input = staticmethod(with_block_input)
+
+    # -- the unembedding: final norm -> post-norm modules -> head -> logit steps ------------------------
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm and post-norm modules (the state the head reads)."""
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        for module in self.post_norm:
+            h = module(h)
+        return h
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Head and logit steps applied to an already normalised state."""
+        logits = self.lm_head(h)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        if self.logit_transform is not None:
+            logits = self.logit_transform(logits)
+        return logits
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of block outputs ``h`` (``[..., hidden]``), moved to the head's device and dtype first."""
+        first = self.final_norm if self.final_norm is not None else self.lm_head
+        param = next(first.parameters(), None)
+        if param is None:
+            param = next(self.lm_head.parameters(), None)
+        if param is not None and param.device.type != "meta" and (h.device != param.device or h.dtype != param.dtype):
+            h = h.to(device=param.device, dtype=param.dtype)
+        return self.head_logits(self.normalize(h))
+
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` as a non-negative block index, or raise a clear IndexError."""
         n = self.num_layers
@@ -183,16 +406,14 @@ class ModelStructure:
 
         Returns ``self``; raises :class:`StructureError` naming the mismatch otherwise.
         """
-        from deltaexit.lens import Lens  # local: lens builds on this module
-
         model = self.model
         vocab = _vocab_size(model)
-        device = _first_device(model)
+        device = input_device(model)
         ids = (torch.arange(6, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
         captured: list[torch.Tensor] = []
 
         def grab(_module: nn.Module, _args: object, output: object) -> None:
-            captured.append(_first_tensor(output))
+            captured.append(block_output(output))
 
         handle = self.blocks[-1].register_forward_hook(grab)
         was_training = model.training
@@ -205,11 +426,16 @@ class ModelStructure:
         finally:
             handle.remove()
             model.train(was_training)
+        if torch.isnan(logits.float()).any():
+            raise StructureError(
+                "the model produced NaN logits on a dummy forward (NaN or inf weights?); check the checkpoint "
+                "and its dtype: no structure override can fix this."
+            )
         if not captured:
             raise StructureError(f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}")
         try:
             with torch.no_grad():
-                lens_logits = Lens(self)(captured[-1])
+                lens_logits = self.unembed(captured[-1])
         except Exception as exc:
             raise StructureError(
                 f"the lens (final norm -> head -> logit steps) failed on the last block's output: {exc}; "
@@ -232,77 +458,8 @@ class ModelStructure:
         return self
 
 
-def _first_tensor(output: object) -> torch.Tensor:
-    """The hidden-state tensor of a block's output (a tensor, or the first item of a tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise StructureError(
-        f"a decoder block returned {type(output).__name__}; expected a tensor or a tuple whose "
-        "first item is the hidden states."
-    )
-
-
-def _execution_device(module: nn.Module | None) -> torch.device | None:
-    """Where ``accelerate`` runs ``module`` (its ``_hf_hook``), or None without such a hook."""
-    hooks = [getattr(module, "_hf_hook", None)]
-    while hooks:
-        hook = hooks.pop(0)
-        if hook is None:
-            continue
-        device = getattr(hook, "execution_device", None)
-        if device is not None:
-            return torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
-        hooks.extend(getattr(hook, "hooks", ()))
-    return None
-
-
-def _first_device(model: nn.Module) -> torch.device:
-    """Device the input ids must be on: the input embedding's, skipping offloaded (meta) weights."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    for module in (embeddings, model):
-        device = _execution_device(module)
-        if device is not None:
-            return device
-    params = list(embeddings.parameters()) if isinstance(embeddings, nn.Module) else []
-    for p in [*params, *model.parameters()]:
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-def _text_config(model: nn.Module) -> object | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    get_text = getattr(config, "get_text_config", None)
-    return get_text() if callable(get_text) else config
-
-
-def _vocab_size(model: nn.Module) -> int:
-    cfg = _text_config(model)
-    vocab = getattr(cfg, "vocab_size", None)
-    if vocab is None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        vocab = getattr(head, "out_features", None)
-    if vocab is None:
-        raise StructureError("cannot tell the vocabulary size: the config has no vocab_size.")
-    return int(vocab)
-
-
-def _num_layers_from_config(model: nn.Module) -> int | None:
-    cfg = _text_config(model)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
-    n_layers = _num_layers_from_config(model)
+    n_layers = config_int(text_config(model), NUM_LAYERS_ATTRS)
     candidates = [
         (name, module) for name, module in root.named_modules() if isinstance(module, nn.ModuleList) and len(module) > 0
     ]
@@ -356,9 +513,9 @@ def _find_post_norm(root: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def _logit_steps(model: nn.Module) -> dict[str, float | None]:
-    cfg = _text_config(model)
+    cfg = text_config(model)
     steps: dict[str, float | None] = {}
-    for attr, key in zip(_LOGIT_CONFIG_ATTRS, ("logit_scale", "logit_divisor", "final_softcap")):
+    for attr, key in LOGIT_CONFIG_ATTRS:
         value = getattr(cfg, attr, None)
         steps[key] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     # A scaling of exactly 1 is a no-op; keep it out of the description.
@@ -368,7 +525,28 @@ def _logit_steps(model: nn.Module) -> dict[str, float | None]:
     return steps
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, ModelStructure] = weakref.WeakKeyDictionary()
+# Discovered structures, per model, with the fingerprint of the modules they were found from: swapping the head,
+# the decoder or one of the decoder's direct children (e.g. the final norm) changes it and discovery runs again.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], ModelStructure]] = weakref.WeakKeyDictionary()
+
+
+def _decoder_root(model: nn.Module) -> nn.Module:
+    """``model.get_decoder()`` when it returns a module, else the model itself."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except Exception:  # some wrappers raise instead of returning None
+            decoder = None
+        if isinstance(decoder, nn.Module):
+            return decoder
+    return model
+
+
+def _fingerprint(model: nn.Module) -> tuple[int, ...]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    root = _decoder_root(model)
+    return (id(head), id(root), *(id(child) for child in root.children()))
 _UNSET = object()
 
 
@@ -425,20 +603,15 @@ def find_structure(
         or final_softcap is not _UNSET
         or logit_transform is not None
     )
-    if not overrides and model in _CACHE and (_CACHE[model].validated or not validate):
-        return _CACHE[model]
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch nn.Module causal LM, got {type(model).__name__}")
+    fingerprint = _fingerprint(model)
+    if not overrides and model in _CACHE:
+        key, cached = _CACHE[model]
+        if key == fingerprint and (cached.validated or not validate):
+            return cached
 
-    root = model
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            decoder = get_decoder()
-        except Exception:  # some wrappers raise instead of returning None
-            decoder = None
-        if isinstance(decoder, nn.Module):
-            root = decoder
+    root = _decoder_root(model)
 
     if blocks is None:
         block_list = _find_blocks(model, root)
@@ -482,5 +655,5 @@ def find_structure(
     if validate:
         structure.validate()
     if not overrides:
-        _CACHE[model] = structure
+        _CACHE[model] = (fingerprint, structure)
     return structure

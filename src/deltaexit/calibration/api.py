@@ -133,7 +133,7 @@ def make_threshold(kind: str, value: Any, *, max_steps: int = 64, tau: float = 4
         if math.isinf(float(value)):
             return math.inf
         if for_generate:
-            from deltaexit.generation.schedule import DecayingThreshold
+            from deltaexit.exits import DecayingThreshold
 
             return DecayingThreshold(float(value), tau=tau, max_steps=max_steps)
         return CalmDecay(float(value), tau=tau, max_steps=max_steps)

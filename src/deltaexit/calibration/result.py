@@ -139,7 +139,7 @@ class CalibrationResult:
         if self.kind == "decaying":
             steps = self.max_new_tokens or 64
             try:
-                from deltaexit.generation.schedule import DecayingThreshold
+                from deltaexit.exits import DecayingThreshold
             except ImportError:
                 from deltaexit.calibration.simulate import CalmDecay
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from deltaexit.calibration.risk import continuation_mask
 from deltaexit.collector import collect
+from deltaexit.exits import DecayingThreshold, exit_layers, threshold_matrix
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
 from deltaexit.saturation import saturation_from_topk
@@ -53,65 +54,8 @@ __all__ = [
 LOSSES: tuple[str, ...] = ("textual", "sequence", "risk")
 
 
-class CalmDecay:
-    """CALM's decaying threshold ``clip(0.9 * base + 0.1 * exp(-tau * step / max_steps))``.
-
-    The same formula as :class:`deltaexit.generation.schedule.DecayingThreshold`; kept here so the
-    offline simulator needs nothing from the generation package.
-
-    Example:
-        >>> round(CalmDecay(0.9, tau=4.0, max_steps=10).values(0, 2)[0], 4)
-        0.91
-    """
-
-    def __init__(self, base: float, *, tau: float = 4.0, max_steps: int = 64, clip: bool = True) -> None:
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        self.base, self.tau, self.max_steps, self.clip = float(base), float(tau), int(max_steps), clip
-
-    def values(self, step: int, num_layers: int | None = None) -> list[float]:
-        if num_layers is None:
-            raise ValueError("pass num_layers")
-        if math.isinf(self.base):
-            return [self.base] * num_layers
-        value = 0.9 * self.base + 0.1 * math.exp(-self.tau * step / self.max_steps)
-        if self.clip:
-            value = min(1.0, max(0.0, value))
-        return [value] * num_layers
-
-    def __repr__(self) -> str:
-        return f"CalmDecay(base={self.base}, tau={self.tau}, max_steps={self.max_steps})"
-
-
-def threshold_matrix(threshold: Any, num_layers: int, num_steps: int) -> torch.Tensor:
-    """``[num_steps, num_layers]`` float64 thresholds for a float, a per-layer list or a schedule.
-
-    A schedule is anything with ``values(step, num_layers) -> list[float]`` (e.g.
-    :class:`CalmDecay` or the generation package's schedules). Missing per-layer entries never exit.
-
-    Example:
-        >>> threshold_matrix([0.5, 0.7], num_layers=3, num_steps=1).tolist()
-        [[0.5, 0.7, inf]]
-    """
-    if hasattr(threshold, "values") and callable(threshold.values):
-        rows = [list(threshold.values(s, num_layers)) for s in range(num_steps)]
-        out = torch.tensor(rows, dtype=torch.float64)
-    elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        out = torch.full((num_steps, num_layers), float(threshold), dtype=torch.float64)
-    elif isinstance(threshold, (Sequence, torch.Tensor)) and not isinstance(threshold, str):
-        values = [float(v) for v in threshold]
-        if len(values) > num_layers:
-            raise ValueError(f"{len(values)} per-layer thresholds for a model with {num_layers} blocks")
-        values += [math.inf] * (num_layers - len(values))
-        out = torch.tensor(values, dtype=torch.float64).expand(num_steps, num_layers).clone()
-    else:
-        raise TypeError(
-            "threshold must be a float, a list of per-layer floats or a schedule with "
-            f".values(step, num_layers), got {type(threshold).__name__}"
-        )
-    if torch.isnan(out).any():
-        raise ValueError("a threshold is NaN; use float('inf') for 'never exit'")
-    return out
+#: CALM's decaying threshold: the generation schedule itself (one formula for the simulator and generation).
+CalmDecay = DecayingThreshold
 
 
 @dataclass
@@ -179,16 +123,11 @@ class ExitTable:
         """``[T]`` 1-based exit layer: the first layer ``l >= min_exit_layer`` (below L) with
         ``score >= threshold``, else L.
         """
-        num_layers = self.num_layers
-        if not 1 <= min_exit_layer <= num_layers:
-            raise ValueError(f"min_exit_layer must lie in [1, {num_layers}], got {min_exit_layer}")
         steps = int(self.step.max()) + 1
-        thr = threshold_matrix(threshold, num_layers, steps)[self.step].T  # [L, T]
-        passes = self.scores.to(torch.float64) >= thr
-        passes[: min_exit_layer - 1] = False
-        passes[:, self.step < self.full_depth_steps] = False
-        passes[-1] = True  # full depth
-        return passes.to(torch.int8).argmax(dim=0) + 1
+        thr = threshold_matrix(threshold, self.num_layers, steps)[self.step].T  # [L, T]
+        return exit_layers(
+            self.scores, thr, min_exit_layer=min_exit_layer, full_depth=self.step < self.full_depth_steps
+        )
 
     def predictions(self, exit_layers: torch.Tensor) -> torch.Tensor:
         """``[T]`` the token each exit predicts."""

@@ -8,7 +8,7 @@ from deltaexit.generation.cost import CostModel
 from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.generation.kv import KV_POLICIES, UnsupportedCacheError
 from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
-from deltaexit.generation.schedule import (
+from deltaexit.exits import (
     ConstantThreshold,
     DecayingThreshold,
     PerLayerThreshold,

@@ -44,7 +44,7 @@ from deltaexit.generation.kv import (
 )
 from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
 from deltaexit.generation.runner import BlockRunner
-from deltaexit.generation.schedule import ThresholdSchedule, as_schedule
+from deltaexit.exits import ThresholdSchedule, as_schedule
 from deltaexit.generation.speculative import speculative_token
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
@@ -212,7 +212,7 @@ class EarlyExit:
         measure: A registered measure name (e.g. ``"delta-norm"``) or a
             :class:`~deltaexit.measures.ConfidenceMeasure` instance; higher scores exit earlier.
         threshold: Exit when ``score >= threshold``: one float, one per block (0-based; missing = never), or a
-            :class:`~deltaexit.generation.schedule.ThresholdSchedule` (e.g. CALM's ``DecayingThreshold``).
+            :class:`~deltaexit.exits.ThresholdSchedule` (e.g. CALM's ``DecayingThreshold``).
             ``float('inf')`` never exits.
         kv: KV policy for skipped layers: ``"verify"`` (lossless self-speculation), ``"propagate"`` (CALM) or
             ``"recompute"`` (EE-LLM / FREE).

@@ -45,7 +45,7 @@ from deltaexit.streaming.manifest import (
     rank_manifest_path,
     shard_name,
 )
-from deltaexit.structure import _first_device, find_structure
+from deltaexit.structure import find_structure, input_device
 
 __all__ = ["collect_to_disk", "model_fingerprint"]
 
@@ -396,7 +396,7 @@ def _collect_rank(
     writer = _ShardWriter(manifest, rank, on_shard)
     capture = capture_for(feats)
     topk = int(s["topk"])
-    device = _first_device(model)
+    device = input_device(model)
     documents = iter_documents(data, tokenizer)
     windows = token_windows(documents, s["context"], s["max_tokens"])
     was_training = model.training
