@@ -547,6 +547,8 @@ def _fingerprint(model: nn.Module) -> tuple[int, ...]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     root = _decoder_root(model)
     return (id(head), id(root), *(id(child) for child in root.children()))
+
+
 _UNSET = object()
 
 

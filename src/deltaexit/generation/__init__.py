@@ -4,10 +4,6 @@ Example:
     >>> from deltaexit.generation import EarlyExit, DecayingThreshold   # doctest: +SKIP
 """
 
-from deltaexit.generation.cost import CostModel
-from deltaexit.generation.early_exit import EarlyExit
-from deltaexit.generation.kv import KV_POLICIES, UnsupportedCacheError
-from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
 from deltaexit.exits import (
     ConstantThreshold,
     DecayingThreshold,
@@ -15,6 +11,10 @@ from deltaexit.exits import (
     ThresholdSchedule,
     as_schedule,
 )
+from deltaexit.generation.cost import CostModel
+from deltaexit.generation.early_exit import EarlyExit
+from deltaexit.generation.kv import KV_POLICIES, UnsupportedCacheError
+from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
 
 __all__ = [
     "KV_POLICIES",

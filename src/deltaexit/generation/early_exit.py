@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from deltaexit.exits import ThresholdSchedule, as_schedule
 from deltaexit.generation.kv import (
     KV_POLICIES,
     UnsupportedCacheError,
@@ -44,7 +45,6 @@ from deltaexit.generation.kv import (
 )
 from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
 from deltaexit.generation.runner import BlockRunner
-from deltaexit.exits import ThresholdSchedule, as_schedule
 from deltaexit.generation.speculative import speculative_token
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
