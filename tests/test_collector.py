@@ -136,6 +136,30 @@ def test_generate_gives_one_record_per_step(llama, positions):
     assert torch.equal(trace.topk_ids[-1, 0, :, 0], out[0, ids.shape[1] :])
 
 
+def test_collect_defaults_to_one_record_per_generate_step(llama):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with dx.collect(llama, ("delta",)) as trace:
+        out = llama.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)
+    steps = out.shape[1] - ids.shape[1]
+    assert trace.positions == "auto"
+    assert len(trace.records) == steps
+    assert trace.delta.shape[:3] == (3, 1, steps)
+
+
+def test_collect_forwards_to_collector_without_restating_defaults(llama):
+    import inspect
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(dx.Collector).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    assert defaults["positions"] == "auto"
+    collector = dx.collect(llama)
+    for name in ("capture", "positions", "topk", "dtype"):
+        assert getattr(collector, name) == (tuple(defaults[name]) if name == "capture" else defaults[name])
+
+
 def test_auto_positions_keep_all_tokens_of_a_plain_forward(llama):
     ids, mask = random_batch(128, 2, 5)
     with dx.collect(llama, ("delta",)) as trace:

@@ -6,11 +6,14 @@ inside the ``with`` block (one :class:`Record` per forward, so one per step of
 ``model.generate``), and removes every hook on exit, also when the forward raises.
 
 Example:
-    >>> import deltaexit as dx
-    >>> with dx.collect(model, capture=("delta", "h_out")) as trace:   # doctest: +SKIP
-    ...     model(input_ids=ids, attention_mask=mask)
-    >>> trace.delta.shape                                              # doctest: +SKIP
-    torch.Size([8, 2, 16, 64])   # [layers, batch, seq, hidden]
+    >>> import torch
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=3, hidden=32)
+    >>> ids = torch.tensor([[5, 6, 7, 8]])
+    >>> with collect(model, capture=("delta", "h_out")) as trace:
+    ...     _ = model(input_ids=ids)
+    >>> tuple(trace.delta.shape)   # [layers, batch, seq, hidden]
+    (3, 1, 4, 32)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltaexit.lens import Lens
-from deltaexit.structure import ModelStructure, StructureError, block_output, find_structure
+from deltaexit.structure import ModelStructure, StructureError, block_input, block_output, find_structure
 
 __all__ = ["FEATURES", "Collector", "Record", "Trace", "TraceError", "collect"]
 
@@ -65,8 +68,16 @@ class Trace:
     ``[layers, batch, steps, dim]`` with ``positions="last"``.
 
     Example:
-        >>> trace.delta[3]          # delta of the 4th captured layer   # doctest: +SKIP
-        >>> trace.tokens("delta")   # [layers, real tokens, hidden]     # doctest: +SKIP
+        >>> import torch
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=3, hidden=32)
+        >>> ids, mask = torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]])
+        >>> with collect(model, layers=[1, 2]) as trace:
+        ...     _ = model(input_ids=ids, attention_mask=mask)
+        >>> tuple(trace.delta[trace.layer_index(2)].shape)   # block 2: [batch, seq, hidden]
+        (1, 3, 32)
+        >>> tuple(trace.tokens("delta").shape)                # [layers, real tokens, hidden]
+        (2, 2, 32)
     """
 
     def __init__(self, layers: Sequence[int], capture: Sequence[str], topk: int, positions: str) -> None:
@@ -172,7 +183,39 @@ class Trace:
 
 
 class Collector:
-    """Context manager that attaches observing hooks; see :func:`collect`."""
+    """Context manager that captures residual-stream features of every forward pass run inside it.
+
+    Entering attaches observing hooks (they return ``None``) and yields the :class:`Trace`;
+    leaving removes every hook, also when the forward raises. :func:`collect` is the same call.
+
+    Args:
+        model: Any ``transformers`` causal LM (blocks are found by structure).
+        capture: Which of ``"h_in"``, ``"h_out"``, ``"delta"`` to keep (``()`` keeps none).
+        layers: Block indices (0-based, negatives allowed) to capture; default all.
+        positions: ``"all"`` positions, the ``"last"`` real token of each row, only positions
+            the attention ``"mask"`` keeps (flattened to ``[layers, tokens, dim]``), or ``"auto"``
+            (default): all positions of a plain forward, the last token of each forward that
+            is given a KV cache, i.e. one record per step of ``model.generate``.
+        topk: Also keep the logit lens's top-``k`` ids and probabilities per layer.
+        dtype: Storage dtype (default: the model's hidden-state dtype).
+        device: Storage device (default: where the hidden states are).
+        structure: A pre-computed :class:`~deltaexit.structure.ModelStructure`.
+        **overrides: Passed to :func:`~deltaexit.structure.find_structure`.
+
+    Raises:
+        ValueError: An unknown feature or ``positions``, or a negative ``topk``.
+        IndexError: A layer outside the model.
+
+    Example:
+        >>> import torch
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=3, hidden=32)
+        >>> with Collector(model, ("delta",), topk=2) as trace:
+        ...     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, min_new_tokens=4,
+        ...                          do_sample=False, pad_token_id=0)
+        >>> len(trace.records), tuple(trace.topk_ids.shape)   # one record per step: [layers, batch, steps, k]
+        (4, (3, 1, 4, 2))
+    """
 
     def __init__(
         self,
@@ -268,7 +311,7 @@ class Collector:
 
     def _make_pre_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            h = args[0] if args else kwargs.get("hidden_states")
+            h = block_input(args, kwargs)
             if isinstance(h, torch.Tensor):
                 self._inputs[layer] = h
 
@@ -374,50 +417,22 @@ class Collector:
         record.filled.add(row)
 
 
-def collect(
-    model: nn.Module,
-    capture: Iterable[str] = ("delta",),
-    *,
-    layers: Iterable[int] | None = None,
-    positions: Positions = "all",
-    topk: int = 0,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    structure: ModelStructure | None = None,
-    **overrides: Any,
-) -> Collector:
+def collect(model: nn.Module, *args: Any, **kwargs: Any) -> Collector:
     """Capture residual-stream features of every forward pass run inside a ``with`` block.
 
-    Args:
-        model: Any ``transformers`` causal LM (blocks are found by structure).
-        capture: Which of ``"h_in"``, ``"h_out"``, ``"delta"`` to keep (``()`` keeps none).
-        layers: Block indices (0-based, negatives allowed) to capture; default all.
-        positions: ``"all"`` positions, the ``"last"`` real token of each row, only positions
-            the attention ``"mask"`` keeps (flattened to ``[layers, tokens, dim]``), or ``"auto"``
-            (default): all positions of a plain forward, the last token of each forward that
-            is given a KV cache, i.e. one record per step of ``model.generate``.
-        topk: Also keep the logit lens's top-``k`` ids and probabilities per layer.
-        dtype: Storage dtype (default: the model's hidden-state dtype).
-        device: Storage device (default: where the hidden states are).
-        structure: A pre-computed :class:`~deltaexit.structure.ModelStructure`.
-        **overrides: Passed to :func:`~deltaexit.structure.find_structure`.
+    The function form of :class:`Collector`: it forwards every argument unchanged (so the two cannot
+    differ; ``positions="auto"`` is the default of both). See :class:`Collector` for the arguments.
 
     Returns:
         A :class:`Collector`; entering it yields the :class:`Trace`.
 
     Example:
-        >>> with collect(model, ("delta",), topk=5) as trace:   # doctest: +SKIP
-        ...     model(input_ids=ids)
-        >>> trace.delta.shape, trace.topk_ids.shape              # doctest: +SKIP
+        >>> import torch
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=3, hidden=32, vocab=128)
+        >>> with collect(model, ("delta",), topk=5) as trace:
+        ...     _ = model(input_ids=torch.tensor([[1, 2, 3]]))
+        >>> tuple(trace.delta.shape), tuple(trace.topk_ids.shape)
+        ((3, 1, 3, 32), (3, 1, 3, 5))
     """
-    return Collector(
-        model,
-        capture,
-        layers=layers,
-        positions=positions,
-        topk=topk,
-        dtype=dtype,
-        device=device,
-        structure=structure,
-        **overrides,
-    )
+    return Collector(model, *args, **kwargs)
