@@ -1,9 +1,15 @@
 """Scale-out: streaming collection to sharded files, lazy datasets, data-parallel runs.
 
 Example:
-    >>> import deltaexit as dx
-    >>> dx.collect_to_disk(model, ids, "out", features="delta_norm,lens_topk")    # doctest: +SKIP
-    >>> ds = dx.ShardDataset("out", labels="final", batch_size=1024)              # doctest: +SKIP
+    >>> import tempfile
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+    >>> out = tempfile.mkdtemp()
+    >>> _ = collect_to_disk(model, [list(range(3, 40))], out, features="delta_norm,lens_topk", topk=2,
+    ...                     context=16, progress=False)
+    >>> batch = next(iter(ShardDataset(out, labels="final", batch_size=8)))
+    >>> tuple(batch["delta_norm"].shape), tuple(batch["label_final"].shape)   # [tokens, layers]
+    ((8, 2), (8, 2))
 """
 
 from deltaexit.streaming.corpus import Window, batch_windows, iter_documents, read_documents, token_windows

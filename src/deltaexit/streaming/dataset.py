@@ -5,9 +5,19 @@ can run over corpora larger than memory. ``labels="next"`` / ``"final"`` are mad
 from the stored lens top-1 per layer (collect with ``lens_topk`` over all layers).
 
 Example:
-    >>> ds = ShardDataset("out", features=("delta",), labels="final", batch_size=4096)   # doctest: +SKIP
-    >>> for batch in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2):     # doctest: +SKIP
-    ...     batch["delta"].shape, batch["label_final"].shape   # [4096, L, H], [4096, L]
+    >>> import tempfile
+    >>> from deltaexit.streaming import collect_to_disk
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+    >>> out = tempfile.mkdtemp()
+    >>> _ = collect_to_disk(model, [list(range(3, 40))], out, features="delta,lens_topk", topk=2,
+    ...                     context=16, progress=False)
+    >>> ds = ShardDataset(out, features=("delta",), labels="final", batch_size=16)
+    >>> for batch in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0):
+    ...     print(tuple(batch["delta"].shape), tuple(batch["label_final"].shape))   # [tokens, L, H], [tokens, L]
+    (16, 2, 32) (16, 2)
+    (16, 2, 32) (16, 2)
+    (5, 2, 32) (5, 2)
 """
 
 from __future__ import annotations
@@ -187,8 +197,15 @@ def load_features(
     """Materialise (the first ``max_tokens`` tokens of) a collection as one dict of tensors.
 
     Example:
-        >>> data = load_features("out", features=("delta",), labels="next")   # doctest: +SKIP
-        >>> data["delta"].shape, data["label_next"].shape                      # doctest: +SKIP
+        >>> import tempfile
+        >>> from deltaexit.streaming import collect_to_disk
+        >>> from deltaexit.testing import tiny_model
+        >>> out = tempfile.mkdtemp()
+        >>> _ = collect_to_disk(tiny_model("llama", num_layers=2, hidden=32, vocab=64), [list(range(3, 40))], out,
+        ...                     features="delta,lens_topk", topk=2, context=16, progress=False)
+        >>> data = load_features(out, features=("delta",), labels="next")
+        >>> tuple(data["delta"].shape), tuple(data["label_next"].shape)   # next: one label per transition
+        ((37, 2, 32), (37, 1))
     """
     parts: list[dict[str, torch.Tensor]] = []
     total = 0
@@ -212,10 +229,17 @@ def layer_states(batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: ob
     ``delta`` and ``h_in`` are passed on when stored.
 
     Example:
-        >>> ds = ShardDataset("out", labels="final", batch_size=8192)            # doctest: +SKIP
-        >>> batch = next(iter(ds))                                               # doctest: +SKIP
-        >>> states = layer_states(batch, ds.manifest)                            # doctest: +SKIP
-        >>> measure.fit(states[:-1], layer_labels(batch, "final")[:-1])          # doctest: +SKIP
+        >>> import tempfile
+        >>> from deltaexit.streaming import collect_to_disk
+        >>> from deltaexit.testing import tiny_model
+        >>> out = tempfile.mkdtemp()
+        >>> _ = collect_to_disk(tiny_model("llama", num_layers=2, hidden=32, vocab=64), [list(range(3, 40))], out,
+        ...                     features="h_out,delta,lens_topk", topk=2, context=16, progress=False)
+        >>> ds = ShardDataset(out, labels="final", batch_size=32)
+        >>> batch = next(iter(ds))
+        >>> states = layer_states(batch, ds.manifest)
+        >>> [s.layer for s in states], tuple(states[0].delta.shape), len(layer_labels(batch, "final"))
+        ([0, 1], (32, 32), 2)
     """
     if "h_out" not in batch:
         raise ManifestError("layer states need h_out: collect with features including 'h_out'")

@@ -8,8 +8,15 @@ Layout of an output directory::
       shard-r00000-00000.safetensors    # rank 0's first shard, ...
 
 Example:
-    >>> m = Manifest.load("out")                     # doctest: +SKIP
-    >>> m.num_tokens, m.features, m.layers           # doctest: +SKIP
+    >>> import tempfile
+    >>> from deltaexit.streaming import collect_to_disk
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+    >>> out = tempfile.mkdtemp()
+    >>> _ = collect_to_disk(model, [list(range(3, 40))], out, features="delta_norm", context=16, progress=False)
+    >>> m = Manifest.load(out)
+    >>> m.num_tokens, m.features, m.layers
+    (37, ('delta_norm',), (0, 1))
 """
 
 from __future__ import annotations
@@ -179,7 +186,15 @@ def merge_manifests(out_dir: str | os.PathLike[str], world_size: int) -> Manifes
     first global batch, so the merged order is the corpus order whatever the world size.
 
     Example:
-        >>> merge_manifests("out", world_size=2).num_tokens   # doctest: +SKIP
+        >>> import tempfile
+        >>> from deltaexit.streaming import collect_to_disk
+        >>> from deltaexit.testing import tiny_model
+        >>> model, out = tiny_model("llama", num_layers=2, hidden=32, vocab=64), tempfile.mkdtemp()
+        >>> for rank in (0, 1):  # two independent jobs, one part each
+        ...     _ = collect_to_disk(model, [list(range(3, 40))], out, features="delta_norm", context=8, batch_size=1,
+        ...                         rank=rank, world_size=2, progress=False)
+        >>> merge_manifests(out, world_size=2).num_tokens
+        37
     """
     parts = []
     for rank in range(world_size):

@@ -8,12 +8,18 @@ file is written atomically; the per-rank manifest is rewritten after each shard
 and records exactly which windows the shard covers, so an interrupted run resumes
 from the last complete shard without losing or duplicating a token.
 
+The settings form a :class:`CollectConfig` (the ``deltaexit collect`` flags build one); the
+same fields work as keywords of :func:`collect_to_disk`.
+
 Example:
-    >>> import deltaexit as dx
-    >>> manifest = dx.collect_to_disk(model, "valid.txt", "out", tokenizer=tok,     # doctest: +SKIP
-    ...                               features=("delta", "delta_norm", "lens_topk"),
-    ...                               subsample=0.1, shard_tokens=65536)
-    >>> manifest.num_tokens, [p.name for p in manifest.shard_paths()][:1]           # doctest: +SKIP
+    >>> import tempfile
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+    >>> config = CollectConfig(features=("delta", "delta_norm"), subsample=0.5, context=16, progress=False)
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     manifest = collect_to_disk(model, [list(range(3, 60))], out, config, shard_tokens=16)
+    ...     [p.name for p in manifest.shard_paths()][:1]
+    ['shard-r00000-00000.safetensors']
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import struct
 import sys
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +52,9 @@ from deltaexit.streaming.manifest import (
     rank_manifest_path,
     shard_name,
 )
-from deltaexit.structure import find_structure, input_device
+from deltaexit.structure import ModelStructure, find_structure, input_device
 
-__all__ = ["collect_to_disk", "model_fingerprint"]
+__all__ = ["CollectConfig", "collect_to_disk", "model_fingerprint"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {
@@ -84,7 +91,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[s
         handle.write(struct.pack("<Q", len(head)))
         handle.write(head)
         for raw in views:
-            handle.write(memoryview(raw))
+            handle.write(raw.data)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -230,43 +237,14 @@ def _clear(out_dir: Path, rank: int) -> None:
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
 
-def collect_to_disk(
-    model: nn.Module,
-    data: Any,
-    out_dir: str | os.PathLike[str],
-    *,
-    tokenizer: Any = None,
-    layers: Iterable[int] | None = None,
-    features: Iterable[str] | str = ("delta", "delta_norm", "lens_topk"),
-    topk: int = 5,
-    positions: str = "all",
-    subsample: float = 1.0,
-    seed: int = 0,
-    context: int = 128,
-    batch_size: int = 8,
-    shard_tokens: int = 65_536,
-    max_tokens: int | None = None,
-    dtype: torch.dtype | str | None = "float16",
-    pad_token_id: int = 0,
-    resume: bool = True,
-    overwrite: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    progress: bool = True,
-    on_shard: Callable[[dict[str, Any]], None] | None = None,
-) -> Manifest:
-    """Collect per-token residual-stream features of a corpus into safetensors shards.
+@dataclass(frozen=True)
+class CollectConfig:
+    """Settings of :func:`collect_to_disk` (the ``deltaexit collect`` flags build one).
 
     Args:
-        model: A ``transformers`` causal LM (any device placement, ``device_map`` and offload included).
-        data: A text file (one document a line; needs ``tokenizer``), token ids (a 1-D/2-D
-            tensor, or sequences of ids, one per document) or strings (need ``tokenizer``);
-            see :func:`~deltaexit.streaming.corpus.iter_documents`.
-        out_dir: Output directory (created).
-        tokenizer: Turns text into ids.
         layers: Blocks to store (0-based; default all). Labels need all blocks.
         features: Any of ``h_in``, ``h_out``, ``delta``, ``h_in_norm``, ``h_out_norm``,
-            ``delta_norm``, ``lens_topk`` (a tuple or a comma-separated string).
+            ``delta_norm``, ``lens_topk`` (a tuple or a comma-separated string; stored as a tuple).
         topk: ``k`` of ``lens_topk``.
         positions: ``"all"`` tokens of each window, or only its ``"last"`` one.
         subsample: Fraction of tokens kept, drawn per window from ``seed`` (1.0 keeps all).
@@ -279,41 +257,160 @@ def collect_to_disk(
             None keeps the captured dtype).
         pad_token_id: Id used to pad short windows (masked out, never stored).
         resume: Continue a previous run with the same settings in ``out_dir`` (default).
-        overwrite: Delete this rank's previous output first.
+        overwrite: Delete this rank's previous output first (wins over ``resume``).
         rank, world_size: Default to the ``torch.distributed`` group (or 0 and 1). Passing them
             without a process group runs one part of an independent multi-job collection;
             the last part to finish merges the manifests.
         progress: Show a tqdm bar (rank 0).
+
+    Raises:
+        ValueError: A setting is out of range; the message names it.
+
+    Example:
+        >>> config = CollectConfig(features="delta_norm,lens_topk", subsample=0.5)
+        >>> config.features, config.capture
+        (('delta_norm', 'lens_topk'), ('delta',))
+        >>> CollectConfig(subsample=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: subsample must be in (0, 1], got 0.0
+    """
+
+    layers: Iterable[int] | None = None
+    features: Iterable[str] | str = ("delta", "delta_norm", "lens_topk")
+    topk: int = 5
+    positions: str = "all"
+    subsample: float = 1.0
+    seed: int = 0
+    context: int = 128
+    batch_size: int = 8
+    shard_tokens: int = 65_536
+    max_tokens: int | None = None
+    dtype: torch.dtype | str | None = "float16"
+    pad_token_id: int = 0
+    resume: bool = True
+    overwrite: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", parse_features(self.features))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+        _parse_dtype(self.dtype)
+        if not 0.0 < float(self.subsample) <= 1.0:
+            raise ValueError(f"subsample must be in (0, 1], got {self.subsample}")
+        if self.shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, got {self.shard_tokens}")
+        if self.positions not in ("all", "last"):
+            raise ValueError(f"positions must be 'all' or 'last', got {self.positions!r}")
+        if "lens_topk" in self.features and self.topk < 1:
+            raise ValueError("lens_topk needs topk >= 1")
+
+    @property
+    def capture(self) -> tuple[str, ...]:
+        """What the collector must capture to compute :attr:`features`."""
+        return capture_for(parse_features(self.features))
+
+    @property
+    def store_dtype(self) -> torch.dtype | None:
+        """:attr:`dtype` as a ``torch.dtype`` (None keeps the captured dtype)."""
+        return _parse_dtype(self.dtype)
+
+    @classmethod
+    def build(cls, config: CollectConfig | None = None, **overrides: Any) -> CollectConfig:
+        """``config`` (default: the defaults) with ``overrides`` applied, unknown names refused.
+
+        Example:
+            >>> CollectConfig.build(CollectConfig(context=64), batch_size=2).context
+            64
+        """
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(
+                f"unknown collect_to_disk setting(s) {unknown}; choose from {[f.name for f in fields(cls)]}"
+            )
+        return replace(config if config is not None else cls(), **overrides)
+
+
+def collect_to_disk(
+    model: nn.Module,
+    data: Any,
+    out_dir: str | os.PathLike[str],
+    config: CollectConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> Manifest:
+    """Collect per-token residual-stream features of a corpus into safetensors shards.
+
+    Args:
+        model: A ``transformers`` causal LM (any device placement, ``device_map`` and offload included).
+        data: A text file (one document a line; needs ``tokenizer``), token ids (a 1-D/2-D
+            tensor, or sequences of ids, one per document) or strings (need ``tokenizer``);
+            see :func:`~deltaexit.streaming.corpus.iter_documents`.
+        out_dir: Output directory (created).
+        config: The settings (:class:`CollectConfig`; default: its defaults).
+        tokenizer: Turns text into ids.
         on_shard: Called with each shard's manifest entry after it is safely on disk.
+        **overrides: Any :class:`CollectConfig` field by name, applied over ``config``
+            (e.g. ``features="delta_norm", shard_tokens=4096``).
 
     Returns:
         The merged :class:`~deltaexit.streaming.manifest.Manifest` (this rank's while other
         independent parts are still running).
+
+    Example:
+        >>> import tempfile
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+        >>> docs = [list(range(3, 40)), list(range(5, 30))]
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     manifest = collect_to_disk(model, docs, out, features="delta_norm,lens_topk", topk=2,
+        ...                                context=16, batch_size=2, shard_tokens=32, progress=False)
+        ...     manifest.num_tokens, len(manifest.shards), manifest.complete
+        (62, 2, True)
     """
-    feats = parse_features(features)
-    store_dtype = _parse_dtype(dtype)
-    if not 0.0 < float(subsample) <= 1.0:
-        raise ValueError(f"subsample must be in (0, 1], got {subsample}")
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if positions not in ("all", "last"):
-        raise ValueError(f"positions must be 'all' or 'last', got {positions!r}")
-    if "lens_topk" in feats and topk < 1:
-        raise ValueError("lens_topk needs topk >= 1")
-    if resume and overwrite:
-        resume = False
+    cfg = CollectConfig.build(config, **overrides)
     group_rank, group_size = distributed_rank()
-    rank = group_rank if rank is None else int(rank)
-    world_size = group_size if world_size is None else int(world_size)
+    rank = group_rank if cfg.rank is None else int(cfg.rank)
+    world_size = group_size if cfg.world_size is None else int(cfg.world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-
     structure = find_structure(model)
-    chosen = range(structure.num_layers) if layers is None else layers
+    chosen = range(structure.num_layers) if cfg.layers is None else cfg.layers
     layer_ids = sorted({structure.check_layer(int(layer)) for layer in chosen})
     if not layer_ids:
         raise ValueError("layers is empty: choose at least one block")
+    settings = _settings(model, structure, data, tokenizer, cfg, layer_ids, world_size)
+
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume or cfg.overwrite:
+        _clear(root, rank)
+    manifest = _resume(rank_manifest_path(root, rank), settings, root, rank)
+    if not manifest.complete:
+        progress = cfg.progress and rank == 0
+        _collect_rank(model, structure, data, tokenizer, manifest, cfg, on_shard, progress=progress)
+        manifest.complete = True
+        manifest.save()
+    return _merged(root, manifest, world_size, group_size)
+
+
+def _settings(
+    model: nn.Module,
+    structure: ModelStructure,
+    data: Any,
+    tokenizer: Any,
+    cfg: CollectConfig,
+    layer_ids: list[int],
+    world_size: int,
+) -> dict[str, Any]:
+    """The manifest's ``settings``: everything the shards depend on, in JSON-normal form."""
     config = getattr(model, "config", None)
+    store_dtype = cfg.store_dtype
     settings: dict[str, Any] = {
         "model": {
             "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
@@ -325,45 +422,27 @@ def collect_to_disk(
         },
         "data": {"fingerprint": data_fingerprint(data), "tokenizer": _tokenizer_id(tokenizer)},
         "layers": layer_ids,
-        "features": list(feats),
-        "topk": int(topk) if "lens_topk" in feats else 0,
-        "positions": positions,
-        "subsample": float(subsample),
-        "seed": int(seed),
-        "context": int(context),
-        "batch_size": int(batch_size),
-        "shard_tokens": int(shard_tokens),
-        "max_tokens": None if max_tokens is None else int(max_tokens),
+        "features": list(cfg.features),
+        "topk": int(cfg.topk) if "lens_topk" in cfg.features else 0,
+        "positions": cfg.positions,
+        "subsample": float(cfg.subsample),
+        "seed": int(cfg.seed),
+        "context": int(cfg.context),
+        "batch_size": int(cfg.batch_size),
+        "shard_tokens": int(cfg.shard_tokens),
+        "max_tokens": None if cfg.max_tokens is None else int(cfg.max_tokens),
         "dtype": None if store_dtype is None else str(store_dtype).removeprefix("torch."),
-        "pad_token_id": int(pad_token_id),
+        "pad_token_id": int(cfg.pad_token_id),
         "world_size": world_size,
     }
-    settings = json.loads(json.dumps(settings))  # JSON-normal form, comparable with a read manifest
+    return json.loads(json.dumps(settings))  # JSON-normal form, comparable with a read manifest
 
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _clear(root, rank)
-    manifest = _resume(rank_manifest_path(root, rank), settings, root, rank)
-    if not manifest.complete:
-        _collect_rank(
-            model,
-            structure,
-            data,
-            tokenizer,
-            manifest,
-            feats,
-            layer_ids,
-            store_dtype,
-            on_shard,
-            progress=progress and rank == 0,
-        )
-        manifest.complete = True
-        manifest.save()
 
+def _merged(root: Path, manifest: Manifest, world_size: int, group_size: int) -> Manifest:
+    """The merged manifest once every part is done (this rank's while independent parts still run)."""
     if group_size > 1 and world_size == group_size:
         barrier()
-        if rank == 0:
+        if manifest.rank == 0:
             merge_manifests(root, world_size)
         barrier()
         return Manifest.load(root)
@@ -377,28 +456,24 @@ def collect_to_disk(
 
 def _collect_rank(
     model: nn.Module,
-    structure: Any,
+    structure: ModelStructure,
     data: Any,
     tokenizer: Any,
     manifest: Manifest,
-    feats: tuple[str, ...],
-    layer_ids: list[int],
-    store_dtype: torch.dtype | None,
+    cfg: CollectConfig,
     on_shard: Callable[[dict[str, Any]], None] | None,
     *,
     progress: bool,
 ) -> None:
+    """Run this rank's batches (from where the manifest stops) and write their shards."""
     from tqdm.auto import tqdm
 
     s = manifest.settings
     rank, world = int(manifest.rank or 0), int(s["world_size"])
     start_batch = manifest.shards[-1]["batches"][1] + 1 if manifest.shards else 0
     writer = _ShardWriter(manifest, rank, on_shard)
-    capture = capture_for(feats)
-    topk = int(s["topk"])
     device = input_device(model)
-    documents = iter_documents(data, tokenizer)
-    windows = token_windows(documents, s["context"], s["max_tokens"])
+    windows = token_windows(iter_documents(data, tokenizer), s["context"], s["max_tokens"])
     was_training = model.training
     model.eval()
     bar = tqdm(total=s["max_tokens"], unit="tok", desc=f"collect rank {rank}", disable=not progress)
@@ -408,30 +483,18 @@ def _collect_rank(
             seen += len(batch)
             if b % world != rank or b < start_batch:
                 continue
-            lengths = [len(w.ids) for w in batch]
-            seq = max(lengths)
-            ids = torch.full((len(batch), seq), s["pad_token_id"], dtype=torch.long)
-            mask = torch.zeros(len(batch), seq, dtype=torch.long)
-            keep = torch.zeros(len(batch), seq, dtype=torch.bool)
-            for row, w in enumerate(batch):
-                ids[row, : len(w.ids)] = torch.tensor(w.ids)
-                mask[row, : len(w.ids)] = 1
-                keep[row, : len(w.ids)] = _subsample_keep(w, s["subsample"], s["seed"])
-                if s["positions"] == "last":
-                    keep[row, : len(w.ids) - 1] = False
+            ids, mask, keep = _batch_inputs(batch, s)
             with (
                 torch.no_grad(),
-                collect(model, capture, layers=layer_ids, positions="all", topk=topk, structure=structure) as trace,
+                collect(
+                    model, cfg.capture, layers=s["layers"], positions="all", topk=s["topk"], structure=structure
+                ) as trace,
             ):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            tensors = reduce_batch(trace, feats, keep, store_dtype)
-            rows, cols = keep.nonzero(as_tuple=True)
-            tensors["token_id"] = ids[rows, cols]
-            tensors["window"] = torch.tensor([w.index for w in batch], dtype=torch.long)[rows]
-            tensors["doc"] = torch.tensor([w.doc for w in batch], dtype=torch.long)[rows]
-            tensors["doc_position"] = torch.tensor([w.start for w in batch], dtype=torch.long)[rows] + cols
+            tensors = reduce_batch(trace, parse_features(cfg.features), keep, cfg.store_dtype)
+            tensors.update(_token_meta(batch, ids, keep))
             writer.add(b, batch, tensors)
-            bar.update(sum(lengths))
+            bar.update(int(mask.sum()))
             if writer.tokens >= s["shard_tokens"]:
                 writer.flush()
         writer.flush()
@@ -440,3 +503,29 @@ def _collect_rank(
         model.train(was_training)
     if seen == 0:
         raise ValueError("the data holds no tokens (empty file or only empty documents)")
+
+
+def _batch_inputs(batch: list[Window], s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask, kept tokens)`` of one batch of windows, right-padded to its longest."""
+    seq = max(len(w.ids) for w in batch)
+    ids = torch.full((len(batch), seq), s["pad_token_id"], dtype=torch.long)
+    mask = torch.zeros(len(batch), seq, dtype=torch.long)
+    keep = torch.zeros(len(batch), seq, dtype=torch.bool)
+    for row, w in enumerate(batch):
+        ids[row, : len(w.ids)] = torch.tensor(w.ids)
+        mask[row, : len(w.ids)] = 1
+        keep[row, : len(w.ids)] = _subsample_keep(w, s["subsample"], s["seed"])
+        if s["positions"] == "last":
+            keep[row, : len(w.ids) - 1] = False
+    return ids, mask, keep
+
+
+def _token_meta(batch: list[Window], ids: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per kept token: its id, window, document and position in the document."""
+    rows, cols = keep.nonzero(as_tuple=True)
+    return {
+        "token_id": ids[rows, cols],
+        "window": torch.tensor([w.index for w in batch], dtype=torch.long)[rows],
+        "doc": torch.tensor([w.doc for w in batch], dtype=torch.long)[rows],
+        "doc_position": torch.tensor([w.start for w in batch], dtype=torch.long)[rows] + cols,
+    }
