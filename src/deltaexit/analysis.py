@@ -10,8 +10,14 @@ Split protocol (all parts disjoint, cut at window boundaries):
   measure, trainable or not, is chosen there).
 
 Example:
-    >>> result = dx.analyze(model, tokenizer, open("test.txt").read(), tokens=65536)   # doctest: +SKIP
-    >>> result["labels"]["next"]["summary"]["delta-mlp"]["mean_f1"]                    # doctest: +SKIP
+    >>> from importlib.resources import files
+    >>> from deltaexit.reference import load_reference
+    >>> model, tokenizer = load_reference("v1")
+    >>> text = (files("deltaexit") / "assets/sample/wikitext-2-test-tail.txt").read_text()
+    >>> config = AnalyzeConfig(tokens=256, window=32, measures=["delta-norm", "linear"], fit_kwargs={"max_epochs": 2})
+    >>> result = analyze(model, tokenizer, text, config)
+    >>> 0.0 <= result["labels"]["next"]["summary"]["linear"]["mean_f1"] <= 1.0
+    True
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +40,9 @@ from deltaexit.features import LABELS, StateSet, collect_states, model_context_l
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
+from deltaexit.structure import find_structure
 
-__all__ = ["DEFAULT_MEASURES", "analyze", "build_measures", "format_report", "write_plots"]
+__all__ = ["DEFAULT_MEASURES", "AnalyzeConfig", "analyze", "build_measures", "format_report", "write_plots"]
 
 #: Display name -> (registry name, keyword arguments) of the measures ``analyze`` evaluates.
 DEFAULT_MEASURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -91,35 +99,14 @@ def _fit_all(measures: dict[str, ConfidenceMeasure], train: StateSet, label: str
     return seconds
 
 
-def analyze(
-    model: nn.Module,
-    tokenizer: Any,
-    text: str,
-    *,
-    tokens: int = 65536,
-    fit_text: str | None = None,
-    fit_tokens: int | None = None,
-    labels: Sequence[str] = ("next",),
-    measures: Sequence[str] | None = None,
-    window: int | None = None,
-    batch_size: int = 16,
-    select_fraction: float = 0.2,
-    seed: int = 0,
-    progress: bool = False,
-    fit_kwargs: dict[str, Any] | None = None,
-    threads: int | None = None,
-    save_measures: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """Collect, fit and evaluate every measure on a text; returns all figures as a JSON-ready dict.
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Settings of :func:`analyze` (the ``deltaexit analyze`` flags build one).
 
     Args:
-        model: A causal LM.
-        tokenizer: Its tokenizer (``AutoTokenizer``).
-        text: The evaluation text; its first ``tokens`` tokens are the test tokens.
-        tokens: Number of test tokens.
-        fit_text: Text for the fit tokens (default: ``text`` after the test tokens).
+        tokens: Number of test tokens (the first ``tokens`` tokens of the text).
         fit_tokens: Number of fit tokens (default: ``tokens``).
-        labels: Label kinds to evaluate (``"next"``, ``"final"``).
+        labels: Label kinds to evaluate (``"next"``, ``"final"``, ``"kept"``).
         measures: Display names (default: :data:`DEFAULT_MEASURES`).
         window: Tokens per window (default ``min(256, context length)``).
         batch_size: Windows per forward.
@@ -129,120 +116,131 @@ def analyze(
         fit_kwargs: Extra keyword arguments for the trainable measures (e.g. ``max_epochs``).
         save_measures: Directory to save every fitted measure into, as ``DIR/<label>/<name>``
             (:meth:`~deltaexit.measures.TrainableMeasure.save`; load with ``dx.load_measure``).
-        threads: torch intra-op threads for the run (restored afterwards); 1 is fastest for
-            small models on a busy machine. Default: leave torch's setting.
 
-    Returns:
-        ``{"config", "tokens", "layers", "oracle", "cost", "labels": {label: evaluation}, "timing"}``.
+    Raises:
+        ValueError: An unknown label or fewer than 2 test tokens.
+
+    Example:
+        >>> AnalyzeConfig(tokens=512, labels=["next", "final"]).labels
+        ('next', 'final')
+        >>> AnalyzeConfig(labels=("later",))
+        Traceback (most recent call last):
+        ...
+        ValueError: label must be one of ['next', 'final', 'kept'], got 'later'
     """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
-        return _analyze(
-            model, tokenizer, text, tokens=tokens, fit_text=fit_text, fit_tokens=fit_tokens, labels=labels,
-            measures=measures, window=window, batch_size=batch_size, select_fraction=select_fraction,
-            seed=seed, progress=progress, fit_kwargs=fit_kwargs, save_measures=save_measures,
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(previous)
+
+    tokens: int = 65536
+    fit_tokens: int | None = None
+    labels: Sequence[str] = ("next",)
+    measures: Sequence[str] | None = None
+    window: int | None = None
+    batch_size: int = 16
+    select_fraction: float = 0.2
+    seed: int = 0
+    progress: bool = False
+    fit_kwargs: dict[str, Any] | None = None
+    save_measures: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.measures is not None:
+            object.__setattr__(self, "measures", tuple(self.measures))
+        for kind in self.labels:
+            if kind not in LABELS:
+                raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
+        if self.tokens < 2:
+            raise ValueError(f"tokens must be >= 2, got {self.tokens}")
+
+    @classmethod
+    def build(cls, config: AnalyzeConfig | None = None, **overrides: Any) -> AnalyzeConfig:
+        """``config`` (default: the defaults) with ``overrides`` applied, unknown names refused.
+
+        Example:
+            >>> AnalyzeConfig.build(AnalyzeConfig(tokens=512), seed=3).tokens
+            512
+        """
+        names = [f.name for f in fields(cls)]
+        if "threads" in overrides:
+            raise TypeError(
+                "analyze no longer changes torch's thread count; wrap the call in "
+                "deltaexit.threads.torch_threads(n) instead of passing threads=n"
+            )
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unknown analyze setting(s) {unknown}; choose from {names}")
+        return replace(config if config is not None else cls(), **overrides)
 
 
-def _analyze(
+def analyze(
     model: nn.Module,
     tokenizer: Any,
     text: str,
+    config: AnalyzeConfig | None = None,
     *,
-    tokens: int,
-    fit_text: str | None,
-    fit_tokens: int | None,
-    labels: Sequence[str],
-    measures: Sequence[str] | None,
-    window: int | None,
-    batch_size: int,
-    select_fraction: float,
-    seed: int,
-    progress: bool,
-    fit_kwargs: dict[str, Any] | None,
-    save_measures: str | os.PathLike[str] | None = None,
+    fit_text: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    labels = list(labels)
-    cost_measures = build_measures(measures, seed=seed)  # validates the names before any work
-    for kind in labels:
-        if kind not in LABELS:
-            raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
-    if tokens < 2:
-        raise ValueError(f"tokens must be >= 2, got {tokens}")
-    fit_tokens = tokens if fit_tokens is None else fit_tokens
-    window = window or min(256, model_context_length(model))
+    """Collect, fit and evaluate every measure on a text; returns all figures as a JSON-ready dict.
+
+    The run does not change torch's thread count; wrap it in :func:`deltaexit.threads.torch_threads`
+    for that (``deltaexit analyze --threads N`` does).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (``AutoTokenizer``).
+        text: The evaluation text; its first ``tokens`` tokens are the test tokens.
+        config: The settings (:class:`AnalyzeConfig`; default: its defaults).
+        fit_text: Text for the fit tokens (default: ``text`` after the test tokens).
+        **overrides: Any :class:`AnalyzeConfig` field by name, applied over ``config``
+            (e.g. ``tokens=512, labels=("next", "final")``).
+
+    Returns:
+        ``{"config", "tokens", "layers", "oracle", "cost", "labels": {label: evaluation}, "timing"}``.
+
+    Example:
+        >>> from importlib.resources import files
+        >>> from deltaexit.reference import load_reference
+        >>> model, tokenizer = load_reference("v1")
+        >>> text = (files("deltaexit") / "assets/sample/wikitext-2-test-tail.txt").read_text()
+        >>> result = analyze(model, tokenizer, text, tokens=256, window=32,
+        ...                  measures=["softmax-max", "delta-norm"])
+        >>> result["tokens"]["test"], sorted(result["labels"]["next"]["summary"])
+        (256, ['delta-norm', 'softmax-max'])
+    """
+    cfg = AnalyzeConfig.build(config, **overrides)
+    cost_measures = build_measures(cfg.measures, seed=cfg.seed)  # validates the names before any work
+    window = cfg.window or min(256, model_context_length(model))
     timing: dict[str, Any] = {}
     start = time.perf_counter()
-    if fit_text is None:
-        ids = tokenize_text(tokenizer, text, max_tokens=tokens + fit_tokens)
-        test_ids, fit_ids = ids[:tokens], ids[tokens:]
-        fit_source = "text after the test tokens"
-    else:
-        test_ids = tokenize_text(tokenizer, text, max_tokens=tokens)
-        fit_ids = tokenize_text(tokenizer, fit_text, max_tokens=fit_tokens)
-        fit_source = "fit_text"
-    if test_ids.numel() < tokens:
-        warnings.warn(f"the text has only {test_ids.numel()} tokens; evaluating on all of them", stacklevel=2)
-    min_fit = 4 * window
-    if fit_ids.numel() < min_fit:
-        raise ValueError(
-            f"only {fit_ids.numel()} tokens are left to fit the measures on (need >= {min_fit}, 4 windows "
-            f"of {window}); pass a longer text, fewer --tokens, or a separate fit text (--fit-data)"
-        )
-    if fit_ids.numel() < fit_tokens:
-        warnings.warn(f"fitting on {fit_ids.numel()} tokens (fewer than {fit_tokens} asked)", stacklevel=2)
+    test_ids, fit_ids, fit_source = _split_tokens(tokenizer, text, fit_text, cfg, window)
     timing["tokenize_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    test = collect_states(model, test_ids, window=window, batch_size=batch_size, progress=progress, desc="collect test")
-    fit = collect_states(model, fit_ids, window=window, batch_size=batch_size, progress=progress, desc="collect fit")
+    test, fit = (
+        collect_states(model, ids, window=window, batch_size=cfg.batch_size, progress=cfg.progress, desc=desc)
+        for ids, desc in ((test_ids, "collect test"), (fit_ids, "collect fit"))
+    )
     timing["collect_s"] = time.perf_counter() - start
-    train, select = fit.split_windows([1.0 - select_fraction, select_fraction])
+    train, select = fit.split_windows([1.0 - cfg.select_fraction, cfg.select_fraction])
 
     cost = {
         "context": window,
         "block_flops_per_token": block_flops_per_token(model, context=window),
         "measures": {n: measure_cost(m, model, context=window) for n, m in cost_measures.items()},
     }
-    results: dict[str, Any] = {}
-    timing["fit_s"] = {}
-    timing["evaluate_s"] = {}
-    for kind in labels:
-        chosen = build_measures(measures, label=kind, seed=seed, **(fit_kwargs or {}))
-        timing["fit_s"][kind] = _fit_all(chosen, train, kind, progress)
-        if save_measures is not None:
-            for name, m in chosen.items():
-                if isinstance(m, TrainableMeasure):
-                    m.save(Path(save_measures) / kind / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
-        start = time.perf_counter()
-        results[kind] = evaluate_measures(chosen, select, test, label=kind)
-        timing["evaluate_s"][kind] = time.perf_counter() - start
-        results[kind]["fitted"] = {
-            name: {"best_epoch": m.best_epoch_, "epochs_run": len(m.history_) - 1}
-            for name, m in chosen.items()
-            if isinstance(m, TrainableMeasure)
-        }
-
-    sat = test.saturation
-    config = model.config  # type: ignore[attr-defined]
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    results = _fit_and_evaluate(cfg, train, select, test, timing)
+    structure = find_structure(model, validate=False)
     return _clean(
         {
             "deltaexit_version": __version__,
             "config": {
-                "model_type": getattr(config, "model_type", None),
-                "hidden_size": int(config.hidden_size),
+                "model_type": getattr(structure.text_config, "model_type", None),
+                "hidden_size": structure.hidden_size,
                 "num_layers": test.num_layers,
-                "vocab_size": int(config.vocab_size),
+                "vocab_size": structure.vocab_size,
                 "window": window,
-                "seed": seed,
-                "select_fraction": select_fraction,
+                "seed": cfg.seed,
+                "select_fraction": cfg.select_fraction,
                 "fit_source": fit_source,
             },
             "tokens": {
@@ -252,12 +250,63 @@ def _analyze(
                 "select": select.num_tokens,
             },
             "layers": layer_delta_stats(test),
-            "oracle": sat.summary(),
+            "oracle": test.saturation.summary(),
             "cost": cost,
             "labels": results,
             "timing": timing,
         }
     )
+
+
+def _split_tokens(
+    tokenizer: Any, text: str, fit_text: str | None, cfg: AnalyzeConfig, window: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(test ids, fit ids, where the fit ids come from)``, checked to be long enough."""
+    fit_tokens = cfg.tokens if cfg.fit_tokens is None else cfg.fit_tokens
+    if fit_text is None:
+        ids = tokenize_text(tokenizer, text, max_tokens=cfg.tokens + fit_tokens)
+        test_ids, fit_ids = ids[: cfg.tokens], ids[cfg.tokens :]
+        fit_source = "text after the test tokens"
+    else:
+        test_ids = tokenize_text(tokenizer, text, max_tokens=cfg.tokens)
+        fit_ids = tokenize_text(tokenizer, fit_text, max_tokens=fit_tokens)
+        fit_source = "fit_text"
+    if test_ids.numel() < cfg.tokens:
+        warnings.warn(f"the text has only {test_ids.numel()} tokens; evaluating on all of them", stacklevel=3)
+    min_fit = 4 * window
+    if fit_ids.numel() < min_fit:
+        raise ValueError(
+            f"only {fit_ids.numel()} tokens are left to fit the measures on (need >= {min_fit}, 4 windows "
+            f"of {window}); pass a longer text, fewer --tokens, or a separate fit text (--fit-data)"
+        )
+    if fit_ids.numel() < fit_tokens:
+        warnings.warn(f"fitting on {fit_ids.numel()} tokens (fewer than {fit_tokens} asked)", stacklevel=3)
+    return test_ids, fit_ids, fit_source
+
+
+def _fit_and_evaluate(
+    cfg: AnalyzeConfig, train: StateSet, select: StateSet, test: StateSet, timing: dict[str, Any]
+) -> dict[str, Any]:
+    """Per label: fit fresh measures on ``train``, save them if asked, evaluate on ``select``/``test``."""
+    results: dict[str, Any] = {}
+    timing["fit_s"] = {}
+    timing["evaluate_s"] = {}
+    for kind in cfg.labels:
+        chosen = build_measures(cfg.measures, label=kind, seed=cfg.seed, **(cfg.fit_kwargs or {}))
+        timing["fit_s"][kind] = _fit_all(chosen, train, kind, cfg.progress)
+        if cfg.save_measures is not None:
+            for name, m in chosen.items():
+                if isinstance(m, TrainableMeasure):
+                    m.save(Path(cfg.save_measures) / kind / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+        start = time.perf_counter()
+        results[kind] = evaluate_measures(chosen, select, test, label=kind)
+        timing["evaluate_s"][kind] = time.perf_counter() - start
+        results[kind]["fitted"] = {
+            name: {"best_epoch": m.best_epoch_, "epochs_run": len(m.history_) - 1}
+            for name, m in chosen.items()
+            if isinstance(m, TrainableMeasure)
+        }
+    return results
 
 
 def _pct(x: float | None) -> str:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deltaexit.analysis import AnalyzeConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,24 +91,14 @@ def load_model_and_tokenizer(directory: str):
     return model.eval(), tokenizer
 
 
-def run(args: argparse.Namespace) -> int:
-    import deltaexit as dx
-    from deltaexit.analysis import format_report, write_plots
-    from deltaexit.io import atomic_write_json
+def build_config(args: argparse.Namespace) -> AnalyzeConfig:
+    """The :class:`~deltaexit.analysis.AnalyzeConfig` the flags ask for."""
+    from deltaexit.analysis import AnalyzeConfig
 
-    if args.tokens < 2:
-        raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
-    text = _read_text(args.data)
-    fit_text = _read_text(args.fit_data) if args.fit_data else None
-    model, tokenizer = load_model_and_tokenizer(args.model)
     labels = {"both": ["next", "final"], "all": ["next", "final", "kept"]}.get(args.label, [args.label])
     measures = [m.strip() for m in args.measures.split(",") if m.strip()] if args.measures else None
-    result = dx.analyze(
-        model,
-        tokenizer,
-        text,
+    return AnalyzeConfig(
         tokens=args.tokens,
-        fit_text=fit_text,
         fit_tokens=args.fit_tokens,
         labels=labels,
         measures=measures,
@@ -112,9 +106,23 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.quiet,
-        threads=args.threads,
         save_measures=args.save_measures,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltaexit.analysis import analyze, format_report, write_plots
+    from deltaexit.io import atomic_write_json
+    from deltaexit.threads import torch_threads
+
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
+    config = build_config(args)
+    text = _read_text(args.data)
+    fit_text = _read_text(args.fit_data) if args.fit_data else None
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    with torch_threads(args.threads):
+        result = analyze(model, tokenizer, text, config, fit_text=fit_text)
     result["config"]["model_dir"] = str(args.model)
     result["config"]["data"] = str(args.data)
     print(format_report(result))

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deltaexit.streaming.writer import CollectConfig
 
 
 def _layers(text: str) -> list[int] | None:
@@ -62,47 +66,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def build_config(args: argparse.Namespace, pad_token_id: int) -> CollectConfig:
+    """The :class:`~deltaexit.streaming.writer.CollectConfig` the flags ask for."""
+    from deltaexit.streaming.writer import CollectConfig
 
-    from deltaexit.streaming import collect_to_disk, init_distributed_from_env
+    return CollectConfig(
+        layers=args.layers,
+        features=args.features,
+        topk=args.topk,
+        positions=args.positions,
+        subsample=args.subsample,
+        seed=args.seed,
+        context=args.context,
+        batch_size=args.batch_size,
+        shard_tokens=args.shard_tokens,
+        max_tokens=args.tokens,
+        dtype=args.dtype,
+        pad_token_id=pad_token_id,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from deltaexit.streaming.distributed import local_device
+
+    kwargs = {}
+    if args.device_map is not None:
+        kwargs["device_map"] = args.device_map
+        if args.offload_folder is not None:
+            kwargs["offload_folder"] = args.offload_folder
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.device_map is None:
+        device = local_device() if args.device == "auto" else torch.device(args.device)
+        model.to(device)
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from deltaexit.streaming.distributed import init_distributed_from_env
+    from deltaexit.streaming.writer import collect_to_disk
 
     created = init_distributed_from_env()
     try:
-        kwargs = {}
-        if args.device_map is not None:
-            kwargs["device_map"] = args.device_map
-            if args.offload_folder is not None:
-                kwargs["offload_folder"] = args.offload_folder
-        model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
-        if args.device_map is None:
-            device = local_device() if args.device == "auto" else torch.device(args.device)
-            model.to(device)
-        model.eval()
+        model = _load_model(args)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        manifest = collect_to_disk(
-            model,
-            args.data,
-            args.out,
-            tokenizer=tokenizer,
-            layers=args.layers,
-            features=args.features,
-            topk=args.topk,
-            positions=args.positions,
-            subsample=args.subsample,
-            seed=args.seed,
-            context=args.context,
-            batch_size=args.batch_size,
-            shard_tokens=args.shard_tokens,
-            max_tokens=args.tokens,
-            dtype=args.dtype,
-            pad_token_id=int(pad),
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        manifest = collect_to_disk(model, args.data, args.out, build_config(args, int(pad)), tokenizer=tokenizer)
         if manifest.rank is None or manifest.rank == 0:
             summary = {
                 "out": str(args.out),
