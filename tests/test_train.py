@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deltaexit.cli import main
+from deltaexit.threads import torch_threads
 from deltaexit.training import (
     TrainConfig,
     WindowSampler,
@@ -74,7 +75,8 @@ TINY = {"vocab": 300, "hidden": 16, "heads": 2, "ffn": 32, "layers": 2, "context
 
 def _tiny_train(data, out, seed=0, steps=3, **kw):
     cfg = TrainConfig(steps=steps, batch_size=2, lr=1e-2, warmup=1, seed=seed, threads=1)
-    return train_reference(data, out, train=cfg, progress=False, **{**TINY, **kw})
+    with torch_threads(cfg.threads):
+        return train_reference(data, out, train=cfg, progress=False, **{**TINY, **kw})
 
 
 @given(st.text(max_size=60))

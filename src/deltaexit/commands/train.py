@@ -97,6 +97,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deltaexit.threads import torch_threads
     from deltaexit.training.build import train_reference
     from deltaexit.training.recipes import get_recipe
     from deltaexit.training.trainer import TrainConfig
@@ -134,22 +135,23 @@ def run(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         threads=s["threads"],
     )
-    report = train_reference(
-        data,
-        args.out,
-        vocab=s["vocab"],
-        hidden=s["hidden"],
-        heads=s["heads"],
-        ffn=s["ffn"],
-        layers=s["layers"],
-        context=s["context"],
-        train=train,
-        recipe=recipe,
-        init=args.init,
-        eval_data=eval_data,
-        eval_tokens=args.eval_tokens,
-        progress=not args.quiet,
-    )
+    with torch_threads(train.threads):  # the library never changes the thread count itself
+        report = train_reference(
+            data,
+            args.out,
+            vocab=s["vocab"],
+            hidden=s["hidden"],
+            heads=s["heads"],
+            ffn=s["ffn"],
+            layers=s["layers"],
+            context=s["context"],
+            train=train,
+            recipe=recipe,
+            init=args.init,
+            eval_data=eval_data,
+            eval_tokens=args.eval_tokens,
+            progress=not args.quiet,
+        )
     summary = {
         "out": str(args.out),
         "steps": report["history"]["steps"],

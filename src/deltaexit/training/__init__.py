@@ -1,8 +1,16 @@
 """Training reference models: tokenizer, data, model shapes, the loop, recipes (plain, LayerSkip), perplexity.
 
 Example:
+    >>> from importlib.resources import files
+    >>> from deltaexit.threads import torch_threads
     >>> from deltaexit.training import TrainConfig, train_reference
-    >>> train_reference("valid.txt", "out/ref", train=TrainConfig(steps=1200))  # doctest: +SKIP
+    >>> text = files("deltaexit") / "assets/sample/wikitext-2-test-tail.txt"
+    >>> config = TrainConfig(steps=2, batch_size=2, warmup=1)
+    >>> with torch_threads(config.threads):  # the caller fixes the thread count
+    ...     report = train_reference(text, None, train=config, vocab=300, hidden=16, heads=2, ffn=32, layers=2,
+    ...                              context=32, progress=False)
+    >>> report["history"]["steps"], report["model"].config.num_hidden_layers
+    (2, 2)
 """
 
 from deltaexit.training.build import save_model_dir, train_reference

@@ -1,9 +1,21 @@
 """The ``deltaexit train`` pipeline: tokenizer, model, training, evaluation, an HF directory on disk.
 
+Training does not change torch's thread count; for bit-identical seeded runs wrap it in
+``deltaexit.threads.torch_threads(train.threads)`` (``deltaexit train`` does).
+
 Example:
-    >>> report = train_reference("valid.txt", "out/ref", train=TrainConfig(steps=1200),
-    ...                          eval_data="test.txt")                                # doctest: +SKIP
-    >>> model = AutoModelForCausalLM.from_pretrained("out/ref")                       # doctest: +SKIP
+    >>> import tempfile
+    >>> from importlib.resources import files
+    >>> from transformers import AutoModelForCausalLM
+    >>> text = files("deltaexit") / "assets/sample/wikitext-2-test-tail.txt"
+    >>> out = tempfile.mkdtemp()
+    >>> report = train_reference(text, out, train=TrainConfig(steps=2, batch_size=2, warmup=1), vocab=300,
+    ...                          hidden=16, heads=2, ffn=32, layers=2, context=32, eval_data=text,
+    ...                          eval_tokens=256, progress=False)
+    >>> len(report["eval"]["layer_perplexity"])
+    2
+    >>> AutoModelForCausalLM.from_pretrained(out).config.hidden_size
+    16
 """
 
 from __future__ import annotations
@@ -15,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from deltaexit.aliases import CONTEXT_LENGTH_ATTRS
 from deltaexit.io import atomic_write_json, file_sha256
+from deltaexit.structure import config_int, text_config
 from deltaexit.training.data import WindowSampler, encode_stream, read_paragraphs
 from deltaexit.training.model_config import reference_config
 from deltaexit.training.perplexity import layer_perplexities
@@ -62,6 +77,19 @@ def save_model_dir(model, tokenizer, out: str | os.PathLike[str], record: dict[s
     return out
 
 
+def _load_init(init: str | os.PathLike[str], context: int) -> tuple[Any, nn.Module, int]:
+    """``(tokenizer, model, context)`` of an HF directory to continue from (context capped by its positions)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(init)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init {str(path)!r} is not a model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    limit = config_int(text_config(model), CONTEXT_LENGTH_ATTRS)
+    return tokenizer, model, min(context, limit) if limit else context
+
+
 def train_reference(
     data: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
@@ -96,7 +124,7 @@ def train_reference(
     Returns:
         The report written to ``out/training.json``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     train = train or TrainConfig()
     recipe = recipe or PlainRecipe()
@@ -104,13 +132,7 @@ def train_reference(
     eval_paragraphs = read_paragraphs(eval_data) if eval_data is not None else None
     if init is not None:
         init = Path(init)
-        if not (init / "config.json").is_file():
-            raise FileNotFoundError(f"--init {str(init)!r} is not a model directory (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(init)
-        model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit:
-            context = min(context, int(limit))
+        tokenizer, initial, context = _load_init(init, context)
     else:
         tokenizer = fit_tokenizer(paragraphs, vocab_size=vocab)
         config = reference_config(
@@ -126,9 +148,8 @@ def train_reference(
         )
     stream = encode_stream(tokenizer, paragraphs)
     sampler = WindowSampler(stream, context=context, batch_size=train.batch_size, seed=train.seed)
-    with deterministic(train.seed, train.threads):
-        if init is None:
-            model = LlamaForCausalLM(config)
+    with deterministic(train.seed):
+        model: nn.Module = initial if init is not None else LlamaForCausalLM(config)
         history = train_loop(model, sampler, train, recipe, progress=progress)
         report: dict[str, Any] = {
             "format_version": TRAINING_FORMAT_VERSION,
@@ -140,7 +161,7 @@ def train_reference(
             "parameters": sum(p.numel() for p in model.parameters()),
             "history": history,
         }
-        if eval_paragraphs is not None:
+        if eval_paragraphs is not None and eval_data is not None:
             per_layer = layer_perplexities(
                 model, tokenizer, eval_paragraphs, max_tokens=eval_tokens, context=context, progress=progress
             )

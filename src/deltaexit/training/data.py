@@ -1,10 +1,15 @@
 """Read a text file (one paragraph a line), tokenize it into one token stream, sample training windows.
 
 Example:
-    >>> paragraphs = read_paragraphs("valid.txt")                 # doctest: +SKIP
-    >>> stream = encode_stream(tokenizer, paragraphs)             # doctest: +SKIP
-    >>> batches = WindowSampler(stream, context=256, batch_size=16, seed=0)  # doctest: +SKIP
-    >>> input_ids = batches.next()                                # doctest: +SKIP
+    >>> from importlib.resources import files
+    >>> text = files("deltaexit") / "assets/sample/wikitext-2-test-tail.txt"
+    >>> from deltaexit.training.tokenizer import fit_tokenizer
+    >>> paragraphs = read_paragraphs(text)
+    >>> tokenizer = fit_tokenizer(paragraphs, vocab_size=300)
+    >>> stream = encode_stream(tokenizer, paragraphs)
+    >>> batches = WindowSampler(stream, context=64, batch_size=4, seed=0)
+    >>> tuple(batches.next().shape)
+    (4, 64)
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Blocks and the shared exit head come from :func:`deltaexit.find_structure` / :cl
 so nothing here is Llama-specific.
 
 Example:
-    >>> layer_dropout_schedule(4, p_max=0.2)
-    [0.0, 0.0519842099789746, 0.11748021039363986, 0.2]
+    >>> [round(p, 6) for p in layer_dropout_schedule(4, p_max=0.2)]
+    [0.0, 0.051984, 0.11748, 0.2]
     >>> exit_loss_weights(4, step=0, kind="calm")
     [0.1, 0.2, 0.3, 0.4]
 """
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltaexit.lens import Lens
-from deltaexit.structure import find_structure
+from deltaexit.structure import block_input, block_output, find_structure
 
 __all__ = [
     "CURRICULA",
@@ -134,10 +134,13 @@ class BlockTaps:
         generator: ``torch.Generator`` for the dropout draws (seeded for reproducibility).
 
     Example:
-        >>> with BlockTaps(model, drop_probs=[0.0, 0.1]) as taps:   # doctest: +SKIP
-        ...     model(input_ids=ids)
-        >>> len(taps.outputs)                                       # doctest: +SKIP
-        2
+        >>> import torch
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+        >>> with BlockTaps(model, drop_probs=[0.0, 0.1]) as taps:
+        ...     _ = model(input_ids=torch.tensor([[1, 2, 3]]))
+        >>> len(taps.outputs), tuple(taps.outputs[-1].shape)
+        (2, (1, 3, 32))
     """
 
     def __init__(
@@ -180,13 +183,13 @@ class BlockTaps:
 
     def _pre_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._inputs[layer] = args[0] if args else kwargs.get("hidden_states")
+            self._inputs[layer] = block_input(args, kwargs)
 
         return hook
 
     def _post_hook(self, layer: int):
         def hook(module: nn.Module, _args: tuple, output: object):
-            out = output[0] if isinstance(output, tuple) else output
+            out = block_output(output)
             p = self.drop_probs[layer]
             changed = False
             if p > 0.0 and module.training:

@@ -6,9 +6,14 @@ scored in non-overlapping windows of the model's context length; each window pre
 and context.
 
 Example:
-    >>> model, tokenizer = load_reference("v1")                                   # doctest: +SKIP
-    >>> perplexity(model, tokenizer, open("test.txt").read(), max_tokens=65536)   # doctest: +SKIP
-    >>> layer_perplexities(model, tokenizer, text, max_tokens=65536)             # doctest: +SKIP
+    >>> from importlib.resources import files
+    >>> from deltaexit.reference import load_reference
+    >>> model, tokenizer = load_reference("v1")
+    >>> text = (files("deltaexit") / "assets/sample/wikitext-2-test-tail.txt").read_text()
+    >>> final = perplexity(model, tokenizer, text, max_tokens=2048)
+    >>> per_layer = layer_perplexities(model, tokenizer, text, max_tokens=2048)
+    >>> len(per_layer), abs(per_layer[-1] - final) < 1e-6 * final   # the last block's is the model's own
+    (8, True)
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from deltaexit.aliases import CONTEXT_LENGTH_ATTRS
+from deltaexit.structure import config_int, input_device, text_config
 from deltaexit.training.data import encode_stream
 
 __all__ = ["layer_perplexities", "perplexity", "stream_nll"]
@@ -36,8 +43,7 @@ def _as_paragraphs(text: str | Sequence[str]) -> list[str]:
 def _context_of(model: nn.Module, context: int | None) -> int:
     if context is not None:
         return int(context)
-    value = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return int(value or 256)
+    return config_int(text_config(model), CONTEXT_LENGTH_ATTRS) or 256
 
 
 @torch.no_grad()
@@ -73,7 +79,7 @@ def stream_nll(
     windows = [w for w in windows if w.numel() >= 2]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     lens = Lens.from_model(model) if all_layers else None
     total: torch.Tensor | None = None
     count = 0
@@ -129,7 +135,12 @@ def perplexity(
         progress: Show a tqdm bar.
 
     Example:
-        >>> perplexity(model, tokenizer, "The cat sat on the mat .", max_tokens=None)  # doctest: +SKIP
+        >>> from deltaexit.testing import tiny_model
+        >>> from deltaexit.training.tokenizer import fit_tokenizer
+        >>> tokenizer = fit_tokenizer(["the cat sat on the mat", "a dog ran"], vocab_size=300)
+        >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=len(tokenizer))
+        >>> perplexity(model, tokenizer, "The cat sat on the mat .", max_tokens=None) > 1
+        True
     """
     stream = encode_stream(tokenizer, _as_paragraphs(text), max_tokens=max_tokens)
     nll, n = stream_nll(model, stream, context=context, progress=progress)
@@ -147,7 +158,12 @@ def layer_perplexities(
     """Perplexity at every block's output through the exact lens; the last entry is the model's own.
 
     Example:
-        >>> layer_perplexities(model, tokenizer, text)  # last entry == perplexity(...)  # doctest: +SKIP
+        >>> from deltaexit.testing import tiny_model
+        >>> from deltaexit.training.tokenizer import fit_tokenizer
+        >>> tokenizer = fit_tokenizer(["the cat sat on the mat", "a dog ran"], vocab_size=300)
+        >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=len(tokenizer))
+        >>> len(layer_perplexities(model, tokenizer, "The cat sat on the mat .", max_tokens=None))
+        2
     """
     stream = encode_stream(tokenizer, _as_paragraphs(text), max_tokens=max_tokens)
     nll, n = stream_nll(model, stream, context=context, all_layers=True, progress=progress)

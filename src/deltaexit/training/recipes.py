@@ -7,8 +7,13 @@
   understands.
 
 Example:
-    >>> recipe = get_recipe("layerskip", p_max=0.1, curriculum="rotational")   # doctest: +SKIP
-    >>> loss, logs = recipe.loss(model, input_ids, step=0, total_steps=1000)   # doctest: +SKIP
+    >>> import torch
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+    >>> recipe = get_recipe("layerskip", p_max=0.1, curriculum="rotational")
+    >>> loss, logs = recipe.loss(model, torch.randint(0, 64, (2, 8)), step=0, total_steps=1000)
+    >>> loss.ndim, "loss" in logs
+    (0, True)
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltaexit.lens import Lens
 from deltaexit.training.layerskip import (
     CURRICULA,
     EXIT_LOSSES,
@@ -77,13 +83,11 @@ class LayerSkipRecipe:
         if self.scale < 0 or self.rotation < 1:
             raise ValueError(f"need --exit-scale >= 0 and --rotation >= 1, got {self.scale}, {self.rotation}")
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._lens = None
+        self._lens: Lens | None = None
         self._model_id: int | None = None
 
     def loss(self, model: nn.Module, input_ids: torch.Tensor, step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
-        from deltaexit.lens import Lens
-
-        if self._model_id != id(model):
+        if self._lens is None or self._model_id != id(model):
             self._lens, self._model_id = Lens.from_model(model), id(model)
         n = self._lens.structure.num_layers
         probs = layer_dropout_schedule(n, self.p_max, step, total_steps, self.dropout_warmup)

@@ -1,13 +1,22 @@
 """The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, deterministic.
 
 Example:
-    >>> history = train_loop(model, sampler, TrainConfig(steps=100), PlainRecipe())  # doctest: +SKIP
+    >>> import torch
+    >>> from deltaexit.testing import tiny_model
+    >>> from deltaexit.training.data import WindowSampler
+    >>> from deltaexit.training.recipes import PlainRecipe
+    >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=64)
+    >>> sampler = WindowSampler(torch.randint(0, 64, (500,)), context=16, batch_size=2)
+    >>> history = train_loop(model, sampler, TrainConfig(steps=3, warmup=1), PlainRecipe(), progress=False)
+    >>> history["steps"], history["stopped_on_time"]
+    (3, False)
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,7 +44,10 @@ class TrainConfig:
         grad_clip: Global gradient-norm clip (0: off).
         seed: Seed of the initialisation and the data order.
         minutes: Optional wall-clock cap; stopping on it makes the run depend on machine speed.
-        threads: ``torch.set_num_threads`` during training.
+        threads: The intra-op thread count the run is meant for (recorded in ``training.json``;
+            a seeded run is bit-identical for a fixed count). The library does not apply it: the
+            caller wraps training in ``deltaexit.threads.torch_threads(config.threads)``, as
+            ``deltaexit train`` and :func:`deltaexit.reference.build_preset` do.
     """
 
     steps: int = 1200
@@ -58,23 +70,33 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"--threads must be an int >= 1, got {self.threads!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 @contextmanager
-def deterministic(seed: int, threads: int):
-    """Seed torch, fix the thread count and enable deterministic algorithms; restore on exit."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed torch and enable deterministic algorithms; restore the algorithm setting on exit.
+
+    The thread count is the caller's (``deltaexit.threads.torch_threads``).
+
+    Example:
+        >>> with deterministic(0):
+        ...     a = torch.rand(2)
+        >>> with deterministic(0):
+        ...     torch.equal(a, torch.rand(2))
+        True
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(max(1, threads))
     torch.manual_seed(seed)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.set_num_threads(previous[1])
+        torch.use_deterministic_algorithms(previous)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -85,7 +107,8 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
