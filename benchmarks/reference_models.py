@@ -25,7 +25,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltaexit.reference import available_references, build_preset, reference_path
+    from deltaexit.threads import torch_threads
     from deltaexit.training import layer_perplexities, read_paragraphs
+    from deltaexit.training.model_config import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["v1", "v2"], help="embedded names, presets or dirs")
@@ -45,7 +47,9 @@ def main() -> None:
         elif Path(name).is_dir():
             path = Path(name)
         elif args.build:
-            path = build_preset(name, cache_dir=args.cache_dir, data=args.train_data)
+            # A preset is trained with its own thread count (bit-identical for a fixed count).
+            with torch_threads(PRESETS[name].get("threads", 1)):
+                path = build_preset(name, cache_dir=args.cache_dir, data=args.train_data)
         else:
             from deltaexit.reference import default_cache_dir
 

@@ -41,79 +41,80 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def main(path: str) -> None:
-    with open(path, encoding="utf-8") as handle:
-        result = json.load(handle)
-    targets = {}
-    for kind, ev in result["labels"].items():
-        names = [n for n in SHOWN if n in ev["summary"]]
-        trs = ev["transitions"]
-        print(f"\n### Label `{kind}`: F1 at the threshold chosen on the select split (test tokens)\n")
-        head = "| transition | note change | ours change | note r | ours r | ours r (‖delta‖ of block l+1) |"
-        head += " trivial F1 |"
-        head += " note delta-norm | note linear | note delta-MLP | " + " | ".join(names) + " |"
-        print(head)
-        print("|" + "---|" * (head.count("|") - 1))
-        for i, t in enumerate(trs):
-            note = i < len(NOTE["r"]) and kind in ("next", "kept")
-            cells = [
-                t["transition"],
-                f"{NOTE['change_rate'][i]:.1f}%" if note else "",
-                pct(t["change_rate"]),
-                f"{NOTE['r'][i]:.3f}" if note else "",
-                f"{t['r_delta_change']:.3f}" if t["r_delta_change"] is not None else "-",
-                f"{t['r_next_delta_change']:.3f}" if t["r_next_delta_change"] is not None else "-",
-                pct(t["trivial_f1"]),
-            ]
-            cells += [f"{NOTE[k][i]:.1f}%" if note else "" for k in ("delta-norm", "linear", "delta-mlp")]
-            for n in names:
-                m = t["measures"][n]
-                mark = "" if m["f1_gain"] > 0 else " ✗"
-                cells.append(pct(m["f1"]) + mark)
-            print("| " + " | ".join(cells) + " |")
-        s = ev["summary"]
-        triv = s[names[0]]["mean_trivial_f1"]
-        mean_cells = ["**mean**", "", "", "", "", "", pct(triv)]
-        if kind in ("next", "kept"):
-            mean_cells += [f"{NOTE_MEAN[k]:.1f}%" for k in ("delta-norm", "linear", "delta-mlp")]
-        else:
-            mean_cells += ["", "", ""]
-        mean_cells += [f"**{pct(s[n]['mean_f1'])}**" for n in names]
-        print("| " + " | ".join(mean_cells) + " |")
-        beats = ["beats trivial", "", "", "", "", "", "", "", "", ""]
-        beats += [f"{s[n]['beats_trivial']}/{s[n]['transitions']}" for n in names]
-        print("| " + " | ".join(beats) + " |")
-        print("\n✗ = at or below the trivial all-positive F1 on the test tokens.")
-
-        print(f"\n### Label `{kind}`: threshold-free metrics (test tokens), mean over transitions\n")
-        print("| measure | mean F1 | mean F1 − trivial | AUROC | AUPRC | balanced acc. | beats trivial |")
-        print("|---|---|---|---|---|---|---|")
+def label_tables(kind: str, ev: dict) -> dict:
+    """Print the F1, threshold-free and AUROC tables of one label; return its reproduction targets."""
+    names = [n for n in SHOWN if n in ev["summary"]]
+    trs = ev["transitions"]
+    print(f"\n### Label `{kind}`: F1 at the threshold chosen on the select split (test tokens)\n")
+    head = "| transition | note change | ours change | note r | ours r | ours r (‖delta‖ of block l+1) |"
+    head += " trivial F1 |"
+    head += " note delta-norm | note linear | note delta-MLP | " + " | ".join(names) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for i, t in enumerate(trs):
+        note = i < len(NOTE["r"]) and kind in ("next", "kept")
+        cells = [
+            t["transition"],
+            f"{NOTE['change_rate'][i]:.1f}%" if note else "",
+            pct(t["change_rate"]),
+            f"{NOTE['r'][i]:.3f}" if note else "",
+            f"{t['r_delta_change']:.3f}" if t["r_delta_change"] is not None else "-",
+            f"{t['r_next_delta_change']:.3f}" if t["r_next_delta_change"] is not None else "-",
+            pct(t["trivial_f1"]),
+        ]
+        cells += [f"{NOTE[k][i]:.1f}%" if note else "" for k in ("delta-norm", "linear", "delta-mlp")]
         for n in names:
-            m = s[n]
-            print(
-                f"| {n} | {pct(m['mean_f1'])} | {100 * m['mean_f1_gain']:+.1f} pt | {m['mean_auroc']:.3f} | "
-                f"{m['mean_auprc']:.3f} | {m['mean_balanced_accuracy']:.3f} | "
-                f"{m['beats_trivial']}/{m['transitions']} |"
+            m = t["measures"][n]
+            mark = "" if m["f1_gain"] > 0 else " ✗"
+            cells.append(pct(m["f1"]) + mark)
+        print("| " + " | ".join(cells) + " |")
+    s = ev["summary"]
+    triv = s[names[0]]["mean_trivial_f1"]
+    mean_cells = ["**mean**", "", "", "", "", "", pct(triv)]
+    if kind in ("next", "kept"):
+        mean_cells += [f"{NOTE_MEAN[k]:.1f}%" for k in ("delta-norm", "linear", "delta-mlp")]
+    else:
+        mean_cells += ["", "", ""]
+    mean_cells += [f"**{pct(s[n]['mean_f1'])}**" for n in names]
+    print("| " + " | ".join(mean_cells) + " |")
+    beats = ["beats trivial", "", "", "", "", "", "", "", "", ""]
+    beats += [f"{s[n]['beats_trivial']}/{s[n]['transitions']}" for n in names]
+    print("| " + " | ".join(beats) + " |")
+    print("\n✗ = at or below the trivial all-positive F1 on the test tokens.")
+
+    print(f"\n### Label `{kind}`: threshold-free metrics (test tokens), mean over transitions\n")
+    print("| measure | mean F1 | mean F1 − trivial | AUROC | AUPRC | balanced acc. | beats trivial |")
+    print("|---|---|---|---|---|---|---|")
+    for n in names:
+        m = s[n]
+        print(
+            f"| {n} | {pct(m['mean_f1'])} | {100 * m['mean_f1_gain']:+.1f} pt | {m['mean_auroc']:.3f} | "
+            f"{m['mean_auprc']:.3f} | {m['mean_balanced_accuracy']:.3f} | "
+            f"{m['beats_trivial']}/{m['transitions']} |"
+        )
+    print(f"\n### Label `{kind}`: AUROC per transition\n")
+    print("| transition | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for t in trs:
+        print(
+            f"| {t['transition']} | "
+            + " | ".join(
+                f"{t['measures'][n]['auroc']:.3f}" if t["measures"][n]["auroc"] is not None else "-" for n in names
             )
-        print(f"\n### Label `{kind}`: AUROC per transition\n")
-        print("| transition | " + " | ".join(names) + " |")
-        print("|---|" + "---|" * len(names))
-        for t in trs:
-            print(
-                f"| {t['transition']} | "
-                + " | ".join(
-                    f"{t['measures'][n]['auroc']:.3f}" if t["measures"][n]["auroc"] is not None else "-" for n in names
-                )
-                + " |"
-            )
-        best = max((n for n in names if n in DELTA_BASED), key=lambda n: s[n]["mean_f1"])
-        targets[kind] = {
-            "best_delta_based": best,
-            "mean_f1": s[best]["mean_f1"],
-            "beats_note_68_5": s[best]["mean_f1"] > 0.685,
-            "beats_trivial_every_transition": s[best]["beats_trivial"] == s[best]["transitions"],
-            "mean_auroc": s[best]["mean_auroc"],
-        }
+            + " |"
+        )
+    best = max((n for n in names if n in DELTA_BASED), key=lambda n: s[n]["mean_f1"])
+    return {
+        "best_delta_based": best,
+        "mean_f1": s[best]["mean_f1"],
+        "beats_note_68_5": s[best]["mean_f1"] > 0.685,
+        "beats_trivial_every_transition": s[best]["beats_trivial"] == s[best]["transitions"],
+        "mean_auroc": s[best]["mean_auroc"],
+    }
+
+
+def layer_table(result: dict) -> None:
+    """Print the per-layer table and the oracle line."""
     print("\n### Per layer (test tokens)\n")
     print("| layer | note ‖delta‖ | ours ‖delta‖ | note ‖delta‖/‖h_in‖ | ours ‖delta‖/‖h_in‖ |", end="")
     print(" ours saturated |")
@@ -130,6 +131,13 @@ def main(path: str) -> None:
         f"\nOracle: mean saturation layer {o['oracle_mean_layer']:.2f} of {o['num_layers']}; a perfect, free "
         f"predictor would save {pct(o['oracle_compute_saved'])} of block compute."
     )
+
+
+def main(path: str) -> None:
+    with open(path, encoding="utf-8") as handle:
+        result = json.load(handle)
+    targets = {kind: label_tables(kind, ev) for kind, ev in result["labels"].items()}
+    layer_table(result)
     print(json.dumps(targets, indent=2), file=sys.stderr)
 
 

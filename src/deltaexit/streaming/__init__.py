@@ -25,10 +25,11 @@ from deltaexit.streaming.dataset import (
 from deltaexit.streaming.distributed import distributed_rank, init_distributed_from_env
 from deltaexit.streaming.features import STREAM_FEATURES, parse_features
 from deltaexit.streaming.manifest import FORMAT_VERSION, Manifest, ManifestError, merge_manifests
-from deltaexit.streaming.writer import collect_to_disk, model_fingerprint
+from deltaexit.streaming.writer import CollectConfig, collect_to_disk, model_fingerprint
 
 __all__ = [
     "FORMAT_VERSION",
+    "CollectConfig",
     "LABELS",
     "META_FIELDS",
     "STREAM_FEATURES",
