@@ -29,10 +29,10 @@ from deltaexit.streaming.writer import CollectConfig, collect_to_disk, model_fin
 
 __all__ = [
     "FORMAT_VERSION",
-    "CollectConfig",
     "LABELS",
     "META_FIELDS",
     "STREAM_FEATURES",
+    "CollectConfig",
     "Manifest",
     "ManifestError",
     "ShardDataset",
