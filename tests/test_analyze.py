@@ -139,3 +139,15 @@ def test_cli_errors_are_clear(model_dir, text_file, tmp_path, capsys):
                      "--window", "32", "--quiet"])  # fmt: skip
     assert code == 1
     assert "fit" in capsys.readouterr().err
+
+
+def test_analyze_settings_come_from_one_config_and_threads_are_the_callers(llama):
+    from deltaexit.analysis import AnalyzeConfig, analyze
+
+    with pytest.raises(TypeError, match="torch_threads"):
+        analyze(llama, tiny_tokenizer(), "some text", threads=1)
+    with pytest.raises(TypeError, match="unknown analyze setting"):
+        analyze(llama, tiny_tokenizer(), "some text", token=5)
+    with pytest.raises(ValueError, match="tokens must be >= 2"):
+        AnalyzeConfig(tokens=1)
+    assert AnalyzeConfig.build(AnalyzeConfig(tokens=64), seed=2) == AnalyzeConfig(tokens=64, seed=2)

@@ -401,3 +401,14 @@ def test_shard_writer_round_trips_through_safetensors(tmp_path):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     with pytest.raises(TypeError, match="dtype"):
         save_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors", {})
+
+
+def test_collect_config_and_keywords_are_one_set_of_settings(model, tmp_path):
+    from deltaexit.streaming import CollectConfig
+
+    config = CollectConfig(context=16, batch_size=3, shard_tokens=40, progress=False, features="delta_norm")
+    a = collect_to_disk(model, _docs(), tmp_path / "a", config)
+    b = _run(model, _docs(), tmp_path / "b", features=("delta_norm",))
+    assert a.settings == b.settings and [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+    with pytest.raises(TypeError, match="unknown collect_to_disk setting"):
+        collect_to_disk(model, _docs(), tmp_path / "c", shard_token=3)
