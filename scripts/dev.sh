@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python 3.11, pip, no torch):
 #   bash scripts/dev.sh demo   -> set up .venv if needed, then run the demo
-#   bash scripts/dev.sh test   -> set up .venv if needed, then run the test suite
+#   bash scripts/dev.sh test   -> set up .venv if needed, then the checks CI runs: ruff check, ruff format
+#                                 --check, mypy (config in pyproject.toml), then pytest: tests/ and the doctests
+#                                 of src/deltaexit (pyproject's testpaths/addopts); arguments go to pytest
+#   bash scripts/dev.sh lint   -> only ruff and mypy
 # torch is pinned to the CPU wheel first, so the permissive `torch>=2.2` in
 # pyproject.toml never pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -19,10 +22,27 @@ if [ ! -f "$VENV/.deltaexit-installed" ] || [ pyproject.toml -nt "$VENV/.deltaex
     "$VENV/bin/pip" install -q -e ".[test,plot,dev]"
     touch "$VENV/.deltaexit-installed"
 fi
+# ruff check, ruff format --check and mypy; prints one line per failed check and returns how many failed.
+lint() {
+    local failed=0
+    "$VENV/bin/ruff" check . || { echo "lint: ruff check failed"; failed=$((failed + 1)); }
+    "$VENV/bin/ruff" format --check . || { echo "lint: ruff format --check failed (run: ruff format .)"; failed=$((failed + 1)); }
+    "$VENV/bin/mypy" || { echo "lint: mypy failed"; failed=$((failed + 1)); }
+    return "$failed"
+}
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
     demo) exec "$VENV/bin/deltaexit" demo "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    lint) lint ;;
+    test)
+        # Every check runs even when an earlier one fails; pytest runs last so its closing line ends the output.
+        lint_status=0
+        lint || lint_status=$?
+        test_status=0
+        "$VENV/bin/python" -m pytest -q "$@" || test_status=$?
+        if [ "$test_status" -ne 0 ]; then exit "$test_status"; fi
+        exit $((lint_status > 0 ? 1 : 0))
+        ;;
     *) exec "$VENV/bin/deltaexit" "$cmd" "$@" ;;
 esac

@@ -38,3 +38,80 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert "deltaexit" in capsys.readouterr().out
+
+
+def _run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter with this checkout's src/ first; return its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return done.stdout
+
+
+def test_import_deltaexit_is_lazy():
+    """Issue 16 item 17: the facade imports nothing heavy until a name is used."""
+    out = _run_python(
+        "import sys, deltaexit\n"
+        "heavy = [m for m in ('torch', 'transformers', 'transformers.generation', 'accelerate') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    assert out.strip() == "[]"
+
+
+def test_help_imports_no_torch():
+    out = _run_python(
+        "import sys, contextlib, io\n"
+        "from deltaexit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as buf:\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('support-matrix' in buf.getvalue(), 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    assert out.split() == ["True", "False", "False"]
+
+
+def test_every_public_name_resolves():
+    import deltaexit as dx
+
+    missing = [name for name in dx.__all__ if getattr(dx, name, None) is None]
+    assert missing == []
+    assert set(dx.__all__) <= set(dir(dx))
+    assert callable(dx.saturation) and callable(dx.collect)  # the functions, not same-named submodules
+    assert dx.generation.EarlyExit is dx.EarlyExit  # submodules stay reachable as attributes
+    for name in ("MeasureFileError", "InsufficientCalibrationData", "CalibrationFileError"):
+        assert issubclass(getattr(dx, name), Exception)
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import deltaexit as dx
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = dx.nope
+
+
+def test_stub_help_matches_each_command_module():
+    """cli.COMMANDS repeats each module's one-line help (so --help needs no import); keep them equal."""
+    import argparse
+
+    from deltaexit.cli import COMMANDS, build_parser
+
+    full = build_parser()
+    stubs = build_parser(commands=())
+    for parser in (full, stubs):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        assert helps == {name: help_text for name, (_, help_text) in COMMANDS.items()}
+
+
+def test_unknown_command_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

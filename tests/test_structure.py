@@ -106,3 +106,67 @@ def test_support_matrix_measures_each_column():
     row = check_architecture("gpt2")
     assert row["collect"] == "ok" and row["lens_exact"] == "ok"
     assert row["lens_max_abs_err"] < 1e-4
+
+
+def _bert_config(**extra):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "bert",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        **extra,
+    )
+
+
+def _non_causal_models():
+    from transformers import AutoConfig, BertForMaskedLM, BertModel, T5ForConditionalGeneration
+
+    t5 = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=128)
+    return {
+        "BertModel": BertModel(_bert_config()),
+        "BertForMaskedLM": BertForMaskedLM(_bert_config()),
+        "T5ForConditionalGeneration": T5ForConditionalGeneration(t5),
+    }
+
+
+@pytest.mark.parametrize("entry", ["find_structure", "collect", "Lens.from_model"])
+def test_non_causal_model_is_told_it_is_not_a_causal_lm(entry):
+    """Issue 16 item 6: an encoder / encoder-decoder model hears what it is, not override advice."""
+    call = {
+        "find_structure": dx.find_structure,
+        "collect": dx.collect,
+        "Lens.from_model": dx.Lens.from_model,
+    }[entry]
+    for name, model in _non_causal_models().items():
+        with pytest.raises(dx.StructureError) as exc:
+            call(model)
+        message = str(exc.value)
+        assert "decoder-only causal LM" in message and name in message, message
+        assert "get_output_embeddings" not in message and "Pass the piece explicitly" not in message, message
+        assert "does not reproduce" not in message, message
+
+
+def test_non_causal_check_is_no_name_list():
+    """The check reads the config / generation ability, so every registered causal LM still passes."""
+    from deltaexit.structure import not_causal_lm_reason
+
+    for model_type in ARCHITECTURES:
+        assert not_causal_lm_reason(cached_tiny_model(model_type)) is None, model_type
+    assert not_causal_lm_reason(nn.Linear(2, 2)) is None  # not a transformers model: left to the forward check
+
+
+def test_nan_weights_are_reported_as_nan_not_as_a_structure_problem():
+    """Issue 16 item 5: a model producing NaN logits is told so, with no override advice."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(dx.StructureError) as exc:
+        dx.find_structure(model)
+    message = str(exc.value)
+    assert "NaN" in message, message
+    assert "Pass the piece explicitly" not in message and "blocks=" not in message, message

@@ -1,5 +1,8 @@
+"""``python -m deltaexit``: the command-line tool (see :mod:`deltaexit.cli`)."""
+
 import sys
 
 from deltaexit.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

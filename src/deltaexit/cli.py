@@ -1,11 +1,14 @@
 """The ``deltaexit`` command-line tool.
 
-Each sub-command lives in its own module under :mod:`deltaexit.commands` and
-exposes ``register(subparsers)``, which adds its parser and sets ``func``.
+Each sub-command lives in its own module under :mod:`deltaexit.commands` and exposes
+``register(subparsers)``, which adds its parser and sets ``func``. Only the module of the
+sub-command being run is imported and registered; the others get a one-line stub parser
+from :data:`COMMANDS`, so ``deltaexit --help`` imports neither torch nor transformers.
 
 Example:
-    $ deltaexit demo
-    $ deltaexit --help
+    >>> parser = build_parser(commands=())   # stubs only: imports no command module
+    >>> "support-matrix" in parser.format_help()
+    True
 """
 
 from __future__ import annotations
@@ -13,37 +16,70 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from deltaexit._version import __version__
 
-# One entry per sub-command module (keep sorted; add new commands here).
-COMMAND_MODULES: tuple[str, ...] = (
-    "deltaexit.commands.analyze",
-    "deltaexit.commands.collect",
-    "deltaexit.commands.demo",
-    "deltaexit.commands.generate",
-    "deltaexit.commands.support_matrix",
-    "deltaexit.commands.train",
-)
+# One entry per sub-command, name -> (module, one-line help as the module's register() gives it).
+# Keep sorted; add new commands here (tests/test_cli.py checks the help matches the module's).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "analyze": ("deltaexit.commands.analyze", "collect, fit and evaluate every exit measure on a model and a text"),
+    "collect": (
+        "deltaexit.commands.collect",
+        "stream residual-stream features of a corpus to sharded files (resumable, torchrun-aware)",
+    ),
+    "demo": ("deltaexit.commands.demo", "run the demo on the embedded reference model"),
+    "generate": ("deltaexit.commands.generate", "early-exit generation with per-token exit layers"),
+    "support-matrix": ("deltaexit.commands.support_matrix", "write the architecture support matrix"),
+    "train": (
+        "deltaexit.commands.train",
+        "train a reference model (byte-level BPE + Llama) or continue one with an exit-aware recipe",
+    ),
+}
+
+#: The sub-command modules, in :data:`COMMANDS` order.
+COMMAND_MODULES: tuple[str, ...] = tuple(module for module, _ in COMMANDS.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every registered sub-command."""
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser.
+
+    Args:
+        commands: The sub-commands whose modules are imported and whose full parsers are registered; the rest
+            get a stub that only lists them in ``--help``. None registers every one.
+    """
     parser = argparse.ArgumentParser(
         prog="deltaexit",
         description="Token-level early exit for HuggingFace causal LMs.",
     )
     parser.add_argument("--version", action="version", version=f"deltaexit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for name, (module, help_text) in COMMANDS.items():
+        if commands is None or name in commands:
+            importlib.import_module(module).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
+
+
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The sub-command named on a command line (its first non-option word), or None.
+
+    Example:
+        >>> chosen_command(["demo", "--tokens", "512"]), chosen_command(["--help"])
+        ('demo', None)
+    """
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = chosen_command(argv)
+    parser = build_parser(commands=() if command is None else (command,))
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -22,7 +22,60 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_sha256"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "current_umask",
+    "file_sha256",
+    "normalize_permissions",
+]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` says it (else set-and-restore at once).
+
+    Example:
+        >>> 0 <= current_umask() <= 0o777
+        True
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path) -> int:
+    """What ``open()``/``mkdir`` would give ``path`` under the umask (0o666 files, 0o777 directories)."""
+    base = 0o777 if path.is_dir() else 0o666
+    return base & ~current_umask()
+
+
+def normalize_permissions(directory: str | os.PathLike[str]) -> None:
+    """Give ``directory`` and every file and folder under it the umask's normal permissions.
+
+    Writers that go through a private temporary file (``tempfile.mkstemp``, ``transformers``'
+    ``save_pretrained`` writing ``model.safetensors``) leave files at ``0600``; call this after them.
+
+    Example:
+        >>> import tempfile, os, stat
+        >>> folder = tempfile.mkdtemp()
+        >>> fd, name = tempfile.mkstemp(dir=folder); os.close(fd)
+        >>> normalize_permissions(folder)
+        >>> oct(stat.S_IMODE(os.stat(name).st_mode)) == oct(0o666 & ~current_umask())
+        True
+    """
+    root = Path(directory)
+    for path in (root, *root.rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, _default_mode(path))
 
 
 @contextmanager
@@ -32,8 +85,12 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     On error the temporary file is removed and ``path`` is untouched.
 
     Example:
-        >>> with atomic_path("/tmp/x.bin") as tmp:   # doctest: +SKIP
-        ...     tmp.write_bytes(b"...")
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.bin")
+        >>> with atomic_path(path) as tmp:
+        ...     _ = tmp.write_bytes(b"...")
+        >>> open(path, "rb").read()
+        b'...'
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +101,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; keep the umask's normal mode
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -7,10 +7,13 @@ is already normed: feed the lens block *outputs* (what :func:`deltaexit.collect`
 captures), not that entry.
 
 Example:
-    >>> lens = Lens.from_model(model)                 # doctest: +SKIP
-    >>> with collect(model) as trace:                 # doctest: +SKIP
-    ...     logits = model(input_ids=ids).logits
-    >>> torch.allclose(lens(trace.h_out[-1]), logits, atol=1e-5)  # doctest: +SKIP
+    >>> from deltaexit.collector import collect
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> lens = Lens.from_model(model)
+    >>> with collect(model, capture=("h_out",)) as trace:
+    ...     logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    >>> torch.allclose(lens(trace.h_out[-1]), logits, atol=1e-5)
     True
 """
 
@@ -33,8 +36,11 @@ class Lens:
         structure: The model's :class:`~deltaexit.structure.ModelStructure`.
 
     Example:
-        >>> lens = Lens.from_model(model)        # doctest: +SKIP
-        >>> ids, probs = lens.topk(h, k=5)      # doctest: +SKIP
+        >>> from deltaexit.testing import tiny_model
+        >>> lens = Lens.from_model(tiny_model("llama"))
+        >>> ids, probs = lens.topk(torch.zeros(2, lens.structure.hidden_size), k=5)
+        >>> ids.shape, probs.shape
+        (torch.Size([2, 5]), torch.Size([2, 5]))
     """
 
     def __init__(self, structure: ModelStructure) -> None:

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["available_references", "build_preset", "default_cache_dir", "load_reference", "reference_path"]
 
@@ -50,7 +54,7 @@ def reference_path(name: str = "v1") -> Path:
     return path
 
 
-def load_reference(name: str = "v1"):
+def load_reference(name: str = "v1") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an embedded reference model and its tokenizer, in fp32 eval mode.
 
     Returns:
@@ -94,8 +98,13 @@ def build_preset(
         progress: tqdm bars while training.
 
     Example:
-        >>> path = build_preset("ref256-plain")                # doctest: +SKIP
-        >>> model = AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> cache = Path(tempfile.mkdtemp())
+        >>> (cache / "ref256-plain").mkdir()
+        >>> _ = (cache / "ref256-plain" / "config.json").write_text("{}")   # as if built before
+        >>> build_preset("ref256-plain", cache_dir=cache) == cache / "ref256-plain"
+        True
     """
     from deltaexit.training.build import train_reference
     from deltaexit.training.model_config import PRESETS

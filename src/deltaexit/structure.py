@@ -45,6 +45,7 @@ __all__ = [
     "ModelStructure",
     "StructureError",
     "block_output",
+    "check_causal_lm",
     "find_structure",
     "input_device",
     "query_projection",
@@ -230,11 +231,79 @@ def config_int(config: Any, names: Sequence[str]) -> int | None:
     return None
 
 
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_output_embeddings()`` when the model has one (the LM head), else None.
+
+    Example:
+        >>> output_embeddings(nn.Linear(2, 2)) is None
+        True
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _causal_lm_class_names() -> set[str]:
+    """Class names ``transformers`` registers as causal LMs (``AutoModelForCausalLM``'s mapping)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def not_causal_lm_reason(model: nn.Module) -> str | None:
+    """Why ``model`` is not a decoder-only causal LM, or None when it may be one.
+
+    Only ``transformers`` models are judged (anything else is checked by the dummy forward alone): an
+    encoder-decoder config (T5, BART ...) is not one, and neither is a model that cannot generate
+    (``can_generate()`` is False: ``BertModel``, ``BertForMaskedLM`` ...) unless its class is registered
+    for ``AutoModelForCausalLM``.
+
+    Example:
+        >>> from transformers import AutoConfig, BertForMaskedLM
+        >>> bert = BertForMaskedLM(AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, vocab_size=128))
+        >>> not_causal_lm_reason(bert)[:50]
+        'BertForMaskedLM cannot generate (can_generate() is'
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model (config.is_encoder_decoder=True)"
+    if not type(model).can_generate() and name not in _causal_lm_class_names():
+        return (
+            f"{name} cannot generate (can_generate() is False) and is not an AutoModelForCausalLM class: "
+            "an encoder or a masked/classification model attends both ways"
+        )
+    return None
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise :class:`StructureError` early when ``model`` is not a decoder-only causal LM.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> check_causal_lm(tiny_model("llama"))  # a causal LM: no error
+    """
+    reason = not_causal_lm_reason(model)
+    if reason is not None:
+        raise StructureError(
+            f"deltaexit works on decoder-only causal LMs, and {reason}. Load the model with "
+            "AutoModelForCausalLM (e.g. a GPT-2, Llama or Qwen checkpoint); no structure override makes an "
+            "encoder or an encoder-decoder model exit early."
+        )
+
+
 def _vocab_size(model: nn.Module) -> int:
     vocab = config_int(text_config(model), VOCAB_SIZE_ATTRS)
     if vocab is None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        vocab = getattr(head, "out_features", None)
+        vocab = getattr(output_embeddings(model), "out_features", None)
     if vocab is None:
         raise StructureError("cannot tell the vocabulary size: the config has no vocab_size.")
     return int(vocab)
@@ -311,8 +380,9 @@ class ModelStructure:
     def vocab_size(self) -> int:
         """Number of logits the head produces (the head's output width, else the config's vocab)."""
         out = getattr(self.lm_head, "out_features", None)
-        if out is None and getattr(self.lm_head, "weight", None) is not None:
-            out = self.lm_head.weight.shape[0]
+        weight = getattr(self.lm_head, "weight", None)
+        if out is None and isinstance(weight, torch.Tensor):
+            out = weight.shape[0]
         return int(out) if out is not None else _vocab_size(self.model)
 
     @property
@@ -544,9 +614,44 @@ def _decoder_root(model: nn.Module) -> nn.Module:
 
 
 def _fingerprint(model: nn.Module) -> tuple[int, ...]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_embeddings(model)
     root = _decoder_root(model)
     return (id(head), id(root), *(id(child) for child in root.children()))
+
+
+def _resolve_optional(model: nn.Module, path: object) -> nn.Module | None:
+    """An optional override (a dotted path, a module, or None for "the model has none")."""
+    if path is not None and not isinstance(path, (str, nn.Module)):
+        raise TypeError(f"expected a dotted path, an nn.Module or None, got {type(path).__name__}")
+    return resolve_module(model, path)
+
+
+def _resolve_required(model: nn.Module, path: str | nn.Module) -> nn.Module:
+    """A required override (a dotted path or a module)."""
+    module = _resolve_optional(model, path)
+    if module is None:
+        raise StructureError(f"an override resolved to None; pass a dotted path or a module. {_OVERRIDE_HINT}")
+    return module
+
+
+def _resolve_blocks(
+    model: nn.Module, root: nn.Module, blocks: str | nn.ModuleList | Sequence[nn.Module] | None
+) -> nn.ModuleList:
+    """The block list: discovered under ``root``, or the override (dotted path, ModuleList or modules)."""
+    if blocks is None:
+        block_list = _find_blocks(model, root)
+    elif isinstance(blocks, str):
+        resolved = resolve_module(model, blocks)
+        if not isinstance(resolved, nn.ModuleList):
+            raise StructureError(f"blocks={blocks!r} is a {type(resolved).__name__}, not an nn.ModuleList.")
+        block_list = resolved
+    elif isinstance(blocks, nn.ModuleList):
+        block_list = blocks
+    else:
+        block_list = nn.ModuleList(list(blocks))
+    if len(block_list) == 0:
+        raise StructureError(f"the block list is empty. {_OVERRIDE_HINT}")
+    return block_list
 
 
 _UNSET = object()
@@ -593,7 +698,11 @@ def find_structure(
         StructureError: A piece was not found, or the check failed; the message says how to override.
 
     Example:
-        >>> s = find_structure(model, blocks="model.layers")  # doctest: +SKIP
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> s = find_structure(model, blocks="transformer.h", final_norm="transformer.ln_f")
+        >>> s.num_layers, s.validated
+        (3, True)
     """
     overrides = (
         blocks is not None
@@ -607,6 +716,7 @@ def find_structure(
     )
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch nn.Module causal LM, got {type(model).__name__}")
+    check_causal_lm(model)
     fingerprint = _fingerprint(model)
     if not overrides and model in _CACHE:
         key, cached = _CACHE[model]
@@ -614,33 +724,15 @@ def find_structure(
             return cached
 
     root = _decoder_root(model)
-
-    if blocks is None:
-        block_list = _find_blocks(model, root)
-    elif isinstance(blocks, str):
-        resolved = resolve_module(model, blocks)
-        if not isinstance(resolved, nn.ModuleList):
-            raise StructureError(f"blocks={blocks!r} is a {type(resolved).__name__}, not an nn.ModuleList.")
-        block_list = resolved
-    elif isinstance(blocks, nn.ModuleList):
-        block_list = blocks
-    else:
-        block_list = nn.ModuleList(list(blocks))
-    if len(block_list) == 0:
-        raise StructureError(f"the block list is empty. {_OVERRIDE_HINT}")
-
-    norm = _find_final_norm(root, block_list) if final_norm is _UNSET else resolve_module(model, final_norm)
-    posts = (
-        _find_post_norm(root) if post_norm is None else tuple(resolve_module(model, p) for p in post_norm)  # type: ignore[misc]
-    )
-
+    block_list = _resolve_blocks(model, root, blocks)
+    norm = _find_final_norm(root, block_list) if final_norm is _UNSET else _resolve_optional(model, final_norm)
+    posts = _find_post_norm(root) if post_norm is None else tuple(_resolve_required(model, p) for p in post_norm)
     if lm_head is None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = output_embeddings(model)
         if head is None:
             raise StructureError(f"model.get_output_embeddings() returned None. {_OVERRIDE_HINT}")
     else:
-        head = resolve_module(model, lm_head)
-        assert head is not None
+        head = _resolve_required(model, lm_head)
 
     steps = _logit_steps(model)
     structure = ModelStructure(
