@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from deltaexit._version import __version__
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below imports on demand
-    from deltaexit.analysis import analyze
+    from deltaexit.analysis import AnalyzeConfig, analyze
     from deltaexit.calibration import (
         CalibrationFileError,
         CalibrationResult,
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from deltaexit.reference import load_reference, reference_path
     from deltaexit.saturation import Saturation, saturation, saturation_from_topk
     from deltaexit.streaming import (
+        CollectConfig,
         Manifest,
         ManifestError,
         ShardDataset,
@@ -64,6 +65,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
 
 #: Where each public name lives: ``dx.NAME`` is ``importlib.import_module(EXPORTS[NAME]).NAME``.
 EXPORTS: dict[str, str] = {
+    "AnalyzeConfig": "deltaexit.analysis",
     "analyze": "deltaexit.analysis",
     "CalibrationFileError": "deltaexit.calibration",
     "CalibrationResult": "deltaexit.calibration",
@@ -100,6 +102,7 @@ EXPORTS: dict[str, str] = {
     "Manifest": "deltaexit.streaming",
     "ManifestError": "deltaexit.streaming",
     "ShardDataset": "deltaexit.streaming",
+    "CollectConfig": "deltaexit.streaming",
     "collect_to_disk": "deltaexit.streaming",
     "iter_batches": "deltaexit.streaming",
     "load_features": "deltaexit.streaming",
@@ -111,8 +114,10 @@ EXPORTS: dict[str, str] = {
 
 __all__ = [
     "FEATURES",
+    "AnalyzeConfig",
     "CalibrationFileError",
     "CalibrationResult",
+    "CollectConfig",
     "Collector",
     "ConfidenceMeasure",
     "DecayingThreshold",

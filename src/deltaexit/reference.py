@@ -106,6 +106,7 @@ def build_preset(
         >>> build_preset("ref256-plain", cache_dir=cache) == cache / "ref256-plain"
         True
     """
+    from deltaexit.threads import torch_threads
     from deltaexit.training.build import train_reference
     from deltaexit.training.model_config import PRESETS
     from deltaexit.training.recipes import get_recipe
@@ -129,5 +130,8 @@ def build_preset(
         threads=s.get("threads", 1),
     )
     shape = {k: s[k] for k in ("vocab", "hidden", "heads", "ffn", "layers", "context")}
-    train_reference(data, out, train=train, recipe=get_recipe(s["recipe"]), eval_data=None, progress=progress, **shape)
+    with torch_threads(train.threads):  # the library never sets threads itself; the preset's count makes it exact
+        train_reference(
+            data, out, train=train, recipe=get_recipe(s["recipe"]), eval_data=None, progress=progress, **shape
+        )
     return out

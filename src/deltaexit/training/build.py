@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from deltaexit.aliases import CONTEXT_LENGTH_ATTRS
-from deltaexit.io import atomic_write_json, file_sha256
+from deltaexit.io import atomic_write_json, file_sha256, normalize_permissions
 from deltaexit.structure import config_int, text_config
 from deltaexit.training.data import WindowSampler, encode_stream, read_paragraphs
 from deltaexit.training.model_config import reference_config
@@ -58,12 +58,12 @@ def save_model_dir(model, tokenizer, out: str | os.PathLike[str], record: dict[s
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if record is not None:
             atomic_write_json(tmp / "training.json", record)
+        normalize_permissions(tmp)  # mkdtemp and save_pretrained leave 0700 / 0600; use the umask's modes
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / out.name)
