@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/pip" install -q "torch==2.13.0"
 fi
 if [ ! -f "$VENV/.deltaexit-installed" ] || [ pyproject.toml -nt "$VENV/.deltaexit-installed" ]; then
-    "$VENV/bin/pip" install -q -e ".[test,plot,dev]"
+    "$VENV/bin/pip" install -q -e ".[test,plot,dev,docs]"
     touch "$VENV/.deltaexit-installed"
 fi
 # ruff check, ruff format --check and mypy; prints one line per failed check and returns how many failed.

@@ -232,3 +232,20 @@ def test_cli_trains_and_prints_json(tmp_path, capsys, corpus_file):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and len(summary["layer_perplexity"]) == 2
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_train_without_data_is_a_clear_error(capsys):
+    """No default path into a folder a user's clone does not have: --data is required and says what to pass."""
+    from deltaexit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", "x"])
+    assert info.value.code == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_build_preset_without_data_names_what_to_pass(tmp_path):
+    from deltaexit.reference import build_preset
+
+    with pytest.raises(FileNotFoundError, match=r"data=PATH.*valid\.txt"):
+        build_preset("ref256-plain", cache_dir=tmp_path)

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["available_references", "build_preset", "default_cache_dir", "load_reference", "reference_path"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
-_DEFAULT_DATA = Path("../shared/data/wikitext-2/valid.txt")
 
 
 def available_references() -> list[str]:
@@ -94,7 +93,7 @@ def build_preset(
     Args:
         preset: A name from :data:`deltaexit.training.PRESETS`.
         cache_dir: Where the models live.
-        data: Training text (default ``../shared/data/wikitext-2/valid.txt`` from the working directory).
+        data: Training text (WikiText-2 ``valid.txt``; see ``docs/reference-models.md``); needed only to train.
         progress: tqdm bars while training.
 
     Example:
@@ -118,7 +117,12 @@ def build_preset(
     out = out / preset
     if (out / "config.json").is_file():
         return out
-    data = Path(data) if data is not None else _DEFAULT_DATA
+    if data is None:
+        raise FileNotFoundError(
+            f"preset {preset!r} is not built yet: pass data=PATH to WikiText-2 valid.txt to train it "
+            "(see docs/reference-models.md for where to get it)"
+        )
+    data = Path(data)
     if not data.is_file():
         raise FileNotFoundError(f"training data {str(data)!r} not found: pass data=PATH to valid.txt")
     s = PRESETS[preset]

@@ -1,7 +1,7 @@
 """``deltaexit train``: fit a byte-level BPE tokenizer and a Llama reference model, or continue a checkpoint.
 
 Example:
-    $ deltaexit train --data ../shared/data/wikitext-2/valid.txt --out ref-v1 --steps 400
+    $ deltaexit train --data wikitext-2/valid.txt --out ref-v1 --steps 400
     $ deltaexit train --preset ref64-layerskip --out ref-v2
     $ deltaexit train --data valid.txt --out v2 --init ref-v1 --recipe layerskip --curriculum rotational
 """
@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-DEFAULT_DATA = Path("../shared/data/wikitext-2/valid.txt")
-DEFAULT_EVAL = Path("../shared/data/wikitext-2/test.txt")
 
 # argparse defaults; a preset fills the ones the user did not give.
 _DEFAULTS = {
@@ -43,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(one paragraph a line) and save a normal HF directory; or continue any HF causal LM (--init) "
         "with the LayerSkip recipe.",
     )
-    parser.add_argument("--data", type=Path, help=f"training text (default: {DEFAULT_DATA}, relative to the cwd)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="training text, one paragraph a line (e.g. WikiText-2 valid.txt: see docs/reference-models.md)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output model directory (replaced atomically)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings; explicit flags override")
     parser.add_argument("--init", type=Path, help="continue from this HF model directory (keeps its tokenizer)")
@@ -75,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rec.add_argument("--rotation", type=int, default=2, help="period of the rotational curriculum")
     rec.add_argument("--dropout-warmup", choices=["none", "exp"], default="none")
     ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--eval-data", type=Path, help=f"perplexity text (default: {DEFAULT_EVAL} if it exists)")
+    ev.add_argument("--eval-data", type=Path, help="perplexity text (default: none, no report)")
     ev.add_argument("--eval-tokens", type=int, default=65536, help="tokens of --eval-data scored (default 65536)")
     ev.add_argument("--no-eval", action="store_true", help="skip the perplexity report")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -103,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
     from deltaexit.training.trainer import TrainConfig
 
     s = resolve(args)
-    data = args.data if args.data is not None else DEFAULT_DATA
+    data = args.data
     if not Path(data).is_file():
         raise FileNotFoundError(f"training data {str(data)!r} not found: pass --data FILE (one paragraph a line)")
     eval_data = None
     if not args.no_eval:
-        eval_data = args.eval_data if args.eval_data is not None else (DEFAULT_EVAL if DEFAULT_EVAL.is_file() else None)
+        eval_data = args.eval_data
         if eval_data is not None and not Path(eval_data).is_file():
             raise FileNotFoundError(f"--eval-data {str(eval_data)!r} not found")
     if args.eval_tokens < 2:
