@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import deltaexit as dx
-    import deltaexit.measures
-    from deltaexit.generation import CostModel
+    from deltaexit.generation.cost import CostModel
+    from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.measures import get_measure, load_measure
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (only local models are loaded)")
@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     threshold = math.inf if math.isinf(args.threshold) else args.threshold
     if os.path.isdir(args.measure):
-        measure = dx.measures.load_measure(args.measure, model=model)
+        measure = load_measure(args.measure, model=model)
     else:
         try:
-            measure = dx.measures.get_measure(args.measure)
+            measure = get_measure(args.measure)
         except KeyError as exc:
             raise ValueError(str(exc).strip('"')) from None
         if getattr(measure, "requires_fit", False):
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 f"measure {args.measure!r} must be fitted first: fit and save it (`deltaexit analyze ... "
                 "--save-measures DIR`, or measure.fit(states, labels).save(DIR)) and pass --measure DIR/..."
             )
-    ee = dx.EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
+    ee = EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
     enc = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,35 +1,30 @@
-"""KV-cache policies for the layers an early exit skips, and the cache helpers they share.
+"""KV-cache helpers the KV policies share: checking, cropping and viewing a cache, and K/V-only block calls.
 
-Policies (``kv=``):
-
-* ``"propagate"`` (CALM): a skipped layer gets keys/values computed from the exit state.
-* ``"recompute"`` (EE-LLM, FREE): the exited token is held back from the cache; it runs again, together with
-  the following tokens, until a token goes to full depth, so the deep layers see its true states.
-* ``"verify"`` (LayerSkip self-speculation): early exits only draft; the full model verifies the drafts in one
-  pass that shares the draft's cache for the shallow layers, and the cache is cropped on rejection.
-
-``propagate``'s K/V-only calls skip the query projection where the block's attention has a separate one
-(:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for a stand-in that
-returns zeros of the right shape, since the queries are never used. The keys/values stored are bit-for-bit those
-of the full projection and the model is restored after every call. :data:`QUERY_SKIP` (or ``DELTAEXIT_NO_QSKIP=1``
-in the environment before import) turns this off.
-
-Every policy keeps all layers' caches at the same length after every step. The only thing a policy needs from
-an architecture is that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a
-full-length :class:`transformers.DynamicCache` layer, which holds for every architecture in
+The policies themselves are classes in :mod:`deltaexit.generation.policy` (one module each). Every policy keeps
+all layers' caches at the same length after every step. The only thing a policy needs from an architecture is
+that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a full-length
+:class:`transformers.DynamicCache` layer, which holds for every architecture in
 :data:`deltaexit.testing.ARCHITECTURES`; anything else (linear attention, static or quantised caches, KV shared
-between layers) is detected after the prompt and refused with a clear error.
+between layers) is detected after the prompt by :func:`check_cache` and refused with a clear error.
+
+:func:`store_kv_only` (``propagate``'s K/V-only calls) can skip the query projection where the block's attention
+has a separate one (:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for
+a stand-in that returns zeros of the right shape, since the queries are never used. The keys/values stored are
+bit-for-bit those of the full projection and the model is restored after every call.
 
 Example:
-    >>> crop_cache(cache, 10)           # doctest: +SKIP
-    >>> cache_lengths(cache)            # doctest: +SKIP
+    >>> import torch
+    >>> cache = fresh_cache()
+    >>> for layer in range(3):
+    ...     _ = cache.update(torch.zeros(1, 2, 12, 4), torch.zeros(1, 2, 12, 4), layer)
+    >>> crop_cache(cache, 10)
+    >>> cache_lengths(cache)
     [10, 10, 10]
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,8 +39,6 @@ from transformers.cache_utils import DynamicLayer
 from deltaexit.structure import query_projection
 
 __all__ = [
-    "KV_POLICIES",
-    "QUERY_SKIP",
     "KVStored",
     "UnsupportedCacheError",
     "cache_lengths",
@@ -55,13 +48,6 @@ __all__ = [
     "fresh_cache",
     "store_kv_only",
 ]
-
-#: The KV policies early-exit generation implements.
-KV_POLICIES: tuple[str, ...] = ("verify", "propagate", "recompute")
-
-#: Skip the query projection in :func:`store_kv_only` calls given a ``block`` (the default). Assign False, or set
-#: ``DELTAEXIT_NO_QSKIP=1`` in the environment before import, to run the model's own query projection there too.
-QUERY_SKIP: bool = os.environ.get("DELTAEXIT_NO_QSKIP", "").strip() in ("", "0")
 
 
 class UnsupportedCacheError(ValueError):
@@ -178,16 +164,21 @@ def _query_slot(block: nn.Module) -> _QuerySlot | None:
 
 
 def store_kv_only(
-    cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any], block: nn.Module | None = None
+    cache: DynamicCache,
+    layer_idx: int,
+    run_block: Callable[[], Any],
+    block: nn.Module | None = None,
+    *,
+    query_skip: bool = True,
 ) -> None:
     """Run ``run_block`` only until its attention has stored keys/values for ``layer_idx`` (CALM propagation).
 
     The block computes its input norm and key/value projections (and rotary embedding) exactly as usual; the
     attention itself, the MLP and the residual update are skipped. Given the ``block`` module that ``run_block``
-    runs, and with :data:`QUERY_SKIP` on, its separate query projection (if it has one) is replaced by zeros for
+    runs, and with ``query_skip`` on, its separate query projection (if it has one) is replaced by zeros for
     the duration of the call, as the queries are never used; the original module is put back in every case.
     """
-    slot = _query_slot(block) if QUERY_SKIP and block is not None else None
+    slot = _query_slot(block) if query_skip and block is not None else None
     original = cache.update
 
     def update_then_stop(key_states: Any, value_states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
