@@ -9,8 +9,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from deltaexit.generation import EarlyExit, Verify
-from deltaexit.generation.verify import AcceptanceTracker
 from deltaexit.generation.runner import BlockRunner
+from deltaexit.generation.verify import AcceptanceTracker
 from deltaexit.measures.base import ConfidenceMeasure, get_measure
 from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.testing import ConstantScore, tiny_model

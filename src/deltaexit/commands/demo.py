@@ -134,7 +134,7 @@ def _verify_on_v2(prompt, kw) -> None:
     with torch.no_grad():
         model.generate(prompt, **kw)  # warm-up
         ee.generate(prompt, **kw)
-        times = {"full": [], "verify": []}
+        times: dict[str, list[float]] = {"full": [], "verify": []}
         for _ in range(3):  # alternated, so load changes hit both alike
             full_s, full = _timed(lambda: model.generate(prompt, **kw))
             ee_s, out = _timed(lambda: ee.generate(prompt, return_dict_in_generate=True, **kw))

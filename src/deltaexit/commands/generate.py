@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deltaexit.generation.cost import CostModel
     from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.generation.outputs import EarlyExitOutput
     from deltaexit.measures import get_measure, load_measure
 
     if not os.path.isdir(args.model):
@@ -79,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         pad_token_id=pad,
         return_dict_in_generate=True,
     )
+    assert isinstance(out, EarlyExitOutput) and out.stats is not None and out.exit_layers is not None
     new = out.sequences[0, enc.input_ids.shape[1] :].tolist()
     layers = out.exit_layers[0].tolist()
-    pieces = [(tokenizer.decode([t]), layer) for t, layer in zip(new, layers) if layer > 0]
+    pieces = [(str(tokenizer.decode([t])), layer) for t, layer in zip(new, layers) if layer > 0]
     stats = out.stats.to_dict()
     context = (enc.input_ids.shape[1] + out.sequences.shape[1]) // 2
     flop = CostModel.from_model(model, context=context).speedup_of(out.stats) if out.stats.decode_steps else 1.0

@@ -45,7 +45,8 @@ def kv_only_flops(block: nn.Module, *, query_skip: bool = True) -> float:
     projection where it is fused with them or ``query_skip`` is off (``Propagate(query_skip=False)``).
     """
     found = query_projection(block) if query_skip else None
-    skipped = {id(p) for p in found[0]._modules[found[1]].parameters()} if found is not None else set()
+    projection: Any = found[0]._modules[found[1]] if found is not None else None
+    skipped = {id(p) for p in projection.parameters()} if projection is not None else set()
     total = 0.0
     for name, p in block.named_parameters():
         if id(p) in skipped or p.dim() != 2:

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ class EarlyExit:
         lens: Lens | None = None,
     ) -> None:
         check_model(model)
-        self.model = model
+        self.model: Any = model  # a transformers causal LM (generate, _prefill are not typed on nn.Module)
         self.structure = find_structure(model)
         self.num_layers = self.structure.num_layers
         self.policy = get_policy(kv)
@@ -209,7 +209,7 @@ class EarlyExit:
         if run.streamer is not None:
             run.streamer.end()
         out = run.output(measure_block_fraction(self.model, self.measure, run.mean_context))
-        return out if run.returns_dict else run.input_ids
+        return out if run.returns_dict else cast(torch.LongTensor, run.input_ids)
 
     def _prefill(self, run: Run, generation_config: Any) -> None:
         """The prompt: the model's own full-depth forward (also tells the runner the blocks' output type)."""

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from deltaexit.structure import query_projection
 __all__ = [
     "KVStored",
     "UnsupportedCacheError",
+    "cache_layers",
     "cache_lengths",
     "cache_view",
     "check_cache",
@@ -86,15 +87,21 @@ def check_cache(cache: Any, num_layers: int, length: int) -> None:
         raise UnsupportedCacheError(f"cache lengths {lengths} after the prompt; expected {length} in every layer")
 
 
+def cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers (full-length ``DynamicLayer`` objects once :func:`check_cache` passed)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
 def cache_lengths(cache: DynamicCache) -> list[int]:
     """The number of cached positions in each layer."""
-    return [layer.get_seq_length() for layer in cache.layers]
+    return [layer.get_seq_length() for layer in cache_layers(cache)]
 
 
 def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) -> None:
     """Keep the first ``length`` positions of the given layers (all by default)."""
-    for idx in layers if layers is not None else range(len(cache.layers)):
-        layer = cache.layers[idx]
+    all_layers = cache_layers(cache)
+    for idx in layers if layers is not None else range(len(all_layers)):
+        layer = all_layers[idx]
         extra = layer.get_seq_length() - length
         if extra > 0:
             layer.crop(-extra)
@@ -104,12 +111,12 @@ def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) ->
 def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
     """Make ``cache`` look ``length`` positions long (read-only views) inside the block; restore after."""
     real = cache.layers
-    view = []
-    for layer in real:
+    view: list[Any] = []
+    for layer in cache_layers(cache):
         if layer.get_seq_length() > length:
             shallow = copy.copy(layer)
-            shallow.keys = layer.keys[..., :length, :]
-            shallow.values = layer.values[..., :length, :]
+            shallow.keys = cast(torch.Tensor, layer.keys)[..., :length, :]
+            shallow.values = cast(torch.Tensor, layer.values)[..., :length, :]
             view.append(shallow)
         else:
             view.append(layer)
@@ -157,8 +164,8 @@ def _query_slot(block: nn.Module) -> _QuerySlot | None:
         slot = None
     else:
         parent, name = found
-        original = parent._modules[name]
-        slot = _QuerySlot(parent, name, original, _ZeroQuery(int(original.out_features)))  # type: ignore[arg-type]
+        original: Any = parent._modules[name]
+        slot = _QuerySlot(parent, name, original, _ZeroQuery(int(original.out_features)))
     _QUERY_SLOTS[block] = slot
     return slot
 
@@ -187,7 +194,7 @@ def store_kv_only(
             raise KVStored
         return out
 
-    cache.update = update_then_stop  # type: ignore[method-assign]
+    cache.update = update_then_stop  # type: ignore[method-assign, assignment]
     if slot is not None:
         slot.parent._modules[slot.name] = slot.stand_in
     try:

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from deltaexit.generation.kv import store_kv_only
@@ -67,7 +68,7 @@ class Propagate(KVPolicy):
                 store_kv_only(
                     run.cache,
                     layer,
-                    lambda layer=layer: runner.run_block(layer, h_exit, res.calls[layer]),
+                    partial(runner.run_block, layer, h_exit, res.calls[layer]),
                     block=runner.blocks[layer],
                     query_skip=self.query_skip,
                 )

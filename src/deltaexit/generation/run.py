@@ -7,7 +7,7 @@ padding finished rows, stopping criteria, streamer) so that every KV policy appe
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class Run:
         policy: str,
     ) -> None:
         self.started = time.perf_counter()
-        self.model = model
+        self.model: Any = model  # a transformers causal LM (its generation helpers are not typed on nn.Module)
         self.num_layers = num_layers
         self.input_ids = input_ids
         self.prompt_len = input_ids.shape[1]
@@ -163,8 +163,8 @@ class Run:
         stats.measure_block_fraction = measure_block_fraction
         stats.time_s = time.perf_counter() - self.started
         return EarlyExitOutput(
-            sequences=ids,
-            exit_layers=exit_layers,
+            sequences=cast(torch.LongTensor, ids),
+            exit_layers=cast(torch.LongTensor, exit_layers),
             stats=stats,
             cache=self.cache,
             scores=tuple(self.score_cols) if self.score_cols is not None else None,  # type: ignore[arg-type]

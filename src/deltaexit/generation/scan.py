@@ -119,7 +119,7 @@ class ExitScan:
         schedule: ThresholdSchedule,
         min_exit_layer: int,
     ) -> None:
-        self.model = model
+        self.model: Any = model  # a transformers causal LM
         self.runner = runner
         self.lens = lens
         self.measure = measure
