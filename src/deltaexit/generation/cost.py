@@ -27,17 +27,17 @@ from typing import Any
 
 from torch import nn
 
+from deltaexit.aliases import FUSED_QKV_NAMES, QKV_NAMES
 from deltaexit.generation.outputs import GenerationStats
 from deltaexit.generation.policy import KVPolicy, get_policy
 from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token
-from deltaexit.structure import QKV_NAMES, find_structure, query_projection
+from deltaexit.structure import find_structure, query_projection
 
 __all__ = ["CostModel", "kv_only_flops", "measure_block_fraction"]
 
 # Names of attention projections a K/V-only call runs: the separate ones structure discovery knows, and fused ones.
-_FUSED_QKV = ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
-_KV_PROJECTIONS = frozenset(name for names in QKV_NAMES for name in names) | frozenset(_FUSED_QKV)
+_KV_PROJECTIONS = frozenset(name for names in QKV_NAMES for name in names) | frozenset(FUSED_QKV_NAMES)
 
 
 def kv_only_flops(block: nn.Module, *, query_skip: bool = True) -> float:
