@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -23,8 +24,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import deltaexit as dx
-from deltaexit.generation import CostModel, EarlyExit
-from deltaexit.generation import kv as kv_policies
+from deltaexit.generation import CostModel, EarlyExit, KVPolicy, Propagate, Recompute, Verify
 from deltaexit.measures.base import available_measures, get_measure
 from deltaexit.testing import ConstantScore, tiny_model
 
@@ -85,6 +85,17 @@ def oracle_mean_layer(model, sequences, prompt_len):
     return float(sat[:, prompt_len - 1 : -1].float().mean())
 
 
+def policy_of(kv: str, args: argparse.Namespace) -> KVPolicy:
+    """The KV policy named ``kv`` with this run's settings (draft budget, adaptive drafts, query skip)."""
+    if kv == "verify":
+        return Verify(num_draft=args.num_draft, adaptive=args.adaptive_draft)
+    if kv == "propagate":
+        return Propagate(query_skip=not args.no_query_skip)
+    if kv == "recompute":
+        return Recompute()
+    raise ValueError(f"unknown --policies entry {kv!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="llama")
@@ -103,7 +114,14 @@ def main() -> None:
         "--text", default=None, help="prompts from this text file (one paragraph a line; needs a tokenizer)"
     )
     ap.add_argument("--num-draft", type=int, default=4, help="verify: most drafts per round")
-    ap.add_argument("--adaptive-draft", action="store_true", help="verify: adaptive_draft=True")
+    ap.add_argument("--adaptive-draft", action="store_true", help="verify: Verify(adaptive=True)")
+    ap.add_argument(
+        "--no-query-skip",
+        action="store_true",
+        default=os.environ.get("DELTAEXIT_NO_QSKIP", "").strip() not in ("", "0"),
+        help="propagate: run the query projection in K/V-only calls too, Propagate(query_skip=False) "
+        "(default from DELTAEXIT_NO_QSKIP=1)",
+    )
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -147,7 +165,9 @@ def main() -> None:
                 settings.append((name, get_measure(name), args.threshold, 1))
             except Exception as exc:  # a measure that needs fitting
                 print(json.dumps({"skipped_measure": name, "reason": str(exc)}))
-    cost = CostModel.from_model(model, context=args.prompt_len + args.new_tokens // 2)
+    cost = CostModel.from_model(
+        model, context=args.prompt_len + args.new_tokens // 2, query_skip=not args.no_query_skip
+    )
     head_blocks, kv_only_blocks = cost.head_blocks, cost.kv_only_blocks
     results = []
     for batch in args.batches:
@@ -168,15 +188,7 @@ def main() -> None:
         oracle = oracle_mean_layer(model, ref, args.prompt_len) if args.oracle else None
         for label, measure, threshold, min_exit in settings:
             for kv in args.policies:
-                ee = EarlyExit(
-                    model,
-                    measure,
-                    threshold,
-                    kv,
-                    min_exit_layer=min_exit,
-                    num_draft=args.num_draft,
-                    adaptive_draft=args.adaptive_draft,
-                )
+                ee = EarlyExit(model, measure, threshold, policy_of(kv, args), min_exit_layer=min_exit)
                 ee.generate(ids, **kw)
                 with torch.no_grad():
                     time_ratio, decode_ratio, base_t, out = paired(
@@ -246,7 +258,7 @@ def main() -> None:
         "adaptive_draft": args.adaptive_draft,
         "head_block_equivalents": head_blocks,
         "kv_only_block_equivalents": kv_only_blocks,
-        "query_skip": kv_policies.QUERY_SKIP,  # K/V-only calls skip a separate q projection (DELTAEXIT_NO_QSKIP=1: off)
+        "query_skip": not args.no_query_skip,  # K/V-only calls skip a separate q projection (--no-query-skip: off)
         "results": results,
     }
     print(json.dumps(summary))

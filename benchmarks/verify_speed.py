@@ -22,6 +22,7 @@ import torch
 from generate_speed import paired
 
 import deltaexit as dx
+from deltaexit.generation import Verify
 
 DATA = Path("../shared/data/wikitext-2/test.txt")
 
@@ -61,8 +62,7 @@ def main() -> None:
     rows = []
     for layer, budget, adaptive in args.settings:
         ee = dx.EarlyExit(
-            model, "delta-norm", float("-inf"), kv="verify", min_exit_layer=layer, num_draft=budget,
-            adaptive_draft=adaptive,
+            model, "delta-norm", float("-inf"), kv=Verify(num_draft=budget, adaptive=adaptive), min_exit_layer=layer,
         )  # fmt: skip
         speeds, accepted, drafted, identical = [], 0, 0, True
         for ids in prompts:

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import deltaexit as dx
-from deltaexit.generation import DecayingThreshold, EarlyExit, PerLayerThreshold, as_schedule
+from deltaexit.generation import DecayingThreshold, EarlyExit, PerLayerThreshold, Recompute, Verify, as_schedule
 from deltaexit.generation.kv import cache_lengths
 from deltaexit.generation.speculative import greedy_accept, residual_distribution, speculative_token
 from deltaexit.measures.base import ConfidenceMeasure
@@ -124,7 +124,7 @@ def test_verify_is_lossless_for_any_measure(arch):
     n = 20  # crosses the tiny sliding windows (8 for gpt_neo, 16 for mistral/gemma2)
     ref = reference(model, ids, mask, n)
     for measure, threshold in ((RandomScore(1), 0.4), (ConstantScore(1.0), 0.5), (LensMaxProb(), 0.01)):
-        ee = EarlyExit(model, measure=measure, threshold=threshold, kv="verify", num_draft=3)
+        ee = EarlyExit(model, measure=measure, threshold=threshold, kv=Verify(num_draft=3))
         out = ee.generate(ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True)
         assert torch.equal(out.sequences, ref), measure
         if not isinstance(measure, LensMaxProb):  # the lens of a random model is rarely confident
@@ -150,9 +150,8 @@ def test_verify_lossless_property(layers, rows, length, pad, threshold, min_exit
         model,
         RandomScore(seed),
         threshold,
-        "verify",
+        Verify(num_draft=num_draft),
         min_exit_layer=min(min_exit, layers),
-        num_draft=num_draft,
     )
     out = ee.generate(
         ids,
@@ -209,7 +208,7 @@ def test_exit_token_comes_from_the_lens_at_the_exit_layer(arch):
     """With every token exiting after block 2 of 4, recompute decodes exactly with the 2-layer lens."""
     model = model_of(arch, 4)
     ids, _ = batch(seed=3, rows=1)
-    ee = EarlyExit(model, ConstantScore(1.0), 0.5, "recompute", min_exit_layer=2, max_pending=100)
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, Recompute(max_pending=100), min_exit_layer=2)
     out = ee.generate(ids, max_new_tokens=6, return_dict_in_generate=True)
     assert (out.exit_layers[:, 1:] == 2).all()
     lens = dx.Lens.from_model(model)
@@ -345,7 +344,8 @@ def test_scores_and_logits_match_generate_when_the_full_model_decides(kv):
     ref = _scored_reference(model, ids, mask, 7, **kw)
     measures = [(LensMaxProb(), NEVER)] + ([(RandomScore(2), 0.3), (ConstantScore(1.0), 0.5)] if kv == "verify" else [])
     for measure, threshold in measures:
-        out = EarlyExit(model, measure, threshold, kv, num_draft=3).generate(
+        policy = Verify(num_draft=3) if kv == "verify" else kv
+        out = EarlyExit(model, measure, threshold, policy).generate(
             ids,
             attention_mask=mask,
             max_new_tokens=7,
@@ -370,7 +370,8 @@ def test_scores_are_those_the_exit_layer_chose_from(kv):
     (blocks 1-2 run for every token, so their states are the model's own under either policy)."""
     model = model_of("llama", 4)
     ids, _ = batch(seed=12, pad_left=0)
-    out = EarlyExit(model, ConstantScore(1.0), 0.5, kv, min_exit_layer=2, max_pending=100).generate(
+    policy = Recompute(max_pending=100) if kv == "recompute" else kv
+    out = EarlyExit(model, ConstantScore(1.0), 0.5, policy, min_exit_layer=2).generate(
         ids, max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, output_scores=True
     )
     assert out.logits is None and len(out.scores) == 6
@@ -404,7 +405,9 @@ def test_scores_need_return_dict_as_in_generate():
     ids, mask = batch(seed=13)
     ee = EarlyExit(model, ConstantScore(1.0), 0.5, "propagate")
     seqs = ee.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, output_scores=True)
-    assert isinstance(seqs, torch.Tensor) and ee.last_output.scores is None
+    assert isinstance(seqs, torch.Tensor)
+    out = ee.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, seqs) and out.scores is None
 
 
 def test_num_return_sequences_as_in_generate():
@@ -444,11 +447,11 @@ def test_custom_generate_and_streamer():
     model = model_of("gpt2")
     ids, mask = batch(seed=8)
     ee = EarlyExit(model, RandomScore(8), 0.5, "verify")
-    via_model = model.generate(
-        ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, custom_generate=ee.custom_generate
-    )
+    kw = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=0, custom_generate=ee.custom_generate)
+    via_model = model.generate(ids, **kw)
     assert torch.equal(via_model, reference(model, ids, mask, 6))
-    assert ee.last_output is not None and ee.last_output.exit_layers.shape == (2, 6)
+    out = model.generate(ids, return_dict_in_generate=True, **kw)
+    assert torch.equal(out.sequences, via_model) and out.exit_layers.shape == (2, 6)
     streamer = CacheChecker(DynamicCache())
     ee.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, streamer=streamer)
     assert streamer.puts == 1 + 6 and streamer.ended
@@ -542,7 +545,7 @@ def test_verify_sampling_matches_the_model_distribution():
         joint = p1[:, None] * p2
         three = torch.cat([prompt.repeat(64, 1), torch.cartesian_prod(torch.arange(8), torch.arange(8))], dim=1)
         p3 = (joint.reshape(64, 1) * torch.softmax(model(three).logits[:, -1].float(), -1)).sum(0)
-    ee = EarlyExit(model, ConstantScore(1.0), 0.5, "verify", num_draft=2)  # every draft from layer 1
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, Verify(num_draft=2))  # every draft from layer 1
     torch.manual_seed(0)
     out = ee.generate(
         prompt.repeat(rows, 1),

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from deltaexit.generation import EarlyExit
+from deltaexit.generation import EarlyExit, Verify
 from deltaexit.generation.runner import BlockRunner
+from deltaexit.generation.verify import AcceptanceTracker
 from deltaexit.measures.base import ConfidenceMeasure, get_measure
 from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.testing import ConstantScore, tiny_model
@@ -129,37 +130,31 @@ def test_adaptive_draft_is_lossless(arch, rows):
     with torch.no_grad():
         ref = model.generate(ids, **kw)
     for measure, threshold in ((Random(), 0.5), (ConstantScore(), 0.0)):
-        ee = EarlyExit(model, measure, threshold, "verify", min_exit_layer=1, num_draft=5, adaptive_draft=True)
+        ee = EarlyExit(model, measure, threshold, Verify(num_draft=5, adaptive=True), min_exit_layer=1)
         out = ee.generate(ids, return_dict_in_generate=True, **kw)
         assert torch.equal(out.sequences, ref)
 
 
 def test_draft_budget_follows_the_acceptance_rate(model):
-    ee = EarlyExit(model, ConstantScore(), 0.0, "verify", min_exit_layer=1, num_draft=6, adaptive_draft=True)
-
-    class R:
-        draft_depth = 1.0
-
-    run = R()
+    ee = EarlyExit(model, ConstantScore(), 0.0, Verify(num_draft=6, adaptive=True), min_exit_layer=1)
+    run = AcceptanceTracker(depth=1.0)
     budgets = []
     for rate in (0.0, 0.3, 0.6, 0.9, 0.99):
-        run.accept_rate = rate
-        budgets.append(ee._draft_budget(run))
+        run.rate = rate
+        budgets.append(ee.policy.draft_budget(run, ee.num_layers))
     assert budgets[0] == 0  # drafts never accepted: plain full-depth steps
     assert budgets == sorted(budgets)  # more acceptance, more drafts
     assert budgets[-1] == 6
-    run.accept_rate, run.draft_depth = 0.9, 4.0  # drafting as deep as the model: no point
-    assert ee._draft_budget(run) == 0
+    run.rate, run.depth = 0.9, 4.0  # drafting as deep as the model: no point
+    assert ee.policy.draft_budget(run, ee.num_layers) == 0
 
 
 def test_adaptive_draft_stops_drafting_when_drafts_are_rejected(model):
     """Always exiting after block 1 of a random model: drafts are mostly rejected, so the budget falls to 0."""
     ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(9))
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    fixed = EarlyExit(model, ConstantScore(), 0.0, "verify", num_draft=4).generate(ids, **kw).stats
-    adaptive = (
-        EarlyExit(model, ConstantScore(), 0.0, "verify", num_draft=4, adaptive_draft=True).generate(ids, **kw).stats
-    )
+    fixed = EarlyExit(model, ConstantScore(), 0.0, Verify(num_draft=4)).generate(ids, **kw).stats
+    adaptive = EarlyExit(model, ConstantScore(), 0.0, Verify(num_draft=4, adaptive=True)).generate(ids, **kw).stats
     assert fixed.acceptance_rate < 0.5
     assert adaptive.drafted < fixed.drafted
     assert adaptive.blocks_run < fixed.blocks_run

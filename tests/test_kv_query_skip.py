@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from deltaexit.generation import EarlyExit
-from deltaexit.generation import kv as kv_module
+from deltaexit.generation import CostModel, EarlyExit, Propagate
 from deltaexit.generation.kv import fresh_cache, store_kv_only
 from deltaexit.structure import find_structure, query_projection
 from deltaexit.testing import ARCHITECTURES, ConstantScore, tiny_model
@@ -39,10 +38,9 @@ def prompt():
     return ids, mask
 
 
-def generate(model, skip: bool, monkeypatch):
-    monkeypatch.setattr(kv_module, "QUERY_SKIP", skip)
+def generate(model, skip: bool):
     ids, mask = prompt()
-    ee = EarlyExit(model, ConstantScore(), 0.5, "propagate", min_exit_layer=EXIT)
+    ee = EarlyExit(model, ConstantScore(), 0.5, Propagate(query_skip=skip), min_exit_layer=EXIT)
     with torch.no_grad():
         return ee.generate(ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, return_dict_in_generate=True)
 
@@ -53,9 +51,9 @@ def q_modules(model):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_skip_gives_the_same_tokens_and_cache(arch, monkeypatch):
+def test_skip_gives_the_same_tokens_and_cache(arch):
     model = model_of(arch)
-    on, off = generate(model, True, monkeypatch), generate(model, False, monkeypatch)
+    on, off = generate(model, True), generate(model, False)
     assert on.stats.kv_only_calls > 0 and (on.exit_layers[:, 1:] == EXIT).all()
     assert torch.equal(on.sequences, off.sequences)
     assert torch.equal(on.exit_layers, off.exit_layers)
@@ -65,12 +63,12 @@ def test_skip_gives_the_same_tokens_and_cache(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neo", "opt", "gemma2", "gpt2"])
-def test_model_is_unchanged_after_generation(arch, monkeypatch):
+def test_model_is_unchanged_after_generation(arch):
     model = model_of(arch)
     before_q = q_modules(model)
     before_modules = list(model.named_modules())
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
-    generate(model, True, monkeypatch)
+    generate(model, True)
     assert all(a is b for a, b in zip(q_modules(model), before_q))
     after_modules = list(model.named_modules())
     assert [n for n, _ in after_modules] == [n for n, _ in before_modules]
@@ -81,16 +79,16 @@ def test_model_is_unchanged_after_generation(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", FUSED)
-def test_fused_qkv_falls_back(arch, monkeypatch):
+def test_fused_qkv_falls_back(arch):
     model = model_of(arch)
     assert all(query_projection(block) is None for block in find_structure(model).blocks)
-    out = generate(model, True, monkeypatch)
+    out = generate(model, True)
     assert out.stats.kv_only_calls == 4 * (LAYERS - EXIT)  # 5 new tokens: the prompt forward, then 4 early exits
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in FUSED])
 @pytest.mark.parametrize("skip", [True, False])
-def test_query_projection_runs_once_per_block_run(arch, skip, monkeypatch):
+def test_query_projection_runs_once_per_block_run(arch, skip):
     model = model_of(arch)
     calls = [0]
 
@@ -100,7 +98,7 @@ def test_query_projection_runs_once_per_block_run(arch, skip, monkeypatch):
     handles = [q.register_forward_hook(count) for q in q_modules(model)]
     assert len(handles) == LAYERS
     try:
-        out = generate(model, skip, monkeypatch)
+        out = generate(model, skip)
     finally:
         for h in handles:
             h.remove()
@@ -129,6 +127,10 @@ def test_store_kv_only_restores_the_projection_when_the_block_fails():
     with pytest.raises(RuntimeError):
         store_kv_only(fresh_cache(), 0, failing_block)
     assert seen[0] is original
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        store_kv_only(fresh_cache(), 0, failing_block, block=block, query_skip=False)
+    assert seen[0] is original
 
 
 def test_replaced_projection_is_found_again():
@@ -150,9 +152,16 @@ def test_replaced_projection_is_found_again():
     assert stand_ins[1].out_features == 8 and attn._modules[name] is replacement
 
 
-def test_environment_switch():
-    code = "import deltaexit.generation.kv as k; print(k.QUERY_SKIP)"
-    for value, expected in (("1", "False"), ("0", "True")):
-        env = {**os.environ, "DELTAEXIT_NO_QSKIP": value}
+def test_the_library_ignores_the_old_environment_switch():
+    """The query skip is a field (``Propagate(query_skip=...)``, ``CostModel.from_model(query_skip=...)``);
+    ``DELTAEXIT_NO_QSKIP`` (read by the speed benchmark only) changes nothing in the library."""
+    code = (
+        "from deltaexit.generation import CostModel, Propagate; from deltaexit.testing import tiny_model; "
+        "print(Propagate().query_skip, CostModel.from_model(tiny_model('llama', num_layers=2)).kv_only_flops)"
+    )
+    expected = f"True {CostModel.from_model(tiny_model('llama', num_layers=2)).kv_only_flops}"
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    for value in ("1", "0"):
+        env = {**os.environ, "DELTAEXIT_NO_QSKIP": value, "PYTHONPATH": src}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected

@@ -3,9 +3,9 @@
 Each cell is *measured* on a tiny random model of that type, not looked up.
 
 Example:
-    >>> rows = support_matrix(["llama"])          # doctest: +SKIP
-    >>> rows[0]["collect"], rows[0]["lens_exact"]  # doctest: +SKIP
-    ('ok', 'ok')
+    >>> rows = support_matrix(["llama"])
+    >>> rows[0]["collect"], rows[0]["lens_exact"], rows[0]["generate"]
+    ('ok', 'ok', 'verify:ok, propagate:ok, recompute:ok')
 """
 
 from __future__ import annotations
@@ -15,23 +15,22 @@ from typing import Any
 
 import torch
 
+from deltaexit.collector import collect
+from deltaexit.generation.early_exit import EarlyExit
+from deltaexit.generation.policy import KV_POLICIES
+from deltaexit.lens import Lens
+from deltaexit.structure import find_structure
 from deltaexit.testing import ARCHITECTURES, random_batch, tiny_model
 
 __all__ = ["check_architecture", "support_matrix", "support_matrix_markdown"]
 
 
 def _check_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> str:
-    try:
-        import deltaexit as dx
-
-        early_exit_cls = dx.EarlyExit  # type: ignore[attr-defined]
-    except AttributeError:
-        return "n/a (no early-exit generate in this version)"
     full = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     results = []
-    for kv in ("verify", "propagate", "recompute"):
+    for kv in KV_POLICIES:
         try:
-            ee = early_exit_cls(model, measure="softmax-max", threshold=float("inf"), kv=kv)
+            ee = EarlyExit(model, measure="softmax-max", threshold=float("inf"), kv=kv)
             out = ee.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
             seq = out.sequences if hasattr(out, "sequences") else out
             results.append(f"{kv}:{'ok' if torch.equal(seq, full) else 'MISMATCH'}")
@@ -42,12 +41,10 @@ def _check_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> str:
 
 def check_architecture(model_type: str) -> dict[str, Any]:
     """Measure collect, lens exactness and generate on a tiny random ``model_type`` model."""
-    import deltaexit as dx
-
     row: dict[str, Any] = {"model_type": model_type}
     try:
         model = tiny_model(model_type, num_layers=3, hidden=32, heads=4, vocab=128)
-        structure = dx.find_structure(model)
+        structure = find_structure(model)
     except Exception as exc:
         row.update(collect=f"FAIL ({exc})", lens_exact="-", generate="-")
         return row
@@ -55,11 +52,11 @@ def check_architecture(model_type: str) -> dict[str, Any]:
     row["final_norm"] = structure.describe()["final_norm"]
     ids, mask = random_batch(128, 2, 6, pad="left")
     try:
-        with torch.no_grad(), dx.collect(model, ("h_in", "h_out", "delta")) as trace:
+        with torch.no_grad(), collect(model, ("h_in", "h_out", "delta")) as trace:
             logits = model(input_ids=ids, attention_mask=mask).logits
         telescope = (trace.h_in[0] + trace.delta.sum(0) - trace.h_out[-1]).abs().max().item()
         row["collect"] = "ok" if telescope < 1e-4 else f"FAIL (telescope error {telescope:.1e})"
-        lens_err = (dx.Lens(structure)(trace.h_out[-1]) - logits).abs().max().item()
+        lens_err = (Lens(structure)(trace.h_out[-1]) - logits).abs().max().item()
         row["lens_max_abs_err"] = lens_err
         row["lens_exact"] = "ok" if lens_err < 1e-4 else f"FAIL ({lens_err:.1e})"
     except Exception as exc:

@@ -52,13 +52,15 @@ def _timed(fn):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import deltaexit as dx
+    from deltaexit._version import __version__
     from deltaexit.analysis import analyze, format_report
+    from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.structure import find_structure
 
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args.model)
     text = sample_text()
-    print(f"deltaexit {dx.__version__} demo: reference model {args.model!r}, embedded WikiText-2 sample\n")
+    print(f"deltaexit {__version__} demo: reference model {args.model!r}, embedded WikiText-2 sample\n")
 
     print("== 1. Saturation and confidence measures (labels: next and final) ==")
     result = analyze(
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         model.generate(**enc, **kw)  # warm-up
         full_s, full = _timed(lambda: model.generate(**enc, **kw))
-        num_layers = dx.find_structure(model).num_layers
+        num_layers = find_structure(model).num_layers
         new = full.shape[1] - enc["input_ids"].shape[1]
         print(f"{'policy':>10} {'measure':>12} {'threshold':>9} {'agreement':>9} {'mean layers':>11} {'speed':>9}")
         print(f"{'full':>10} {'-':>12} {'-':>9} {1.0:>9.3f} {num_layers:>11.2f} {1.0:>8.2f}x")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             ("propagate", "softmax-max", args.threshold),
             ("recompute", "softmax-max", args.threshold),
         ):
-            ee = dx.EarlyExit(model, measure=measure, threshold=threshold, kv=kv, min_exit_layer=2)
+            ee = EarlyExit(model, measure=measure, threshold=threshold, kv=kv, min_exit_layer=2)
             ee_s, out = _timed(lambda ee=ee: ee.generate(**enc, return_dict_in_generate=True, **kw))
             gen, ref = out.sequences[:, -new:], full[:, -new:]
             real = ref != tokenizer.pad_token_id
@@ -120,18 +122,19 @@ def _verify_on_v2(prompt, kw) -> None:
     """Lossless self-speculation on the LayerSkip-trained v2 at batch 1: same tokens, fewer deep passes."""
     import torch
 
-    import deltaexit as dx
+    from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.generation.verify import Verify
     from deltaexit.reference import load_reference
 
     model, _ = load_reference("v2")
     kw = {**kw, "max_new_tokens": max(kw["max_new_tokens"], 32)}
     # Draft from block 2 always (threshold -inf: a cheap measure that never blocks the exit); the full
     # model verifies every draft, so the output stays exactly model.generate's.
-    ee = dx.EarlyExit(model, "delta-norm", float("-inf"), kv="verify", min_exit_layer=2, num_draft=4)
+    ee = EarlyExit(model, "delta-norm", float("-inf"), kv=Verify(num_draft=4), min_exit_layer=2)
     with torch.no_grad():
         model.generate(prompt, **kw)  # warm-up
         ee.generate(prompt, **kw)
-        times = {"full": [], "verify": []}
+        times: dict[str, list[float]] = {"full": [], "verify": []}
         for _ in range(3):  # alternated, so load changes hit both alike
             full_s, full = _timed(lambda: model.generate(prompt, **kw))
             ee_s, out = _timed(lambda: ee.generate(prompt, return_dict_in_generate=True, **kw))

@@ -44,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import deltaexit as dx
-    import deltaexit.measures
-    from deltaexit.generation import CostModel
+    from deltaexit.generation.cost import CostModel
+    from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.generation.outputs import EarlyExitOutput
+    from deltaexit.measures import get_measure, load_measure
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (only local models are loaded)")
@@ -56,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     threshold = math.inf if math.isinf(args.threshold) else args.threshold
     if os.path.isdir(args.measure):
-        measure = dx.measures.load_measure(args.measure, model=model)
+        measure = load_measure(args.measure, model=model)
     else:
         try:
-            measure = dx.measures.get_measure(args.measure)
+            measure = get_measure(args.measure)
         except KeyError as exc:
             raise ValueError(str(exc).strip('"')) from None
         if getattr(measure, "requires_fit", False):
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 f"measure {args.measure!r} must be fitted first: fit and save it (`deltaexit analyze ... "
                 "--save-measures DIR`, or measure.fit(states, labels).save(DIR)) and pass --measure DIR/..."
             )
-    ee = dx.EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
+    ee = EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
     enc = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -79,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         pad_token_id=pad,
         return_dict_in_generate=True,
     )
+    assert isinstance(out, EarlyExitOutput) and out.stats is not None and out.exit_layers is not None
     new = out.sequences[0, enc.input_ids.shape[1] :].tolist()
     layers = out.exit_layers[0].tolist()
-    pieces = [(tokenizer.decode([t]), layer) for t, layer in zip(new, layers) if layer > 0]
+    pieces = [(str(tokenizer.decode([t])), layer) for t, layer in zip(new, layers) if layer > 0]
     stats = out.stats.to_dict()
     context = (enc.input_ids.shape[1] + out.sequences.shape[1]) // 2
     flop = CostModel.from_model(model, context=context).speedup_of(out.stats) if out.stats.decode_steps else 1.0

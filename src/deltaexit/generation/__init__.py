@@ -1,9 +1,17 @@
 """Early-exit generation: the :class:`EarlyExit` loop, KV policies, thresholds and outputs.
 
 Example:
-    >>> from deltaexit.generation import EarlyExit, DecayingThreshold   # doctest: +SKIP
+    >>> from deltaexit.generation import EarlyExit, Verify, get_policy
+    >>> get_policy("propagate")
+    Propagate(query_skip=True)
 """
 
+# The shipped KV policies, registered in this order (the default first); a new policy is a new module here.
+from deltaexit.generation.verify import Verify  # isort: skip
+from deltaexit.generation.propagate import Propagate  # isort: skip
+from deltaexit.generation.recompute import Recompute  # isort: skip
+
+# isort: split
 from deltaexit.exits import (
     ConstantThreshold,
     DecayingThreshold,
@@ -13,8 +21,9 @@ from deltaexit.exits import (
 )
 from deltaexit.generation.cost import CostModel
 from deltaexit.generation.early_exit import EarlyExit
-from deltaexit.generation.kv import KV_POLICIES, UnsupportedCacheError
+from deltaexit.generation.kv import UnsupportedCacheError
 from deltaexit.generation.outputs import EarlyExitOutput, GenerationStats
+from deltaexit.generation.policy import KV_POLICIES, KVPolicy, get_policy, register_policy
 
 __all__ = [
     "KV_POLICIES",
@@ -24,8 +33,14 @@ __all__ = [
     "EarlyExit",
     "EarlyExitOutput",
     "GenerationStats",
+    "KVPolicy",
     "PerLayerThreshold",
+    "Propagate",
+    "Recompute",
     "ThresholdSchedule",
     "UnsupportedCacheError",
+    "Verify",
     "as_schedule",
+    "get_policy",
+    "register_policy",
 ]

@@ -21,30 +21,32 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
-from deltaexit.generation import kv as kv_policies
+from deltaexit.aliases import FUSED_QKV_NAMES, QKV_NAMES
 from deltaexit.generation.outputs import GenerationStats
+from deltaexit.generation.policy import KVPolicy, get_policy
+from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token
-from deltaexit.structure import QKV_NAMES, find_structure, query_projection
+from deltaexit.structure import find_structure, query_projection
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "kv_only_flops", "measure_block_fraction"]
 
 # Names of attention projections a K/V-only call runs: the separate ones structure discovery knows, and fused ones.
-_FUSED_QKV = ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
-_KV_PROJECTIONS = frozenset(name for names in QKV_NAMES for name in names) | frozenset(_FUSED_QKV)
+_KV_PROJECTIONS = frozenset(name for names in QKV_NAMES for name in names) | frozenset(FUSED_QKV_NAMES)
 
 
-def kv_only_flops(block: nn.Module, *, query_skip: bool | None = None) -> float:
+def kv_only_flops(block: nn.Module, *, query_skip: bool = True) -> float:
     """FLOPs per token of ``propagate``'s K/V-only call in ``block``: its key/value projections, plus the query
-    projection where it is fused with them or the query skip (:data:`deltaexit.generation.kv.QUERY_SKIP`) is off.
+    projection where it is fused with them or ``query_skip`` is off (``Propagate(query_skip=False)``).
     """
-    skip = kv_policies.QUERY_SKIP if query_skip is None else query_skip
-    found = query_projection(block) if skip else None
-    skipped = {id(p) for p in found[0]._modules[found[1]].parameters()} if found is not None else set()
+    found = query_projection(block) if query_skip else None
+    projection: Any = found[0]._modules[found[1]] if found is not None else None
+    skipped = {id(p) for p in projection.parameters()} if projection is not None else set()
     total = 0.0
     for name, p in block.named_parameters():
         if id(p) in skipped or p.dim() != 2:
@@ -73,14 +75,14 @@ class CostModel:
     context: int
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, context: int = 256, query_skip: bool | None = None) -> CostModel:
+    def from_model(cls, model: nn.Module, *, context: int = 256, query_skip: bool = True) -> CostModel:
         """Count the parts from ``model``'s weights (block 0 stands for every block; ``meta`` weights are fine).
 
         Args:
             model: A ``transformers`` causal LM.
             context: Context length for the attention FLOPs of a block.
-            query_skip: Whether K/V-only calls skip a separate query projection (default: as
-                :data:`deltaexit.generation.kv.QUERY_SKIP`).
+            query_skip: Whether K/V-only calls skip a separate query projection (as
+                :class:`~deltaexit.generation.propagate.Propagate`'s field of the same name).
         """
         if context < 0:
             raise ValueError(f"context must be >= 0, got {context}")
@@ -115,7 +117,7 @@ class CostModel:
         self,
         blocks_per_token: float,
         *,
-        kv: str = "propagate",
+        kv: str | KVPolicy = "propagate",
         measure_blocks_per_token: float = 0.0,
         kv_only_per_token: float | None = None,
     ) -> float:
@@ -123,16 +125,15 @@ class CostModel:
 
         Args:
             blocks_per_token: Mean blocks run per generated token (``L`` = no exit).
-            kv: The KV policy; ``propagate`` pays a K/V-only call per skipped block unless
-                ``kv_only_per_token`` says otherwise, the others none.
+            kv: The KV policy (name or instance); ``propagate`` pays a K/V-only call per skipped block unless
+                ``kv_only_per_token`` says otherwise, the others none (``KVPolicy.kv_only_per_skipped_block``).
             measure_blocks_per_token: The exit decisions' cost in block equivalents per token.
             kv_only_per_token: K/V-only calls per token (default: ``L - blocks_per_token`` for ``propagate``).
         """
         self._check(blocks_per_token)
-        if kv not in kv_policies.KV_POLICIES:
-            raise ValueError(f"unknown kv policy {kv!r}; choose one of {list(kv_policies.KV_POLICIES)}")
+        per_skipped = get_policy(kv).kv_only_per_skipped_block
         if kv_only_per_token is None:
-            kv_only_per_token = self.num_layers - blocks_per_token if kv == "propagate" else 0.0
+            kv_only_per_token = (self.num_layers - blocks_per_token) * per_skipped if per_skipped else 0.0
         full = self.num_layers + self.head_blocks
         ours = blocks_per_token + measure_blocks_per_token + kv_only_per_token * self.kv_only_blocks + self.head_blocks
         return full / ours
@@ -158,3 +159,21 @@ class CostModel:
         d: dict[str, float] = dict(asdict(self))
         d.update(head_blocks=self.head_blocks, kv_only_blocks=self.kv_only_blocks)
         return d
+
+
+def measure_block_fraction(model: nn.Module, measure: ConfidenceMeasure, context: int) -> float:
+    """One ``measure`` call's FLOPs over one block's FLOPs at ``context`` (0 if either is unknown).
+
+    Example:
+        >>> from deltaexit.measures.base import get_measure
+        >>> from deltaexit.testing import tiny_model
+        >>> 0 < measure_block_fraction(tiny_model("llama", num_layers=2), get_measure("softmax-max"), 8) < 10
+        True
+    """
+    try:
+        structure = find_structure(model, validate=False)
+        flops = float(measure.flops_per_token(structure.hidden_size, structure.vocab_size))
+        block = block_flops_per_token(model, context=context)
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return 0.0
+    return flops / block if block > 0 and math.isfinite(flops) else 0.0

@@ -1,40 +1,35 @@
-"""KV-cache policies for the layers an early exit skips, and the cache helpers they share.
+"""KV-cache helpers the KV policies share: checking, cropping and viewing a cache, and K/V-only block calls.
 
-Policies (``kv=``):
-
-* ``"propagate"`` (CALM): a skipped layer gets keys/values computed from the exit state.
-* ``"recompute"`` (EE-LLM, FREE): the exited token is held back from the cache; it runs again, together with
-  the following tokens, until a token goes to full depth, so the deep layers see its true states.
-* ``"verify"`` (LayerSkip self-speculation): early exits only draft; the full model verifies the drafts in one
-  pass that shares the draft's cache for the shallow layers, and the cache is cropped on rejection.
-
-``propagate``'s K/V-only calls skip the query projection where the block's attention has a separate one
-(:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for a stand-in that
-returns zeros of the right shape, since the queries are never used. The keys/values stored are bit-for-bit those
-of the full projection and the model is restored after every call. :data:`QUERY_SKIP` (or ``DELTAEXIT_NO_QSKIP=1``
-in the environment before import) turns this off.
-
-Every policy keeps all layers' caches at the same length after every step. The only thing a policy needs from
-an architecture is that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a
-full-length :class:`transformers.DynamicCache` layer, which holds for every architecture in
+The policies themselves are classes in :mod:`deltaexit.generation.policy` (one module each). Every policy keeps
+all layers' caches at the same length after every step. The only thing a policy needs from an architecture is
+that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a full-length
+:class:`transformers.DynamicCache` layer, which holds for every architecture in
 :data:`deltaexit.testing.ARCHITECTURES`; anything else (linear attention, static or quantised caches, KV shared
-between layers) is detected after the prompt and refused with a clear error.
+between layers) is detected after the prompt by :func:`check_cache` and refused with a clear error.
+
+:func:`store_kv_only` (``propagate``'s K/V-only calls) can skip the query projection where the block's attention
+has a separate one (:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for
+a stand-in that returns zeros of the right shape, since the queries are never used. The keys/values stored are
+bit-for-bit those of the full projection and the model is restored after every call.
 
 Example:
-    >>> crop_cache(cache, 10)           # doctest: +SKIP
-    >>> cache_lengths(cache)            # doctest: +SKIP
+    >>> import torch
+    >>> cache = fresh_cache()
+    >>> for layer in range(3):
+    ...     _ = cache.update(torch.zeros(1, 2, 12, 4), torch.zeros(1, 2, 12, 4), layer)
+    >>> crop_cache(cache, 10)
+    >>> cache_lengths(cache)
     [10, 10, 10]
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,10 +39,9 @@ from transformers.cache_utils import DynamicLayer
 from deltaexit.structure import query_projection
 
 __all__ = [
-    "KV_POLICIES",
-    "QUERY_SKIP",
     "KVStored",
     "UnsupportedCacheError",
+    "cache_layers",
     "cache_lengths",
     "cache_view",
     "check_cache",
@@ -55,13 +49,6 @@ __all__ = [
     "fresh_cache",
     "store_kv_only",
 ]
-
-#: The KV policies early-exit generation implements.
-KV_POLICIES: tuple[str, ...] = ("verify", "propagate", "recompute")
-
-#: Skip the query projection in :func:`store_kv_only` calls given a ``block`` (the default). Assign False, or set
-#: ``DELTAEXIT_NO_QSKIP=1`` in the environment before import, to run the model's own query projection there too.
-QUERY_SKIP: bool = os.environ.get("DELTAEXIT_NO_QSKIP", "").strip() in ("", "0")
 
 
 class UnsupportedCacheError(ValueError):
@@ -100,15 +87,21 @@ def check_cache(cache: Any, num_layers: int, length: int) -> None:
         raise UnsupportedCacheError(f"cache lengths {lengths} after the prompt; expected {length} in every layer")
 
 
+def cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers (full-length ``DynamicLayer`` objects once :func:`check_cache` passed)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
 def cache_lengths(cache: DynamicCache) -> list[int]:
     """The number of cached positions in each layer."""
-    return [layer.get_seq_length() for layer in cache.layers]
+    return [layer.get_seq_length() for layer in cache_layers(cache)]
 
 
 def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) -> None:
     """Keep the first ``length`` positions of the given layers (all by default)."""
-    for idx in layers if layers is not None else range(len(cache.layers)):
-        layer = cache.layers[idx]
+    all_layers = cache_layers(cache)
+    for idx in layers if layers is not None else range(len(all_layers)):
+        layer = all_layers[idx]
         extra = layer.get_seq_length() - length
         if extra > 0:
             layer.crop(-extra)
@@ -118,12 +111,12 @@ def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) ->
 def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
     """Make ``cache`` look ``length`` positions long (read-only views) inside the block; restore after."""
     real = cache.layers
-    view = []
-    for layer in real:
+    view: list[Any] = []
+    for layer in cache_layers(cache):
         if layer.get_seq_length() > length:
             shallow = copy.copy(layer)
-            shallow.keys = layer.keys[..., :length, :]
-            shallow.values = layer.values[..., :length, :]
+            shallow.keys = cast(torch.Tensor, layer.keys)[..., :length, :]
+            shallow.values = cast(torch.Tensor, layer.values)[..., :length, :]
             view.append(shallow)
         else:
             view.append(layer)
@@ -171,23 +164,28 @@ def _query_slot(block: nn.Module) -> _QuerySlot | None:
         slot = None
     else:
         parent, name = found
-        original = parent._modules[name]
-        slot = _QuerySlot(parent, name, original, _ZeroQuery(int(original.out_features)))  # type: ignore[arg-type]
+        original: Any = parent._modules[name]
+        slot = _QuerySlot(parent, name, original, _ZeroQuery(int(original.out_features)))
     _QUERY_SLOTS[block] = slot
     return slot
 
 
 def store_kv_only(
-    cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any], block: nn.Module | None = None
+    cache: DynamicCache,
+    layer_idx: int,
+    run_block: Callable[[], Any],
+    block: nn.Module | None = None,
+    *,
+    query_skip: bool = True,
 ) -> None:
     """Run ``run_block`` only until its attention has stored keys/values for ``layer_idx`` (CALM propagation).
 
     The block computes its input norm and key/value projections (and rotary embedding) exactly as usual; the
     attention itself, the MLP and the residual update are skipped. Given the ``block`` module that ``run_block``
-    runs, and with :data:`QUERY_SKIP` on, its separate query projection (if it has one) is replaced by zeros for
+    runs, and with ``query_skip`` on, its separate query projection (if it has one) is replaced by zeros for
     the duration of the call, as the queries are never used; the original module is put back in every case.
     """
-    slot = _query_slot(block) if QUERY_SKIP and block is not None else None
+    slot = _query_slot(block) if query_skip and block is not None else None
     original = cache.update
 
     def update_then_stop(key_states: Any, value_states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
@@ -196,7 +194,7 @@ def store_kv_only(
             raise KVStored
         return out
 
-    cache.update = update_then_stop  # type: ignore[method-assign]
+    cache.update = update_then_stop  # type: ignore[method-assign, assignment]
     if slot is not None:
         slot.parent._modules[slot.name] = slot.stand_in
     try:

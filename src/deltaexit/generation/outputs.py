@@ -1,8 +1,13 @@
 """What early-exit generation returns: the sequences, each token's exit layer, and the compute it took.
 
 Example:
-    >>> out = ee.generate(ids, max_new_tokens=8, return_dict_in_generate=True)   # doctest: +SKIP
-    >>> out.sequences.shape, out.exit_layers.shape, out.stats.implied_speedup    # doctest: +SKIP
+    >>> import torch
+    >>> from deltaexit.generation.early_exit import EarlyExit
+    >>> from deltaexit.testing import ConstantScore, tiny_model
+    >>> ee = EarlyExit(tiny_model("llama", num_layers=4), ConstantScore(), 0.5, "propagate", min_exit_layer=2)
+    >>> out = ee.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, pad_token_id=0, return_dict_in_generate=True)
+    >>> out.sequences.shape, out.exit_layers.tolist(), out.stats.implied_speedup
+    (torch.Size([1, 7]), [[4, 2, 2, 2]], 2.0)
 """
 
 from __future__ import annotations

@@ -9,21 +9,39 @@ as many as it wants, with those arguments. No per-architecture forward code is
 forked: whatever the model passes its blocks, the runner passes too.
 
 Example:
-    >>> runner = BlockRunner(model)                        # doctest: +SKIP
-    >>> h, calls = runner.record(**model_inputs)           # doctest: +SKIP
-    >>> for layer in range(runner.num_layers):             # doctest: +SKIP
-    ...     h = runner.run_block(layer, h, calls[layer])
+    >>> import torch
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=2)
+    >>> runner = BlockRunner(model)
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> handle = runner.probe_output_type()  # one real forward tells the runner the blocks' output type
+    >>> with torch.no_grad():
+    ...     full = model(ids, output_hidden_states=True).hidden_states[-1]
+    >>> handle.remove()
+    >>> with torch.no_grad():
+    ...     h, calls = runner.record(input_ids=ids, use_cache=False)
+    ...     for layer in range(runner.num_layers):
+    ...         h = runner.run_block(layer, h, calls[layer])
+    >>> torch.allclose(runner.structure.final_norm(h), full, atol=1e-5)
+    True
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from deltaexit.structure import ModelStructure, StructureError, find_structure
+from deltaexit.structure import (
+    ModelStructure,
+    StructureError,
+    block_input,
+    block_output,
+    find_structure,
+    with_block_input,
+)
 
 __all__ = ["BlockCall", "BlockRunner"]
 
@@ -61,16 +79,8 @@ class _Recorder(nn.Module):
         self._sink[self._index] = BlockCall(args, kwargs)
         if self._last:
             raise _Recorded
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = block_input(args, kwargs)
         return (hidden,) if self._returns_tuple else hidden
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise StructureError(f"a decoder block returned {type(output).__name__}; expected a tensor or a tuple")
 
 
 class BlockRunner:
@@ -138,15 +148,10 @@ class BlockRunner:
         if any(call is None for call in sink):
             missing = [i for i, c in enumerate(sink) if c is None]
             raise StructureError(f"the model's forward skipped blocks {missing}; unsupported architecture")
-        calls = list(sink)
-        first = calls[0]
-        hidden = first.args[0] if first.args else first.kwargs["hidden_states"]
-        return hidden, calls  # type: ignore[return-value]
+        calls = cast(list[BlockCall], list(sink))
+        return block_input(calls[0].args, calls[0].kwargs), calls
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
         """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it."""
-        if call.args:
-            out = self.blocks[layer](hidden, *call.args[1:], **call.kwargs)
-        else:
-            out = self.blocks[layer](**{**call.kwargs, "hidden_states": hidden})
-        return _first_tensor(out)
+        args, kwargs = with_block_input(call.args, call.kwargs, hidden)
+        return block_output(self.blocks[layer](*args, **kwargs))

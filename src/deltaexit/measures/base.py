@@ -74,6 +74,24 @@ class LayerState:
         return self._logits
 
     @property
+    def cached_logits(self) -> torch.Tensor | None:
+        """The lens logits of ``h_out`` if some measure computed (or a caller set) them, else None."""
+        return self._logits
+
+    @cached_logits.setter
+    def cached_logits(self, value: torch.Tensor | None) -> None:
+        self._logits = value
+
+    @property
+    def cached_logits_in(self) -> torch.Tensor | None:
+        """The lens logits of ``h_in`` if known (handed in, or computed by a measure), else None."""
+        return self._logits_in
+
+    @cached_logits_in.setter
+    def cached_logits_in(self, value: torch.Tensor | None) -> None:
+        self._logits_in = value
+
+    @property
     def logits_in(self) -> torch.Tensor:
         """Lens logits of ``h_in`` (the previous layer's lens; computed once).
 

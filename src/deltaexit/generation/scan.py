@@ -1,0 +1,224 @@
+"""The exit scan: one forward run block by block, each row exiting on the shared exit rule.
+
+After each block from ``min_exit_layer`` on (:func:`deltaexit.exits.is_scored`), the confidence measure scores
+every row's last position; a row exits when its score passes the block's threshold
+(:func:`deltaexit.exits.passes`, the rule calibration simulates), and its next token comes from the exact lens
+at that layer. The blocks after the last exit are not run. The KV policies call :meth:`ExitScan.forward` with
+the settings they need (how deep, whether to exit, whether to freeze exited rows, whether to keep the states).
+
+Example:
+    >>> import torch
+    >>> from deltaexit.generation.early_exit import EarlyExit
+    >>> from deltaexit.testing import ConstantScore, tiny_model
+    >>> ee = EarlyExit(tiny_model("llama", num_layers=4), ConstantScore(), 0.5, "recompute", min_exit_layer=2)
+    >>> out = ee.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+    ...                   return_dict_in_generate=True)
+    >>> out.exit_layers.tolist()  # the prompt's token at full depth, then an exit after block 2 of 4
+    [[4, 2, 2]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltaexit.exits import ThresholdSchedule, is_scored, passes
+from deltaexit.generation.outputs import GenerationStats
+from deltaexit.generation.run import Run
+from deltaexit.generation.runner import BlockCall, BlockRunner
+from deltaexit.lens import Lens
+from deltaexit.measures.base import ConfidenceMeasure, LayerState
+
+__all__ = ["ExitScan", "ScanResult"]
+
+
+@dataclass
+class ScanResult:
+    """What one :meth:`ExitScan.forward` found.
+
+    Attributes:
+        depth: Blocks run.
+        exit_layer: ``[B]`` 1-based exit layer; 0 for finished rows; ``depth`` for rows that did not exit.
+        logits_fn: ``() -> [B, V]`` float32 logits at each row's exit (or at ``depth``), computed on demand.
+        all_exited: Every active row exited before ``max_depth``.
+        states: ``states[l]`` = output after ``l`` blocks (``[B, T, H]``; ``states[0]`` = embeddings), if kept.
+        calls: The recorded arguments of every block.
+    """
+
+    depth: int
+    exit_layer: torch.Tensor
+    logits_fn: Callable[[], torch.Tensor]
+    all_exited: bool
+    states: list[torch.Tensor] | None
+    calls: list[BlockCall]
+
+
+class _RowExits:
+    """Per-row exit bookkeeping of one scan: exit layer, exit state and the lens logits a measure made there."""
+
+    def __init__(self, active: torch.Tensor, last: torch.Tensor, lens: Lens) -> None:
+        self.active = active
+        self.exited = ~active
+        self.layer = torch.zeros(active.shape[0], dtype=torch.long, device=last.device)
+        self.state = last.clone()
+        self.lens = lens
+        self.cached: torch.Tensor | None = None
+        self.have = torch.zeros(active.shape[0], dtype=torch.bool, device=last.device)
+        self.any_exited = False  # whether an active row has exited (tracked on the host: no sync per block)
+
+    def add(self, new: torch.Tensor, depth: int, last: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """Rows ``new`` exit after ``depth`` blocks at state ``last`` (with the lens ``logits`` if known)."""
+        self.layer = torch.where(new, depth, self.layer)
+        self.state = torch.where(new[:, None], last, self.state)
+        if logits is not None:
+            lg = logits.float()
+            self.cached = lg if self.cached is None else torch.where(new[:, None], lg, self.cached)
+            self.have |= new
+        self.exited = self.exited | new
+        self.any_exited = True
+
+    def finish(self, depth: int, last: torch.Tensor) -> None:
+        """The active rows that did not exit stop at ``depth`` with state ``last``."""
+        remaining = self.active & (self.layer == 0)
+        self.layer = torch.where(remaining, depth, self.layer)
+        self.state = torch.where(remaining[:, None], last, self.state)
+
+    def logits(self) -> torch.Tensor:
+        """``[B, V]`` float32 lens logits at each row's exit (the measure's where it made them)."""
+        cached = self.cached
+        if cached is not None and bool(self.have[self.active].all()):
+            return cached
+        fresh = self.lens(self.state[:, None, :])[:, 0].float()
+        if cached is not None:
+            fresh = torch.where(self.have[:, None], cached, fresh)
+        return fresh
+
+
+class ExitScan:
+    """Runs a forward block by block and decides the exits: what every KV policy shares.
+
+    Args:
+        model: The causal LM.
+        runner: Its :class:`~deltaexit.generation.runner.BlockRunner`.
+        lens: The lens the exits read their tokens from.
+        measure: The confidence measure.
+        schedule: The thresholds per decode step and block.
+        min_exit_layer: First 1-based layer after which a row may exit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        runner: BlockRunner,
+        lens: Lens,
+        measure: ConfidenceMeasure,
+        schedule: ThresholdSchedule,
+        min_exit_layer: int,
+    ) -> None:
+        self.model: Any = model  # a transformers causal LM
+        self.runner = runner
+        self.lens = lens
+        self.measure = measure
+        self.schedule = schedule
+        self.min_exit_layer = min_exit_layer
+        self.num_layers = runner.num_layers
+
+    def model_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+        """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``)."""
+        kw = dict(kwargs)
+        for key in ("attention_mask", "position_ids", "token_type_ids"):
+            value = kw.get(key)
+            if isinstance(value, torch.Tensor) and value.shape[-1] > end:
+                kw[key] = value[..., :end]
+        return self.model.prepare_inputs_for_generation(ids[:, :end], next_sequence_length=end - start, **kw)
+
+    def run_blocks(self, h: torch.Tensor, calls: list[BlockCall], layers: range, stats: GenerationStats):
+        """Run ``layers`` on ``h`` with no exits (counted in ``stats``); the last block's output."""
+        for layer in layers:
+            h = self.runner.run_block(layer, h, calls[layer])
+            stats.blocks_run += 1
+            stats.token_blocks_run += h.shape[1]
+        return h
+
+    def forward(
+        self,
+        run: Run,
+        ids: torch.Tensor,
+        kwargs: dict[str, Any],
+        start: int,
+        *,
+        max_depth: int,
+        exits: bool,
+        freeze: bool,
+        keep_states: bool,
+        step: int,
+    ) -> ScanResult:
+        """Run tokens ``ids[:, start:]`` block by block; rows exit on their last position's score.
+
+        Args:
+            run: The call's state (finished rows, stats).
+            ids: ``[B, T]`` ids so far; ``kwargs``: the model kwargs that go with them.
+            start: First position to run (the cache holds the ones before).
+            max_depth: Most blocks to run.
+            exits: Whether rows may exit (else every block up to ``max_depth`` runs).
+            freeze: Keep exited rows at their exit state in the later blocks (``propagate``).
+            keep_states: Keep every block's output in :attr:`ScanResult.states`.
+            step: Decode step of the last position (for the threshold schedule).
+        """
+        hidden, calls = self.runner.record(**self.model_inputs(ids, kwargs, start, ids.shape[1]))
+        n_tok = hidden.shape[1]
+        rows = _RowExits(run.unfinished.bool(), hidden[:, -1], self.lens)
+        thresholds = self.schedule.values(step, self.num_layers)
+        states = [hidden] if keep_states else None
+        depth, h, all_exited = 0, hidden, False
+        prev_logits: torch.Tensor | None = None
+        for layer in range(max_depth):
+            out = self.runner.run_block(layer, h, calls[layer])
+            run.stats.blocks_run += 1
+            run.stats.token_blocks_run += n_tok
+            if freeze and rows.any_exited:
+                out = torch.where((rows.exited & rows.active)[:, None, None], h, out)
+            h_prev, h = h, out
+            depth = layer + 1
+            if states is not None:
+                states.append(h)
+            logits_in, prev_logits = prev_logits, None  # valid only for the block right after the one scored
+            threshold = thresholds[layer]
+            if exits and is_scored(depth, threshold, min_exit_layer=self.min_exit_layer, num_layers=self.num_layers):
+                prev_logits, all_exited = self._decide(run, rows, layer, h, h_prev, logits_in, threshold)
+                if all_exited:
+                    break
+        rows.finish(depth, h[:, -1])
+        return ScanResult(depth, rows.layer, rows.logits, all_exited, states, calls)
+
+    def _decide(
+        self,
+        run: Run,
+        rows: _RowExits,
+        layer: int,
+        h: torch.Tensor,
+        h_prev: torch.Tensor,
+        logits_in: torch.Tensor | None,
+        threshold: float,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """Score the rows after block ``layer`` and let those that pass exit; the lens logits the measure made
+        (None if none) and whether every row has now exited."""
+        state = LayerState(layer=layer, h_out=h[:, -1], h_in=h_prev[:, -1], num_layers=self.num_layers, lens=self.lens)
+        state.cached_logits_in = logits_in  # the previous layer's lens of this h_in, when a measure made it
+        score = self.measure.score(state)
+        run.stats.measure_calls += 1
+        new = passes(score, threshold) & ~rows.exited
+        # One device-to-host transfer per scored block (the exit decision needs one; a GPU pays per sync).
+        has_nan, any_new, now_all = torch.stack(
+            (torch.isnan(score).any(), new.any(), (rows.exited | new).all())
+        ).tolist()
+        if has_nan:
+            raise ValueError(f"the measure {self.measure!r} returned NaN at layer {layer + 1}")
+        if not any_new:
+            return state.cached_logits, False
+        rows.add(new, layer + 1, h[:, -1], state.cached_logits)
+        return state.cached_logits, bool(now_all)

@@ -1,0 +1,216 @@
+"""``kv="verify"`` (LayerSkip self-speculation): early exits only draft; the full model verifies them.
+
+A round drafts up to ``num_draft`` tokens, each from a scan that every row exits (a row that does not ends the
+drafting); the shallow layers' cache is the drafts'. The deep layers then run once over the whole chunk, the
+full model's scores accept the longest agreeing prefix (greedy) or apply the speculative-sampling rule
+(:mod:`deltaexit.generation.speculative`), and the cache is cropped after the last emitted token. The output is
+the full model's (lossless); only the speed depends on the exits.
+
+With ``adaptive=True`` each round's draft budget is chosen in ``0..num_draft`` from the running acceptance rate
+and draft depth (:class:`AcceptanceTracker`), maximising expected tokens per block.
+
+Example:
+    >>> import torch
+    >>> from deltaexit.generation.early_exit import EarlyExit
+    >>> from deltaexit.testing import ConstantScore, tiny_model
+    >>> model = tiny_model("llama", num_layers=4)
+    >>> ids = torch.tensor([[5, 6, 7]])
+    >>> ee = EarlyExit(model, ConstantScore(), 0.5, Verify(num_draft=2), min_exit_layer=2)
+    >>> out = ee.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    >>> torch.equal(out.sequences, model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from deltaexit.generation.kv import cache_view, crop_cache
+from deltaexit.generation.policy import KVPolicy, register_policy
+from deltaexit.generation.run import Run
+from deltaexit.generation.scan import ExitScan
+from deltaexit.generation.speculative import speculative_token
+
+__all__ = ["AcceptanceTracker", "Verify"]
+
+
+@dataclass
+class AcceptanceTracker:
+    """``verify``'s running per-draft acceptance rate and draft depth in one ``generate`` call (``adaptive``).
+
+    Attributes:
+        rate: Running per-draft acceptance rate (optimistic start).
+        depth: Running depth the drafts exit at.
+    """
+
+    rate: float = 0.8
+    depth: float = 1.0
+
+    def learn(self, drafted: int, accepted: int, depth: int, prior: float) -> None:
+        """Update the running rate and depth (exponential moving averages) after a round."""
+        if drafted == 0:  # no evidence this round: drift back to the prior so drafting is retried
+            self.rate += 0.1 * (prior - self.rate)
+            return
+        failures = 1 if accepted < drafted else 0
+        rate = accepted / (accepted + failures)
+        self.rate = 0.6 * self.rate + 0.4 * rate
+        self.depth = 0.6 * self.depth + 0.4 * depth
+
+
+@dataclass
+class _Chunk:
+    """One round's drafts: the scans' block outputs, the draft tokens, their exits and draft probabilities."""
+
+    states: list[list[torch.Tensor]] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    exits: list[torch.Tensor] = field(default_factory=list)
+    probs: list[torch.Tensor | None] = field(default_factory=list)
+    depth: int = 0  # the shallowest draft exit: the layers below share the drafts' cache
+
+
+@register_policy
+@dataclass(frozen=True)
+class Verify(KVPolicy):
+    """LayerSkip's self-speculation: early exits draft, the full model verifies (lossless).
+
+    Args:
+        num_draft: Most draft tokens per round.
+        adaptive: Choose each round's draft budget in ``0..num_draft`` from the running acceptance rate and
+            draft depth, maximising expected tokens per block (0 = a plain full-depth step when drafts keep
+            being rejected, e.g. at batch > 1 where every row must accept). Output is unchanged; only the
+            speed differs.
+    """
+
+    name: ClassVar[str] = "verify"
+    #: Per-forward overhead (recording pass, lens, bookkeeping) in block equivalents, for the draft budget.
+    FORWARD_OVERHEAD_BLOCKS: ClassVar[float] = 1.0
+    #: The acceptance rate a round without drafts drifts back to.
+    ACCEPT_PRIOR: ClassVar[float] = 0.5
+
+    num_draft: int = 4
+    adaptive: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_draft, int) or self.num_draft < 1:
+            raise ValueError(f"num_draft must be an int >= 1, got {self.num_draft!r}")
+
+    def start(self, scan: ExitScan) -> AcceptanceTracker:
+        """A fresh acceptance tracker for the call (drafts start at ``min_exit_layer``)."""
+        return AcceptanceTracker(depth=float(scan.min_exit_layer))
+
+    def draft_budget(self, tracker: AcceptanceTracker, num_layers: int) -> int:
+        """Drafts to allow this round: argmax over k of expected tokens per block-equivalent of cost."""
+        alpha = min(max(tracker.rate, 0.0), 0.99)
+        L, o = num_layers, self.FORWARD_OVERHEAD_BLOCKS
+        m = min(max(tracker.depth, 1.0), L)
+        best_k, best = 0, 1.0 / (L + o)  # k = 0: one plain full-depth step
+        tokens = 1.0
+        for k in range(1, self.num_draft + 1):
+            tokens += alpha**k  # expected emitted tokens with k drafts: 1 + a + ... + a^k
+            cost = (k + 1) * (m + o) + (L - m) + o
+            if tokens / cost > best:
+                best_k, best = k, tokens / cost
+        return best_k
+
+    def step(self, run: Run, scan: ExitScan, state: AcceptanceTracker) -> None:
+        """One draft/verify round: emits between 1 and ``num_draft + 1`` tokens per row."""
+        start = run.cache.get_seq_length()  # x0 (the last token) is in input_ids, not yet in the cache
+        room = (run.max_length - run.input_ids.shape[1]) if run.max_length is not None else self.num_draft + 1
+        k_max = max(0, min(self.num_draft, room - 1))
+        if self.adaptive:
+            k_max = min(k_max, self.draft_budget(state, scan.num_layers))
+        chunk, ids, kwargs = self._draft(run, scan, start, k_max)
+        target = self._verify(run, scan, start, chunk, ids, kwargs)
+        emitted, exits, scores = self._accept(run, chunk, target)
+        accepted = len(emitted) - 1
+        if self.adaptive:
+            state.learn(len(chunk.tokens), accepted, chunk.depth, self.ACCEPT_PRIOR)
+        run.stats.drafted += len(chunk.tokens)
+        run.stats.accepted += accepted
+        run.stats.rounds += 1
+        crop_cache(run.cache, start + len(emitted))
+        for i, (tok, ex) in enumerate(zip(emitted, exits)):
+            run.append(tok, ex, scores[i], target[:, i])
+            if run.done:
+                break
+
+    def _draft(self, run: Run, scan: ExitScan, start: int, k_max: int):
+        """Draft up to ``k_max`` tokens; the last scan (one that did not draft) runs to the shallowest exit."""
+        ids, kwargs = run.input_ids, run.model_kwargs
+        chunk = _Chunk(depth=scan.num_layers)
+        while True:
+            j = len(chunk.tokens)
+            res = scan.forward(
+                run,
+                ids,
+                kwargs,
+                start + j,
+                max_depth=chunk.depth,
+                exits=j < k_max,
+                freeze=False,
+                keep_states=True,
+                step=run.step + j,
+            )
+            assert res.states is not None
+            chunk.states.append(res.states)
+            if j >= k_max or not res.all_exited:
+                return chunk, ids, kwargs
+            token, probs, _ = run.choose(ids, res.logits_fn())
+            chunk.tokens.append(token)
+            chunk.exits.append(res.exit_layer)
+            chunk.probs.append(probs)
+            ids, kwargs = run.extended(ids, kwargs, token)
+            chunk.depth = min(chunk.depth, res.depth)
+
+    def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs) -> torch.Tensor:
+        """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
+        shallow layers' cache (below the shallowest exit) is the drafts'."""
+        m, L, n_chunk = chunk.depth, scan.num_layers, len(chunk.states)
+        crop_cache(run.cache, start, range(m, L))
+        h = torch.cat([states[m] for states in chunk.states], dim=1)
+        if m < L:
+            with cache_view(run.cache, start):
+                _, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, start, start + n_chunk))
+            h = scan.run_blocks(h, calls, range(m, L), run.stats)
+        return scan.lens(h).float()
+
+    def _accept(self, run: Run, chunk: _Chunk, target: torch.Tensor):
+        """The tokens to emit (the accepted drafts, then a correction or the bonus token), their exit layers and
+        the full model's processed scores at each."""
+        active = run.unfinished.bool()
+        emitted: list[torch.Tensor] = []
+        exits: list[torch.Tensor] = []
+        step_scores: list[torch.Tensor] = []  # the full model's processed scores at each emitted position
+        full = torch.full_like(run.unfinished, run.num_layers)
+        prefix = run.input_ids
+        n_chunk = len(chunk.states)
+        for i in range(n_chunk):
+            scores = run.scores(prefix, target[:, i])
+            step_scores.append(scores)  # every iteration emits exactly one token
+            if i == n_chunk - 1:  # every draft so far accepted by all rows: the bonus token
+                tok, _ = run.pick(scores)
+                emitted.append(tok)
+                exits.append(full)
+                break
+            draft = chunk.tokens[i]
+            if run.do_sample:
+                probs = chunk.probs[i]
+                assert probs is not None
+                ok, tok = speculative_token(draft, torch.softmax(scores, dim=-1), probs)
+                keep = bool(ok[active].all())
+            else:
+                tok = scores.argmax(dim=-1)
+                ok = tok == draft
+                keep = bool(ok[active].all())
+            if keep:
+                emitted.append(draft)
+                exits.append(chunk.exits[i])
+                prefix = torch.cat([prefix, draft[:, None]], dim=-1)
+                continue
+            emitted.append(tok)
+            exits.append(torch.where(ok, chunk.exits[i], full) if run.do_sample else full)
+            break
+        return emitted, exits, step_scores
