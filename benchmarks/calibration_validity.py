@@ -30,6 +30,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -216,6 +217,10 @@ def pool_losses(
 
 
 # -- the check --------------------------------------------------------------------------------------------
+def _column(losses: torch.Tensor, rows: torch.Tensor, j: int) -> torch.Tensor:
+    return losses[rows, j]
+
+
 def validity(
     losses: torch.Tensor,
     delta: float,
@@ -233,7 +238,7 @@ def validity(
     for _ in range(splits):
         perm = torch.randperm(pool, generator=g)
         cal, test = perm[:n_cal], perm[n_cal:]
-        out = learn_then_test(lambda j, cal=cal: losses[cal, j], range(losses.shape[1]), delta=delta, epsilon=epsilon)
+        out = learn_then_test(partial(_column, losses, cal), range(losses.shape[1]), delta=delta, epsilon=epsilon)
         idx = max(out.index, 0)  # nothing certified -> the never-exit candidate 0 (risk 0)
         risk = float(losses[test, idx].mean())
         violations += risk > delta

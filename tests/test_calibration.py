@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from functools import partial
 from typing import ClassVar
 
 import pytest
@@ -74,6 +75,10 @@ def table(model, texts):
     return exit_table(model, ids, mask, MaxProb(), batch_size=5)
 
 
+def _column(losses: torch.Tensor, j: int) -> torch.Tensor:
+    return losses[:, j]
+
+
 # -- validity over random calibration/test splits (synthetic, known risk curve) ----------------------
 def _split_failures(true_risks: torch.Tensor, n: int, splits: int, delta: float, epsilon: float, seed: int):
     """Share of splits where LTT's (and a naive rule's) chosen candidate has true risk > delta."""
@@ -82,9 +87,7 @@ def _split_failures(true_risks: torch.Tensor, n: int, splits: int, delta: float,
     for _ in range(splits):
         u = torch.rand(n, 1, generator=g, dtype=torch.float64)
         losses = (u < true_risks[None]).to(torch.float64)  # [n, K]; E[loss_j] = true_risks[j]
-        out = learn_then_test(
-            lambda j, losses=losses: losses[:, j], range(len(true_risks)), delta=delta, epsilon=epsilon
-        )
+        out = learn_then_test(partial(_column, losses), range(len(true_risks)), delta=delta, epsilon=epsilon)
         if out.index >= 0 and true_risks[out.index] > delta:
             ltt_fail += 1
         hat = losses.mean(0)
