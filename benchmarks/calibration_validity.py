@@ -30,6 +30,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,7 @@ if str(REPO / "src") not in sys.path:
 
 import deltaexit as dx  # noqa: E402
 from deltaexit.calibration import (  # noqa: E402
+    GenerationLosses,
     candidate_thresholds,
     continuation_table,
     greedy_continuations,
@@ -179,7 +181,46 @@ def loss_matrix(table: Any, candidates: list[Any], kind: str, loss: str, max_new
     return torch.stack(cols, dim=1)
 
 
+def pool_losses(
+    args: argparse.Namespace,
+    model: Any,
+    measure: Any,
+    pool: list[torch.Tensor],
+    cont: torch.Tensor,
+    candidates: list[Any],
+) -> tuple[torch.Tensor, list[float]]:
+    """``([pool, candidates] losses, blocks saved per candidate)`` with the chosen backend."""
+    if args.backend == "offline":
+        table = continuation_table(model, pool, measure, cont, batch_size=args.batch_size)
+        losses = loss_matrix(table, candidates, args.schedule, args.loss, args.max_new_tokens)
+        saved = [
+            table.summary(make_threshold(args.schedule, c, max_steps=args.max_new_tokens))["blocks_saved"]
+            for c in candidates
+        ]
+        return losses, saved
+    saved = []
+    gen = GenerationLosses(
+        model, pool, measure, args.kv, max_new_tokens=args.max_new_tokens, loss=args.loss,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    cols = []
+    for c in candidates:
+        threshold = make_threshold(args.schedule, c, max_steps=args.max_new_tokens)
+        col = gen(threshold)
+        cols.append(col)
+        saved.append(gen.records.get(repr(threshold), {}).get("blocks_saved", 0.0))
+        if float(col.mean()) > 3 * max(args.deltas):
+            break  # more aggressive candidates are never chosen; pad with ones (worst case)
+    saved += [float("nan")] * (len(candidates) - len(cols))
+    cols += [torch.ones(len(pool), dtype=torch.float64)] * (len(candidates) - len(cols))
+    return torch.stack(cols, dim=1), saved
+
+
 # -- the check --------------------------------------------------------------------------------------------
+def _column(losses: torch.Tensor, rows: torch.Tensor, j: int) -> torch.Tensor:
+    return losses[rows, j]
+
+
 def validity(
     losses: torch.Tensor,
     delta: float,
@@ -197,7 +238,7 @@ def validity(
     for _ in range(splits):
         perm = torch.randperm(pool, generator=g)
         cal, test = perm[:n_cal], perm[n_cal:]
-        out = learn_then_test(lambda j, cal=cal: losses[cal, j], range(losses.shape[1]), delta=delta, epsilon=epsilon)
+        out = learn_then_test(partial(_column, losses, cal), range(losses.shape[1]), delta=delta, epsilon=epsilon)
         idx = max(out.index, 0)  # nothing certified -> the never-exit candidate 0 (risk 0)
         risk = float(losses[test, idx].mean())
         violations += risk > delta
@@ -264,33 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cont = greedy_continuations(model, prompts, args.max_new_tokens, batch_size=args.batch_size)
     grid_table = continuation_table(model, grid_prompts, measure, cont[: args.grid_prompts], batch_size=args.batch_size)
     candidates = candidate_thresholds(grid_table, args.schedule, args.num_thresholds, max_steps=args.max_new_tokens)
-    if args.backend == "offline":
-        table = continuation_table(model, pool, measure, cont[args.grid_prompts :], batch_size=args.batch_size)
-        losses = loss_matrix(table, candidates, args.schedule, args.loss, args.max_new_tokens)
-        saved = [
-            table.summary(make_threshold(args.schedule, c, max_steps=args.max_new_tokens))["blocks_saved"]
-            for c in candidates
-        ]
-    else:
-        from deltaexit.calibration import GenerationLosses
-
-        saved = []
-        gen = GenerationLosses(
-            model, pool, measure, args.kv, max_new_tokens=args.max_new_tokens, loss=args.loss,
-            batch_size=args.batch_size,
-        )  # fmt: skip
-        cols = []
-        for c in candidates:
-            threshold = make_threshold(args.schedule, c, max_steps=args.max_new_tokens, for_generate=True)
-            col = gen(threshold)
-            cols.append(col)
-            saved.append(gen.records.get(repr(threshold), {}).get("blocks_saved", 0.0))
-            if float(col.mean()) > 3 * max(args.deltas):
-                break  # more aggressive candidates are never chosen; pad with ones (worst case)
-        saved += [float("nan")] * (len(candidates) - len(cols))
-        cols += [torch.ones(len(pool), dtype=torch.float64)] * (len(candidates) - len(cols))
-        losses = torch.stack(cols, dim=1)
-
+    losses, saved = pool_losses(args, model, measure, pool, cont[args.grid_prompts :], candidates)
     results = [
         validity(losses, d, args.epsilon, args.splits, args.cal_fraction, args.seed + 1, saved) for d in args.deltas
     ]

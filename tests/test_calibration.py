@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from functools import partial
 from typing import ClassVar
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import deltaexit as dx
 from deltaexit.calibration import (
+    CalibrationConfig,
     CalibrationFileError,
     CalibrationResult,
     CalmDecay,
@@ -27,10 +29,13 @@ from deltaexit.calibration import (
     hb_pvalue,
     learn_then_test,
     min_examples,
+    prompts_needed,
     risk_consistency,
     sequence_disagreement,
     token_disagreement,
 )
+from deltaexit.calibration import result as calibration_result
+from deltaexit.calibration import risk as calibration_risk
 from deltaexit.calibration.ltt import fixed_sequence_test
 from deltaexit.measures.base import ConfidenceMeasure, LayerState
 from deltaexit.testing import tiny_model
@@ -70,6 +75,10 @@ def table(model, texts):
     return exit_table(model, ids, mask, MaxProb(), batch_size=5)
 
 
+def _column(losses: torch.Tensor, j: int) -> torch.Tensor:
+    return losses[:, j]
+
+
 # -- validity over random calibration/test splits (synthetic, known risk curve) ----------------------
 def _split_failures(true_risks: torch.Tensor, n: int, splits: int, delta: float, epsilon: float, seed: int):
     """Share of splits where LTT's (and a naive rule's) chosen candidate has true risk > delta."""
@@ -78,9 +87,7 @@ def _split_failures(true_risks: torch.Tensor, n: int, splits: int, delta: float,
     for _ in range(splits):
         u = torch.rand(n, 1, generator=g, dtype=torch.float64)
         losses = (u < true_risks[None]).to(torch.float64)  # [n, K]; E[loss_j] = true_risks[j]
-        out = learn_then_test(
-            lambda j, losses=losses: losses[:, j], range(len(true_risks)), delta=delta, epsilon=epsilon
-        )
+        out = learn_then_test(partial(_column, losses), range(len(true_risks)), delta=delta, epsilon=epsilon)
         if out.index >= 0 and true_risks[out.index] > delta:
             ltt_fail += 1
         hat = losses.mean(0)
@@ -143,6 +150,46 @@ def test_too_few_examples_error_says_how_many(model):
         calibrate(Exploding(), prompts, measure=MaxProb(), delta=0.05, epsilon=0.1)
     with pytest.raises(InsufficientCalibrationData, match="at least 45"):
         calibrate(Exploding(), prompts[:44], measure=MaxProb(), delta=0.05, epsilon=0.1, thresholds=[0.5])
+
+
+def test_too_few_prompts_error_says_how_many_prompts():
+    """The error gives the examples needed and the prompts to pass once the grid share is set aside."""
+
+    class Exploding(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("the model must not run before the sample size is checked")
+
+    prompts = [torch.tensor([1, 2, 3])] * 56
+    with pytest.raises(
+        InsufficientCalibrationData, match=r"at least 45 calibration examples.*grid_fraction=0.2.*56 prompts"
+    ):
+        calibrate(Exploding(), prompts[:50], measure=MaxProb(), delta=0.05, epsilon=0.1)
+    with pytest.raises(InsufficientCalibrationData):
+        calibrate(Exploding(), prompts[:55], measure=MaxProb(), delta=0.05, epsilon=0.1)
+    assert prompts_needed(45, 0.2) == 56
+    with pytest.raises(Exception) as failure:  # 56 prompts pass the size check (then the stand-in fails)
+        calibrate(Exploding(), prompts, measure=MaxProb(), delta=0.05, epsilon=0.1, backend="offline")
+    assert not isinstance(failure.value, InsufficientCalibrationData)
+
+
+def test_calibrate_shows_progress_by_default(capsys):
+    curve = lambda t: torch.zeros(100)  # noqa: E731
+    calibrate(losses=curve, thresholds=[1.0, 0.5], delta=0.05, epsilon=0.1)
+    assert "calibrating" in capsys.readouterr().err
+    calibrate(losses=curve, thresholds=[1.0, 0.5], delta=0.05, epsilon=0.1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_config_and_keyword_overrides():
+    base = CalibrationConfig(delta=0.5, epsilon=0.2, progress=False)
+    curve = lambda t: torch.zeros(100)  # noqa: E731
+    r = calibrate(losses=curve, thresholds=[1.0, 0.5], config=base, delta=0.05)
+    assert (r.delta, r.epsilon) == (0.05, 0.2)  # keywords override the config
+    assert base.delta == 0.5  # the config itself is not changed
+    with pytest.raises(TypeError, match="unknown calibration setting"):
+        calibrate(losses=curve, thresholds=[1.0], config=base, deltaa=0.1)
+    with pytest.raises(ValueError, match="backend"):
+        CalibrationConfig(backend="simulate")
 
 
 def test_calibrate_bad_arguments():
@@ -360,7 +407,7 @@ def test_generation_losses_adapter(model, monkeypatch):
 
             return Out()
 
-    monkeypatch.setattr(dx, "EarlyExit", FakeEarlyExit, raising=False)
+    monkeypatch.setattr(calibration_risk, "EarlyExit", FakeEarlyExit)
     prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([7])]
     gen = GenerationLosses(model, prompts, MaxProb(), "propagate", max_new_tokens=4, batch_size=2)
     assert gen.full.shape == (3, 4)
@@ -369,6 +416,40 @@ def test_generation_losses_adapter(model, monkeypatch):
     assert gen.records[repr(0.1)]["mean_exit_layer"] == 2.0
     seq = GenerationLosses(model, prompts, MaxProb(), "propagate", max_new_tokens=4, loss="sequence")
     assert seq(0.1).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_kv_policy_objects_pass_through(model, monkeypatch):
+    """A KV policy object (not only a name) reaches EarlyExit as given, and is saved as its name."""
+    seen = []
+
+    class Policy:
+        name = "recompute"
+
+    class FakeEarlyExit:
+        def __init__(self, model, measure, threshold, kv, min_exit_layer=1):
+            self.model = model
+            seen.append(kv)
+
+        def generate(self, ids, attention_mask=None, return_dict_in_generate=True, **kw):
+            seq = self.model.generate(input_ids=ids, attention_mask=attention_mask, **kw)
+
+            class Out:
+                sequences = seq
+                exit_layers = torch.full((ids.shape[0], seq.shape[1] - ids.shape[1]), 3)
+
+            return Out()
+
+    monkeypatch.setattr(calibration_risk, "EarlyExit", FakeEarlyExit)
+    monkeypatch.setattr(calibration_result, "EarlyExit", FakeEarlyExit)
+    policy = Policy()
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])] * 12
+    r = calibrate(model, prompts, measure=MaxProb(), kv=policy, delta=0.2, epsilon=0.2, thresholds=[math.inf, 0.5],
+                  max_new_tokens=2, progress=False)  # fmt: skip
+    assert seen and all(kv is policy for kv in seen)
+    assert r.kv is policy and r.to_dict()["kv"] == "recompute"
+    seen.clear()
+    r.early_exit(model)
+    assert seen == [policy]
 
 
 def test_first_continuation_token_is_full_depth(model):

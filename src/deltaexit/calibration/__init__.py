@@ -1,18 +1,30 @@
 """Calibrated early exit: thresholds with a (delta, epsilon) guarantee via Learn-then-Test.
 
-* :func:`calibrate` (also ``dx.calibrate``): the most aggressive certified threshold.
+* :func:`calibrate` (also ``dx.calibrate``): the most aggressive certified threshold; its settings
+  are a :class:`CalibrationConfig` (or keywords).
 * :class:`CalibrationResult`: what was certified; saves/loads as JSON (+ safetensors).
 * :mod:`~deltaexit.calibration.bounds`: Hoeffding, Bentkus and Hoeffding–Bentkus p-values.
 * :mod:`~deltaexit.calibration.ltt`: fixed-sequence Learn-then-Test over ordered candidates.
-* :mod:`~deltaexit.calibration.risk`: per-example losses; the generation adapter.
+* :mod:`~deltaexit.calibration.losses`: the per-example losses (``"textual"``, ``"sequence"``, ``"risk"``).
+* :mod:`~deltaexit.calibration.risk`: the generation adapter (real early-exit generation's losses).
 * :mod:`~deltaexit.calibration.simulate`: the offline exit simulator (one forward per sweep).
 
 Example:
-    >>> import deltaexit as dx
-    >>> result = dx.calibrate(model, prompts, delta=0.05, epsilon=0.1)  # doctest: +SKIP
+    >>> import torch
+    >>> result = calibrate(losses=lambda t: torch.zeros(100), thresholds=[1.0, 0.5], delta=0.05, epsilon=0.1,
+    ...                    progress=False)
+    >>> result.threshold, result.certified
+    (0.5, True)
 """
 
-from deltaexit.calibration.api import calibrate, candidate_thresholds, make_threshold, quantile_levels
+from deltaexit.calibration.api import (
+    CalibrationConfig,
+    calibrate,
+    candidate_thresholds,
+    make_threshold,
+    prompts_needed,
+    quantile_levels,
+)
 from deltaexit.calibration.bounds import (
     bentkus_pvalue,
     hb_pvalue,
@@ -20,6 +32,7 @@ from deltaexit.calibration.bounds import (
     min_examples,
     upper_confidence_bound,
 )
+from deltaexit.calibration.losses import LOSSES, risk_consistency, sequence_disagreement, token_disagreement
 from deltaexit.calibration.ltt import (
     InsufficientCalibrationData,
     LTTOutcome,
@@ -27,12 +40,7 @@ from deltaexit.calibration.ltt import (
     learn_then_test,
 )
 from deltaexit.calibration.result import CalibrationFileError, CalibrationResult
-from deltaexit.calibration.risk import (
-    GenerationLosses,
-    risk_consistency,
-    sequence_disagreement,
-    token_disagreement,
-)
+from deltaexit.calibration.risk import GenerationLosses
 from deltaexit.calibration.simulate import (
     CalmDecay,
     ExitTable,
@@ -42,6 +50,8 @@ from deltaexit.calibration.simulate import (
 )
 
 __all__ = [
+    "LOSSES",
+    "CalibrationConfig",
     "CalibrationFileError",
     "CalibrationResult",
     "CalmDecay",
@@ -61,6 +71,7 @@ __all__ = [
     "learn_then_test",
     "make_threshold",
     "min_examples",
+    "prompts_needed",
     "quantile_levels",
     "risk_consistency",
     "sequence_disagreement",

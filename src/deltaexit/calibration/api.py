@@ -1,37 +1,48 @@
 """``dx.calibrate``: the most aggressive exit threshold whose disagreement with the full model is certified.
 
 Example:
-    >>> import deltaexit as dx
-    >>> result = dx.calibrate(model, prompts, measure="softmax-max", kv="recompute",
-    ...                       delta=0.05, epsilon=0.1)                 # doctest: +SKIP
-    >>> result.summary()                                              # doctest: +SKIP
-    >>> ee = result.early_exit(model)                                 # doctest: +SKIP
+    >>> import torch
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> prompts = [torch.randint(0, 64, (4,), generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    >>> result = calibrate(model, prompts, measure="softmax-max", kv="recompute", backend="offline",
+    ...                    delta=0.3, epsilon=0.3, max_new_tokens=4, progress=False)
+    >>> result.n, result.certified                    # 4 of the 20 prompts built the threshold grid
+    (16, True)
+    >>> ee = result.early_exit(model)                 # EarlyExit with the certified threshold
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltaexit.calibration.bounds import min_examples
-from deltaexit.calibration.ltt import InsufficientCalibrationData, learn_then_test
+from deltaexit.calibration.bounds import BOUNDS, min_examples
+from deltaexit.calibration.losses import check_loss
+from deltaexit.calibration.ltt import InsufficientCalibrationData, LTTOutcome, learn_then_test
 from deltaexit.calibration.result import KINDS, CalibrationResult
 from deltaexit.calibration.risk import GenerationLosses
-from deltaexit.calibration.simulate import (
-    LOSSES,
-    CalmDecay,
-    ExitTable,
-    continuation_table,
-    greedy_continuations,
-)
+from deltaexit.calibration.simulate import ExitTable, continuation_table
+from deltaexit.exits import DecayingThreshold
 from deltaexit.measures.base import ConfidenceMeasure, get_measure
+from deltaexit.prompts import as_prompts, greedy_continuations
 
-__all__ = ["calibrate", "candidate_thresholds", "make_threshold", "quantile_levels"]
+__all__ = [
+    "BACKENDS",
+    "CalibrationConfig",
+    "calibrate",
+    "candidate_thresholds",
+    "make_threshold",
+    "prompts_needed",
+    "quantile_levels",
+]
 
+#: Where the losses come from: real early-exit generation, or the offline exit-table simulator.
 BACKENDS = ("generate", "offline")
 
 
@@ -95,7 +106,12 @@ def candidate_thresholds(
     examples disjoint from the calibration examples.
 
     Example:
-        >>> grid = candidate_thresholds(table, "per-layer", 32)   # doctest: +SKIP
+        >>> from deltaexit.calibration.simulate import exit_table
+        >>> from deltaexit.testing import tiny_model
+        >>> table = exit_table(tiny_model("llama"), torch.randint(0, 64, (4, 12)), measure="softmax-max")
+        >>> grid = candidate_thresholds(table, "per-layer", 8)
+        >>> grid[0]                                    # the safest candidate never exits
+        [inf, inf]
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
@@ -124,7 +140,16 @@ def candidate_thresholds(
 
 
 def make_threshold(kind: str, value: Any, *, max_steps: int = 64, tau: float = 4.0, for_generate: bool = False) -> Any:
-    """The threshold object for candidate ``value``: a float, a per-layer list or CALM's schedule."""
+    """The threshold object for candidate ``value``: a float, a per-layer list or CALM's schedule.
+
+    The simulator and generation take the same objects; ``for_generate`` is kept for compatibility
+    and changes nothing.
+
+    Example:
+        >>> make_threshold("decaying", 0.8, max_steps=16).values(0, 2)[0] == 0.9 * 0.8 + 0.1
+        True
+    """
+    del for_generate  # one schedule for the simulator and generation
     if kind == "constant":
         return float(value)
     if kind == "per-layer":
@@ -132,46 +157,123 @@ def make_threshold(kind: str, value: Any, *, max_steps: int = 64, tau: float = 4
     if kind == "decaying":
         if math.isinf(float(value)):
             return math.inf
-        if for_generate:
-            from deltaexit.exits import DecayingThreshold
-
-            return DecayingThreshold(float(value), tau=tau, max_steps=max_steps)
-        return CalmDecay(float(value), tau=tau, max_steps=max_steps)
+        return DecayingThreshold(float(value), tau=tau, max_steps=max_steps)
     raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
 
 
-def _as_prompts(prompts: Any, tokenizer: Any) -> list[torch.Tensor]:
-    if prompts is None:
-        raise ValueError("pass calibration prompts (a list of token-id tensors, or strings with tokenizer=)")
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError("a tensor of prompts must be [examples, tokens] (unpadded); pass a list otherwise")
-        prompts = list(prompts)
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ValueError("prompts are strings: pass tokenizer= to turn them into token ids")
-            p = tokenizer(p, return_tensors="pt")["input_ids"][0]
-        p = torch.as_tensor(p, dtype=torch.long).reshape(-1)
-        if p.numel() == 0:
-            raise ValueError("a calibration prompt is empty; every prompt needs at least one token")
-        out.append(p)
-    if not out:
-        raise ValueError("no calibration prompts given")
-    return out
+@dataclass
+class CalibrationConfig:
+    """The settings of :func:`calibrate` (every keyword of ``calibrate`` but the data overrides one).
+
+    Attributes:
+        measure: Registered measure name or a (fitted) measure instance.
+        kv: KV policy of the early-exit generation measured: a name (``"verify"``, ``"propagate"``,
+            ``"recompute"``) or a policy object, passed to ``EarlyExit`` as given (``"verify"`` is
+            lossless: its risk is 0).
+        delta: Tolerated expected loss, in (0, 1).
+        epsilon: Error level, in (0, 1).
+        schedule: ``"constant"`` (one threshold), ``"per-layer"`` (a family of per-layer
+            thresholds indexed by one quantile level) or ``"decaying"`` (CALM's schedule over
+            decode steps; the calibrated scalar is its base).
+        num_thresholds: Size of the built candidate grid.
+        grid_fraction: Share of prompts set aside to build the grid (unless ``thresholds=`` is given).
+        loss: ``"textual"`` (share of differing tokens), ``"sequence"`` (any differing token) or
+            ``"risk"`` (CALM's risk consistency against ``references``).
+        backend: ``"generate"`` runs ``EarlyExit`` for each tested candidate; ``"offline"`` reads
+            exits off one full forward over prompt + full continuation (exact for ``kv="recompute"``
+            up to the first disagreement; see :mod:`~deltaexit.calibration.simulate`).
+        max_new_tokens: Length of the compared continuations.
+        min_exit_layer: First 1-based layer a token may exit after.
+        tau: Decay temperature of the ``"decaying"`` schedule.
+        bound: ``"hb"``, ``"hoeffding"`` or ``"bentkus"``.
+        batch_size: Prompts per forward / generate call.
+        seed: Seed of the grid split.
+        test_all: Evaluate every candidate for the record (the choice is unchanged).
+        progress: Show tqdm progress bars (on by default: a calibration runs for minutes).
+
+    Example:
+        >>> CalibrationConfig(delta=0.01).with_settings(epsilon=0.05).epsilon
+        0.05
+    """
+
+    measure: str | ConfidenceMeasure = "softmax-max"
+    kv: Any = "recompute"
+    delta: float = 0.05
+    epsilon: float = 0.1
+    schedule: str = "constant"
+    num_thresholds: int = 64
+    grid_fraction: float = 0.2
+    loss: str = "textual"
+    backend: str = "generate"
+    max_new_tokens: int = 32
+    min_exit_layer: int = 1
+    tau: float = 4.0
+    bound: str = "hb"
+    batch_size: int = 16
+    seed: int = 0
+    test_all: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        if not 0.0 < self.epsilon < 1.0:
+            raise ValueError(f"epsilon must lie in (0, 1), got {self.epsilon}")
+        if self.schedule not in KINDS:
+            raise ValueError(f"schedule must be one of {list(KINDS)}, got {self.schedule!r}")
+        if self.bound not in BOUNDS:
+            raise ValueError(f"unknown bound {self.bound!r}; choose one of {list(BOUNDS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        check_loss(self.loss)
+
+    def with_settings(self, **settings: Any) -> CalibrationConfig:
+        """A copy with ``settings`` replaced; an unknown name raises a TypeError listing the known ones."""
+        known = [f.name for f in fields(self)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise TypeError(f"unknown calibration setting(s) {unknown}; CalibrationConfig has {known}")
+        return replace(self, **settings)
+
+    @property
+    def measure_name(self) -> str:
+        """The measure's name (a registered name, or the instance's ``name``)."""
+        m = self.measure
+        return m if isinstance(m, str) else getattr(m, "name", type(m).__name__)
+
+    def threshold(self, value: Any) -> Any:
+        """The threshold object of candidate ``value`` under this schedule (see :func:`make_threshold`)."""
+        return make_threshold(self.schedule, value, max_steps=self.max_new_tokens, tau=self.tau)
 
 
-def _too_few(n: int, needed: int, delta: float, epsilon: float, bound: str, grid: int = 0) -> str:
-    extra = (
-        f" ({grid} more prompts are set aside to build the threshold grid; pass thresholds= to use all of them)"
-        if grid
-        else ""
-    )
+def prompts_needed(examples: int, grid_fraction: float) -> int:
+    """Fewest prompts that leave ``examples`` calibration examples once the grid share is set aside.
+
+    Example:
+        >>> prompts_needed(45, 0.2)       # 56 prompts: 11 build the grid, 45 remain
+        56
+    """
+    if not 0.0 < grid_fraction < 1.0:
+        raise ValueError(f"grid_fraction must lie in (0, 1), got {grid_fraction}")
+    total = examples + 1
+    while total - max(1, round(grid_fraction * total)) < examples:
+        total += 1
+    return total
+
+
+def _too_few(n: int, needed: int, config: CalibrationConfig, grid: int = 0) -> str:
+    if grid:
+        extra = (
+            f" ({grid} more prompts are set aside to build the threshold grid: with "
+            f"grid_fraction={config.grid_fraction} set aside, pass at least "
+            f"{prompts_needed(needed, config.grid_fraction)} prompts, or pass thresholds= to use all of them)"
+        )
+    else:
+        extra = f" (pass at least {needed} prompts)"
     return (
-        f"{n} calibration examples cannot certify delta={delta}, epsilon={epsilon} with the {bound!r} bound: "
-        f"even zero disagreement needs at least {needed}{extra}. Pass more calibration prompts, "
-        "or raise delta or epsilon."
+        f"{n} calibration examples cannot certify delta={config.delta}, epsilon={config.epsilon} with the "
+        f"{config.bound!r} bound: even zero disagreement needs at least {needed} calibration examples{extra}. "
+        "Pass more calibration prompts, or raise delta or epsilon."
     )
 
 
@@ -179,27 +281,12 @@ def calibrate(
     model: nn.Module | None = None,
     prompts: Sequence[Any] | torch.Tensor | None = None,
     *,
-    measure: str | ConfidenceMeasure = "softmax-max",
-    kv: str = "recompute",
-    delta: float = 0.05,
-    epsilon: float = 0.1,
-    schedule: str = "constant",
+    config: CalibrationConfig | None = None,
     thresholds: Sequence[Any] | None = None,
-    num_thresholds: int = 64,
-    grid_fraction: float = 0.2,
-    loss: str = "textual",
     references: Sequence[Any] | None = None,
-    backend: str = "generate",
-    max_new_tokens: int = 32,
-    min_exit_layer: int = 1,
-    tau: float = 4.0,
-    bound: str = "hb",
-    batch_size: int = 16,
     losses: Callable[[Any], torch.Tensor] | None = None,
     tokenizer: Any = None,
-    seed: int = 0,
-    test_all: bool = False,
-    progress: bool = False,
+    **settings: Any,
 ) -> CalibrationResult:
     """Learn-then-Test calibration of an early-exit threshold for any measure and KV policy.
 
@@ -213,158 +300,150 @@ def calibrate(
         model: The causal LM (not needed with ``losses=``).
         prompts: Calibration prompts: 1-D token-id tensors, or strings with ``tokenizer=``. They
             should be i.i.d. draws from the prompts the guarantee is meant for.
-        measure: Registered measure name or a (fitted) measure instance.
-        kv: KV policy of the early-exit generation measured (``"verify"`` is lossless: its risk is 0).
-        delta: Tolerated expected loss, in (0, 1).
-        epsilon: Error level, in (0, 1).
-        schedule: ``"constant"`` (one threshold), ``"per-layer"`` (a family of per-layer
-            thresholds indexed by one quantile level) or ``"decaying"`` (CALM's schedule over
-            decode steps; the calibrated scalar is its base).
+        config: The settings (:class:`CalibrationConfig`; default: its defaults).
         thresholds: Explicit candidates ordered from safest to most aggressive (floats, per-layer
             lists or decaying bases, matching ``schedule``). If not given, they are built from the
             measure's scores on a random ``grid_fraction`` of the prompts, which are then not used
             for the p-values (so the order does not depend on the calibration losses).
-        num_thresholds: Size of the built grid.
-        grid_fraction: Share of prompts set aside to build the grid.
-        loss: ``"textual"`` (share of differing tokens), ``"sequence"`` (any differing token) or
-            ``"risk"`` (CALM's risk consistency against ``references``).
         references: One reference continuation (1-D token ids) per prompt, for ``loss="risk"``.
-        backend: ``"generate"`` runs :class:`deltaexit.EarlyExit` for each tested candidate;
-            ``"offline"`` reads exits off one full forward over prompt + full continuation (exact
-            for ``kv="recompute"`` up to the first disagreement; see :mod:`~deltaexit.calibration.simulate`).
-        max_new_tokens: Length of the compared continuations.
-        min_exit_layer: First 1-based layer a token may exit after.
-        tau: Decay temperature of the ``"decaying"`` schedule.
-        bound: ``"hb"``, ``"hoeffding"`` or ``"bentkus"``.
-        batch_size: Prompts per forward / generate call.
         losses: A custom ``losses(candidate) -> Tensor[n]`` (losses in [0, 1]); then ``thresholds``
             are required and ``model``/``prompts`` are not used.
         tokenizer: Turns string prompts into ids.
-        seed: Seed of the grid split.
-        test_all: Evaluate every candidate for the record (the choice is unchanged).
-        progress: Show progress bars.
+        **settings: Any :class:`CalibrationConfig` field (``measure=``, ``kv=``, ``delta=``,
+            ``epsilon=``, ``schedule=``, ``backend=``, ``progress=``, ...); overrides ``config``.
 
     Returns:
         A :class:`CalibrationResult` (``.threshold``, ``.certified``, ``.summary()``, ``.save(dir)``).
 
     Raises:
         InsufficientCalibrationData: Fewer calibration examples than even a zero empirical risk
-            needs for ``(delta, epsilon)``; the message says how many.
+            needs for ``(delta, epsilon)``, raised before the model runs; the message says how many
+            examples and how many prompts are needed.
 
     Example:
         >>> import torch
         >>> curve = lambda t: torch.full((400,), max(0.0, 0.5 - t))   # risk falls as t rises
-        >>> r = calibrate(losses=curve, thresholds=[1.0, 0.5, 0.48, 0.45, 0.4], delta=0.04, epsilon=0.1)
+        >>> r = calibrate(losses=curve, thresholds=[1.0, 0.5, 0.48, 0.45, 0.4], delta=0.04, epsilon=0.1,
+        ...               progress=False)
         >>> r.threshold
         0.48
     """
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must lie in (0, 1), got {delta}")
-    if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon}")
-    if schedule not in KINDS:
-        raise ValueError(f"schedule must be one of {list(KINDS)}, got {schedule!r}")
-    needed = min_examples(delta, epsilon, bound)
-    measure_name = measure if isinstance(measure, str) else getattr(measure, "name", type(measure).__name__)
-
+    cfg = (config if config is not None else CalibrationConfig()).with_settings(**settings)
+    needed = min_examples(cfg.delta, cfg.epsilon, cfg.bound)
     if losses is not None:
         if thresholds is None:
             raise ValueError("with a custom losses= callable, pass the ordered candidates as thresholds=")
-        outcome = learn_then_test(
-            losses,
-            list(thresholds),
-            delta=delta,
-            epsilon=epsilon,
-            bound=bound,
-            test_all=test_all,
-            progress=progress,
-        )
-        return _result(outcome, schedule, measure_name, kv, "custom", "custom", needed, min_exit_layer, None, tau, {})
-
+        outcome = _test(losses, thresholds, cfg)
+        return _result(outcome, cfg, needed, loss="custom", backend="custom", max_new_tokens=None, info={})
     if model is None:
         raise ValueError("pass the model (or a custom losses= callable with thresholds=)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
-    if loss == "risk" and references is None:
-        raise ValueError("loss='risk' (risk consistency) needs references=: one reference continuation per prompt")
-    if isinstance(measure, str):
-        measure = get_measure(measure)
-    all_prompts = _as_prompts(prompts, tokenizer)
+    return _calibrate_model(model, prompts, cfg, thresholds, references, tokenizer, needed)
+
+
+def _test(losses: Callable[[Any], torch.Tensor], candidates: Sequence[Any], cfg: CalibrationConfig) -> LTTOutcome:
+    return learn_then_test(
+        losses, list(candidates), delta=cfg.delta, epsilon=cfg.epsilon, bound=cfg.bound,
+        test_all=cfg.test_all, progress=cfg.progress,
+    )  # fmt: skip
+
+
+def _split(total: int, cfg: CalibrationConfig, needed: int, build_grid: bool) -> tuple[list[int], list[int]]:
+    """``(calibration, grid)`` prompt indices (a seeded split); raises when too few remain."""
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    num_grid = 0
+    if build_grid:
+        if not 0.0 < cfg.grid_fraction < 1.0:
+            raise ValueError(f"grid_fraction must lie in (0, 1), got {cfg.grid_fraction}")
+        num_grid = max(1, round(cfg.grid_fraction * total))
+    cal_ids, grid_ids = order[num_grid:], order[:num_grid]
+    if len(cal_ids) < needed:
+        raise InsufficientCalibrationData(_too_few(len(cal_ids), needed, cfg, num_grid))
+    return cal_ids, grid_ids
+
+
+def _calibrate_model(
+    model: nn.Module,
+    prompts: Any,
+    cfg: CalibrationConfig,
+    thresholds: Sequence[Any] | None,
+    references: Sequence[Any] | None,
+    tokenizer: Any,
+    needed: int,
+) -> CalibrationResult:
+    """The model flow: split the prompts, build the grid if needed, measure the losses, test."""
+    check_loss(cfg.loss, references is not None)
+    measure = get_measure(cfg.measure) if isinstance(cfg.measure, str) else cfg.measure
+    all_prompts = as_prompts(prompts, tokenizer)
     refs = None
     if references is not None:
         if len(references) != len(all_prompts):
             raise ValueError(f"{len(references)} references for {len(all_prompts)} prompts")
-        refs = [torch.as_tensor(r, dtype=torch.long).reshape(-1)[:max_new_tokens] for r in references]
-
-    total = len(all_prompts)
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-    num_grid = 0
-    if thresholds is None:
-        if not 0.0 < grid_fraction < 1.0:
-            raise ValueError(f"grid_fraction must lie in (0, 1), got {grid_fraction}")
-        num_grid = max(1, round(grid_fraction * total))
-    cal_ids, grid_ids = order[num_grid:], order[:num_grid]
-    if len(cal_ids) < needed:
-        raise InsufficientCalibrationData(_too_few(len(cal_ids), needed, delta, epsilon, bound, num_grid))
-
-    if backend == "generate":
-        try:
-            from deltaexit.generation import EarlyExit  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                "backend='generate' needs dx.EarlyExit (deltaexit.generation), missing in this installation; "
-                "use backend='offline' (the exit-table simulator) instead"
-            ) from None
-    info: dict[str, Any] = {"num_prompts": total, "num_grid_prompts": num_grid}
+        refs = [torch.as_tensor(r, dtype=torch.long).reshape(-1)[: cfg.max_new_tokens] for r in references]
+    cal_ids, grid_ids = _split(len(all_prompts), cfg, needed, build_grid=thresholds is None)
+    info: dict[str, Any] = {"num_prompts": len(all_prompts), "num_grid_prompts": len(grid_ids)}
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if name_or_path:
         info["model"] = str(name_or_path)
     if thresholds is None:
-        grid_prompts = [all_prompts[i] for i in grid_ids]
-        grid_cont = greedy_continuations(model, grid_prompts, max_new_tokens, batch_size=batch_size)
-        grid_table = continuation_table(model, grid_prompts, measure, grid_cont, batch_size=batch_size)
-        thresholds = candidate_thresholds(
-            grid_table,
-            schedule,
-            num_thresholds,
-            min_exit_layer=min_exit_layer,
-            tau=tau,
-            max_steps=max_new_tokens,
-        )
-    candidates = list(thresholds)
-
+        thresholds = _grid(model, [all_prompts[i] for i in grid_ids], measure, cfg)
     cal_prompts = [all_prompts[i] for i in cal_ids]
     cal_refs = None if refs is None else [refs[i] for i in cal_ids]
-    fn: Callable[[Any], torch.Tensor]
-    if backend == "offline":
-        if cal_refs is not None and loss == "risk":
-            cont: Any = cal_refs
-        else:
-            cont = greedy_continuations(model, cal_prompts, max_new_tokens, batch_size=batch_size)
-        table = continuation_table(model, cal_prompts, measure, cont, batch_size=batch_size, progress=progress)
-
-        def fn(value: Any) -> torch.Tensor:
-            threshold = make_threshold(schedule, value, max_steps=max_new_tokens, tau=tau)
-            return table.losses(threshold, loss, min_exit_layer=min_exit_layer)
-
-    else:
-        gen = GenerationLosses(
-            model, cal_prompts, measure, kv, max_new_tokens=max_new_tokens, loss=loss, references=cal_refs,
-            batch_size=batch_size, min_exit_layer=min_exit_layer,
-        )  # fmt: skip
-
-        def fn(value: Any) -> torch.Tensor:
-            return gen(make_threshold(schedule, value, max_steps=max_new_tokens, tau=tau, for_generate=True))
-
-    outcome = learn_then_test(
-        fn, candidates, delta=delta, epsilon=epsilon, bound=bound, test_all=test_all, progress=progress
-    )
+    measured = _offline_losses if cfg.backend == "offline" else _generation_losses
+    outcome = _test(measured(model, cal_prompts, cal_refs, measure, cfg), thresholds, cfg)
     return _result(
-        outcome, schedule, measure_name, kv, loss, backend,
-        needed, min_exit_layer, max_new_tokens, tau, info,
+        outcome, cfg, needed, loss=cfg.loss, backend=cfg.backend, max_new_tokens=cfg.max_new_tokens, info=info
+    )
+
+
+def _grid(
+    model: nn.Module, prompts: list[torch.Tensor], measure: ConfidenceMeasure, cfg: CalibrationConfig
+) -> list[Any]:
+    """Candidates from the measure's scores on the grid prompts (prompt + full greedy continuation)."""
+    cont = greedy_continuations(model, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size)
+    table = continuation_table(model, prompts, measure, cont, batch_size=cfg.batch_size)
+    return candidate_thresholds(
+        table, cfg.schedule, cfg.num_thresholds, min_exit_layer=cfg.min_exit_layer, tau=cfg.tau,
+        max_steps=cfg.max_new_tokens,
     )  # fmt: skip
+
+
+def _offline_losses(
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    references: list[torch.Tensor] | None,
+    measure: ConfidenceMeasure,
+    cfg: CalibrationConfig,
+) -> Callable[[Any], torch.Tensor]:
+    """``losses(candidate)`` read off one exit table over prompt + continuation."""
+    if references is not None and cfg.loss == "risk":
+        cont: Any = references
+    else:
+        cont = greedy_continuations(model, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size)
+    table = continuation_table(model, prompts, measure, cont, batch_size=cfg.batch_size, progress=cfg.progress)
+
+    def losses(value: Any) -> torch.Tensor:
+        return table.losses(cfg.threshold(value), cfg.loss, min_exit_layer=cfg.min_exit_layer)
+
+    return losses
+
+
+def _generation_losses(
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    references: list[torch.Tensor] | None,
+    measure: ConfidenceMeasure,
+    cfg: CalibrationConfig,
+) -> Callable[[Any], torch.Tensor]:
+    """``losses(candidate)`` from real early-exit generation with ``cfg.kv``."""
+    gen = GenerationLosses(
+        model, prompts, measure, cfg.kv, max_new_tokens=cfg.max_new_tokens, loss=cfg.loss, references=references,
+        batch_size=cfg.batch_size, min_exit_layer=cfg.min_exit_layer,
+    )  # fmt: skip
+
+    def losses(value: Any) -> torch.Tensor:
+        return gen(cfg.threshold(value))
+
+    return losses
 
 
 def _plain(value: Any) -> Any:
@@ -382,7 +461,16 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _result(outcome, kind, measure, kv, loss, backend, needed, min_exit_layer, max_new_tokens, tau, info):
+def _result(
+    outcome: LTTOutcome,
+    cfg: CalibrationConfig,
+    needed: int,
+    *,
+    loss: str,
+    backend: str,
+    max_new_tokens: int | None,
+    info: dict[str, Any],
+) -> CalibrationResult:
     chosen = None if outcome.chosen is None else _plain(outcome.chosen)
     if chosen is not None and all(isinstance(v, float) and math.isinf(v) for v in _as_list(chosen)):
         info = {**info, "note": "only the never-exit candidate was certified"}
@@ -391,9 +479,9 @@ def _result(outcome, kind, measure, kv, loss, backend, needed, min_exit_layer, m
         epsilon=outcome.epsilon,
         n=outcome.n,
         threshold=chosen,
-        kind=kind,
-        measure=measure,
-        kv=kv,
+        kind=cfg.schedule,
+        measure=cfg.measure_name,
+        kv=cfg.kv,
         loss=loss,
         bound=outcome.bound,
         index=outcome.index,
@@ -401,9 +489,9 @@ def _result(outcome, kind, measure, kv, loss, backend, needed, min_exit_layer, m
         pvalues=outcome.pvalues,
         risks=outcome.risks,
         min_examples=needed,
-        min_exit_layer=min_exit_layer,
+        min_exit_layer=cfg.min_exit_layer,
         max_new_tokens=max_new_tokens,
-        tau=tau,
+        tau=cfg.tau,
         backend=backend,
         info=info,
         losses=outcome.losses,

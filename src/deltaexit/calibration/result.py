@@ -5,9 +5,12 @@ per-example losses of each tested candidate) in a directory, typically the one a
 was saved to, so the measure and its thresholds travel together. Both files are written atomically.
 
 Example:
-    >>> result = dx.calibrate(model, prompts, delta=0.05, epsilon=0.1)  # doctest: +SKIP
-    >>> result.save("my-measure/")                                     # doctest: +SKIP
-    >>> CalibrationResult.load("my-measure/").threshold                # doctest: +SKIP
+    >>> import tempfile
+    >>> result = CalibrationResult(delta=0.05, epsilon=0.1, n=100, threshold=0.9, index=1, candidates=[1.0, 0.9])
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     _ = result.save(directory)
+    ...     CalibrationResult.load(directory).threshold
+    0.9
 """
 
 from __future__ import annotations
@@ -15,21 +18,46 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deltaexit.exits import DecayingThreshold
+from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.io import atomic_path, atomic_write_json
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "LOSSES_NAME", "CalibrationFileError", "CalibrationResult"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "KV_NAMES",
+    "LOSSES_NAME",
+    "CalibrationFileError",
+    "CalibrationResult",
+    "kv_name",
+]
 
 CONFIG_NAME = "calibration.json"
 LOSSES_NAME = "calibration.safetensors"
 FORMAT = "deltaexit-calibration"
 FORMAT_VERSION = 1
 KINDS = ("constant", "per-layer", "decaying")
+#: The KV policy names :class:`~deltaexit.generation.early_exit.EarlyExit` takes as shortcuts.
+KV_NAMES = ("verify", "propagate", "recompute")
+
+
+def kv_name(kv: Any) -> str:
+    """The name of a KV policy given as a name or a policy object (its ``name``, else its class name).
+
+    Example:
+        >>> kv_name("propagate")
+        'propagate'
+    """
+    if isinstance(kv, str):
+        return kv
+    name = getattr(kv, "name", None)
+    return name if isinstance(name, str) else type(kv).__name__.lower()
 
 
 class CalibrationFileError(ValueError):
@@ -72,7 +100,8 @@ class CalibrationResult:
             the safest candidate could be certified (then do not exit early).
         kind: ``"constant"``, ``"per-layer"`` or ``"decaying"``.
         measure: Name of the measure.
-        kv: KV policy the losses were measured with (``"offline"`` simulation: ``"recompute"``-like).
+        kv: KV policy the losses were measured with, a name or the policy object passed to
+            ``calibrate`` (saved as its name; ``"offline"`` simulation: ``"recompute"``-like).
         loss: ``"textual"``, ``"sequence"``, ``"risk"`` or ``"custom"``.
         bound: Concentration bound of the p-values (``"hb"``: Hoeffding–Bentkus).
         index: Index of the chosen candidate in ``candidates`` (-1: none).
@@ -91,7 +120,7 @@ class CalibrationResult:
     threshold: Any
     kind: str = "constant"
     measure: str = ""
-    kv: str = ""
+    kv: Any = ""
     loss: str = "textual"
     bound: str = "hb"
     index: int = -1
@@ -127,33 +156,35 @@ class CalibrationResult:
         return self.pvalues[self.index] if self.certified else float("nan")
 
     def schedule(self) -> Any:
-        """The threshold in the form :class:`deltaexit.EarlyExit` takes (``inf`` if not certified).
+        """The threshold in the form :class:`~deltaexit.generation.early_exit.EarlyExit` takes (``inf`` if
+        not certified); ``"decaying"`` gives a :class:`~deltaexit.exits.DecayingThreshold`.
 
-        ``"decaying"`` gives the generation package's ``DecayingThreshold`` when it is installed,
-        else the simulator's :class:`~deltaexit.calibration.simulate.CalmDecay`.
+        Example:
+            >>> CalibrationResult(delta=0.1, epsilon=0.1, n=50, threshold=0.8, index=0).schedule()
+            0.8
         """
         if not self.certified:
             return math.inf
         if self.kind != "per-layer" and math.isinf(float(self.threshold)):
             return math.inf  # never exit (a clipped decaying schedule of inf would read 1.0)
         if self.kind == "decaying":
-            steps = self.max_new_tokens or 64
-            try:
-                from deltaexit.exits import DecayingThreshold
-            except ImportError:
-                from deltaexit.calibration.simulate import CalmDecay
-
-                return CalmDecay(float(self.threshold), tau=self.tau, max_steps=steps)
-            return DecayingThreshold(float(self.threshold), tau=self.tau, max_steps=steps)
+            return DecayingThreshold(float(self.threshold), tau=self.tau, max_steps=self.max_new_tokens or 64)
         if self.kind == "per-layer":
             return [float(v) for v in self.threshold]
         return float(self.threshold)
 
-    def early_exit(self, model: Any, measure: Any = None, **kwargs: Any) -> Any:
-        """``dx.EarlyExit`` configured with this threshold, measure name (or ``measure``) and KV policy."""
-        from deltaexit import EarlyExit
+    def early_exit(self, model: Any, measure: Any = None, **kwargs: Any) -> EarlyExit:
+        """:class:`~deltaexit.generation.early_exit.EarlyExit` with this threshold, measure (or ``measure``)
+        and KV policy (``kv=`` and other keywords override; a KV that is not a policy gives ``"recompute"``).
 
-        kv = kwargs.pop("kv", self.kv if self.kv in ("verify", "propagate", "recompute") else "recompute")
+        Example:
+            >>> from deltaexit.testing import tiny_model
+            >>> result = CalibrationResult(delta=0.1, epsilon=0.1, n=50, threshold=0.8, index=0,
+            ...                            measure="softmax-max", kv="recompute")
+            >>> type(result.early_exit(tiny_model("llama"))).__name__
+            'EarlyExit'
+        """
+        kv = kwargs.pop("kv", self.kv if not isinstance(self.kv, str) or self.kv in KV_NAMES else "recompute")
         return EarlyExit(
             model, measure=measure if measure is not None else self.measure, threshold=self.schedule(), kv=kv,
             min_exit_layer=kwargs.pop("min_exit_layer", self.min_exit_layer), **kwargs,
@@ -168,7 +199,7 @@ class CalibrationResult:
             )
         return (
             f"{self.kind} threshold {self.threshold!r} for {self.measure or 'the measure'} "
-            f"({self.kv or 'any'} KV, {self.backend}): "
+            f"({kv_name(self.kv) or 'any'} KV, {self.backend}): "
             f"P(expected {self.loss} loss <= {self.delta}) >= {1 - self.epsilon:g} over n={self.n} examples "
             f"(empirical risk {self.empirical_risk:.4g}, p={self.pvalue:.3g}, candidate "
             f"{self.index + 1}/{len(self.candidates)})"
@@ -177,7 +208,7 @@ class CalibrationResult:
     # -- saving ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (the losses tensor excluded)."""
-        d = asdict(self)
+        d = asdict(replace(self, kv=kv_name(self.kv), losses=None))  # a policy object is saved as its name
         d.pop("losses")
         d = {k: _encode(v) for k, v in d.items()}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **d}

@@ -1,30 +1,37 @@
-"""Per-example losses in [0, 1] between early-exit and full-model outputs, and the generation adapter.
-
-* :func:`token_disagreement` (textual consistency): share of generated positions where the
-  early-exit continuation differs from the full model's greedy continuation.
-* :func:`sequence_disagreement`: 1 if the continuations differ anywhere.
-* :func:`risk_consistency` (CALM): ``max(0, err(early) - err(full))``, ``err`` the share of
-  positions that miss the reference continuation.
+"""The generation adapter: per-example losses of real early-exit generation against the full model.
 
 :class:`GenerationLosses` is the concrete ``losses(threshold) -> Tensor[n]`` for
 :func:`~deltaexit.calibration.ltt.learn_then_test` that runs real early-exit generation
-(:class:`deltaexit.EarlyExit`) against ``model.generate`` greedy output on the same prompts.
+(:class:`~deltaexit.generation.early_exit.EarlyExit`) against ``model.generate`` greedy output on the
+same prompts. The losses themselves live in :mod:`~deltaexit.calibration.losses` (re-exported here).
 
 Example:
     >>> import torch
-    >>> early = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
-    >>> full = torch.tensor([[1, 2, 0, 4], [5, 6, 7, 8]])
-    >>> token_disagreement(early, full).tolist()
-    [0.25, 0.0]
+    >>> from deltaexit.testing import tiny_model
+    >>> losses = GenerationLosses(tiny_model("llama"), [torch.tensor([1, 2]), torch.tensor([3])], max_new_tokens=4)
+    >>> losses(float("inf")).tolist()                    # never exit: identical to the full model
+    [0.0, 0.0]
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+
+from deltaexit.calibration.losses import (
+    check_loss,
+    continuation_losses,
+    risk_consistency,
+    sequence_disagreement,
+    token_disagreement,
+)
+from deltaexit.generation.early_exit import EarlyExit
+from deltaexit.prompts import as_prompts, continuation_mask, eos_token_id, new_tokens, prompt_batches
+from deltaexit.prompts import pad_token_id as model_pad_token_id
+from deltaexit.structure import find_structure
 
 __all__ = [
     "GenerationLosses",
@@ -35,101 +42,38 @@ __all__ = [
 ]
 
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if a.dim() != 2 or a.shape != b.shape:
-        raise ValueError(
-            f"continuations must be two [examples, tokens] tensors of the same shape, got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if mask is None:
-        mask = torch.ones(a.shape, dtype=torch.bool, device=a.device)
-    mask = mask.bool()
-    if mask.shape != a.shape:
-        raise ValueError(f"mask must be {tuple(a.shape)}, got {tuple(mask.shape)}")
-    empty = ~mask.any(dim=1)
-    if empty.any():
-        raise ValueError(f"{int(empty.sum())} example(s) have no token to compare (all masked)")
-    return mask
-
-
-def token_disagreement(early: torch.Tensor, full: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[n]`` share of (unmasked) positions where ``early`` and ``full`` differ."""
-    mask = _check_pair(early, full, mask)
-    diff = ((early != full) & mask).sum(dim=1).to(torch.float64)
-    return (diff / mask.sum(dim=1).to(torch.float64)).cpu()
-
-
-def sequence_disagreement(early: torch.Tensor, full: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[n]`` 1.0 where the continuations differ at any (unmasked) position, else 0.0."""
-    mask = _check_pair(early, full, mask)
-    return ((early != full) & mask).any(dim=1).to(torch.float64).cpu()
-
-
-def risk_consistency(
-    early: torch.Tensor, full: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[n]`` CALM's risk consistency: ``max(0, err(early, ref) - err(full, ref))`` in [0, 1].
-
-    Example:
-        >>> ref = torch.tensor([[1, 2, 3, 4]])
-        >>> risk_consistency(torch.tensor([[1, 0, 3, 4]]), ref, ref).tolist()
-        [0.25]
-    """
-    mask = _check_pair(early, full, mask)
-    _check_pair(early, reference, mask)
-    err_early = token_disagreement(early, reference, mask)
-    err_full = token_disagreement(full, reference, mask)
-    return (err_early - err_full).clamp(0.0, 1.0)
-
-
-def continuation_mask(new_tokens: torch.Tensor, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
-    """``[n, T]`` True up to and including the first EOS of each row (all True without EOS)."""
-    if eos_token_id is None:
-        return torch.ones_like(new_tokens, dtype=torch.bool)
-    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    is_eos = torch.isin(new_tokens, eos.to(new_tokens.device))
-    after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-    return ~after
-
-
-def _pad_left(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(int(p.numel()) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p.numel():
-            ids[i, width - p.numel() :] = p.reshape(-1)
-            mask[i, width - p.numel() :] = 1
-    return ids, mask
+def _pad_columns(layers: torch.Tensor, width: int) -> torch.Tensor:
+    """``[b, width]`` exit layers, zero-padded on the right (0 = no token)."""
+    layers = layers.cpu()[:, :width]
+    fill = torch.zeros(layers.shape[0], width - layers.shape[1], dtype=layers.dtype)
+    return torch.cat([layers, fill], 1)
 
 
 class GenerationLosses:
     """``losses(threshold) -> Tensor[n]`` from real early-exit generation vs full greedy generation.
 
     The full model's greedy continuations are generated once (``model.generate``, greedy); every
-    call then runs ``dx.EarlyExit(model, measure, threshold, kv).generate`` on the same prompts
+    call then runs ``EarlyExit(model, measure, threshold, kv=kv).generate`` on the same prompts
     and compares. Continuations are compared up to the full model's first EOS.
 
     Args:
         model: The causal LM.
         prompts: One 1-D LongTensor of token ids per example.
         measure: Registered measure name or instance.
-        kv: KV policy (``"verify"``, ``"propagate"``, ``"recompute"``).
+        kv: KV policy, a name (``"verify"``, ``"propagate"``, ``"recompute"``) or a policy object; passed
+            to :class:`~deltaexit.generation.early_exit.EarlyExit` as given.
         max_new_tokens: Length of the continuations compared.
         loss: ``"textual"``, ``"sequence"`` or ``"risk"`` (needs ``references``).
         references: One 1-D LongTensor per example: the reference continuation (``"risk"``).
         batch_size: Prompts per generate call.
-        pad_token_id: Padding id (default: the model's, else 0).
-        min_exit_layer: Passed to :class:`deltaexit.EarlyExit`.
-        early_exit_kwargs: Further keyword arguments for :class:`deltaexit.EarlyExit`.
+        pad_token_id: Padding id (default: the model's, see :func:`deltaexit.prompts.pad_token_id`).
+        min_exit_layer: Passed to :class:`~deltaexit.generation.early_exit.EarlyExit`.
+        early_exit_kwargs: Further keyword arguments for :class:`~deltaexit.generation.early_exit.EarlyExit`.
 
     Attributes:
         full: ``[n, T]`` the full model's greedy continuations.
+        mask: ``[n, T]`` the compared positions (up to the full model's first EOS).
         records: ``{repr(threshold): {"mean_exit_layer": ..., "blocks_saved": ...}}`` per call.
-
-    Example:
-        >>> losses = GenerationLosses(model, prompts, "softmax-max", "propagate")  # doctest: +SKIP
-        >>> losses(0.9).mean()                                                     # doctest: +SKIP
     """
 
     def __init__(
@@ -137,7 +81,7 @@ class GenerationLosses:
         model: nn.Module,
         prompts: Sequence[torch.Tensor],
         measure: Any = "softmax-max",
-        kv: str = "propagate",
+        kv: Any = "propagate",
         *,
         max_new_tokens: int = 32,
         loss: str = "textual",
@@ -147,97 +91,72 @@ class GenerationLosses:
         min_exit_layer: int = 1,
         early_exit_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if loss not in ("textual", "sequence", "risk"):
-            raise ValueError(f"loss must be 'textual', 'sequence' or 'risk', got {loss!r}")
-        if loss == "risk" and references is None:
-            raise ValueError("loss='risk' needs references (one reference continuation per prompt)")
-        prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
-        if not prompts or any(p.numel() == 0 for p in prompts):
-            raise ValueError("pass at least one prompt, each with at least one token")
-        self.model, self.prompts, self.measure, self.kv = model, prompts, measure, kv
+        check_loss(loss, references is not None)
+        self.prompts = as_prompts(prompts)
+        self.model, self.measure, self.kv = model, measure, kv
         self.max_new_tokens, self.loss, self.batch_size = int(max_new_tokens), loss, int(batch_size)
         self.min_exit_layer = int(min_exit_layer)
         self.early_exit_kwargs = dict(early_exit_kwargs or {})
-        cfg = getattr(model, "generation_config", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(cfg, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(cfg, "eos_token_id", None)
-            if isinstance(pad_token_id, list):
-                pad_token_id = pad_token_id[0] if pad_token_id else None
-        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-        self.eos_token_id = getattr(cfg, "eos_token_id", None)
+        self.pad_token_id = model_pad_token_id(model) if pad_token_id is None else int(pad_token_id)
+        self.eos_token_id = eos_token_id(model)
         self.records: dict[str, dict[str, float]] = {}
         self.full = self._run(None)[0]
         self.mask = continuation_mask(self.full, self.eos_token_id)
-        self.references = None
-        if references is not None:
-            if len(references) != len(prompts):
-                raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
-            ref = torch.full_like(self.full, -1)
-            for i, r in enumerate(references):
-                r = torch.as_tensor(r, dtype=torch.long).reshape(-1)[: self.full.shape[1]]
-                ref[i, : r.numel()] = r
-            self.references = ref
+        self.references = None if references is None else self._references(references)
 
     @property
     def n(self) -> int:
         """Number of calibration examples."""
         return len(self.prompts)
 
+    def _references(self, references: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[n, T]`` the references, cut to the continuation length, ``-1`` where missing."""
+        if len(references) != self.n:
+            raise ValueError(f"{len(references)} references for {self.n} prompts")
+        ref = torch.full_like(self.full, -1)
+        for i, r in enumerate(references):
+            r = torch.as_tensor(r, dtype=torch.long).reshape(-1)[: self.full.shape[1]]
+            ref[i, : r.numel()] = r
+        return ref
+
     def _gen_kwargs(self) -> dict[str, Any]:
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": False,
-            "pad_token_id": self.pad_token_id,
-        }
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "pad_token_id": self.pad_token_id}
 
     @torch.no_grad()
     def _run(self, threshold: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        device = next(self.model.parameters()).device
+        """``([n, T] new tokens, [n, T] exit layers or None)``; ``threshold=None`` runs the full model."""
         outs, exits = [], []
         ee = None
         if threshold is not None:
-            from deltaexit import EarlyExit
-
             ee = EarlyExit(
                 self.model, measure=self.measure, threshold=threshold, kv=self.kv,
                 min_exit_layer=self.min_exit_layer, **self.early_exit_kwargs,
             )  # fmt: skip
-        for start in range(0, self.n, self.batch_size):
-            ids, mask = _pad_left(self.prompts[start : start + self.batch_size], self.pad_token_id)
-            ids, mask = ids.to(device), mask.to(device)
+        for ids, mask in prompt_batches(self.model, self.prompts, self.batch_size, self.pad_token_id):
             if ee is None:
-                seq = self.model.generate(input_ids=ids, attention_mask=mask, **self._gen_kwargs())
-                layers = None
+                seq = cast(Any, self.model).generate(input_ids=ids, attention_mask=mask, **self._gen_kwargs())
             else:
-                out = ee.generate(ids, attention_mask=mask, return_dict_in_generate=True, **self._gen_kwargs())
-                seq, layers = out.sequences, out.exit_layers
-            new = seq[:, ids.shape[1] :].cpu()
-            if new.shape[1] < self.max_new_tokens:  # every row stopped early
-                pad = torch.full((new.shape[0], self.max_new_tokens - new.shape[1]), self.pad_token_id)
-                new = torch.cat([new, pad], dim=1)
-            outs.append(new)
-            if layers is not None:
-                layers = layers.cpu()[:, : self.max_new_tokens]
-                width = self.max_new_tokens - layers.shape[1]
-                exits.append(torch.cat([layers, torch.zeros(layers.shape[0], width, dtype=layers.dtype)], 1))
+                out: Any = ee.generate(ids, attention_mask=mask, return_dict_in_generate=True, **self._gen_kwargs())
+                seq = out.sequences
+                exits.append(_pad_columns(out.exit_layers, self.max_new_tokens))
+            outs.append(new_tokens(seq, ids.shape[1], self.max_new_tokens, self.pad_token_id))
         return torch.cat(outs), (torch.cat(exits) if exits else None)
+
+    def _record(self, threshold: Any, exit_layers: torch.Tensor) -> None:
+        layers = exit_layers[(exit_layers > 0) & self.mask]
+        num_layers = find_structure(self.model, validate=False).num_layers
+        mean_layer = float(layers.float().mean()) if layers.numel() else float("nan")
+        self.records[repr(threshold)] = {
+            "mean_exit_layer": mean_layer,
+            "blocks_saved": 1.0 - mean_layer / num_layers if num_layers else float("nan"),
+        }
 
     def __call__(self, threshold: Any) -> torch.Tensor:
         early, exit_layers = self._run(threshold)
         if exit_layers is not None:
-            layers = exit_layers[(exit_layers > 0) & self.mask]
-            num_layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-            mean_layer = float(layers.float().mean()) if layers.numel() else float("nan")
-            self.records[repr(threshold)] = {
-                "mean_exit_layer": mean_layer,
-                "blocks_saved": 1.0 - mean_layer / num_layers if num_layers else float("nan"),
-            }
-        if self.loss == "textual":
-            return token_disagreement(early, self.full, self.mask)
-        if self.loss == "sequence":
-            return sequence_disagreement(early, self.full, self.mask)
+            self._record(threshold, exit_layers)
+        if self.loss != "risk":
+            return continuation_losses(self.loss, early, self.full, self.mask)
         assert self.references is not None
         mask = self.mask & (self.references >= 0)
-        return risk_consistency(early, self.full, self.references, mask)
+        return continuation_losses("risk", early, self.full, mask, self.references)

@@ -18,25 +18,29 @@ per-token ``"textual"`` loss here does not model (it scores each step given the 
 model's prefix).
 
 Example:
-    >>> table = exit_table(model, ids, mask, measure="softmax-max")   # doctest: +SKIP
-    >>> table.losses(0.9).mean(), table.mean_exit_layer(0.9)          # doctest: +SKIP
+    >>> import torch
+    >>> from deltaexit.testing import tiny_model
+    >>> table = exit_table(tiny_model("llama"), torch.tensor([[1, 2, 3, 4, 5]]), measure="softmax-max")
+    >>> table.num_layers, table.num_tokens, float(table.losses(float("inf")).max())
+    (3, 4, 0.0)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltaexit.calibration.risk import continuation_mask
+from deltaexit.calibration.losses import LOSSES, example_losses
 from deltaexit.collector import collect
 from deltaexit.exits import DecayingThreshold, exit_layers, threshold_matrix
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
+from deltaexit.prompts import greedy_continuations, pad_token_id
 from deltaexit.saturation import saturation_from_topk
 
 __all__ = [
@@ -49,10 +53,6 @@ __all__ = [
     "pad_token_id",
     "threshold_matrix",
 ]
-
-#: Per-example losses the simulator computes (see :meth:`ExitTable.losses`).
-LOSSES: tuple[str, ...] = ("textual", "sequence", "risk")
-
 
 #: CALM's decaying threshold: the generation schedule itself (one formula for the simulator and generation).
 CalmDecay = DecayingThreshold
@@ -138,7 +138,8 @@ class ExitTable:
         exits = self.exit_layers(threshold, min_exit_layer=min_exit_layer)
         return self.predictions(exits) != self.final
 
-    def _per_example_mean(self, x: torch.Tensor) -> torch.Tensor:
+    def per_example_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``[num_examples]`` float64 mean of a per-token tensor ``x`` over each example's tokens."""
         sums = torch.zeros(self.num_examples, dtype=torch.float64).index_add_(0, self.example, x.to(torch.float64))
         return sums / self._counts
 
@@ -149,18 +150,10 @@ class ExitTable:
         model's. ``"sequence"``: 1 if any does. ``"risk"``: CALM's risk consistency,
         ``max(0, err(exit) - err(full))`` with ``err`` the share of tokens that miss the reference.
         """
-        exits = self.exit_layers(threshold, min_exit_layer=min_exit_layer)
-        pred = self.predictions(exits)
-        if loss == "textual":
-            return self._per_example_mean(pred != self.final)
-        if loss == "sequence":
-            return (self._per_example_mean(pred != self.final) > 0).to(torch.float64)
-        if loss == "risk":
-            if self.reference is None:
-                raise ValueError("the 'risk' loss needs references; build the table with references")
-            diff = self._per_example_mean(pred != self.reference) - self._per_example_mean(self.final != self.reference)
-            return diff.clamp(0.0, 1.0)
-        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+        if loss == "risk" and self.reference is None:
+            raise ValueError("the 'risk' loss needs references; build the table with references")
+        pred = self.predictions(self.exit_layers(threshold, min_exit_layer=min_exit_layer))
+        return example_losses(loss, pred, self.final, self.per_example_mean, self.reference)
 
     def _decode(self) -> torch.Tensor:
         """``[T]`` bool: tokens an exit rule decides (not forced to full depth)."""
@@ -177,7 +170,7 @@ class ExitTable:
             "agreement": float(agree[decode].mean()),
             "mean_exit_layer": mean_layer,
             "blocks_saved": 1.0 - mean_layer / self.num_layers,
-            "sequence_agreement": float((self._per_example_mean(1 - agree) == 0).to(torch.float64).mean()),
+            "sequence_agreement": float((self.per_example_mean(1 - agree) == 0).to(torch.float64).mean()),
         }
 
     def oracle(self) -> dict[str, float]:
@@ -238,6 +231,58 @@ def _right_align(
     return input_ids, attention_mask, score_mask
 
 
+def _rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, score_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated, right-padded ``(input_ids, attention_mask, score_mask, has_next)`` (masks bool)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [examples, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("no examples: pass at least one row of input_ids")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError("attention_mask must have the shape of input_ids")
+    if score_mask is not None and score_mask.shape != input_ids.shape:
+        raise ValueError("score_mask must have the shape of input_ids")
+    input_ids, attention_mask, score_mask = _right_align(input_ids, attention_mask, score_mask)
+    real = attention_mask.bool()
+    has_next = torch.zeros_like(real)
+    has_next[:, :-1] = real[:, :-1] & real[:, 1:]
+    score_mask = has_next if score_mask is None else score_mask.bool() & real
+    return input_ids, attention_mask, score_mask, has_next
+
+
+def _tabulate_batch(
+    model: nn.Module,
+    lens: Lens,
+    measure: ConfidenceMeasure,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([L, k] scores, [L, k] top-1)`` of the ``k`` scored positions of one batch ``(ids, mask, sel)``."""
+    ids, mask, sel = batch
+    num_layers = lens.structure.num_layers
+    with collect(model, capture=("h_in", "h_out"), positions="all") as trace:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    h_in, h_out = trace.h_in, trace.h_out  # [L, b, s, H]
+    sc = torch.empty(num_layers, int(sel.sum()), dtype=torch.float32)
+    tp = torch.empty(num_layers, int(sel.sum()), dtype=torch.long)
+    for layer in range(num_layers):
+        hi, ho = h_in[layer][sel], h_out[layer][sel]
+        for c in range(0, ho.shape[0], chunk_tokens):
+            state = LayerState(
+                layer=layer, h_out=ho[c : c + chunk_tokens], h_in=hi[c : c + chunk_tokens],
+                num_layers=num_layers, lens=lens,
+            )  # fmt: skip
+            tp[layer, c : c + chunk_tokens] = state.logits.argmax(dim=-1).cpu()
+            if layer == num_layers - 1:  # no exit decision after the last block
+                sc[layer, c : c + chunk_tokens] = math.inf
+            else:
+                sc[layer, c : c + chunk_tokens] = measure.score(state).float().cpu()
+    return sc, tp
+
+
 @torch.no_grad()
 def exit_table(
     model: nn.Module,
@@ -274,70 +319,29 @@ def exit_table(
         An :class:`ExitTable` with one example per row.
     """
     measure = _as_measure(measure)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [examples, seq], got shape {tuple(input_ids.shape)}")
+    input_ids, attention_mask, score_mask, has_next = _rows(input_ids, attention_mask, score_mask)
     n, seq = input_ids.shape
-    if n == 0:
-        raise ValueError("no examples: pass at least one row of input_ids")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError("attention_mask must have the shape of input_ids")
-    input_ids, attention_mask, score_mask = _right_align(input_ids, attention_mask, score_mask)
-    real = attention_mask.bool()
-    has_next = torch.zeros_like(real)
-    has_next[:, :-1] = real[:, :-1] & real[:, 1:]
-    if score_mask is None:
-        score_mask = has_next
-    else:
-        score_mask = score_mask.bool() & real
-        if score_mask.shape != input_ids.shape:
-            raise ValueError("score_mask must have the shape of input_ids")
     lens = lens if lens is not None else Lens.from_model(model)
-    device = next(model.parameters()).device
-    num_layers = lens.structure.num_layers
-    scores_parts: list[torch.Tensor] = []
-    top1_parts: list[torch.Tensor] = []
-    rows = range(0, n, batch_size)
+    device = lens.structure.input_device
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rows: Iterable[int] = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, desc=f"exit table ({measure.name})", unit="batch")
     for start in rows:
-        ids = input_ids[start : start + batch_size].to(device)
-        mask = attention_mask[start : start + batch_size].to(device)
-        sel = score_mask[start : start + batch_size].to(device)
-        with collect(model, capture=("h_in", "h_out"), positions="all") as trace:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        h_in, h_out = trace.h_in, trace.h_out  # [L, b, s, H]
-        sc = torch.empty(num_layers, int(sel.sum()), dtype=torch.float32)
-        tp = torch.empty(num_layers, int(sel.sum()), dtype=torch.long)
-        for layer in range(num_layers):
-            hi, ho = h_in[layer][sel], h_out[layer][sel]
-            for c in range(0, ho.shape[0], chunk_tokens):
-                state = LayerState(
-                    layer=layer, h_out=ho[c : c + chunk_tokens], h_in=hi[c : c + chunk_tokens],
-                    num_layers=num_layers, lens=lens,
-                )  # fmt: skip
-                tp[layer, c : c + chunk_tokens] = state.logits.argmax(dim=-1).cpu()
-                if layer == num_layers - 1:  # no exit decision after the last block
-                    sc[layer, c : c + chunk_tokens] = math.inf
-                else:
-                    sc[layer, c : c + chunk_tokens] = measure.score(state).float().cpu()
-        del trace, h_in, h_out
-        scores_parts.append(sc)
-        top1_parts.append(tp)
-    sel_all = score_mask
-    example = torch.arange(n)[:, None].expand(n, seq)[sel_all]
-    step = (sel_all.long().cumsum(-1) - 1)[sel_all]
+        batch = tuple(x[start : start + batch_size].to(device) for x in (input_ids, attention_mask, score_mask))
+        parts.append(_tabulate_batch(model, lens, measure, (batch[0], batch[1], batch[2]), chunk_tokens))
+    example = torch.arange(n)[:, None].expand(n, seq)[score_mask]
+    step = (score_mask.long().cumsum(-1) - 1)[score_mask]
     reference = None
     if with_references:
         nxt = torch.full_like(input_ids, -1)
         nxt[:, :-1] = torch.where(has_next[:, :-1], input_ids[:, 1:], -1)
-        reference = nxt[sel_all]
+        reference = nxt[score_mask]
     return ExitTable(
-        scores=torch.cat(scores_parts, dim=1),
-        top1=torch.cat(top1_parts, dim=1),
+        scores=torch.cat([sc for sc, _ in parts], dim=1),
+        top1=torch.cat([tp for _, tp in parts], dim=1),
         example=example,
         step=step,
         reference=reference,
@@ -345,53 +349,6 @@ def exit_table(
         measure=measure.name,
         full_depth_steps=full_depth_steps,
     )
-
-
-def _pad_left(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(int(p.numel()) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - p.numel() :] = p.reshape(-1)
-        mask[i, width - p.numel() :] = 1
-    return ids, mask
-
-
-def pad_token_id(model: nn.Module) -> int:
-    """The model's pad token id (else its first EOS id, else 0)."""
-    cfg = getattr(model, "generation_config", None)
-    pad = getattr(cfg, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(cfg, "eos_token_id", None)
-        if isinstance(pad, list):
-            pad = pad[0] if pad else None
-    return 0 if pad is None else int(pad)
-
-
-@torch.no_grad()
-def greedy_continuations(
-    model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, batch_size: int = 16
-) -> torch.Tensor:
-    """``[n, max_new_tokens]`` the full model's greedy continuations (``model.generate``).
-
-    Positions after a row's first EOS are ``-1`` (not scored by :func:`continuation_table`).
-    """
-    device = next(model.parameters()).device
-    pad = pad_token_id(model)
-    outs = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = _pad_left(prompts[start : start + batch_size], pad)
-        seq = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad,
-        )  # fmt: skip
-        new = seq[:, ids.shape[1] :].cpu()
-        if new.shape[1] < max_new_tokens:
-            new = torch.cat([new, torch.full((new.shape[0], max_new_tokens - new.shape[1]), pad)], dim=1)
-        outs.append(new)
-    out = torch.cat(outs)
-    keep = continuation_mask(out, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    return torch.where(keep, out, torch.full_like(out, -1))
 
 
 def continuation_table(
@@ -413,8 +370,13 @@ def continuation_table(
     ``prefill_full_depth`` the first continuation token comes from full depth, as in generation.
 
     Example:
-        >>> cont = greedy_continuations(model, prompts, 16)                  # doctest: +SKIP
-        >>> table = continuation_table(model, prompts, "softmax-max", cont)  # doctest: +SKIP
+        >>> import torch
+        >>> from deltaexit.testing import tiny_model
+        >>> model, prompts = tiny_model("llama"), [torch.tensor([1, 2, 3]), torch.tensor([4])]
+        >>> cont = greedy_continuations(model, prompts, 4)
+        >>> table = continuation_table(model, prompts, "softmax-max", cont)
+        >>> table.num_examples, table.num_tokens
+        (2, 8)
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(continuations)} continuations for {len(prompts)} prompts")
