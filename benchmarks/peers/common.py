@@ -75,6 +75,7 @@ def build(model_type: str, *, seed: int = 0, sizes: dict[str, int] | None = None
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = 0
+    model.config.architectures = [type(model).__name__]  # as a saved checkpoint's config has
     return model.eval()
 
 
@@ -98,37 +99,70 @@ def input_ids(vocab: int, *, batch: int = 2, length: int = 12, seed: int = 1) ->
 
 
 @torch.no_grad()
-def reference(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The model's own logits and its ``hidden_states`` (embeddings, then each block's output except the last)."""
-    out = model(input_ids=ids, output_hidden_states=True)
-    return out.logits.float(), [h.float() for h in out.hidden_states]
+def reference(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The model's own logits, every block's input and every block's output (plain forward hooks).
+
+    HF's ``output_hidden_states`` is not enough: its last entry is the *normalised* last state, so
+    the last block's raw output is read with a hook on the block.
+    """
+    layers = attr_path(model, MODULE_PATHS[family_of(model)][0])
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(_keep_io(ins, outs), with_kwargs=True) for layer in layers]
+    try:
+        out = model(input_ids=ids, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden = [h.float() for h in out.hidden_states]
+    if any(float((a - b).abs().max()) > 0 for a, b in zip(ins, hidden[: len(ins)])):
+        raise RuntimeError("block inputs seen by the hooks differ from output_hidden_states")
+    return out.logits.float(), ins, outs
+
+
+def _keep_io(ins: list[torch.Tensor], outs: list[torch.Tensor]) -> Callable[..., None]:
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ins.append(hidden_of(args[0] if args else kwargs["hidden_states"]).float())
+        outs.append(hidden_of(output).float())
+
+    return hook
 
 
 def capture_check(
-    blocks_out: list[torch.Tensor], blocks_in: list[torch.Tensor] | None, hidden: list[torch.Tensor], layers: int
+    blocks_out: list[torch.Tensor],
+    blocks_in: list[torch.Tensor] | None,
+    ref_in: list[torch.Tensor],
+    ref_out: list[torch.Tensor],
 ) -> dict[str, Any]:
-    """Check captured block outputs (and inputs) against ``output_hidden_states``.
+    """Check captured block outputs (and inputs) against the reference hooks' (exact up to 1e-5).
 
-    ``hidden[i]`` is block ``i``'s input; ``hidden[i + 1]`` its output for every block but the last (HF
-    applies the final norm to the last entry). The last block's output is checked against the next
-    block-free quantity we have: the last block's input must equal ``hidden[L - 1]``.
+    A captured tensor of the wrong shape counts as wrong (its error is recorded as ``None``).
     """
+    layers = len(ref_out)
     result: dict[str, Any] = {"blocks": len(blocks_out), "expected": layers}
-    if len(blocks_out) != layers:
+    if len(blocks_out) != layers or (blocks_in is not None and len(blocks_in) != layers):
         result["ok"] = False
         return result
-    err_out = max(float((blocks_out[i].detach().float() - hidden[i + 1]).abs().max()) for i in range(layers - 1))
-    result["max_err_out"] = err_out
-    ok = err_out < 1e-5
+    errs = [_max_err(blocks_out[i], ref_out[i]) for i in range(layers)]
+    wrong = [i for i, e in enumerate(errs) if e is None or e >= 1e-5]
+    known = [e for e in errs if e is not None]
+    result["max_err_out"] = max(known) if known else None
+    ok = not wrong
+    if wrong:
+        result["wrong_blocks"] = wrong
     if blocks_in is not None:
-        if len(blocks_in) != layers:
-            result["ok"] = False
-            return result
-        err_in = max(float((blocks_in[i].detach().float() - hidden[i]).abs().max()) for i in range(layers))
-        result["max_err_in"] = err_in
-        ok = ok and err_in < 1e-5
+        errs_in = [_max_err(blocks_in[i], ref_in[i]) for i in range(layers)]
+        known_in = [e for e in errs_in if e is not None]
+        result["max_err_in"] = max(known_in) if known_in else None
+        ok = ok and all(e is not None and e < 1e-5 for e in errs_in)
     result["ok"] = ok
     return result
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if tuple(a.shape) != tuple(b.shape):
+        return None
+    return float((a.detach().float() - b).abs().max())
 
 
 def lens_error(lens_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
@@ -182,7 +216,9 @@ def attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 
 def short_error(exc: BaseException) -> str:
     """One line naming an exception (type and the first line of its message)."""
-    text = str(exc).strip().splitlines()
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if text and text[0].startswith("Traceback"):
+        text = text[-1:]  # a wrapped traceback (nnsight): its last line names the real error
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
@@ -290,3 +326,21 @@ def attr_path(obj: Any, path: str) -> Any:
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
+
+
+def dist_version(name: str) -> str:
+    """Installed version of the distribution ``name`` (``"not installed"`` if absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def saved_tiny_tokenizer(vocab: int, directory: str):
+    """:func:`tiny_tokenizer` saved to ``directory`` and loaded back (so it has a local ``name_or_path``)."""
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer(vocab).save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)

@@ -23,7 +23,7 @@ logits = lens(trace.h_out)  # [layers, batch, seq, vocab]
 def version() -> str:
     import deltaexit as dx
 
-    return dx.__version__
+    return str(dx.__version__)
 
 
 @torch.no_grad()
@@ -31,12 +31,12 @@ def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
     import deltaexit as dx
 
     ids = common.input_ids(sizes["vocab"])
-    logits, hidden = common.reference(model, ids)
+    logits, ref_in, ref_out = common.reference(model, ids)
     with dx.collect(model, capture=("h_in", "h_out")) as trace:
         model(input_ids=ids)
     lens = dx.Lens.from_model(model)
     lens_logits = lens(trace.h_out)
-    capture = common.capture_check(list(trace.h_out), list(trace.h_in), hidden, sizes["layers"])
+    capture = common.capture_check(list(trace.h_out), list(trace.h_in), ref_in, ref_out)
     return {"capture": capture, "lens_error": common.lens_error(lens_logits[-1], logits)}
 
 

@@ -27,9 +27,7 @@ with lm.trace(ids):
 
 
 def version() -> str:
-    import nnsight
-
-    return nnsight.__version__
+    return common.dist_version("nnsight")
 
 
 def wrap(model: torch.nn.Module, vocab: int):
@@ -42,7 +40,7 @@ def wrap(model: torch.nn.Module, vocab: int):
 def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
     layers_path, norm_path, head_path = common.MODULE_PATHS[common.family_of(model)]
     ids = common.input_ids(sizes["vocab"])
-    logits, hidden = common.reference(model, ids)
+    logits, ref_in, ref_out = common.reference(model, ids)
     lm = wrap(model, sizes["vocab"])
     layers, norm, head = (common.attr_path(lm, p) for p in (layers_path, norm_path, head_path))
     outs: list[Any] = []
@@ -53,7 +51,7 @@ def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
             outs.append(layer.output.save())
     blocks_out = [common.hidden_of(h) for h in outs]
     blocks_in = [common.hidden_of(h) for h in ins]
-    entry: dict[str, Any] = {"capture": common.capture_check(blocks_out, blocks_in, hidden, sizes["layers"])}
+    entry: dict[str, Any] = {"capture": common.capture_check(blocks_out, blocks_in, ref_in, ref_out)}
     entry["lens"] = f"{head_path}({norm_path}(h))"
 
     def lens() -> torch.Tensor:
