@@ -66,7 +66,7 @@ def config_fields(model_type: str, sizes: dict[str, int]) -> dict[str, Any]:
     return fields
 
 
-def build(model_type: str, *, seed: int = 0, sizes: dict[str, int] | None = None) -> torch.nn.Module:
+def build(model_type: str, *, seed: int = 0, sizes: dict[str, int] | None = None) -> Any:
     """A tiny random causal LM of ``model_type`` in eval mode, float32, eager attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -99,7 +99,7 @@ def input_ids(vocab: int, *, batch: int = 2, length: int = 12, seed: int = 1) ->
 
 
 @torch.no_grad()
-def reference(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def reference(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The model's own logits, every block's input and every block's output (plain forward hooks).
 
     HF's ``output_hidden_states`` is not enough: its last entry is the *normalised* last state, so
@@ -202,7 +202,12 @@ def paired_ratio(plain: Callable[[], Any], traced: Callable[[], Any], repeats: i
 
 
 def snippet_lines(snippet: str) -> int:
-    """Non-blank, non-comment lines of a user-code snippet."""
+    """Non-blank, non-comment lines of a user-code snippet.
+
+    Example:
+        >>> snippet_lines("import x\n\n# a comment\ny = x.f()\n")
+        2
+    """
     return sum(1 for line in snippet.splitlines() if line.strip() and not line.strip().startswith("#"))
 
 
@@ -210,12 +215,17 @@ def attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
     """``(fn(), None)``, or ``(None, error text)`` when it raises (the sweep records and goes on)."""
     try:
         return fn(), None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, short_error(exc)
 
 
 def short_error(exc: BaseException) -> str:
-    """One line naming an exception (type and the first line of its message)."""
+    """One line naming an exception (type and the first line of its message).
+
+    Example:
+        >>> short_error(ValueError("bad shape\nmore detail"))
+        'ValueError: bad shape'
+    """
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if text and text[0].startswith("Traceback"):
         text = text[-1:]  # a wrapped traceback (nnsight): its last line names the real error
@@ -241,18 +251,18 @@ def run_worker(peer: str, version: Callable[[], str], family_fn: Callable, timin
     for family in spec.get("families", FAMILIES):
         try:
             model = build(family, sizes=sizes)
-        except Exception as exc:  # noqa: BLE001 - recorded, not raised: the sweep goes on
+        except Exception as exc:
             result["families"][family] = {"built": False, "error": short_error(exc)}
             continue
         try:
             entry = family_fn(model, sizes)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             entry = {"error": short_error(exc), "trace": traceback.format_exc(limit=3)[-600:]}
         result["families"][family] = {"built": True, **entry}
     if spec.get("timing", True):
         try:
             result["timing"] = timing_fn(spec)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result["timing"] = {"error": short_error(exc), "trace": traceback.format_exc(limit=3)[-600:]}
     print(json.dumps(result))
 
@@ -262,7 +272,7 @@ TIMING_SIZES = {"layers": 8, "hidden": 256, "heads": 4, "vocab": 2048}
 TIMING = {"length": 64, "new_tokens": 16, "forward_repeats": 15, "generate_repeats": 7}
 
 
-def timing_setup(spec: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+def timing_setup(spec: dict[str, Any]) -> tuple[Any, torch.Tensor, dict[str, Any]]:
     """The timing model, its ``[1, length]`` prompt and the timing settings (spec overrides the defaults)."""
     settings = {**TIMING, **spec.get("timing_settings", {})}
     sizes = {**TIMING_SIZES, **spec.get("timing_sizes", {})}
@@ -316,7 +326,7 @@ MODULE_PATHS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def family_of(model: torch.nn.Module) -> str:
+def family_of(model: Any) -> str:
     """The family (``config.model_type``) of a model built by :func:`build`."""
     return str(model.config.model_type)
 

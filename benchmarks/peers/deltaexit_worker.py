@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 SNIPPET = """\
 import deltaexit as dx
@@ -27,7 +27,7 @@ def version() -> str:
 
 
 @torch.no_grad()
-def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
+def family(model: Any, sizes: dict[str, int]) -> dict[str, Any]:
     import deltaexit as dx
 
     ids = common.input_ids(sizes["vocab"])

@@ -1,4 +1,4 @@
-"""nnsight worker: ``model.trace`` saves every block's input/output; the lens is ``lm_head(norm(h))`` as users write it."""
+"""nnsight worker: ``model.trace`` saves every block's input and output; the lens is ``lm_head(norm(h))``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 warnings.filterwarnings("ignore")
 
@@ -30,14 +30,14 @@ def version() -> str:
     return common.dist_version("nnsight")
 
 
-def wrap(model: torch.nn.Module, vocab: int):
+def wrap(model: Any, vocab: int):
     from nnsight import TransformersModel
 
     return TransformersModel(model, tokenizer=common.tiny_tokenizer(vocab), task="text-generation")
 
 
 @torch.no_grad()
-def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
+def family(model: Any, sizes: dict[str, int]) -> dict[str, Any]:
     layers_path, norm_path, head_path = common.MODULE_PATHS[common.family_of(model)]
     ids = common.input_ids(sizes["vocab"])
     logits, ref_in, ref_out = common.reference(model, ids)

@@ -1,4 +1,4 @@
-"""nnterp worker: ``StandardizedTransformer`` accessors (``layers_input``/``layers_output``) and ``project_on_vocab``."""
+"""nnterp worker: ``StandardizedTransformer`` accessors (``layers_input``/``layers_output``), ``project_on_vocab``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 warnings.filterwarnings("ignore")
 
@@ -30,14 +30,14 @@ def version() -> str:
     return f"{common.dist_version('nnterp')} (nnsight {common.dist_version('nnsight')})"
 
 
-def wrap(model: torch.nn.Module, vocab: int, **kwargs: Any):
+def wrap(model: Any, vocab: int, **kwargs: Any):
     from nnterp import StandardizedTransformer
 
     return StandardizedTransformer(model, tokenizer=common.tiny_tokenizer(vocab), **kwargs)
 
 
 @torch.no_grad()
-def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
+def family(model: Any, sizes: dict[str, int]) -> dict[str, Any]:
     ids = common.input_ids(sizes["vocab"])
     logits, ref_in, ref_out = common.reference(model, ids)
     entry: dict[str, Any] = {"lens": "project_on_vocab(h) = lm_head(ln_final(h))"}

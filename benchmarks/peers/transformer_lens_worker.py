@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
@@ -35,7 +35,7 @@ def version() -> str:
     return common.dist_version("transformer_lens")
 
 
-def wrap(model: torch.nn.Module, vocab: int):
+def wrap(model: Any, vocab: int):
     from transformer_lens.model_bridge import TransformerBridge
 
     path = tempfile.mkdtemp(prefix="tl_tokenizer_")  # a local tokenizer: nothing is fetched from a hub
@@ -43,7 +43,7 @@ def wrap(model: torch.nn.Module, vocab: int):
 
 
 @torch.no_grad()
-def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
+def family(model: Any, sizes: dict[str, int]) -> dict[str, Any]:
     ids = common.input_ids(sizes["vocab"])
     logits, ref_in, ref_out = common.reference(model, ids)
     entry: dict[str, Any] = {"lens": "bridge.unembed(cache.accumulated_resid(apply_ln=True))[-1]"}
@@ -73,7 +73,7 @@ def timing(spec: dict[str, Any]) -> dict[str, Any]:
         bridge.run_with_cache(ids, names_filter=resid_post)
 
     def traced_generate() -> None:
-        out, cache = bridge.generate(
+        out, _cache = bridge.generate(
             ids,
             max_new_tokens=settings["new_tokens"],
             do_sample=False,

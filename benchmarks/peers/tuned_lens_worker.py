@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 warnings.filterwarnings("ignore")
 
@@ -35,7 +35,7 @@ def version() -> str:
 
 
 @torch.no_grad()
-def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
+def family(model: Any, sizes: dict[str, int]) -> dict[str, Any]:
     from tuned_lens.nn.lenses import LogitLens
 
     ids = common.input_ids(sizes["vocab"])
@@ -44,12 +44,10 @@ def family(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "lens": "LogitLens.from_model(model)(h, idx) = unembedding(final_norm(h))",
         "capture": common.capture_check(list(hidden[1:]), list(hidden[:-1]), ref_in, ref_out),
+        "note": "capture: HF's hidden_states[-1] is the final-normed state, not the last block's output",
     }
-    lens, error = common.attempt(lambda: LogitLens.from_model(model))
-    if error is not None:
-        entry["lens_error"] = {"error": error}
-        return entry
-    entry["lens_error"] = common.lens_error(lens(ref_out[-1], len(ref_out) - 1), logits)
+    last, error = common.attempt(lambda: LogitLens.from_model(model)(ref_out[-1], len(ref_out) - 1))
+    entry["lens_error"] = common.lens_error(last, logits) if error is None else {"error": error}
     return entry
 
 
