@@ -202,7 +202,7 @@ def paired_ratio(plain: Callable[[], Any], traced: Callable[[], Any], repeats: i
 
 
 def snippet_lines(snippet: str) -> int:
-    """Non-blank, non-comment lines of a user-code snippet.
+    r"""Non-blank, non-comment lines of a user-code snippet.
 
     Example:
         >>> snippet_lines("import x\n\n# a comment\ny = x.f()\n")
@@ -220,7 +220,7 @@ def attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 def short_error(exc: BaseException) -> str:
-    """One line naming an exception (type and the first line of its message).
+    r"""One line naming an exception (type and the first line of its message).
 
     Example:
         >>> short_error(ValueError("bad shape\nmore detail"))
