@@ -180,6 +180,12 @@ def _ratio_cell(timing: dict[str, Any] | None, key: str) -> str:
     return f"{t['ratio']:.2f} ({low:.2f}–{high:.2f})"
 
 
+def _sizes(sizes: dict[str, int]) -> str:
+    if not sizes:
+        return ""
+    return f"{sizes['layers']} blocks × {sizes['hidden']} wide, vocabulary {sizes['vocab']}"
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown tables of a sweep's results."""
     peers = {p: r for p, r in results["peers"].items()}
@@ -215,7 +221,8 @@ def render(results: dict[str, Any]) -> str:
     out += [
         "",
         "**Overhead** (traced / plain, median of alternated repeats in the same process, interquartile range; "
-        f"{settings.get('family', '?')} {settings.get('sizes', {})}, prompt {settings.get('length', '?')} tokens, "
+        f"{settings.get('family', '?')} {_sizes(settings.get('sizes', {}))}, "
+        f"prompt {settings.get('length', '?')} tokens, "
         f"{settings.get('new_tokens', '?')} new tokens, 1 thread) and **lines of user code**:",
         "",
         "| peer | forward | generate | plain forward ms | plain generate ms | lines |",
