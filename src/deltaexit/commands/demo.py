@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 from pathlib import Path
 
 DEMO_MEASURES = ("softmax-max", "state-cosine", "delta-norm", "linear", "delta-mlp", "hdelta-mlp", "lens-mlp")
@@ -127,16 +128,17 @@ def _verify_on_v2(prompt, kw) -> None:
     from deltaexit.reference import load_reference
 
     model, _ = load_reference("v2")
+    generate: Any = model.generate  # transformers' generate, typed loosely through nn.Module
     kw = {**kw, "max_new_tokens": max(kw["max_new_tokens"], 32)}
     # Draft from block 2 always (threshold -inf: a cheap measure that never blocks the exit); the full
     # model verifies every draft, so the output stays exactly model.generate's.
     ee = EarlyExit(model, "delta-norm", float("-inf"), kv=Verify(num_draft=4), min_exit_layer=2)
     with torch.no_grad():
-        model.generate(prompt, **kw)  # warm-up
+        generate(prompt, **kw)  # warm-up
         ee.generate(prompt, **kw)
         times: dict[str, list[float]] = {"full": [], "verify": []}
         for _ in range(3):  # alternated, so load changes hit both alike
-            full_s, full = _timed(lambda: model.generate(prompt, **kw))
+            full_s, full = _timed(lambda: generate(prompt, **kw))
             ee_s, out = _timed(lambda: ee.generate(prompt, return_dict_in_generate=True, **kw))
             times["full"].append(full_s)
             times["verify"].append(ee_s)
