@@ -218,3 +218,15 @@ def test_split_windows_is_disjoint_and_complete():
     assert a.window.max() < b.window.min() <= b.window.max() < c.window.min()
     with pytest.raises(ValueError, match="window"):
         _random_states(n=40, window=40).split_windows([0.5, 0.5])
+
+
+def test_state_hands_a_measure_only_what_it_declares():
+    states = _random_states()
+    full = states.state(1)
+    assert full.h_in is not None and full.topk_probs is not None
+    delta_only = states.state(1, get_measure("delta-norm"))
+    assert delta_only.h_in is not None and delta_only.lens is None and delta_only.topk_probs is None
+    lens_only = states.state(1, get_measure("softmax-gap"))
+    assert lens_only.h_in is None and lens_only.topk_probs is not None
+    assert [s.h_in is None for s in states.decision_states("next", get_measure("linear", features="h"))] == [True] * 3
+    torch.testing.assert_close(get_measure("softmax-gap").score(lens_only), get_measure("softmax-gap").score(full))

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 import deltaexit as dx
 from deltaexit.evaluation import auroc
 from deltaexit.measures import LayerState, get_measure, lens_features, load_measure
-from deltaexit.measures.trainable import LENS_FEATURE_NAMES, LensMLP
+from deltaexit.measures.lens_features import LENS_FEATURE_NAMES, lens_features_chunked
+from deltaexit.measures.lens_mlp import LensMLP
 from deltaexit.testing import tiny_model
+from deltaexit.threads import torch_threads
 
 COL = {name: i for i, name in enumerate(LENS_FEATURE_NAMES)}
 
@@ -48,7 +50,7 @@ def test_lens_features_use_handed_on_logits_and_say_what_they_need(llama):
     handed = torch.zeros(3, lens.vocab_size)
     handed[:, 5] = 50.0  # a previous-layer lens that is sure of token 5
     with torch.no_grad():
-        x = lens_features(LayerState(layer=1, h_in=h * 0.5, h_out=h, lens=lens, _logits_in=handed))
+        x = lens_features(LayerState(layer=1, h_in=h * 0.5, h_out=h, lens=lens, logits_in=handed))
         top1 = lens(h).argmax(-1)
     assert torch.equal(x[:, COL["prev_top1_same"]], (top1 == 5).float())
     with pytest.raises(ValueError, match="h_in"):
@@ -57,16 +59,13 @@ def test_lens_features_use_handed_on_logits_and_say_what_they_need(llama):
         lens_features(LayerState(layer=0, h_in=h, h_out=h))
 
 
-def test_many_tokens_are_featurised_in_chunks_with_the_same_result(llama, monkeypatch):
-    import deltaexit.measures.trainable as trainable
-
+def test_many_tokens_are_featurised_in_chunks_with_the_same_result(llama):
     lens = dx.Lens.from_model(llama)
     h = torch.randn(2, 5, llama.config.hidden_size)
     state = LayerState(layer=0, h_in=h, h_out=h * 1.5 + 1, lens=lens)
     with torch.no_grad():
-        whole = LensMLP()._raw_features(state)
-        monkeypatch.setattr(trainable, "_LENS_CHUNK", 3)
-        chunked = LensMLP()._raw_features(LayerState(layer=0, h_in=h, h_out=h * 1.5 + 1, lens=lens))
+        whole = LensMLP().raw_features(state)
+        chunked = lens_features_chunked(LayerState(layer=0, h_in=h, h_out=h * 1.5 + 1, lens=lens), chunk=3)
     assert chunked.shape == whole.shape == (2, 5, len(LENS_FEATURE_NAMES))
     torch.testing.assert_close(chunked, whole)
 
@@ -94,7 +93,9 @@ def _lens_states(model, n_seq: int = 24, seq: int = 16, seed: int = 0):
 def fitted_lens_mlp():
     model = tiny_model("llama", num_layers=4)
     states, labels = _lens_states(model)
-    return get_measure("lens-mlp", max_epochs=20, batch_size=128).fit(states, labels), states, labels, model
+    with torch_threads(1):  # fits repeat bit for bit at one thread
+        m = get_measure("lens-mlp", max_epochs=20, batch_size=128).fit(states, labels)
+    return m, states, labels, model
 
 
 def test_lens_mlp_defaults_learns_and_round_trips(fitted_lens_mlp, tmp_path):
@@ -114,8 +115,9 @@ def test_lens_mlp_defaults_learns_and_round_trips(fitted_lens_mlp, tmp_path):
 
 def test_class_weight_is_an_option_and_checked():
     states, labels = _lens_states(tiny_model("llama", num_layers=3), n_seq=8)
-    a = get_measure("lens-mlp", max_epochs=2).fit(states, labels)
-    b = get_measure("lens-mlp", max_epochs=2, class_weight="balanced").fit(states, labels)
+    with torch_threads(1):
+        a = get_measure("lens-mlp", max_epochs=2).fit(states, labels)
+        b = get_measure("lens-mlp", max_epochs=2, class_weight="balanced").fit(states, labels)
     assert not torch.equal(a.score(states[0]), b.score(states[0]))
     assert get_measure("delta-mlp").class_weight == "balanced"
     with pytest.raises(ValueError, match="class_weight"):
@@ -133,9 +135,9 @@ class Spy(LensMLP):
 
     def score(self, state):
         self.calls += 1
-        if state._logits_in is not None:
+        if state.cached_logits_in is not None:
             self.handed += 1
-            torch.testing.assert_close(state._logits_in, state.lens(state.h_in))
+            torch.testing.assert_close(state.cached_logits_in, state.lens(state.h_in))
         return super().score(state)
 
 

@@ -23,6 +23,7 @@ from deltaexit.measures import (
     measure_cost,
     register_measure,
 )
+from deltaexit.threads import torch_threads
 
 BUILT_IN = (
     "softmax-max",
@@ -72,7 +73,8 @@ def fitted():
     out = {}
     for name, kwargs in TRAINABLE:
         m = get_measure(name, max_epochs=12, batch_size=256, **kwargs)
-        out[m.display_name] = m.fit(states, labels)
+        with torch_threads(1):  # fits repeat bit for bit at one thread
+            out[m.display_name] = m.fit(states, labels)
     return out, states, labels
 
 
@@ -209,14 +211,15 @@ def test_trainable_scores_are_finite_with_any_token_shape(fitted, data):
 
 def test_fit_is_deterministic_and_sets_fitted_attributes():
     states, labels = _synthetic(n=300)
-    a = get_measure("delta-mlp", max_epochs=3, seed=7).fit(states, labels)
-    b = get_measure("delta-mlp", max_epochs=3, seed=7).fit(states, labels)
+    with torch_threads(1):  # fits repeat bit for bit at one thread
+        a = get_measure("delta-mlp", max_epochs=3, seed=7).fit(states, labels)
+        b = get_measure("delta-mlp", max_epochs=3, seed=7).fit(states, labels)
+        c = get_measure("delta-mlp", max_epochs=3, seed=8).fit(states, labels)
     assert torch.equal(a.score(states[0]), b.score(states[0]))
     for attr in ("layers_", "hidden_size_", "n_features_in_", "mean_", "std_", "net_", "history_"):
         assert hasattr(a, attr)
     assert a.mean_.shape == (3, 8) and a.std_.shape == (3, 8)
     assert 0 <= a.best_epoch_ <= 3
-    c = get_measure("delta-mlp", max_epochs=3, seed=8).fit(states, labels)
     assert not torch.equal(a.score(states[0]), c.score(states[0]))
 
 
@@ -299,3 +302,76 @@ def test_block_flops_match_a_hand_count():
     cost = measure_cost(get_measure("softmax-max"), model, context=10)
     assert cost["fraction_of_block"] == pytest.approx(cost["flops_per_decision"] / cost["block_flops"])
     assert cost["flops_per_decision"] > 2 * 32 * 64
+
+
+# -- declarations, parameters, the LayerState cache --------------------------------------------------
+
+
+def test_params_come_from_the_signature_and_set_params_checks():
+    import inspect
+
+    for name in ("linear", "delta-mlp", "hdelta-mlp", "lens-mlp"):
+        m = get_measure(name)
+        signature = [p for p in inspect.signature(type(m).__init__).parameters if p != "self"]
+        assert list(m.get_params()) == signature
+        assert type(m)(**m.get_params()).get_params() == m.get_params()
+    m = get_measure("linear")
+    assert m.set_params(features="h") is m
+    assert m.inputs == ("h_out",) and m.display_name == "linear(h)" and m.get_params()["features"] == "h"
+    with pytest.raises(ValueError, match="no parameter"):
+        m.set_params(hidden=3)
+    with pytest.raises(ValueError, match="features"):
+        m.set_params(features="logits")
+
+
+def test_inputs_follow_the_parameters_and_needs_reads_them():
+    assert get_measure("linear").inputs == ("delta",)
+    assert get_measure("linear", features="h").inputs == ("h_out",)
+    assert get_measure("delta-mlp", features="h+delta").inputs == ("h_out", "delta")
+    m = get_measure("delta-norm")
+    assert m.needs("delta") and m.needs("h_in") and not m.needs("h_out") and not m.needs("lens")
+    lens_mlp = get_measure("lens-mlp")
+    assert lens_mlp.needs("lens") and lens_mlp.needs("h_in") and lens_mlp.needs("h_out")
+    assert get_measure("softmax-max").needs("lens") and not get_measure("softmax-max").needs("h_in")
+    assert not get_measure("linear", features="h").needs("h_in")
+    with pytest.raises(ValueError, match="needs"):
+        m.needs("logits")
+
+
+def test_registration_checks_the_declarations():
+    with pytest.raises(ValueError, match="higher = safer"):
+
+        @register_measure
+        class Lower(ConfidenceMeasure):
+            name = "test-lower-is-better"
+            higher_is_better = False
+
+            def score(self, state):
+                return state.h_out[..., 0]
+
+    with pytest.raises(ValueError, match="inputs"):
+
+        @register_measure
+        class Odd(ConfidenceMeasure):
+            name = "test-odd-inputs"
+            inputs = ("logits",)
+
+            def score(self, state):
+                return state.h_out[..., 0]
+
+    assert "test-lower-is-better" not in available_measures() and "test-odd-inputs" not in available_measures()
+
+
+def test_layer_state_keeps_a_public_logits_cache(llama):
+    lens = dx.Lens.from_model(llama)
+    h = torch.randn(3, llama.config.hidden_size)
+    handed = torch.randn(3, lens.vocab_size)
+    with torch.no_grad():
+        state = LayerState(layer=1, h_in=h, h_out=2 * h, lens=lens, logits_in=handed)
+        assert state.cached_logits is None and state.cached_logits_in is handed
+        assert state.logits_in is handed
+        logits = state.logits
+    assert state.cached_logits is logits
+    torch.testing.assert_close(logits, lens(2 * h))
+    given_logits = LayerState(layer=1, h_out=h, logits=handed)  # no lens needed when the logits are given
+    assert given_logits.logits is handed

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from deltaexit.features import LABELS, StateSet
-from deltaexit.measures.base import ConfidenceMeasure
+from deltaexit.jsonable import json_clean
+from deltaexit.measures.base import ConfidenceMeasure, LayerState
 
 __all__ = [
     "auroc",
@@ -223,21 +224,6 @@ def layer_delta_stats(states: StateSet) -> list[dict[str, float]]:
     ]
 
 
-def _finite_or_none(x: float) -> float | None:
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _clean(obj: Any) -> Any:
-    """NaN/inf -> None so the result is valid JSON (thresholds of -inf become None)."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float):
-        return _finite_or_none(obj)
-    return obj
-
-
 def evaluate_measures(
     measures: Mapping[str, ConfidenceMeasure],
     select: StateSet,
@@ -280,23 +266,35 @@ def evaluate_measures(
             "r_next_delta_change": pearson(test_norm[i + 1], change),
             "measures": {},
         }
-        sel_state, test_state = select.state(block), test.state(block)
+        sel_states: dict[tuple[bool, bool], LayerState] = {}
+        test_states: dict[tuple[bool, bool], LayerState] = {}
         for name, measure in measures.items():
+            # Each measure gets only what it declares; measures that read the same share one state (one lens call).
+            key = (measure.needs("h_in"), measure.needs("lens"))
+            sel_state = sel_states.setdefault(key, select.state(block, measure))
+            test_state = test_states.setdefault(key, test.state(block, measure))
             s_sel = measure.score(sel_state)
             s_test = measure.score(test_state)
             row["measures"][name] = evaluate_scores(s_sel, sel_y[i], s_test, y)
         transitions.append(row)
-    summary = {}
-    for name in measures:
-        per = [t["measures"][name] for t in transitions]
-        summary[name] = {
-            "mean_f1": float(np.mean([m["f1"] for m in per])),
-            "mean_trivial_f1": float(np.mean([m["trivial_f1"] for m in per])),
-            "mean_f1_gain": float(np.mean([m["f1_gain"] for m in per])),
-            "beats_trivial": int(sum(m["f1_gain"] > 0 for m in per)),
-            "transitions": len(per),
-            "mean_auroc": float(np.nanmean([m["auroc"] for m in per])),
-            "mean_auprc": float(np.nanmean([m["auprc"] for m in per])),
-            "mean_balanced_accuracy": float(np.nanmean([m["balanced_accuracy"] for m in per])),
-        }
-    return _clean({"label": label, "transitions": transitions, "summary": summary})
+    summary = {name: _summary([t["measures"][name] for t in transitions]) for name in measures}
+    return json_clean({"label": label, "transitions": transitions, "summary": summary})
+
+
+def _summary(per: list[dict[str, float]]) -> dict[str, float]:
+    """Means over the transitions of one measure's :func:`evaluate_scores` figures."""
+    return {
+        "mean_f1": float(np.mean([m["f1"] for m in per])),
+        "mean_trivial_f1": float(np.mean([m["trivial_f1"] for m in per])),
+        "mean_f1_gain": float(np.mean([m["f1_gain"] for m in per])),
+        "beats_trivial": int(sum(m["f1_gain"] > 0 for m in per)),
+        "transitions": len(per),
+        "mean_auroc": float(np.nanmean([m["auroc"] for m in per])),
+        "mean_auprc": float(np.nanmean([m["auprc"] for m in per])),
+        "mean_balanced_accuracy": float(np.nanmean([m["balanced_accuracy"] for m in per])),
+    }
+
+
+# Transitional: analysis.py still imports the old private name; it is to import
+# deltaexit.jsonable.json_clean instead, and then this line goes.
+_clean = json_clean

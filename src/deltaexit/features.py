@@ -11,12 +11,21 @@ lens's top-k (ids and probabilities). The result, a :class:`StateSet`, hands out
 
 Decision protocol: the exit decision *after block l* (0-based, ``l = 0 .. L-2``) may only read
 what exists then: ``h_in``/``h_out``/delta **of block l** and its lens. Labels row ``l`` is the
-decision after block ``l``.
+decision after block ``l``. :meth:`StateSet.state` given a measure hands it only what it declares
+(:meth:`~deltaexit.measures.ConfidenceMeasure.needs`: ``h_in`` for ``h_in``/``delta``, the lens and
+its top-k for ``needs_lens``).
 
 Example:
-    >>> states = collect_states(model, ids, window=256)     # doctest: +SKIP
-    >>> states.labels("next").shape                        # doctest: +SKIP
-    torch.Size([7, 65536])
+    >>> import torch
+    >>> from deltaexit.measures import get_measure
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=3, hidden=32)
+    >>> states = collect_states(model, torch.arange(40) % 50, window=16)
+    >>> states.labels("next").shape
+    torch.Size([2, 40])
+    >>> state = states.state(0, get_measure("softmax-max"))
+    >>> state.h_in is None, state.topk_probs.shape
+    (True, torch.Size([40, 2]))
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from torch import nn
 
 from deltaexit.collector import collect
 from deltaexit.lens import Lens
-from deltaexit.measures.base import LayerState
+from deltaexit.measures.base import ConfidenceMeasure, LayerState
 from deltaexit.saturation import LABELS, Saturation, saturation_from_topk
 from deltaexit.structure import find_structure
 
@@ -104,17 +113,25 @@ class StateSet:
             return self.saturation.saturated[:-1]
         raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
 
-    def state(self, layer: int) -> LayerState:
-        """The :class:`LayerState` after block ``layer`` (0-based) for every token."""
+    def state(self, layer: int, measure: ConfidenceMeasure | None = None) -> LayerState:
+        """The :class:`LayerState` after block ``layer`` (0-based) for every token.
+
+        Args:
+            layer: The block.
+            measure: If given, the state holds only what it declares it reads: ``h_in`` when
+                ``measure.needs("h_in")``, the lens and its top-k when ``measure.needs("lens")``.
+        """
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        with_h_in = measure is None or measure.needs("h_in")
+        with_lens = measure is None or measure.needs("lens")
         return LayerState(
             layer=layer,
             h_out=self.h_out[layer],
-            h_in=self.h_in[layer],
+            h_in=self.h_in[layer] if with_h_in else None,
             num_layers=self.num_layers,
-            lens=self.lens,
-            topk_probs=self.topk_probs[layer],
+            lens=self.lens if with_lens else None,
+            topk_probs=self.topk_probs[layer] if with_lens else None,
         )
 
     def decision_layers(self, kind: str = "next") -> list[int]:
@@ -124,9 +141,12 @@ class StateSet:
         first = 1 if kind == "kept" else 0
         return list(range(first, first + self.num_layers - 1))
 
-    def decision_states(self, kind: str = "next") -> list[LayerState]:
-        """States after the blocks of :meth:`decision_layers` (aligned with the rows of :meth:`labels`)."""
-        return [self.state(layer) for layer in self.decision_layers(kind)]
+    def decision_states(self, kind: str = "next", measure: ConfidenceMeasure | None = None) -> list[LayerState]:
+        """States after the blocks of :meth:`decision_layers` (aligned with the rows of :meth:`labels`).
+
+        With ``measure``, each holds only what that measure reads (see :meth:`state`).
+        """
+        return [self.state(layer, measure) for layer in self.decision_layers(kind)]
 
     def subset(self, index: torch.Tensor) -> StateSet:
         """The tokens at ``index`` (a bool mask or long indices over ``N``)."""
@@ -161,14 +181,14 @@ class StateSet:
 
 
 def model_context_length(model: nn.Module, default: int = 512) -> int:
-    """The model's maximum positions (``max_position_embeddings`` / ``n_positions``), else ``default``."""
-    config = model.config  # type: ignore[attr-defined]
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
+    """The model's maximum positions, else ``default`` (its structure's ``context_length``).
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> model_context_length(tiny_model("llama", num_layers=2, hidden=32)) > 0
+        True
+    """
+    return find_structure(model, validate=False).context_length(default)
 
 
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -236,14 +256,14 @@ def collect_states(
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if ids.numel() == 0:
         raise ValueError("no token ids to run: the text is empty")
-    window = window or min(256, model_context_length(model))
+    window = window or min(256, find_structure(model, validate=False).context_length())
     if topk < 1:
         raise ValueError(f"topk must be >= 1 (top-1 gives the labels), got {topk}")
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
     structure = find_structure(model)
     lens = Lens(structure)
-    device = next(model.parameters()).device
+    device = structure.input_device
     chunks = list(ids.split(window))
     full = [c for c in chunks if c.numel() == window]
     rest = [c for c in chunks if c.numel() != window]

@@ -6,11 +6,14 @@ which the lens's top-1 equals the final top-1 at every later layer; a perfect,
 free exit predictor would stop it there.
 
 Example:
-    >>> with dx.collect(model, ("h_out",)) as trace:      # doctest: +SKIP
-    ...     model(input_ids=ids)
-    >>> sat = dx.saturation(trace, dx.Lens.from_model(model), k=3)   # doctest: +SKIP
-    >>> sat.oracle_compute_saved                          # doctest: +SKIP
-    0.31
+    >>> from deltaexit.collector import collect
+    >>> from deltaexit.testing import tiny_model
+    >>> model = tiny_model("llama", num_layers=3, hidden=32)
+    >>> with torch.no_grad(), collect(model, ("h_out",), positions="all") as trace:
+    ...     _ = model(input_ids=torch.arange(8)[None])
+    >>> sat = saturation(trace, Lens.from_model(model), k=2)
+    >>> sat.saturation_layer.shape, 0.0 <= sat.oracle_compute_saved < 1.0
+    (torch.Size([1, 8]), True)
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Built in (higher score = safer to exit):
 - ``delta-mlp``: small MLP on the delta; ``hdelta-mlp``: MLP on ``[h, delta]``.
 - ``lens-mlp``: small MLP on logit-lens summary features and their change over the last block.
 
+Modules: ``base`` (the interface, :class:`LayerState`, the registry), ``simple`` (training-free
+measures), ``cost`` (FLOPs), ``lens_features``, ``nets`` (:class:`ExitNet`), ``fit`` (the training
+function), ``fitted`` (the fitted state and its files), ``trainable`` (the trainable base and
+:func:`load_measure`), and one module per trainable measure.
+
 Example:
     >>> from deltaexit.measures import available_measures
     >>> "delta-mlp" in available_measures()
@@ -16,34 +21,36 @@ Example:
 """
 
 from deltaexit.measures.base import (
+    INPUT_NAMES,
     ConfidenceMeasure,
     LayerState,
     available_measures,
     get_measure,
     register_measure,
 )
-from deltaexit.measures.cost import block_flops_per_token, measure_cost
+from deltaexit.measures.cost import block_flops_per_token, lens_head_flops, measure_cost
+from deltaexit.measures.delta_mlp import DeltaMLP
+from deltaexit.measures.fit import FitSettings, fit_exit_net
+from deltaexit.measures.fitted import FORMAT_VERSION, FittedState, MeasureFileError
+from deltaexit.measures.hdelta_mlp import HDeltaMLP
+from deltaexit.measures.lens_features import LENS_FEATURE_NAMES, lens_features, lens_features_chunked
+from deltaexit.measures.lens_mlp import LensMLP
+from deltaexit.measures.linear import LinearExit
+from deltaexit.measures.nets import ExitNet
 from deltaexit.measures.simple import DeltaNorm, DeltaRatio, SoftmaxGap, SoftmaxMax, StateCosine
-from deltaexit.measures.trainable import (
-    FORMAT_VERSION,
-    DeltaMLP,
-    ExitNet,
-    HDeltaMLP,
-    LensMLP,
-    LinearExit,
-    MeasureFileError,
-    TrainableMeasure,
-    lens_features,
-    load_measure,
-)
+from deltaexit.measures.trainable import TrainableMeasure, load_measure
 
 __all__ = [
     "FORMAT_VERSION",
+    "INPUT_NAMES",
+    "LENS_FEATURE_NAMES",
     "ConfidenceMeasure",
     "DeltaMLP",
     "DeltaNorm",
     "DeltaRatio",
     "ExitNet",
+    "FitSettings",
+    "FittedState",
     "HDeltaMLP",
     "LayerState",
     "LensMLP",
@@ -55,8 +62,11 @@ __all__ = [
     "TrainableMeasure",
     "available_measures",
     "block_flops_per_token",
+    "fit_exit_net",
     "get_measure",
     "lens_features",
+    "lens_features_chunked",
+    "lens_head_flops",
     "load_measure",
     "measure_cost",
     "register_measure",

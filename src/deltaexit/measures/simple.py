@@ -21,15 +21,11 @@ from typing import ClassVar
 import torch
 
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, register_measure
+from deltaexit.measures.cost import lens_head_flops
 
 __all__ = ["DeltaNorm", "DeltaRatio", "SoftmaxGap", "SoftmaxMax", "StateCosine"]
 
 _EPS = 1e-12
-
-
-def _lens_head_flops(hidden_size: int, vocab_size: int) -> float:
-    """Final norm + LM head matmul + softmax for one token."""
-    return 2.0 * hidden_size * vocab_size + 5.0 * hidden_size + 3.0 * vocab_size
 
 
 def _top2(state: LayerState) -> torch.Tensor:
@@ -62,7 +58,7 @@ class SoftmaxMax(ConfidenceMeasure):
         return torch.softmax(state.logits.float(), dim=-1).amax(dim=-1)
 
     def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
-        return _lens_head_flops(hidden_size, vocab_size) + vocab_size
+        return lens_head_flops(hidden_size, vocab_size) + vocab_size
 
 
 @register_measure
@@ -78,7 +74,7 @@ class SoftmaxGap(ConfidenceMeasure):
         return top[..., 0] - top[..., 1]
 
     def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
-        return _lens_head_flops(hidden_size, vocab_size) + 2.0 * vocab_size
+        return lens_head_flops(hidden_size, vocab_size) + 2.0 * vocab_size
 
 
 @register_measure
