@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from deltaexit._version import __version__
-from deltaexit.evaluation import _clean, evaluate_measures, layer_delta_stats
+from deltaexit.evaluation import evaluate_measures, layer_delta_stats
 from deltaexit.features import LABELS, StateSet, collect_states, model_context_length, tokenize_text
+from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
@@ -230,7 +231,7 @@ def analyze(
     }
     results = _fit_and_evaluate(cfg, train, select, test, timing)
     structure = find_structure(model, validate=False)
-    return _clean(
+    return json_clean(
         {
             "deltaexit_version": __version__,
             "config": {

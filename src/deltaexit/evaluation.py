@@ -293,8 +293,3 @@ def _summary(per: list[dict[str, float]]) -> dict[str, float]:
         "mean_auprc": float(np.nanmean([m["auprc"] for m in per])),
         "mean_balanced_accuracy": float(np.nanmean([m["balanced_accuracy"] for m in per])),
     }
-
-
-# Transitional: analysis.py still imports the old private name; it is to import
-# deltaexit.jsonable.json_clean instead, and then this line goes.
-_clean = json_clean

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 DEMO_MEASURES = ("softmax-max", "state-cosine", "delta-norm", "linear", "delta-mlp", "hdelta-mlp", "lens-mlp")
 

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from deltaexit.generation.cost import CostModel
     from deltaexit.generation.early_exit import EarlyExit
     from deltaexit.generation.outputs import EarlyExitOutput
-    from deltaexit.measures import get_measure, load_measure
+    from deltaexit.measures import ConfidenceMeasure, get_measure, load_measure
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (only local models are loaded)")
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     threshold = math.inf if math.isinf(args.threshold) else args.threshold
+    measure: ConfidenceMeasure
     if os.path.isdir(args.measure):
         measure = load_measure(args.measure, model=model)
     else:

@@ -74,6 +74,7 @@ class LayerState:
         *,
         logits: torch.Tensor | None = None,
         logits_in: torch.Tensor | None = None,
+        delta: torch.Tensor | None = None,
     ) -> None:
         self.layer = layer
         self.h_out = h_out
@@ -85,7 +86,7 @@ class LayerState:
         self.cached_logits: torch.Tensor | None = logits
         #: Lens logits of ``h_in`` once computed or handed on (read/write; None until then).
         self.cached_logits_in: torch.Tensor | None = logits_in
-        self._delta: torch.Tensor | None = None
+        self._delta: torch.Tensor | None = delta  # given (e.g. collected), else h_out - h_in on first use
 
     def __repr__(self) -> str:
         has = f"h_in={self.h_in is not None}, lens={self.lens is not None}"

@@ -246,10 +246,9 @@ def layer_states(batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: ob
     states = []
     for row, layer in enumerate(manifest.layers):
         h_in = batch["h_in"][:, row].float() if "h_in" in batch else None
+        delta = batch["delta"][:, row].float() if "delta" in batch else None
         state = LayerState(layer=layer, h_out=batch["h_out"][:, row].float(), h_in=h_in,
-                           num_layers=manifest.num_layers, lens=lens)  # fmt: skip
-        if "delta" in batch:
-            state._delta = batch["delta"][:, row].float()
+                           num_layers=manifest.num_layers, lens=lens, delta=delta)  # fmt: skip
         states.append(state)
     return states
 
