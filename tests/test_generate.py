@@ -563,3 +563,25 @@ def test_verify_sampling_matches_the_model_distribution():
     emp_t3 = torch.bincount(new[:, 2], minlength=8).float() / rows
     assert 0.5 * (emp_joint - joint.reshape(-1)).abs().sum() < 0.04
     assert 0.5 * (emp_t3 - p3).abs().sum() < 0.03
+
+
+def test_verify_scores_of_finished_rows_match_model_generate():
+    """A row that hit EOS is fed padding, in the drafts and in the rest of a verified chunk, as model.generate does
+    (found by the lossless property: layers=3, rows=2, length=2, pad=1, threshold=0.0, num_draft=1, seed=505)."""
+    model = model_of("llama", 3)
+    ids, mask = batch(505, 2, 2, 1)
+    ref = _scored_reference(model, ids, mask, 10, do_sample=False)
+    ee = EarlyExit(model, RandomScore(505), 0.0, Verify(num_draft=1), min_exit_layer=1)
+    out = ee.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (out.exit_layers == 0).any()  # a row finished early: the case under test
+    for mine, theirs in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)

@@ -71,6 +71,7 @@ class Run:
         self.model_kwargs = model_kwargs
         self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         self.done = False
+        self.just_finished = False  # the last append finished at least one row (read with done: no extra sync)
         self.exit_cols: list[torch.Tensor] = []
         # model.generate's output_scores / output_logits: per generated token, the processed scores and the raw
         # float32 logits it was chosen from (at its exit layer; the full model's for verify's emitted tokens).
@@ -121,8 +122,10 @@ class Run:
         self.exit_cols.append(exits)
         if self.streamer is not None:
             self.streamer.put(tokens.cpu())
+        before = self.unfinished
         self.unfinished = self.unfinished & ~self.stopping(self.input_ids, None)
-        self.done = bool(self.unfinished.max() == 0)
+        done, changed = torch.stack(((self.unfinished.max() == 0), (before != self.unfinished).any())).tolist()
+        self.done, self.just_finished = bool(done), bool(changed)
 
     def scores(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` through the logits processors, given the ``prefix`` ids."""

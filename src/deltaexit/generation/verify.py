@@ -131,11 +131,15 @@ class Verify(KVPolicy):
         run.stats.drafted += len(chunk.tokens)
         run.stats.accepted += accepted
         run.stats.rounds += 1
-        crop_cache(run.cache, start + len(emitted))
+        appended = 0
         for i, (tok, ex) in enumerate(zip(emitted, exits)):
             run.append(tok, ex, scores[i], target[:, i])
-            if run.done:
+            appended += 1
+            # A row that just finished is fed padding from here on by model.generate; the rest of this chunk was
+            # verified on its drafts instead, so stop here and let the next round continue from padding.
+            if run.done or run.just_finished:
                 break
+        crop_cache(run.cache, start + appended)
 
     def _draft(self, run: Run, scan: ExitScan, start: int, k_max: int):
         """Draft up to ``k_max`` tokens; the last scan (one that did not draft) runs to the shallowest exit."""
@@ -159,6 +163,8 @@ class Verify(KVPolicy):
             if j >= k_max or not res.all_exited:
                 return chunk, ids, kwargs
             token, probs, _ = run.choose(ids, res.logits_fn())
+            if run.has_eos:  # rows already finished are fed padding, as model.generate feeds them
+                token = token * run.unfinished + run.pad * (1 - run.unfinished)
             chunk.tokens.append(token)
             chunk.exits.append(res.exit_layer)
             chunk.probs.append(probs)
