@@ -114,3 +114,23 @@ def test_generate_command_loads_a_fitted_measure_and_refuses_an_unfitted_one(mod
     assert json.loads(capsys.readouterr().out)["stats"]["mean_exit_layer"] == 4
     assert main([*args, "--measure", "lens-mlp"]) == 1
     assert "must be fitted first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", [["--threshold=-inf"], ["--threshold", "-inf"]])
+def test_generate_minus_inf_threshold_drafts_every_token(form, capsys):
+    """-inf (the README's verify setting: always draft) stays -inf in both spellings; it used to become +inf."""
+    from deltaexit.cli import main
+
+    argv = ["generate", "--model", "v1", "--prompt", "The game", "--kv", "verify", "--min-exit-layer", "2"]
+    assert main([*argv, *form, "--max-new-tokens", "6", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["drafted"] > 0  # +inf never exits, so it would draft nothing
+
+
+def test_generate_accepts_reference_names(capsys):
+    from deltaexit.cli import main
+
+    assert main(["generate", "--model", "v1", "--prompt", "The game", "--max-new-tokens", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 3
+    assert main(["generate", "--model", "no-such-model", "--prompt", "x"]) == 1
+    assert "shipped reference" in capsys.readouterr().err

@@ -75,9 +75,25 @@ def chosen_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``["--threshold", "-inf"]`` -> ``["--threshold=-inf"]``: argparse reads ``-inf`` as an option otherwise.
+
+    Example:
+        >>> join_negative_values(["generate", "--threshold", "-inf", "--kv", "verify"])
+        ['generate', '--threshold=-inf', '--kv', 'verify']
+    """
+    out: list[str] = []
+    for token in argv:
+        if token.lower() in ("-inf", "-infinity") and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     command = chosen_command(argv)
     parser = build_parser(commands=() if command is None else (command,))
     args = parser.parse_args(argv)

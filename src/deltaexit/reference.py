@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["available_references", "build_preset", "default_cache_dir", "load_reference", "reference_path"]
+__all__ = ["available_references", "build_preset", "default_cache_dir", "load_reference", "model_dir", "reference_path"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -36,6 +36,18 @@ def available_references() -> list[str]:
         if entry.name.startswith("reference-") and (entry / "config.json").is_file():
             names.append(entry.name[len("reference-") :])
     return names
+
+
+def model_dir(name_or_path: str | os.PathLike[str]) -> Path:
+    """A model directory from a shipped reference name (``"v1"``, ``"v2"``) or a path, for the CLI's ``--model``.
+
+    Example:
+        >>> model_dir("v1") == reference_path("v1")
+        True
+    """
+    if str(name_or_path) in available_references() and not Path(name_or_path).is_dir():
+        return reference_path(str(name_or_path))
+    return Path(name_or_path)
 
 
 def reference_path(name: str = "v1") -> Path:

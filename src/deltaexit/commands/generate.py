@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="early-exit generation with per-token exit layers")
-    parser.add_argument("--model", required=True, help="local model directory (from_pretrained; no downloads)")
+    parser.add_argument(
+        "--model", required=True, help="local model directory or a shipped reference name (v1, v2); no downloads"
+    )
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument(
         "--measure",
@@ -48,14 +49,19 @@ def run(args: argparse.Namespace) -> int:
     from deltaexit.generation.early_exit import EarlyExit
     from deltaexit.generation.outputs import EarlyExitOutput
     from deltaexit.measures import ConfidenceMeasure, get_measure, load_measure
+    from deltaexit.reference import available_references, model_dir
 
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model!r} is not a directory (only local models are loaded)")
+    path = model_dir(args.model)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--model {args.model!r} is neither a local model directory nor a shipped reference "
+            f"({', '.join(available_references())}); only local models are loaded"
+        )
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-    threshold = math.inf if math.isinf(args.threshold) else args.threshold
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    threshold = args.threshold  # -inf (always pass: draft every token) and inf (never exit) kept as given
     measure: ConfidenceMeasure
     if os.path.isdir(args.measure):
         measure = load_measure(args.measure, model=model)
