@@ -131,6 +131,25 @@ def test_verify_is_lossless_for_any_measure(arch):
             assert out.stats.drafted > 0
 
 
+def _verify_matches_model_generate(model, ids, mask, seed, threshold, num_draft, min_exit):
+    """Greedy verify with a random measure: sequences, scores and logits as model.generate's; returns the output."""
+    ref = _scored_reference(model, ids, mask, 10, do_sample=False)
+    ee = EarlyExit(model, RandomScore(seed), threshold, Verify(num_draft=num_draft), min_exit_layer=min_exit)
+    out = ee.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    assert torch.equal(out.sequences, ref.sequences)
+    for mine, theirs in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # the full model's, drafted or not
+    return out
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     layers=st.integers(2, 5),
@@ -145,26 +164,7 @@ def test_verify_is_lossless_for_any_measure(arch):
 def test_verify_lossless_property(layers, rows, length, pad, threshold, min_exit, num_draft, seed):
     model = model_of("llama", layers)
     ids, mask = batch(seed, rows, length, min(pad, length - 1))
-    ref = _scored_reference(model, ids, mask, 10, do_sample=False)
-    ee = EarlyExit(
-        model,
-        RandomScore(seed),
-        threshold,
-        Verify(num_draft=num_draft),
-        min_exit_layer=min(min_exit, layers),
-    )
-    out = ee.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=10,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-    )
-    assert torch.equal(out.sequences, ref.sequences)
-    for mine, theirs in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # the full model's, drafted or not
+    _verify_matches_model_generate(model, ids, mask, seed, threshold, num_draft, min(min_exit, layers))
 
 
 @pytest.mark.parametrize("kv", POLICIES)
@@ -568,20 +568,5 @@ def test_verify_sampling_matches_the_model_distribution():
 def test_verify_scores_of_finished_rows_match_model_generate():
     """A row that hit EOS is fed padding, in the drafts and in the rest of a verified chunk, as model.generate does
     (found by the lossless property: layers=3, rows=2, length=2, pad=1, threshold=0.0, num_draft=1, seed=505)."""
-    model = model_of("llama", 3)
-    ids, mask = batch(505, 2, 2, 1)
-    ref = _scored_reference(model, ids, mask, 10, do_sample=False)
-    ee = EarlyExit(model, RandomScore(505), 0.0, Verify(num_draft=1), min_exit_layer=1)
-    out = ee.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=10,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-    )
-    assert torch.equal(out.sequences, ref.sequences)
+    out = _verify_matches_model_generate(model_of("llama", 3), *batch(505, 2, 2, 1), 505, 0.0, 1, 1)
     assert (out.exit_layers == 0).any()  # a row finished early: the case under test
-    for mine, theirs in zip(out.scores + out.logits, ref.scores + ref.logits, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
