@@ -167,6 +167,25 @@ def test_saved_directory_loads_with_auto_classes(corpus_file, tmp_path):
     assert out_ids.shape == (1, 6)
 
 
+def test_bfloat16_storage_halves_the_file_and_reports_the_saved_models_perplexity(corpus_file, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full, half = tmp_path / "fp32", tmp_path / "bf16"
+    _tiny_train(corpus_file, full, eval_data=corpus_file, eval_tokens=200)
+    record = _tiny_train(corpus_file, half, eval_data=corpus_file, eval_tokens=200, save_dtype="bfloat16")
+    assert record["save_dtype"] == "bfloat16"
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118 (safe_open is not iterable)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    model = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32).eval()
+    text = read_paragraphs(corpus_file)
+    ppl = perplexity(model, AutoTokenizer.from_pretrained(half), text, max_tokens=200)
+    assert ppl == pytest.approx(record["eval"]["perplexity"], rel=1e-6)  # the rounded weights were evaluated
+    with pytest.raises(ValueError, match="save_dtype must be one of"):
+        _tiny_train(corpus_file, tmp_path / "x", save_dtype="int8")
+
+
 def test_training_is_deterministic(corpus_file):
     a = _tiny_train(corpus_file, None, seed=1)["model"].state_dict()
     b = _tiny_train(corpus_file, None, seed=1)["model"].state_dict()

@@ -148,6 +148,13 @@ def build_preset(
     shape = {k: s[k] for k in ("vocab", "hidden", "heads", "ffn", "layers", "context")}
     with torch_threads(train.threads):  # the library never sets threads itself; the preset's count makes it exact
         train_reference(
-            data, out, train=train, recipe=get_recipe(s["recipe"]), eval_data=None, progress=progress, **shape
+            data,
+            out,
+            train=train,
+            recipe=get_recipe(s["recipe"]),
+            eval_data=None,
+            progress=progress,
+            save_dtype=s.get("save_dtype", "float32"),
+            **shape,
         )
     return out

@@ -26,6 +26,7 @@ _DEFAULTS = {
     "warmup": 30,
     "recipe": "plain",
     "threads": 1,
+    "save_dtype": "float32",
 }
 
 
@@ -76,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rec.add_argument("--exit-scale", type=float, default=1.0, help="early-exit loss scale of non-final layers")
     rec.add_argument("--rotation", type=int, default=2, help="period of the rotational curriculum")
     rec.add_argument("--dropout-warmup", choices=["none", "exp"], default="none")
+    opt.add_argument(
+        "--save-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="storage dtype of the saved weights (default float32; loading upcasts; the perplexity is the saved one's)",
+    )
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-data", type=Path, help="perplexity text (default: none, no report)")
     ev.add_argument("--eval-tokens", type=int, default=65536, help="tokens of --eval-data scored (default 65536)")
@@ -153,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             eval_data=eval_data,
             eval_tokens=args.eval_tokens,
             progress=not args.quiet,
+            save_dtype=s["save_dtype"],
         )
     summary = {
         "out": str(args.out),

@@ -39,10 +39,39 @@ from deltaexit.training.recipes import PlainRecipe
 from deltaexit.training.tokenizer import fit_tokenizer
 from deltaexit.training.trainer import TrainConfig, deterministic, train_loop
 
-__all__ = ["TRAINING_FORMAT_VERSION", "save_model_dir", "train_reference"]
+__all__ = ["SAVE_DTYPES", "TRAINING_FORMAT_VERSION", "round_weights", "save_model_dir", "train_reference"]
 
 #: Version of the ``training.json`` record written beside the weights.
 TRAINING_FORMAT_VERSION = 1
+
+#: Storage dtypes ``train_reference(save_dtype=...)`` writes (loading upcasts to float32).
+SAVE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def round_weights(model: nn.Module, save_dtype: str) -> nn.Module:
+    """Round ``model``'s floating-point weights in place to ``save_dtype`` and back to their own dtype.
+
+    The model then computes exactly what its saved ``save_dtype`` copy computes once loaded in float32, so a
+    perplexity measured after rounding is the shipped model's.
+
+    Raises:
+        ValueError: ``save_dtype`` is not one of :data:`SAVE_DTYPES`.
+
+    Example:
+        >>> layer = torch.nn.Linear(1, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(1.0 + 2**-12)
+        >>> round_weights(layer, "bfloat16").weight.item()
+        1.0
+    """
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {save_dtype!r}")
+    target = SAVE_DTYPES[save_dtype]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_(p.to(target).to(p.dtype))
+    return model
 
 
 def save_model_dir(model, tokenizer, out: str | os.PathLike[str], record: dict[str, Any] | None = None) -> Path:
@@ -106,6 +135,7 @@ def train_reference(
     eval_data: str | os.PathLike[str] | None = None,
     eval_tokens: int | None = 65536,
     progress: bool = True,
+    save_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Fit a tokenizer and a Llama model on ``data`` (or continue ``init``), evaluate, save to ``out``.
 
@@ -120,11 +150,16 @@ def train_reference(
         eval_data: Text for the perplexity report (e.g. ``test.txt``); ``None`` skips it.
         eval_tokens: Tokens of ``eval_data`` scored.
         progress: tqdm bars.
+        save_dtype: Storage dtype of the saved weights (``"bfloat16"`` halves the file); the weights are rounded
+            to it before the evaluation, so the reported perplexity is the saved model's.
 
     Returns:
         The report written to ``out/training.json``.
     """
     from transformers import LlamaForCausalLM
+
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {save_dtype!r}")
 
     train = train or TrainConfig()
     recipe = recipe or PlainRecipe()
@@ -160,7 +195,9 @@ def train_reference(
             "context": context,
             "parameters": sum(p.numel() for p in model.parameters()),
             "history": history,
+            "save_dtype": save_dtype,
         }
+        round_weights(model, save_dtype)
         if eval_paragraphs is not None and eval_data is not None:
             per_layer = layer_perplexities(
                 model, tokenizer, eval_paragraphs, max_tokens=eval_tokens, context=context, progress=progress
@@ -174,7 +211,8 @@ def train_reference(
             }
     model.eval()
     if out is not None:
-        save_model_dir(model, tokenizer, out, report)
+        save_model_dir(model.to(SAVE_DTYPES[save_dtype]), tokenizer, out, report)
+        model.float()
     else:
         report["model"], report["tokenizer"] = model, tokenizer
     return report

@@ -102,5 +102,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "lr": 1.5e-3,
         "threads": 2,
+        "save_dtype": "bfloat16",  # 29 MB instead of 59 MB; loading upcasts to float32
     },
 }
