@@ -31,7 +31,7 @@ def test_v1_is_shipped_small_and_loads():
     assert record["format_version"] == 1 and record["eval"]["max_tokens"] == 65536
 
 
-@pytest.mark.parametrize("name", ["v1", "v2"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v3"])
 def test_lens_reproduces_logits(name):
     if name not in available_references():
         pytest.skip(f"reference {name} not shipped")
@@ -42,6 +42,22 @@ def test_lens_reproduces_logits(name):
     lens = dx.Lens.from_model(model)
     mask = ids["attention_mask"].bool()
     assert torch.allclose(lens(trace.h_out[-1])[mask], logits[mask], atol=1e-4)
+
+
+def test_v3_has_the_proportions_of_real_checkpoints():
+    from deltaexit.generation.cost import CostModel
+
+    assert "v3" in available_references()
+    path = reference_path("v3")
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    assert size <= 32 * 1024 * 1024  # bfloat16 storage
+    model, tokenizer = load_reference("v3")
+    assert model.config.num_hidden_layers >= 12 and next(model.parameters()).dtype == torch.float32
+    cost = CostModel.from_model(model)
+    assert cost.head_flops <= cost.block_flops  # the LM head costs at most one block
+    record = json.loads((path / "training.json").read_text())
+    assert record["save_dtype"] == "bfloat16" and record["recipe"]["name"] == "layerskip"
+    assert record["eval"]["perplexity"] < 1000
 
 
 def test_v1_predicts_wikitext_better_than_chance():

@@ -4,6 +4,9 @@
   vocabulary 4096), trained plainly on WikiText-2 ``valid.txt`` with ``deltaexit train --preset ref64-plain``.
 - ``v2``: the same shape, tokenizer, data, seed and step count trained with the LayerSkip recipe
   (layer dropout + early-exit loss, ``deltaexit train --preset ref64-layerskip``).
+- ``v3``: the proportions of real checkpoints (hidden 256, 8 heads, FFN 1024, 12 layers, the same tokenizer:
+  the LM head costs about one block), trained with the LayerSkip recipe (``deltaexit train --preset
+  ref256-layerskip``), stored in bfloat16 and upcast to float32 at load. The model early exit is measured on.
 
 Each is a normal HF directory: ``AutoModelForCausalLM.from_pretrained(reference_path("v1"))`` works too.
 
