@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import time
@@ -39,11 +40,20 @@ from deltaexit.evaluation import evaluate_measures, layer_delta_stats
 from deltaexit.features import LABELS, StateSet, collect_states, model_context_length, tokenize_text
 from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
+from deltaexit.measures.candidates import check_candidates
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
 from deltaexit.structure import find_structure
 
-__all__ = ["DEFAULT_MEASURES", "AnalyzeConfig", "analyze", "build_measures", "format_report", "write_plots"]
+__all__ = [
+    "DEFAULT_MEASURES",
+    "AnalyzeConfig",
+    "analyze",
+    "build_measures",
+    "format_report",
+    "with_candidates",
+    "write_plots",
+]
 
 #: Display name -> (registry name, keyword arguments) of the measures ``analyze`` evaluates.
 DEFAULT_MEASURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -74,7 +84,7 @@ def build_measures(
     names = list(names) if names is not None else list(DEFAULT_MEASURES)
     out: dict[str, ConfidenceMeasure] = {}
     for name in names:
-        registry, kwargs = DEFAULT_MEASURES.get(name, (name, {}))
+        registry, kwargs = _registry_entry(name)
         if registry not in available_measures():
             raise ValueError(
                 f"unknown measure {name!r}; choose from {sorted(set(DEFAULT_MEASURES) | set(available_measures()))}"
@@ -84,6 +94,44 @@ def build_measures(
             kwargs = {**kwargs, "label": label, "seed": seed, **fit_kwargs}
         out[name] = get_measure(registry, **kwargs)
     return out
+
+
+def _registry_entry(name: str) -> tuple[str, dict[str, Any]]:
+    """``(registry name, keyword arguments)`` of a display name; ``NAME@K`` adds ``candidates=K``."""
+    base, at, k = name.rpartition("@") if "@" in name else (name, "", "")
+    registry, kwargs = DEFAULT_MEASURES.get(base, (base, {}))
+    if at:
+        if not k.isdigit():
+            raise ValueError(f"{name!r}: write a candidate set as NAME@K with an integer K, e.g. 'softmax-max@64'")
+        kwargs = {**kwargs, "candidates": int(k)}
+    return registry, kwargs
+
+
+def with_candidates(names: Sequence[str] | None, candidates: int | Sequence[int] | None) -> list[str] | None:
+    """``names`` (default: :data:`DEFAULT_MEASURES`) plus ``NAME@K`` for each measure that takes ``candidates``.
+
+    Example:
+        >>> with_candidates(["softmax-max", "delta-norm"], [64])
+        ['softmax-max', 'delta-norm', 'softmax-max@64']
+    """
+    if isinstance(candidates, int):
+        candidates = (candidates,)
+    if not candidates:
+        return list(names) if names is not None else None
+    base = list(names) if names is not None else list(DEFAULT_MEASURES)
+    extra = [
+        f"{name}@{k}"
+        for k in candidates
+        for name in base
+        if "@" not in name and _takes_candidates(_registry_entry(name)[0])
+    ]
+    return base + [name for name in extra if name not in base]
+
+
+def _takes_candidates(registry: str) -> bool:
+    if registry not in available_measures():
+        return False  # build_measures says what is wrong with the name
+    return "candidates" in inspect.signature(type(get_measure(registry)).__init__).parameters
 
 
 def _fit_all(measures: dict[str, ConfidenceMeasure], train: StateSet, label: str, progress: bool) -> dict[str, float]:
@@ -117,6 +165,8 @@ class AnalyzeConfig:
         fit_kwargs: Extra keyword arguments for the trainable measures (e.g. ``max_epochs``).
         save_measures: Directory to save every fitted measure into, as ``DIR/<label>/<name>``
             (:meth:`~deltaexit.measures.TrainableMeasure.save`; load with ``dx.load_measure``).
+        candidates: Candidate-set sizes ``K`` (one int or several): each measure that takes ``candidates``
+            (``softmax-max``, ``softmax-gap``, ``lens-mlp``) is also evaluated as ``NAME@K``.
 
     Raises:
         ValueError: An unknown label or fewer than 2 test tokens.
@@ -141,9 +191,20 @@ class AnalyzeConfig:
     progress: bool = False
     fit_kwargs: dict[str, Any] | None = None
     save_measures: str | os.PathLike[str] | None = None
+    candidates: int | Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
+        ks = (
+            ()
+            if self.candidates is None
+            else (self.candidates,)
+            if isinstance(self.candidates, int)
+            else self.candidates
+        )
+        for k in ks:
+            check_candidates(k, minimum=2)
+        object.__setattr__(self, "candidates", tuple(ks))
         if self.measures is not None:
             object.__setattr__(self, "measures", tuple(self.measures))
         for kind in self.labels:
@@ -209,7 +270,10 @@ def analyze(
         (256, ['delta-norm', 'softmax-max'])
     """
     cfg = AnalyzeConfig.build(config, **overrides)
-    cost_measures = build_measures(cfg.measures, seed=cfg.seed)  # validates the names before any work
+    cost_measures = build_measures(with_candidates(cfg.measures, cfg.candidates), seed=cfg.seed)  # names checked
+    structure = find_structure(model, validate=False)
+    for measure in cost_measures.values():
+        measure.check_sizes(structure.hidden_size, structure.vocab_size)  # e.g. candidates >= vocab: before any work
     window = cfg.window or min(256, model_context_length(model))
     timing: dict[str, Any] = {}
     start = time.perf_counter()
@@ -230,7 +294,6 @@ def analyze(
         "measures": {n: measure_cost(m, model, context=window) for n, m in cost_measures.items()},
     }
     results = _fit_and_evaluate(cfg, train, select, test, timing)
-    structure = find_structure(model, validate=False)
     return json_clean(
         {
             "deltaexit_version": __version__,
@@ -293,7 +356,9 @@ def _fit_and_evaluate(
     timing["fit_s"] = {}
     timing["evaluate_s"] = {}
     for kind in cfg.labels:
-        chosen = build_measures(cfg.measures, label=kind, seed=cfg.seed, **(cfg.fit_kwargs or {}))
+        chosen = build_measures(
+            with_candidates(cfg.measures, cfg.candidates), label=kind, seed=cfg.seed, **(cfg.fit_kwargs or {})
+        )
         timing["fit_s"][kind] = _fit_all(chosen, train, kind, cfg.progress)
         if cfg.save_measures is not None:
             for name, m in chosen.items():

@@ -237,7 +237,9 @@ def evaluate_measures(
     after that block (its ``h_out``, its delta, its lens). For ``next`` it predicts that block
     ``l+1`` keeps the top-1 (transition ``l→l+1``); for ``final`` that the top-1 is final. For
     ``kept`` (the research note's protocol) transition ``l→l+1`` is scored from block ``l+1``'s
-    own state: did the block whose delta is read leave the top-1 unchanged.
+    own state: did the block whose delta is read leave the top-1 unchanged. A candidate-set measure
+    (``candidates=K``) picks each token's candidates at the first decision layer (block 0, or 1 for ``kept``)
+    and reads only those ``K`` logits at the later ones, as early exit does from ``min_exit_layer`` on.
 
     Returns:
         ``{"label", "transitions": [...], "summary": {measure: {...}}}`` where each transition
@@ -252,6 +254,7 @@ def evaluate_measures(
         raise ValueError("select and test states come from models with different depths")
     sel_y, test_y = select.labels(label), test.labels(label)
     test_norm = test.delta.norm(dim=-1)
+    first_ids: dict[tuple[str, int], torch.Tensor] = {}  # candidate ids picked at the first decision layer
     transitions = []
     for i, block in enumerate(test.decision_layers(label)):
         y = test_y[i]
@@ -266,19 +269,35 @@ def evaluate_measures(
             "r_next_delta_change": pearson(test_norm[i + 1], change),
             "measures": {},
         }
-        sel_states: dict[tuple[bool, bool], LayerState] = {}
-        test_states: dict[tuple[bool, bool], LayerState] = {}
+        sel_states: dict[tuple[bool, bool, int | None], LayerState] = {}
+        test_states: dict[tuple[bool, bool, int | None], LayerState] = {}
         for name, measure in measures.items():
             # Each measure gets only what it declares; measures that read the same share one state (one lens call).
-            key = (measure.needs("h_in"), measure.needs("lens"))
+            key = (measure.needs("h_in"), measure.needs("lens"), measure.candidates)
             sel_state = sel_states.setdefault(key, select.state(block, measure))
             test_state = test_states.setdefault(key, test.state(block, measure))
-            s_sel = measure.score(sel_state)
-            s_test = measure.score(test_state)
+            s_sel = _score_carrying(measure, sel_state, first_ids, "select")
+            s_test = _score_carrying(measure, test_state, first_ids, "test")
             row["measures"][name] = evaluate_scores(s_sel, sel_y[i], s_test, y)
         transitions.append(row)
     summary = {name: _summary([t["measures"][name] for t in transitions]) for name in measures}
     return json_clean({"label": label, "transitions": transitions, "summary": summary})
+
+
+def _score_carrying(
+    measure: ConfidenceMeasure, state: LayerState, first_ids: dict[tuple[str, int], torch.Tensor], split: str
+) -> torch.Tensor:
+    """``measure.score(state)``; a candidate-set measure's tokens keep the candidates picked at their first
+    decision layer (the first state it scores; the later layers' states take them over)."""
+    if measure.candidates is None:
+        return measure.score(state)
+    key = (split, measure.candidates)
+    if key in first_ids and state.candidates is None:
+        state.candidates = first_ids[key]
+    score = measure.score(state)
+    if key not in first_ids and state.candidates is not None:
+        first_ids[key] = state.candidates
+    return score
 
 
 def _summary(per: list[dict[str, float]]) -> dict[str, float]:

@@ -74,6 +74,22 @@ class Lens:
         """Alias of ``lens(h)``."""
         return self(h)
 
+    def candidate_logits(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of only the candidate tokens ``ids`` (``[..., K]``): ``lens(h).gather(-1, ids)`` at ``K / vocab``
+        of the head's cost (see :meth:`~deltaexit.structure.ModelStructure.candidate_logits`).
+
+        Example:
+            >>> from deltaexit.testing import tiny_model
+            >>> lens = Lens.from_model(tiny_model("llama"))
+            >>> h = torch.randn(2, lens.structure.hidden_size)
+            >>> ids = lens(h).topk(3, dim=-1).indices
+            >>> torch.allclose(lens.candidate_logits(h, ids), lens(h).topk(3, dim=-1).values, atol=1e-5)
+            True
+        """
+        if not isinstance(h, torch.Tensor) or not isinstance(ids, torch.Tensor):
+            raise TypeError("candidate_logits takes a tensor of hidden states and a tensor of token ids")
+        return self.structure.candidate_logits(h, ids)
+
     def probs(self, h: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (float32) over the vocabulary."""
         return torch.softmax(self(h).float(), dim=-1)

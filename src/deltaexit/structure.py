@@ -53,6 +53,8 @@ __all__ = [
     "text_config",
 ]
 
+#: Elements (tokens x candidates x hidden) of head rows :meth:`ModelStructure.candidate_logits` gathers at once.
+CANDIDATE_CHUNK = 1 << 22
 _OVERRIDE_HINT = (
     "Pass the piece explicitly, e.g. dx.find_structure(model, blocks='model.layers', "
     "final_norm='model.norm', lm_head='lm_head') (dotted paths or modules); the same keywords "
@@ -441,26 +443,87 @@ class ModelStructure:
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Head and logit steps applied to an already normalised state."""
-        logits = self.lm_head(h)
+        logits = self._logit_steps(self.lm_head(h))
+        if self.logit_transform is not None:
+            logits = self.logit_transform(logits)
+        return logits
+
+    def _logit_steps(self, logits: torch.Tensor) -> torch.Tensor:
+        """The elementwise logit steps: scale, divisor, soft-cap (what acts on each logit alone)."""
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.logit_divisor is not None:
             logits = logits / self.logit_divisor
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        if self.logit_transform is not None:
-            logits = self.logit_transform(logits)
         return logits
 
-    def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of block outputs ``h`` (``[..., hidden]``), moved to the head's device and dtype first."""
+    def _head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` moved to the device and dtype of the final norm (else the head), unless those are on ``meta``."""
         first = self.final_norm if self.final_norm is not None else self.lm_head
         param = next(first.parameters(), None)
         if param is None:
             param = next(self.lm_head.parameters(), None)
         if param is not None and param.device.type != "meta" and (h.device != param.device or h.dtype != param.dtype):
             h = h.to(device=param.device, dtype=param.dtype)
-        return self.head_logits(self.normalize(h))
+        return h
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of block outputs ``h`` (``[..., hidden]``), moved to the head's device and dtype first."""
+        return self.head_logits(self.normalize(self._head_input(h)))
+
+    def candidate_logits(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The logits of only the tokens ``ids`` for block outputs ``h``: ``unembed(h).gather(-1, ids)``.
+
+        Computes ``normalize(h) @ W[ids].T`` (plus the head's bias rows) and the elementwise logit steps
+        (scaling, soft-capping), so it costs ``K * hidden`` multiply-adds per token instead of
+        ``vocab * hidden``. A head that is not a plain floating-point ``nn.Linear`` (quantised, offloaded
+        to ``meta``) or a user ``logit_transform`` (which may mix logits) falls back to the full head and a
+        gather: the same values, at the full cost.
+
+        Args:
+            h: ``[..., hidden]`` block outputs.
+            ids: ``[..., K]`` token ids (long), the same leading dims as ``h``.
+
+        Returns:
+            ``[..., K]`` logits, in the head's dtype.
+
+        Example:
+            >>> from deltaexit.testing import tiny_model
+            >>> s = find_structure(tiny_model("llama"))
+            >>> h, ids = torch.randn(3, s.hidden_size), torch.tensor([[0, 5], [7, 1], [2, 2]])
+            >>> torch.allclose(s.candidate_logits(h, ids), s.unembed(h).gather(-1, ids), atol=1e-5)
+            True
+        """
+        if ids.dim() != h.dim() or ids.shape[:-1] != h.shape[:-1]:
+            raise ValueError(
+                f"candidate ids {tuple(ids.shape)} must have the leading dims of the states {tuple(h.shape)}, "
+                "plus one dim of K candidates"
+            )
+        weight = getattr(self.lm_head, "weight", None)
+        plain = (
+            isinstance(self.lm_head, nn.Linear)
+            and isinstance(weight, torch.Tensor)
+            and weight.is_floating_point()
+            and weight.device.type != "meta"
+        )
+        if not plain or self.logit_transform is not None:
+            full = self.unembed(h)
+            return full.gather(-1, ids.to(full.device))
+        assert isinstance(weight, torch.Tensor)
+        x = self.normalize(self._head_input(h))
+        bias = getattr(self.lm_head, "bias", None)
+        k = ids.shape[-1]
+        flat_x = x.reshape(-1, 1, x.shape[-1]).to(weight.dtype)
+        flat_ids = ids.reshape(-1, k).to(weight.device)
+        step = max(1, CANDIDATE_CHUNK // max(1, k * x.shape[-1]))  # tokens per gather of [tokens, K, hidden] rows
+        parts = []
+        for start in range(0, flat_ids.shape[0], step):
+            rows = flat_ids[start : start + step]
+            part = torch.matmul(flat_x[start : start + step], weight[rows].transpose(1, 2))[:, 0]
+            parts.append(part if bias is None else part + bias[rows])
+        logits = torch.cat(parts) if parts else flat_x.new_zeros(0, k)
+        return self._logit_steps(logits.reshape(*ids.shape))
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` as a non-negative block index, or raise a clear IndexError."""

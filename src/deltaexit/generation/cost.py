@@ -34,7 +34,7 @@ from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.structure import find_structure, query_projection
 
-__all__ = ["CostModel", "kv_only_flops", "measure_block_fraction"]
+__all__ = ["CostModel", "kv_only_flops", "measure_block_fraction", "measure_setup_block_fraction"]
 
 # Names of attention projections a K/V-only call runs: the separate ones structure discovery knows, and fused ones.
 _KV_PROJECTIONS = frozenset(name for names in QKV_NAMES for name in names) | frozenset(FUSED_QKV_NAMES)
@@ -164,6 +164,9 @@ class CostModel:
 def measure_block_fraction(model: nn.Module, measure: ConfidenceMeasure, context: int) -> float:
     """One ``measure`` call's FLOPs over one block's FLOPs at ``context`` (0 if either is unknown).
 
+    For a candidate-set measure (``candidates=K``) this is a call after the token's first scored layer (``K``
+    rows of the head); the first scored layer of each forward pays :func:`measure_setup_block_fraction` on top.
+
     Example:
         >>> from deltaexit.measures.base import get_measure
         >>> from deltaexit.testing import tiny_model
@@ -173,6 +176,28 @@ def measure_block_fraction(model: nn.Module, measure: ConfidenceMeasure, context
     try:
         structure = find_structure(model, validate=False)
         flops = float(measure.flops_per_token(structure.hidden_size, structure.vocab_size))
+        block = block_flops_per_token(model, context=context)
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return 0.0
+    return flops / block if block > 0 and math.isfinite(flops) else 0.0
+
+
+def measure_setup_block_fraction(model: nn.Module, measure: ConfidenceMeasure, context: int) -> float:
+    """What ``measure`` pays once per token at its first scored layer, on top of :func:`measure_block_fraction`,
+    over one block's FLOPs (candidate-set measures: the full head that picks the candidates; 0 for the others).
+
+    Example:
+        >>> from deltaexit.measures.base import get_measure
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=2)
+        >>> measure_setup_block_fraction(model, get_measure("softmax-max"), 8)
+        0.0
+        >>> measure_setup_block_fraction(model, get_measure("softmax-max", candidates=8), 8) > 0
+        True
+    """
+    try:
+        structure = find_structure(model, validate=False)
+        flops = float(measure.setup_flops_per_token(structure.hidden_size, structure.vocab_size))
         block = block_flops_per_token(model, context=context)
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         return 0.0

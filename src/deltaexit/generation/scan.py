@@ -175,7 +175,7 @@ class ExitScan:
         thresholds = self.schedule.values(step, self.num_layers)
         states = [hidden] if keep_states else None
         depth, h, all_exited = 0, hidden, False
-        prev_logits: torch.Tensor | None = None
+        prev: LayerState | None = None  # the last scored block's state: hands on its candidates and lens logits
         for layer in range(max_depth):
             out = self.runner.run_block(layer, h, calls[layer])
             run.stats.blocks_run += 1
@@ -186,10 +186,9 @@ class ExitScan:
             depth = layer + 1
             if states is not None:
                 states.append(h)
-            logits_in, prev_logits = prev_logits, None  # valid only for the block right after the one scored
             threshold = thresholds[layer]
             if exits and is_scored(depth, threshold, min_exit_layer=self.min_exit_layer, num_layers=self.num_layers):
-                prev_logits, all_exited = self._decide(run, rows, layer, h, h_prev, logits_in, threshold)
+                prev, all_exited = self._decide(run, rows, layer, h, h_prev, prev, threshold)
                 if all_exited:
                     break
         rows.finish(depth, h[:, -1])
@@ -202,13 +201,14 @@ class ExitScan:
         layer: int,
         h: torch.Tensor,
         h_prev: torch.Tensor,
-        logits_in: torch.Tensor | None,
+        previous: LayerState | None,
         threshold: float,
-    ) -> tuple[torch.Tensor | None, bool]:
-        """Score the rows after block ``layer`` and let those that pass exit; the lens logits the measure made
-        (None if none) and whether every row has now exited."""
+    ) -> tuple[LayerState, bool]:
+        """Score the rows after block ``layer`` and let those that pass exit; the scored state (to hand on) and
+        whether every row has now exited."""
         state = LayerState(layer=layer, h_out=h[:, -1], h_in=h_prev[:, -1], num_layers=self.num_layers, lens=self.lens)
-        state.cached_logits_in = logits_in  # the previous layer's lens of this h_in, when a measure made it
+        if previous is not None:  # its candidate ids; its lens logits when it scored the block right before
+            state.take_from(previous)  # (only full logits are ever cached as the exit's logits, below)
         score = self.measure.score(state)
         run.stats.measure_calls += 1
         new = passes(score, threshold) & ~rows.exited
@@ -219,6 +219,6 @@ class ExitScan:
         if has_nan:
             raise ValueError(f"the measure {self.measure!r} returned NaN at layer {layer + 1}")
         if not any_new:
-            return state.cached_logits, False
+            return state, False
         rows.add(new, layer + 1, h[:, -1], state.cached_logits)
-        return state.cached_logits, bool(now_all)
+        return state, bool(now_all)

@@ -44,15 +44,34 @@ def block_flops_per_token(model: nn.Module, *, context: int = 256, layer: int = 
 def measure_cost(measure: ConfidenceMeasure, model: nn.Module, *, context: int = 256) -> dict[str, float]:
     """FLOPs per decision of ``measure`` on ``model`` and its fraction of one block.
 
+    ``flops_per_decision`` is what every decision costs (for a candidate-set measure, a decision after the
+    token's first scored layer: ``K`` rows of the head); ``setup_flops_per_token`` is what a token pays once
+    on top, at its first scored layer (the full head that picks the candidates; 0 for most measures). A token
+    scored at ``n`` layers costs ``n * flops_per_decision + setup_flops_per_token``.
+
     Returns:
-        ``{"flops_per_decision", "block_flops", "fraction_of_block", "context"}``.
+        ``{"flops_per_decision", "setup_flops_per_token", "block_flops", "fraction_of_block",
+        "setup_fraction_of_block", "context"}``.
+
+    Example:
+        >>> from deltaexit.measures.base import get_measure
+        >>> from deltaexit.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=2, hidden=32, vocab=512)
+        >>> full, top8 = (measure_cost(get_measure("softmax-max", candidates=k), model) for k in (None, 8))
+        >>> top8["fraction_of_block"] < full["fraction_of_block"], full["setup_flops_per_token"]
+        (True, 0.0)
     """
     structure = find_structure(model, validate=False)
-    flops = float(measure.flops_per_token(structure.hidden_size, structure.vocab_size))
+    hidden, vocab = structure.hidden_size, structure.vocab_size
+    measure.check_sizes(hidden, vocab)
+    flops = float(measure.flops_per_token(hidden, vocab))
+    setup = float(measure.setup_flops_per_token(hidden, vocab))
     block = block_flops_per_token(model, context=context)
     return {
         "flops_per_decision": flops,
+        "setup_flops_per_token": setup,
         "block_flops": block,
         "fraction_of_block": flops / block,
+        "setup_fraction_of_block": setup / block,
         "context": float(context),
     }

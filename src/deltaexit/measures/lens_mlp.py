@@ -20,11 +20,19 @@ Example:
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from deltaexit.measures.base import LayerState, register_measure
+from deltaexit.measures.candidates import (
+    candidate_head_flops,
+    carry_candidates,
+    check_candidates,
+    check_candidates_for_vocab,
+)
 from deltaexit.measures.cost import lens_head_flops
 from deltaexit.measures.lens_features import LENS_FEATURE_NAMES, lens_features_chunked
 from deltaexit.measures.trainable import TrainableMeasure
@@ -45,6 +53,11 @@ class LensMLP(TrainableMeasure):
     (class-balanced fits rank tokens within a layer but shift the scale from layer to layer). Costs
     one lens call per scored layer: the early-exit loop hands the previous layer's lens logits on
     (``LayerState(logits_in=...)``); only the first scored layer of a step also runs the lens on its ``h_in``.
+
+    With ``candidates=K`` the features are computed over each token's ``K`` candidate tokens (the top-``K`` of
+    the full lens at its first scored layer; :mod:`deltaexit.measures.candidates`): ``K`` rows of the head per
+    later decision. Fit and score with the same ``candidates``: :meth:`fit` picks them at the lowest layer
+    of the given states and hands them to the others.
     """
 
     name: ClassVar[str] = "lens-mlp"
@@ -66,23 +79,59 @@ class LensMLP(TrainableMeasure):
         seed: int = 0,
         class_weight: str | None = None,
         verbose: bool = False,
+        candidates: int | None = None,
     ) -> None:
+        self.candidates = check_candidates(candidates, minimum=4)
         super().__init__(
             features=features, hidden_units=hidden_units, per_layer=per_layer, label=label, max_epochs=max_epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
             seed=seed, class_weight=class_weight, verbose=verbose,
         )  # fmt: skip
 
+    def _assign_params(self, **params: Any) -> None:
+        self.candidates = check_candidates(params.get("candidates", self.candidates), minimum=4)
+        super()._assign_params(**params)
+
+    @property
+    def display_name(self) -> str:
+        """As :attr:`TrainableMeasure.display_name`, with ``@K`` for a candidate set (e.g. ``lens-mlp@64``)."""
+        name = super().display_name
+        return name if self.candidates is None else f"{name}@{self.candidates}"
+
     def raw_features(self, state: LayerState) -> torch.Tensor:
         """Lens features, in chunks of tokens so a fit on many tokens never holds all their logits."""
-        return lens_features_chunked(state)
+        return lens_features_chunked(state, candidates=self.candidates)
+
+    def fit(self, states: Sequence[LayerState], labels: Sequence[torch.Tensor]) -> LensMLP:
+        """As :meth:`TrainableMeasure.fit`; with ``candidates``, the lowest layer's state picks each token's
+        candidates and the other states (the same tokens at later layers) take them over."""
+        states, labels = list(states), list(labels)
+        if self.candidates is not None and states:
+            carry_candidates(states, self.candidates)
+        super().fit(states, labels)
+        return self
+
+    def check_sizes(self, hidden_size: int, vocab_size: int) -> None:
+        check_candidates_for_vocab(self.candidates, vocab_size)
 
     def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
         n_in = len(LENS_FEATURE_NAMES)
         h = self.hidden_units
-        head = lens_head_flops(hidden_size, vocab_size)
-        # log-softmax of both layers' logits, top-k, gathers, entropy and KL over the vocabulary
-        lens_stats = 14.0 * vocab_size
+        n = vocab_size if self.candidates is None else self.candidates
+        head = (
+            lens_head_flops(hidden_size, vocab_size)
+            if self.candidates is None
+            else candidate_head_flops(hidden_size, n)
+        )
+        # log-softmax of both layers' logits, top-k, gathers, entropy and KL over the vocabulary (or candidates)
+        lens_stats = 14.0 * n
         states = 10.0 * hidden_size  # delta, two norms, cosine
         mlp = 2.0 * n_in + 2.0 * n_in * h + 12.0 * h + 1.0
         return head + lens_stats + states + mlp
+
+    def setup_flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        if self.candidates is None:
+            return 0.0
+        # the full head and a top-K at the first scored layer, plus K rows for its h_in (no earlier layer hands
+        # them on), instead of the K rows a later decision reads
+        return lens_head_flops(hidden_size, vocab_size) + vocab_size * math.log2(self.candidates)

@@ -16,11 +16,18 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, register_measure
+from deltaexit.measures.candidates import (
+    candidate_head_flops,
+    candidate_logits,
+    check_candidates,
+    check_candidates_for_vocab,
+)
 from deltaexit.measures.cost import lens_head_flops
 
 __all__ = ["DeltaNorm", "DeltaRatio", "SoftmaxGap", "SoftmaxMax", "StateCosine"]
@@ -38,8 +45,61 @@ def _top2(state: LayerState) -> torch.Tensor:
     return probs.topk(2, dim=-1).values
 
 
+class _SoftmaxMeasure(ConfidenceMeasure):
+    """Shared parts of the softmax responses: the lens, scores in [0, 1], the ``candidates`` option.
+
+    Args:
+        candidates: None: the softmax over the full vocabulary at every scored layer. ``K``: the top-``K``
+            tokens of the full lens at a token's first scored layer are its candidates; every decision scores
+            the softmax over those ``K`` logits only (``K`` rows of the head after the first layer; see
+            :mod:`deltaexit.measures.candidates`).
+    """
+
+    needs_lens: ClassVar[bool] = True
+    inputs: ClassVar[tuple[str, ...]] = ("h_out",)
+    score_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    #: FLOPs per token of the softmax statistic over ``n`` probabilities (beyond the softmax itself).
+    stat_flops: ClassVar[float] = 1.0
+
+    def __init__(self, candidates: int | None = None) -> None:
+        self.candidates = check_candidates(candidates, minimum=2)
+
+    @property
+    def display_name(self) -> str:
+        """``name``, with ``@K`` for a candidate set (e.g. ``softmax-max@64``)."""
+        return self.name if self.candidates is None else f"{self.name}@{self.candidates}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(candidates={self.candidates})"
+
+    def probs(self, state: LayerState) -> torch.Tensor:
+        """The probabilities the score reads: over the candidates, or over the full vocabulary."""
+        if self.candidates is None:
+            return torch.softmax(state.logits.float(), dim=-1)
+        return torch.softmax(candidate_logits(state, self.candidates).float(), dim=-1)
+
+    def check_sizes(self, hidden_size: int, vocab_size: int) -> None:
+        check_candidates_for_vocab(self.candidates, vocab_size)
+
+    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        n = vocab_size if self.candidates is None else self.candidates
+        head = (
+            lens_head_flops(hidden_size, vocab_size)
+            if self.candidates is None
+            else candidate_head_flops(hidden_size, n)
+        )
+        return head + self.stat_flops * n
+
+    def setup_flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
+        if self.candidates is None:
+            return 0.0
+        # the full head at the first scored layer, and the top-K over it, instead of K rows
+        full = lens_head_flops(hidden_size, vocab_size) + vocab_size * math.log2(max(2, self.candidates))
+        return full - candidate_head_flops(hidden_size, self.candidates)
+
+
 @register_measure
-class SoftmaxMax(ConfidenceMeasure):
+class SoftmaxMax(_SoftmaxMeasure):
     """CALM's softmax response: the lens's maximum probability after block ``l`` (in [0, 1]).
 
     Example:
@@ -49,32 +109,28 @@ class SoftmaxMax(ConfidenceMeasure):
     """
 
     name: ClassVar[str] = "softmax-max"
-    needs_lens: ClassVar[bool] = True
-    inputs: ClassVar[tuple[str, ...]] = ("h_out",)
+    example_threshold: ClassVar[float | None] = 0.9
 
     def score(self, state: LayerState) -> torch.Tensor:
-        if state.topk_probs is not None:
+        if self.candidates is None and state.topk_probs is not None:
             return state.topk_probs[..., 0].float()
-        return torch.softmax(state.logits.float(), dim=-1).amax(dim=-1)
-
-    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
-        return lens_head_flops(hidden_size, vocab_size) + vocab_size
+        return self.probs(state).amax(dim=-1)
 
 
 @register_measure
-class SoftmaxGap(ConfidenceMeasure):
+class SoftmaxGap(_SoftmaxMeasure):
     """CALM's softmax response as top-1 minus top-2 probability (in [0, 1])."""
 
     name: ClassVar[str] = "softmax-gap"
-    needs_lens: ClassVar[bool] = True
-    inputs: ClassVar[tuple[str, ...]] = ("h_out",)
+    example_threshold: ClassVar[float | None] = 0.5
+    stat_flops: ClassVar[float] = 2.0
 
     def score(self, state: LayerState) -> torch.Tensor:
-        top = _top2(state)
+        if self.candidates is None:
+            top = _top2(state)
+        else:
+            top = self.probs(state).topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
-
-    def flops_per_token(self, hidden_size: int, vocab_size: int) -> float:
-        return lens_head_flops(hidden_size, vocab_size) + 2.0 * vocab_size
 
 
 @register_measure
@@ -83,6 +139,8 @@ class StateCosine(ConfidenceMeasure):
 
     name: ClassVar[str] = "state-cosine"
     inputs: ClassVar[tuple[str, ...]] = ("h_in", "h_out")
+    score_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
+    example_threshold: ClassVar[float | None] = 0.99
 
     def score(self, state: LayerState) -> torch.Tensor:
         if state.h_in is None:
@@ -105,6 +163,11 @@ class DeltaNorm(ConfidenceMeasure):
 
     name: ClassVar[str] = "delta-norm"
     inputs: ClassVar[tuple[str, ...]] = ("delta",)
+    score_range: ClassVar[tuple[float, float]] = (-math.inf, 0.0)
+    example_threshold: ClassVar[float | None] = -2.0
+
+    def threshold_hint(self, threshold: float) -> str:
+        return f" (exits when ‖delta‖ <= {-threshold:g})"
 
     def score(self, state: LayerState) -> torch.Tensor:
         return -state.delta.float().norm(dim=-1)
@@ -119,6 +182,11 @@ class DeltaRatio(ConfidenceMeasure):
 
     name: ClassVar[str] = "delta-ratio"
     inputs: ClassVar[tuple[str, ...]] = ("h_in", "delta")
+    score_range: ClassVar[tuple[float, float]] = (-math.inf, 0.0)
+    example_threshold: ClassVar[float | None] = -0.1
+
+    def threshold_hint(self, threshold: float) -> str:
+        return f" (exits when ‖delta‖ <= {-threshold:g}·‖h_in‖)"
 
     def score(self, state: LayerState) -> torch.Tensor:
         if state.h_in is None:
