@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,35 +39,22 @@ def _colour(layer: int, num_layers: int) -> str:
     return f"\033[38;5;{palette[min(len(palette) - 1, int(frac * (len(palette) - 1) + 0.5))]}m"
 
 
-def _model_path(name: str) -> Path:
-    """The directory ``--model`` names: a local model directory or a shipped reference name."""
-    from deltaexit.reference import available_references, model_dir
-
-    path = model_dir(name)
-    if not path.is_dir():
-        known = ", ".join(available_references())
-        raise FileNotFoundError(
-            f"--model {name!r} is neither a local model directory nor a shipped reference ({known})"
-        )
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     import os
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltaexit.commands.common import load_model, load_tokenizer, model_path
     from deltaexit.generation.cost import CostModel
     from deltaexit.generation.early_exit import EarlyExit
     from deltaexit.generation.outputs import EarlyExitOutput
     from deltaexit.measures import ConfidenceMeasure, get_measure, load_measure
 
-    path = _model_path(args.model)
+    path = model_path(args.model)
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = load_tokenizer(path)
+    model = load_model(path)
     threshold = args.threshold  # -inf (always pass: draft every token) and inf (never exit) kept as given
     measure: ConfidenceMeasure
     if os.path.isdir(args.measure):
