@@ -42,7 +42,7 @@ from deltaexit.collector import collect
 from deltaexit.io import atomic_path
 from deltaexit.streaming.corpus import Window, batch_windows, data_fingerprint, iter_documents, token_windows
 from deltaexit.streaming.distributed import barrier, distributed_rank
-from deltaexit.streaming.features import capture_for, parse_features, reduce_batch
+from deltaexit.streaming.features import capture_for, parse_features, reduce_batch, refuse_nonfinite_batch
 from deltaexit.streaming.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -493,6 +493,7 @@ def _collect_rank(
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             tensors = reduce_batch(trace, parse_features(cfg.features), keep, cfg.store_dtype)
             tensors.update(_token_meta(batch, ids, keep))
+            refuse_nonfinite_batch(tensors, s["layers"], cfg.store_dtype)
             writer.add(b, batch, tensors)
             bar.update(int(mask.sum()))
             if writer.tokens >= s["shard_tokens"]:
