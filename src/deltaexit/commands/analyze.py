@@ -58,7 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--save-measures",
         default=None,
-        help="save every fitted measure into DIR/<label>/<name> (for deltaexit generate --measure DIR/...)",
+        help=(
+            "save every fitted measure into DIR/<label>/<name>, with characters other than A-Za-z0-9_.- in the "
+            "name written as _ (delta-mlp/per-layer -> delta-mlp_per-layer); each saved path is printed, "
+            "ready for deltaexit generate --measure"
+        ),
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -125,5 +129,13 @@ def run(args: argparse.Namespace) -> int:
         for path in write_plots(result, args.plots):
             print(f"wrote {path}")
     if args.save_measures:
-        print(f"saved the fitted measures under {args.save_measures}/<label>/<name>")
+        print_saved_measures(result)
     return 0
+
+
+def print_saved_measures(result: dict) -> None:
+    """One line per saved measure: the directory ``deltaexit generate --measure`` takes, as written on disk."""
+    for kind, ev in result["labels"].items():
+        for name, path in ev.get("saved_measures", {}).items():
+            hint = " --min-exit-layer 2" if kind == "kept" else ""  # kept decisions start after block 1
+            print(f"saved {kind} measure {name!r}: deltaexit generate --measure {path}{hint} ...")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,38 @@ def _colour(layer: int, num_layers: int) -> str:
     return f"\033[38;5;{palette[min(len(palette) - 1, int(frac * (len(palette) - 1) + 0.5))]}m"
 
 
+def check_measure_path(text: str) -> None:
+    """A ``--measure`` that looks like a path but is no directory: say so, with the saved name if it exists.
+
+    ``analyze --save-measures`` writes ``delta-mlp/per-layer`` as ``delta-mlp_per-layer`` (:func:`deltaexit.io.safe_name`).
+    """
+    from deltaexit.io import safe_name
+
+    path = Path(text)
+    if len(path.parts) < 2:
+        return
+    for cut in range(len(path.parts) - 1, 0, -1):  # the display name may itself hold a "/"
+        guess = Path(*path.parts[:cut]) / safe_name("/".join(path.parts[cut:]))
+        if guess.is_dir():
+            raise ValueError(f"--measure {text} is not a directory; the measure was saved as {guess}: pass that")
+    raise ValueError(f"--measure {text} is neither a measure name nor a directory (measure.save(DIR) writes one)")
+
+
+def check_fitted_layers(measure: object, min_exit_layer: int) -> None:
+    """Refuse a fitted measure that cannot score every decision ``--min-exit-layer`` asks for, saying what to pass."""
+    layers = getattr(measure, "layers_", None)
+    if not layers:
+        return
+    first = min(int(layer) for layer in layers) + 1  # the 1-based exit layer of its first fitted block
+    if min_exit_layer < first:
+        label = getattr(measure, "label", None)
+        why = f" (label {label!r} decides after blocks {first}..)" if label else ""
+        raise ValueError(
+            f"the measure was fitted on blocks {sorted(layers)} (0-based){why}, so it cannot score an exit after "
+            f"layer {min_exit_layer}: pass --min-exit-layer {first}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -59,10 +92,12 @@ def run(args: argparse.Namespace) -> int:
     measure: ConfidenceMeasure
     if os.path.isdir(args.measure):
         measure = load_measure(args.measure, model=model)
+        check_fitted_layers(measure, args.min_exit_layer)
     else:
         try:
             measure = get_measure(args.measure)
         except KeyError as exc:
+            check_measure_path(args.measure)
             raise ValueError(str(exc).strip('"')) from None
         if getattr(measure, "requires_fit", False):
             raise ValueError(
