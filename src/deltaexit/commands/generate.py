@@ -43,7 +43,7 @@ def _colour(layer: int, num_layers: int) -> str:
 def check_measure_path(text: str) -> None:
     """A ``--measure`` that looks like a path but is no directory: say so, with the saved name if it exists.
 
-    ``analyze --save-measures`` writes ``delta-mlp/per-layer`` as ``delta-mlp_per-layer`` (:func:`deltaexit.io.safe_name`).
+    ``analyze --save-measures`` saves ``delta-mlp/per-layer`` as ``delta-mlp_per-layer`` (``io.safe_name``).
     """
     from deltaexit.io import safe_name
 
