@@ -182,7 +182,17 @@ class Manifest:
             ManifestError: Corrupt, or incomplete while ``require_complete``.
         """
         path = Path(out_dir) / MANIFEST_NAME
+        if not Path(out_dir).is_dir():
+            raise FileNotFoundError(
+                f"no collection at {str(out_dir)!r}: the directory does not exist; pass the output directory of "
+                "collect_to_disk / deltaexit collect --out"
+            )
         if not path.is_file():
+            if not any(Path(out_dir).glob("manifest.rank*.json")):
+                raise FileNotFoundError(
+                    f"{str(out_dir)!r} is not a collection (no {MANIFEST_NAME} and no per-rank manifests); pass the "
+                    "output directory of collect_to_disk / deltaexit collect --out"
+                )
             raise FileNotFoundError(
                 f"no {MANIFEST_NAME} in {str(out_dir)!r}: the collection did not finish; run it again with "
                 "the same arguments to resume"
