@@ -17,11 +17,31 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelLoadError", "load_model", "load_tokenizer", "model_path"]
+__all__ = ["DefaultsHelpFormatter", "ModelLoadError", "load_model", "load_tokenizer", "model_path"]
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to each option's help, except required options, flags and None defaults.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+        >>> _ = parser.add_argument("--tokens", type=int, default=32, help="tokens")
+        >>> _ = parser.add_argument("--json", action="store_true", help="print JSON")
+        >>> "tokens (default: 32)" in parser.format_help(), "(default: False)" in parser.format_help()
+        (True, False)
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or action.required or default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class ModelLoadError(ValueError):

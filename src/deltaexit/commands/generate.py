@@ -11,9 +11,21 @@ import json
 import sys
 from pathlib import Path
 
+from deltaexit.commands.common import DefaultsHelpFormatter
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="early-exit generation with per-token exit layers")
+    parser = subparsers.add_parser(
+        "generate",
+        help="early-exit generation with per-token exit layers",
+        description=(
+            "Generate from a local model (or a shipped reference) with early exit: after each block the "
+            "--measure scores the state and the token exits once the score passes --threshold. Each new token "
+            "is shown with the layer it exited at: coloured from green (early) to red (full depth) on a "
+            "terminal, as text[layer] otherwise (or when NO_COLOR is set), or as JSON with --json."
+        ),
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--model", required=True, help="local model directory or a shipped reference name (v1, v2); no downloads"
     )
@@ -23,12 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="delta-norm",
         help="registered confidence measure name, or the directory of a fitted measure (measure.save(DIR))",
     )
-    parser.add_argument("--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)")
-    parser.add_argument("--kv", default="verify", choices=("verify", "propagate", "recompute"))
-    parser.add_argument("--min-exit-layer", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never exit; -inf: always)"
+    )
+    parser.add_argument(
+        "--kv",
+        default="verify",
+        choices=("verify", "propagate", "recompute"),
+        help="KV policy for skipped blocks: verify (lossless), propagate or recompute",
+    )
+    parser.add_argument("--min-exit-layer", type=int, default=1, help="first layer (1-based) a token may exit at")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed (for --sample)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of coloured text")
     parser.set_defaults(func=run)
 
@@ -38,6 +57,32 @@ def _colour(layer: int, num_layers: int) -> str:
     palette = (46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196)
     frac = (layer - 1) / max(1, num_layers - 1)
     return f"\033[38;5;{palette[min(len(palette) - 1, int(frac * (len(palette) - 1) + 0.5))]}m"
+
+
+def use_colour(stream: object, environ: dict[str, str] | None = None) -> bool:
+    """Colour only on a terminal and only when ``NO_COLOR`` is unset or empty (https://no-color.org).
+
+    Example:
+        >>> import io
+        >>> use_colour(io.StringIO(), {})
+        False
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not env.get("NO_COLOR")
+
+
+def colour_legend(num_layers: int) -> str:
+    """One line: each exit layer in its colour (printed above the coloured text).
+
+    Example:
+        >>> colour_legend(2).startswith("exit layer: ")
+        True
+    """
+    cells = " ".join(f"{_colour(layer, num_layers)}{layer}\033[0m" for layer in range(1, num_layers + 1))
+    return f"exit layer: {cells} (of {num_layers}; green = early, red = full depth)"
 
 
 def check_measure_path(text: str) -> None:
@@ -137,8 +182,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     n = out.stats.num_layers
-    if sys.stdout.isatty():
+    if use_colour(sys.stdout):
         body = "".join(f"{_colour(layer, n)}{s}\033[0m" for s, layer in pieces)
+        print(colour_legend(n))
         print(args.prompt + body)
     else:
         print(args.prompt + "".join(f"{s}[{layer}]" for s, layer in pieces))
