@@ -39,7 +39,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or action.required or default is None or default is False or default == argparse.SUPPRESS:
+        unshown = default is None or default is False or default == argparse.SUPPRESS
+        if "%(default)" in text or action.required or unshown:
             return text
         return f"{text} (default: %(default)s)"
 
