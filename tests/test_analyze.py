@@ -151,3 +151,34 @@ def test_analyze_settings_come_from_one_config_and_threads_are_the_callers(llama
     with pytest.raises(ValueError, match="tokens must be >= 2"):
         AnalyzeConfig(tokens=1)
     assert AnalyzeConfig.build(AnalyzeConfig(tokens=64), seed=2) == AnalyzeConfig(tokens=64, seed=2)
+
+
+def test_saved_measure_paths_are_printed_as_written_and_generate_says_what_to_pass(
+    model_dir, text_file, tmp_path, capsys
+):
+    """Issue 16 item 11: printed paths load in generate; the path a user types from the name is redirected;
+    a `kept` measure asks for --min-exit-layer 2."""
+    import re
+
+    saved = tmp_path / "measures"
+    code = main(
+        [
+            "analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "384",
+            "--window", "32", "--label", "all", "--measures", "linear,delta-mlp/per-layer",
+            "--save-measures", str(saved), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    printed = dict(re.findall(r"saved (\w+) measure 'delta-mlp/per-layer': deltaexit generate --measure (\S+)", out))
+    assert sorted(printed) == ["final", "kept", "next"]
+    assert "--min-exit-layer 2" in out.split(printed["kept"])[1].splitlines()[0]
+    base = ["generate", "--model", str(model_dir), "--prompt", "The", "--max-new-tokens", "3", "--json"]
+    assert main([*base, "--measure", printed["next"], "--threshold", "0"]) == 0
+    capsys.readouterr()
+    typed = str(saved / "next" / "delta-mlp" / "per-layer")
+    assert main([*base, "--measure", typed]) == 1
+    assert f"the measure was saved as {printed['next']}: pass that" in capsys.readouterr().err
+    assert main([*base, "--measure", printed["kept"]]) == 1
+    assert "pass --min-exit-layer 2" in capsys.readouterr().err
+    assert main([*base, "--measure", printed["kept"], "--min-exit-layer", "2", "--threshold", "0"]) == 0

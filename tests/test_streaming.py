@@ -412,3 +412,24 @@ def test_collect_config_and_keywords_are_one_set_of_settings(model, tmp_path):
     assert a.settings == b.settings and [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
     with pytest.raises(TypeError, match="unknown collect_to_disk setting"):
         collect_to_disk(model, _docs(), tmp_path / "c", shard_token=3)
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncate", "same-size-garbage"])
+def test_a_damaged_shard_read_without_verify_names_the_file(model, tmp_path, damage):
+    """A pickle renamed to a shard, a cut-short shard or garbage of the same size: a ManifestError naming it."""
+    manifest = _run(model, _docs(), tmp_path / "o", features=("delta_norm",))
+    path = manifest.shard_paths()[1]
+    size = path.stat().st_size
+    if damage == "pickle":
+        torch.save({"delta_norm": torch.zeros(3)}, path)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: size // 2])
+    else:
+        path.write_bytes(b"\xff" * size)
+    with pytest.raises(ManifestError, match=path.name) as err:
+        list(ShardDataset(tmp_path / "o", batch_size=4))
+    assert "overwrite" in str(err.value)
+    if damage != "same-size-garbage":  # a resized shard is caught by the size check before any batch
+        batches = iter(ShardDataset(tmp_path / "o", batch_size=4))
+        with pytest.raises(ManifestError, match="bytes, the manifest recorded"):
+            next(batches)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from torch import nn
 from deltaexit._version import __version__
 from deltaexit.evaluation import evaluate_measures, layer_delta_stats
 from deltaexit.features import LABELS, StateSet, collect_states, model_context_length, tokenize_text
+from deltaexit.io import safe_name
 from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_measure
 from deltaexit.measures.candidates import check_candidates
@@ -360,12 +360,15 @@ def _fit_and_evaluate(
             with_candidates(cfg.measures, cfg.candidates), label=kind, seed=cfg.seed, **(cfg.fit_kwargs or {})
         )
         timing["fit_s"][kind] = _fit_all(chosen, train, kind, cfg.progress)
+        saved: dict[str, str] = {}  # display name -> the directory it was saved in (names made shell-safe)
         if cfg.save_measures is not None:
             for name, m in chosen.items():
                 if isinstance(m, TrainableMeasure):
-                    m.save(Path(cfg.save_measures) / kind / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+                    saved[name] = str(m.save(Path(cfg.save_measures) / kind / safe_name(name)))
         start = time.perf_counter()
         results[kind] = evaluate_measures(chosen, select, test, label=kind)
+        if saved:
+            results[kind]["saved_measures"] = saved
         timing["evaluate_s"][kind] = time.perf_counter() - start
         results[kind]["fitted"] = {
             name: {"best_epoch": m.best_epoch_, "epochs_run": len(m.history_) - 1}

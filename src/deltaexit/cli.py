@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # bad input, unreadable files: one line, no traceback
         print(f"deltaexit {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -29,7 +29,17 @@ from torch.utils.hooks import RemovableHandle
 from deltaexit.lens import Lens
 from deltaexit.structure import ModelStructure, StructureError, block_input, block_output, find_structure
 
-__all__ = ["FEATURES", "Collector", "Record", "Trace", "TraceError", "collect"]
+__all__ = [
+    "FEATURES",
+    "NONFINITE_ADVICE",
+    "Collector",
+    "NonFiniteError",
+    "Record",
+    "Trace",
+    "TraceError",
+    "collect",
+    "first_nonfinite",
+]
 
 #: Residual-stream features a collector can capture.
 FEATURES: tuple[str, ...] = ("h_in", "h_out", "delta")
@@ -38,6 +48,48 @@ Positions = Literal["auto", "all", "last", "mask"]
 
 class TraceError(RuntimeError):
     """Raised when a trace is used in a way its collector did not allow."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf hidden states where labels or features are computed (refused, never silently used)."""
+
+
+#: What every :class:`NonFiniteError` tells the user to do.
+NONFINITE_ADVICE = (
+    "the model produced NaN/inf hidden states for this input, so no label or feature is defined there; check "
+    "its weights and embeddings (all(torch.isfinite(p).all() for p in model.parameters())) or leave out the "
+    "inputs that give them"
+)
+
+
+def first_nonfinite(x: torch.Tensor, token_ndim: int, mask: torch.Tensor | None = None) -> tuple[list[int], int] | None:
+    """Where ``x`` ``[layers, *tokens, ...]`` first holds NaN or inf, and in how many (layer, token) entries.
+
+    Args:
+        x: Layer-major values; dims after the ``token_ndim`` token dims (hidden, k) are reduced.
+        token_ndim: Number of token dims after the layer dim (2 for ``[batch, seq]``, 1 for ``[tokens]``).
+        mask: ``[*tokens]`` bool of the tokens that count (padding excluded), or None for all.
+
+    Returns:
+        ``([layer row, *token index], count)``, or None when every counted entry is finite.
+
+    Example:
+        >>> x = torch.zeros(3, 1, 4, 8)
+        >>> x[1, 0, 2, 5] = float("nan")
+        >>> first_nonfinite(x, 2), first_nonfinite(x[:1], 2)
+        (([1, 0, 2], 1), None)
+    """
+    if not x.is_floating_point():
+        return None
+    bad = ~torch.isfinite(x)
+    if bad.dim() > 1 + token_ndim:
+        bad = bad.flatten(1 + token_ndim).any(dim=-1)
+    if mask is not None:
+        bad &= mask.to(device=bad.device, dtype=torch.bool)
+    count = int(bad.sum())
+    if count == 0:
+        return None
+    return [int(i) for i in bad.nonzero()[0].tolist()], count
 
 
 @dataclass

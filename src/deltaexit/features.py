@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltaexit.collector import collect
+from deltaexit.collector import NONFINITE_ADVICE, NonFiniteError, collect, first_nonfinite
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState
 from deltaexit.saturation import LABELS, Saturation, saturation_from_topk
@@ -229,6 +229,35 @@ def _lens_topk(lens: Lens, h: torch.Tensor, k: int, chunk: int = 2048) -> tuple[
     return torch.stack(ids), torch.stack(probs)
 
 
+def refuse_nonfinite_states(
+    h_in: torch.Tensor, h_out: torch.Tensor, ids: torch.Tensor, offset: int, num_layers: int
+) -> None:
+    """Raise :class:`~deltaexit.collector.NonFiniteError` if a batch's ``h_in``/``h_out`` ``[L, n, H]`` is NaN/inf.
+
+    The message names the block, the token's position in the text (``offset`` + its index) and its id.
+
+    Example:
+        >>> h = torch.zeros(2, 3, 4)
+        >>> h[1, 2, 0] = float("inf")
+        >>> try:
+        ...     refuse_nonfinite_states(torch.zeros(2, 3, 4), h, torch.arange(10), 5, 2)
+        ... except NonFiniteError as exc:
+        ...     print(str(exc)[:59])
+        h_out of block 1 (layer 2) is NaN or inf at text position 7
+    """
+    for name, x in (("h_in", h_in), ("h_out", h_out)):
+        found = first_nonfinite(x, 1)
+        if found is None:
+            continue
+        (layer, token), count = found
+        position = offset + token
+        raise NonFiniteError(
+            f"{name} of block {layer} (layer {layer + 1}) is NaN or inf at text position {position} "
+            f"(token id {int(ids[position])}; {count} layer-token entries in this batch of "
+            f"{x.shape[1]} tokens and {num_layers} blocks): {NONFINITE_ADVICE}"
+        )
+
+
 def collect_states(
     model: nn.Module,
     ids: torch.Tensor,
@@ -270,6 +299,7 @@ def collect_states(
     batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
     batches += [c.unsqueeze(0) for c in rest]
     h_in, h_out, tk_ids, tk_probs = [], [], [], []
+    offset = 0  # text position of the batch's first token (batches cover the text in order)
     # The model's own logits are not needed (the lens reproduces them): skip them where supported.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
@@ -284,6 +314,8 @@ def collect_states(
             ):
                 model(input_ids=batch.to(device), **extra)
             b_in, b_out = trace.tokens("h_in"), trace.tokens("h_out")
+            refuse_nonfinite_states(b_in, b_out, ids, offset, structure.num_layers)
+            offset += batch.numel()
             ids_, probs_ = _lens_topk(lens, b_out, topk)
             h_in.append(b_in.cpu())
             h_out.append(b_out.cpu())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ __all__ = [
     "current_umask",
     "file_sha256",
     "normalize_permissions",
+    "safe_name",
 ]
 
 
@@ -139,3 +141,15 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def safe_name(name: str) -> str:
+    """A file name a shell takes unquoted: every run of characters other than ``A-Za-z0-9_.-`` becomes ``_``.
+
+    ``deltaexit analyze --save-measures DIR`` saves measure ``name`` as ``DIR/<label>/<safe_name(name)>``.
+
+    Example:
+        >>> safe_name("delta-mlp/per-layer"), safe_name("linear(h)")
+        ('delta-mlp_per-layer', 'linear_h_')
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaexit.collector import Trace, TraceError
+from deltaexit.collector import NONFINITE_ADVICE, NonFiniteError, Trace, TraceError, first_nonfinite
 from deltaexit.lens import Lens
 
-__all__ = ["LABELS", "Saturation", "saturation", "saturation_from_topk"]
+__all__ = ["LABELS", "Saturation", "refuse_nonfinite", "saturation", "saturation_from_topk"]
 
 #: The label kinds every fit and evaluation supports.
 #:
@@ -159,6 +159,29 @@ def saturation_from_topk(topk_ids: torch.Tensor, token_mask: torch.Tensor | None
     )
 
 
+def refuse_nonfinite(trace: Trace, name: str, what: str) -> None:
+    """Raise :class:`~deltaexit.collector.NonFiniteError` if ``trace``'s ``name`` is NaN/inf at a real token.
+
+    The message names the block, the batch row and position (or the token), and what to do.
+    Saturation labels of such tokens would be garbage (the top-1 of NaN logits is arbitrary), so they are
+    refused, as early-exit generation refuses a NaN score.
+    """
+    mask = trace.token_mask
+    token_ndim = 1 if trace.positions == "mask" else 2
+    found = first_nonfinite(trace.get(name), token_ndim, mask)
+    if found is None:
+        return
+    (row, *token), count = found
+    if trace.positions == "mask" and trace.token_index is not None:
+        token = [int(i) for i in trace.token_index[token[0]].tolist()]
+    where = f"batch row {token[0]}, position {token[1]}" if len(token) == 2 else f"token {token[0]}"
+    block = trace.layers[row]
+    raise NonFiniteError(
+        f"{what} after block {block} (layer {block + 1}) is NaN or inf at {where} ({count} layer-token entries "
+        f"in all): {NONFINITE_ADVICE}"
+    )
+
+
 def saturation(trace: Trace, lens: Lens | None = None, *, k: int | None = None) -> Saturation:
     """Saturation labels of a trace that covers every block.
 
@@ -172,6 +195,9 @@ def saturation(trace: Trace, lens: Lens | None = None, *, k: int | None = None) 
 
     Returns:
         A :class:`Saturation`.
+
+    Raises:
+        NonFiniteError: The captured states (or lens probabilities) are NaN or inf at a real token.
     """
     if trace.layers != tuple(range(len(trace.layers))) or (
         lens is not None and len(trace.layers) != lens.structure.num_layers
@@ -183,11 +209,13 @@ def saturation(trace: Trace, lens: Lens | None = None, *, k: int | None = None) 
     if trace.topk and (k is None or k <= trace.topk):
         ids = trace.get("topk_ids")
         ids = ids[..., : (k or trace.topk)]
+        refuse_nonfinite(trace, "topk_probs", "h_out (its lens probabilities)")
     elif "h_out" in trace.capture:
         if lens is None:
             raise ValueError("pass the model's lens (dx.Lens.from_model(model)) to read top-1 off h_out")
         k = k or 1
         h = trace.get("h_out")
+        refuse_nonfinite(trace, "h_out", "h_out")
         with torch.no_grad():
             ids = torch.stack([lens.topk(h[layer], k)[0].to(h.device) for layer in range(h.shape[0])])
     else:

@@ -68,22 +68,43 @@ def check_architecture(model_type: str) -> dict[str, Any]:
     return row
 
 
-def support_matrix(model_types: Iterable[str] = ARCHITECTURES) -> list[dict[str, Any]]:
-    """One row per model type (see :func:`check_architecture`)."""
-    return [check_architecture(t) for t in model_types]
+def support_matrix(model_types: Iterable[str] = ARCHITECTURES, *, progress: bool = False) -> list[dict[str, Any]]:
+    """One row per model type (see :func:`check_architecture`).
+
+    Args:
+        model_types: The ``transformers`` model types to check.
+        progress: A tqdm bar, one step per model type (the whole matrix takes about a minute).
+    """
+    from tqdm.auto import tqdm
+
+    types = list(model_types)
+    return [check_architecture(t) for t in tqdm(types, desc="support matrix", unit="arch", disable=not progress)]
 
 
-def support_matrix_markdown(model_types: Iterable[str] = ARCHITECTURES) -> str:
-    """The support matrix as a markdown document, with the library versions it was measured on."""
+def support_matrix_markdown(
+    model_types: Iterable[str] = ARCHITECTURES, *, out: str | None = None, progress: bool = False
+) -> str:
+    """The support matrix as a markdown document, with the library versions it was measured on.
+
+    Args:
+        model_types: The model types to check.
+        out: The file the document is written to, named in its header (None: printed, said so).
+        progress: A tqdm bar over the model types.
+
+    Example:
+        >>> support_matrix_markdown(["llama"], out="matrix.md").splitlines()[2][:60]
+        'Measured with `deltaexit support-matrix --out matrix.md` on '
+    """
     import transformers
 
     from deltaexit._version import __version__
 
-    rows = support_matrix(model_types)
+    rows = support_matrix(model_types, progress=progress)
+    command = "deltaexit support-matrix" + (f" --out {out}" if out else "")
     lines = [
         "# Architecture support matrix",
         "",
-        f"Measured with `deltaexit support-matrix --out docs/support-matrix.md` on deltaexit {__version__}, "
+        f"Measured with `{command}` on deltaexit {__version__}, "
         f"transformers {transformers.__version__}, torch {torch.__version__}, each on a tiny random model "
         "(3 blocks, hidden 32) built offline from `AutoConfig.for_model`.",
         "",

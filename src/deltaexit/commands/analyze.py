@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "‖delta‖ and the oracle ceiling."
         ),
     )
-    parser.add_argument("--model", required=True, help="HF model directory (model + tokenizer files)")
+    parser.add_argument(
+        "--model", required=True, help="HF model directory (model + tokenizer files) or a shipped reference name"
+    )
     parser.add_argument("--data", required=True, help="UTF-8 text file; its first --tokens tokens are scored")
     parser.add_argument("--tokens", type=int, default=65536, help="test tokens (default 65536)")
     parser.add_argument("--fit-data", default=None, help="text file to fit on (default: --data after the test tokens)")
@@ -56,7 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--save-measures",
         default=None,
-        help="save every fitted measure into DIR/<label>/<name> (for deltaexit generate --measure DIR/...)",
+        help=(
+            "save every fitted measure into DIR/<label>/<name>, with characters other than A-Za-z0-9_.- in the "
+            "name written as _ (delta-mlp/per-layer -> delta-mlp_per-layer); each saved path is printed, "
+            "ready for deltaexit generate --measure"
+        ),
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -73,22 +79,12 @@ def _read_text(path: str) -> str:
 
 
 def load_model_and_tokenizer(directory: str):
-    """``(model, tokenizer)`` from an HF directory, with clear errors for what is missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from an HF directory or a shipped reference name, with one-line errors."""
+    from deltaexit.commands.common import load_model, load_tokenizer, model_path
 
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {directory} not found")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} has no config.json: pass a HuggingFace model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as exc:
-        raise FileNotFoundError(
-            f"no usable tokenizer in {directory} ({exc}); save one there with tokenizer.save_pretrained(...)"
-        ) from None
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    return model.eval(), tokenizer
+    path = model_path(directory)
+    tokenizer = load_tokenizer(path)
+    return load_model(path), tokenizer
 
 
 def build_config(args: argparse.Namespace) -> AnalyzeConfig:
@@ -133,5 +129,13 @@ def run(args: argparse.Namespace) -> int:
         for path in write_plots(result, args.plots):
             print(f"wrote {path}")
     if args.save_measures:
-        print(f"saved the fitted measures under {args.save_measures}/<label>/<name>")
+        print_saved_measures(result)
     return 0
+
+
+def print_saved_measures(result: dict) -> None:
+    """One line per saved measure: the directory ``deltaexit generate --measure`` takes, as written on disk."""
+    for kind, ev in result["labels"].items():
+        for name, path in ev.get("saved_measures", {}).items():
+            hint = " --min-exit-layer 2" if kind == "kept" else ""  # kept decisions start after block 1
+            print(f"saved {kind} measure {name!r}: deltaexit generate --measure {path}{hint} ...")

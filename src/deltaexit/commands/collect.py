@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "safetensors shards with a JSON manifest. Re-running the same command resumes an interrupted "
         "run; under torchrun each rank writes its own shards and rank 0 merges the manifests.",
     )
-    parser.add_argument("--model", required=True, help="HF model directory (from_pretrained)")
+    parser.add_argument(
+        "--model", required=True, help="HF model directory (from_pretrained) or a shipped reference name (v1, v2)"
+    )
     parser.add_argument("--data", required=True, help="UTF-8 text file, one document a line")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
@@ -90,8 +92,8 @@ def build_config(args: argparse.Namespace, pad_token_id: int) -> CollectConfig:
 
 def _load_model(args: argparse.Namespace):
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from deltaexit.commands.common import load_model, model_path
     from deltaexit.streaming.distributed import local_device
 
     kwargs = {}
@@ -99,23 +101,22 @@ def _load_model(args: argparse.Namespace):
         kwargs["device_map"] = args.device_map
         if args.offload_folder is not None:
             kwargs["offload_folder"] = args.offload_folder
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    model: torch.nn.Module = load_model(model_path(args.model), **kwargs)
     if args.device_map is None:
         device = local_device() if args.device == "auto" else torch.device(args.device)
         model.to(device)
-    return model.eval()
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    from deltaexit.commands.common import load_tokenizer, model_path
     from deltaexit.streaming.distributed import init_distributed_from_env
     from deltaexit.streaming.writer import collect_to_disk
 
     created = init_distributed_from_env()
     try:
         model = _load_model(args)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or model_path(args.model))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         manifest = collect_to_disk(model, args.data, args.out, build_config(args, int(pad)), tokenizer=tokenizer)
         if manifest.rank is None or manifest.rank == 0:

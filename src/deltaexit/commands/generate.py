@@ -11,9 +11,21 @@ import json
 import sys
 from pathlib import Path
 
+from deltaexit.commands.common import DefaultsHelpFormatter
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="early-exit generation with per-token exit layers")
+    parser = subparsers.add_parser(
+        "generate",
+        help="early-exit generation with per-token exit layers",
+        description=(
+            "Generate from a local model (or a shipped reference) with early exit: after each block the "
+            "--measure scores the state and the token exits once the score passes --threshold. Each new token "
+            "is shown with the layer it exited at: coloured from green (early) to red (full depth) on a "
+            "terminal, as text[layer] otherwise (or when NO_COLOR is set), or as JSON with --json."
+        ),
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--model", required=True, help="local model directory or a shipped reference name (v1, v2); no downloads"
     )
@@ -23,12 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="delta-norm",
         help="registered confidence measure name, or the directory of a fitted measure (measure.save(DIR))",
     )
-    parser.add_argument("--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never)")
-    parser.add_argument("--kv", default="verify", choices=("verify", "propagate", "recompute"))
-    parser.add_argument("--min-exit-layer", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never exit; -inf: always)"
+    )
+    parser.add_argument(
+        "--kv",
+        default="verify",
+        choices=("verify", "propagate", "recompute"),
+        help="KV policy for skipped blocks: verify (lossless), propagate or recompute",
+    )
+    parser.add_argument("--min-exit-layer", type=int, default=1, help="first layer (1-based) a token may exit at")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed (for --sample)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of coloured text")
     parser.set_defaults(func=run)
 
@@ -40,43 +59,90 @@ def _colour(layer: int, num_layers: int) -> str:
     return f"\033[38;5;{palette[min(len(palette) - 1, int(frac * (len(palette) - 1) + 0.5))]}m"
 
 
-def _model_path(name: str) -> Path:
-    """The directory ``--model`` names: a local model directory or a shipped reference name."""
-    from deltaexit.reference import available_references, model_dir
+def use_colour(stream: object, environ: dict[str, str] | None = None) -> bool:
+    """Colour only on a terminal and only when ``NO_COLOR`` is unset or empty (https://no-color.org).
 
-    path = model_dir(name)
-    if not path.is_dir():
-        known = ", ".join(available_references())
-        raise FileNotFoundError(
-            f"--model {name!r} is neither a local model directory nor a shipped reference ({known})"
+    Example:
+        >>> import io
+        >>> use_colour(io.StringIO(), {})
+        False
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not env.get("NO_COLOR")
+
+
+def colour_legend(num_layers: int) -> str:
+    """One line: each exit layer in its colour (printed above the coloured text).
+
+    Example:
+        >>> colour_legend(2).startswith("exit layer: ")
+        True
+    """
+    cells = " ".join(f"{_colour(layer, num_layers)}{layer}\033[0m" for layer in range(1, num_layers + 1))
+    return f"exit layer: {cells} (of {num_layers}; green = early, red = full depth)"
+
+
+def check_measure_path(text: str) -> None:
+    """A ``--measure`` that looks like a path but is no directory: say so, with the saved name if it exists.
+
+    ``analyze --save-measures`` saves ``delta-mlp/per-layer`` as ``delta-mlp_per-layer`` (``io.safe_name``).
+    """
+    from deltaexit.io import safe_name
+
+    path = Path(text)
+    if len(path.parts) < 2:
+        return
+    for cut in range(len(path.parts) - 1, 0, -1):  # the display name may itself hold a "/"
+        guess = Path(*path.parts[:cut]) / safe_name("/".join(path.parts[cut:]))
+        if guess.is_dir():
+            raise ValueError(f"--measure {text} is not a directory; the measure was saved as {guess}: pass that")
+    raise ValueError(f"--measure {text} is neither a measure name nor a directory (measure.save(DIR) writes one)")
+
+
+def check_fitted_layers(measure: object, min_exit_layer: int) -> None:
+    """Refuse a fitted measure that cannot score every decision ``--min-exit-layer`` asks for, saying what to pass."""
+    layers = getattr(measure, "layers_", None)
+    if not layers:
+        return
+    first = min(int(layer) for layer in layers) + 1  # the 1-based exit layer of its first fitted block
+    if min_exit_layer < first:
+        label = getattr(measure, "label", None)
+        why = f" (label {label!r} decides after blocks {first}..)" if label else ""
+        raise ValueError(
+            f"the measure was fitted on blocks {sorted(layers)} (0-based){why}, so it cannot score an exit after "
+            f"layer {min_exit_layer}: pass --min-exit-layer {first}"
         )
-    return path
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltaexit.commands.common import load_model, load_tokenizer, model_path
     from deltaexit.generation.cost import CostModel
     from deltaexit.generation.early_exit import EarlyExit
     from deltaexit.generation.outputs import EarlyExitOutput
     from deltaexit.measures import ConfidenceMeasure, get_measure, load_measure
 
-    path = _model_path(args.model)
+    path = model_path(args.model)
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = load_tokenizer(path)
+    model = load_model(path)
     threshold = args.threshold  # -inf (always pass: draft every token) and inf (never exit) kept as given
     measure: ConfidenceMeasure
     if os.path.isdir(args.measure):
         measure = load_measure(args.measure, model=model)
+        check_fitted_layers(measure, args.min_exit_layer)
     else:
         try:
             measure = get_measure(args.measure)
         except KeyError as exc:
+            check_measure_path(args.measure)
             raise ValueError(str(exc).strip('"')) from None
         if getattr(measure, "requires_fit", False):
             raise ValueError(
@@ -116,8 +182,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     n = out.stats.num_layers
-    if sys.stdout.isatty():
+    if use_colour(sys.stdout):
         body = "".join(f"{_colour(layer, n)}{s}\033[0m" for s, layer in pieces)
+        print(colour_legend(n))
         print(args.prompt + body)
     else:
         print(args.prompt + "".join(f"{s}[{layer}]" for s, layer in pieces))

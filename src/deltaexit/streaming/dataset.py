@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import IterableDataset, get_worker_info
 
 from deltaexit.measures.base import LayerState
@@ -44,6 +44,7 @@ __all__ = [
     "layer_labels",
     "layer_states",
     "load_features",
+    "read_shard",
 ]
 
 #: Per-token metadata every shard holds: input id, global window id, document id, position in the document.
@@ -60,6 +61,42 @@ def _labels_from_topk(topk_ids: torch.Tensor, kinds: tuple[str, ...]) -> dict[st
     if "final" in kinds:
         out["label_final"] = sat.saturated.transpose(0, 1).contiguous()
     return out
+
+
+def read_shard(path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of one shard file.
+
+    Raises:
+        ManifestError: The file is not a readable safetensors shard (corrupt, cut short, a pickle renamed) or
+            lacks one of ``names``; the message names the file and what to do.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "shard-r00000-00000.safetensors")
+        >>> _ = open(path, "wb").write(b"not a shard")
+        >>> try:
+        ...     read_shard(path, ["token_id"])
+        ... except ManifestError as exc:
+        ...     print("shard-r00000-00000.safetensors" in str(exc), "verify=True" in str(exc))
+        True True
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = set(handle.keys())
+            missing = [name for name in names if name not in stored]
+            if missing:
+                raise ManifestError(
+                    f"shard {str(path)!r} lacks {missing} (it holds {sorted(stored)}): it is not from this "
+                    "collection; re-collect with overwrite=True (deltaexit collect --overwrite)"
+                )
+            return {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as exc:
+        raise ManifestError(
+            f"shard {str(path)!r} is not a readable safetensors file ({exc}); it is corrupt or was replaced: "
+            "check the whole collection with ShardDataset(..., verify=True) and re-collect with overwrite=True "
+            "(deltaexit collect --overwrite)"
+        ) from None
 
 
 class ShardDataset(IterableDataset):
@@ -152,8 +189,7 @@ class ShardDataset(IterableDataset):
             names.append("topk_ids")
         if not path.is_file():
             raise ManifestError(f"shard {str(path)!r} is missing")
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {name: handle.get_tensor(name) for name in names}
+        tensors = read_shard(path, names)
         if self.labels:
             tensors.update(_labels_from_topk(tensors["topk_ids"], self.labels))
             if "topk_ids" not in self.features:
@@ -163,6 +199,7 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         pending: dict[str, torch.Tensor] | None = None
         shuffle_gen = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch + 1)
+        self.manifest.verify(quick=True)  # a missing or resized shard fails before any batch is yielded
         for path in self._my_shards():
             tensors = self._read(path)
             n = int(tensors["token_id"].shape[0])

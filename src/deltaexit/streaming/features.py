@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from deltaexit.collector import Trace
+from deltaexit.collector import NONFINITE_ADVICE, NonFiniteError, Trace, first_nonfinite
 
 __all__ = [
     "NORM_FEATURES",
@@ -37,6 +37,7 @@ __all__ = [
     "capture_for",
     "parse_features",
     "reduce_batch",
+    "refuse_nonfinite_batch",
 ]
 
 VECTOR_FEATURES: tuple[str, ...] = ("h_in", "h_out", "delta")
@@ -101,3 +102,44 @@ def reduce_batch(
         else:
             out[name] = x.to("cpu", dtype or x.dtype).contiguous()
     return out
+
+
+def refuse_nonfinite_batch(
+    tensors: dict[str, torch.Tensor], layers: Iterable[int], dtype: torch.dtype | None = None
+) -> None:
+    """Raise :class:`~deltaexit.collector.NonFiniteError` before a batch with NaN/inf features is written.
+
+    Args:
+        tensors: Token-major features of one batch (as :func:`reduce_batch` gives) with the ``doc`` and
+            ``doc_position`` metadata.
+        layers: The stored blocks, in row order.
+        dtype: The storage dtype of the vector features (float16 overflow is named as a possible cause).
+
+    Example:
+        >>> batch = {"delta_norm": torch.tensor([[1.0, float("nan")]]), "doc": torch.tensor([4]),
+        ...          "doc_position": torch.tensor([9])}
+        >>> try:
+        ...     refuse_nonfinite_batch(batch, [0, 1])
+        ... except NonFiniteError as exc:
+        ...     print(str(exc)[:71])
+        delta_norm of block 1 (layer 2) is NaN or inf at document 4, position 9
+    """
+    layers = list(layers)
+    for name, x in tensors.items():
+        if name in ("doc", "doc_position", "token_id", "window"):
+            continue
+        found = first_nonfinite(x.transpose(0, 1), 1)  # [layers, tokens, ...]
+        if found is None:
+            continue
+        (row, token), count = found
+        overflow = (
+            " (if the model's own states are finite, float16 storage overflowed: collect with dtype='bfloat16' "
+            "or 'float32')"
+            if dtype == torch.float16 and name in VECTOR_FEATURES
+            else ""
+        )
+        raise NonFiniteError(
+            f"{name} of block {layers[row]} (layer {layers[row] + 1}) is NaN or inf at document "
+            f"{int(tensors['doc'][token])}, position {int(tensors['doc_position'][token])} ({count} layer-token "
+            f"entries in this batch); nothing of this batch was written{overflow}: {NONFINITE_ADVICE}"
+        )

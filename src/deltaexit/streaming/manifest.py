@@ -102,14 +102,28 @@ class Manifest:
         ids = [w for s in self.shards for start, stop in s["windows"] for w in range(start, stop)]
         return sorted(ids)
 
-    def verify(self) -> None:
-        """Check that every shard exists with its recorded sha256; raise :class:`ManifestError` otherwise."""
+    def verify(self, *, quick: bool = False) -> None:
+        """Check that every shard exists with its recorded sha256; raise :class:`ManifestError` otherwise.
+
+        Args:
+            quick: Check only that each shard exists with its recorded size (a ``stat`` per shard, no reading);
+                :class:`~deltaexit.streaming.dataset.ShardDataset` does this before it yields anything.
+        """
         for shard in self.shards:
             path = self.root / shard["file"]
             if not path.is_file():
-                raise ManifestError(f"shard {str(path)!r} listed in the manifest is missing")
-            if file_sha256(path) != shard["sha256"]:
-                raise ManifestError(f"shard {str(path)!r} is corrupt (sha256 differs from the manifest)")
+                raise ManifestError(f"shard {str(path)!r} listed in the manifest is missing; re-collect it")
+            size = path.stat().st_size
+            if "bytes" in shard and size != int(shard["bytes"]):
+                raise ManifestError(
+                    f"shard {str(path)!r} is corrupt: {size} bytes, the manifest recorded {shard['bytes']}; "
+                    "re-collect with overwrite=True (deltaexit collect --overwrite)"
+                )
+            if not quick and file_sha256(path) != shard["sha256"]:
+                raise ManifestError(
+                    f"shard {str(path)!r} is corrupt (sha256 differs from the manifest); re-collect with "
+                    "overwrite=True (deltaexit collect --overwrite)"
+                )
 
     # -- writing ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -168,7 +182,17 @@ class Manifest:
             ManifestError: Corrupt, or incomplete while ``require_complete``.
         """
         path = Path(out_dir) / MANIFEST_NAME
+        if not Path(out_dir).is_dir():
+            raise FileNotFoundError(
+                f"no collection at {str(out_dir)!r}: the directory does not exist; pass the output directory of "
+                "collect_to_disk / deltaexit collect --out"
+            )
         if not path.is_file():
+            if not any(Path(out_dir).glob("manifest.rank*.json")):
+                raise FileNotFoundError(
+                    f"{str(out_dir)!r} is not a collection (no {MANIFEST_NAME} and no per-rank manifests); pass the "
+                    "output directory of collect_to_disk / deltaexit collect --out"
+                )
             raise FileNotFoundError(
                 f"no {MANIFEST_NAME} in {str(out_dir)!r}: the collection did not finish; run it again with "
                 "the same arguments to resume"

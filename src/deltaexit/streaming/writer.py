@@ -42,7 +42,7 @@ from deltaexit.collector import collect
 from deltaexit.io import atomic_path
 from deltaexit.streaming.corpus import Window, batch_windows, data_fingerprint, iter_documents, token_windows
 from deltaexit.streaming.distributed import barrier, distributed_rank
-from deltaexit.streaming.features import capture_for, parse_features, reduce_batch
+from deltaexit.streaming.features import capture_for, parse_features, reduce_batch, refuse_nonfinite_batch
 from deltaexit.streaming.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -54,7 +54,7 @@ from deltaexit.streaming.manifest import (
 )
 from deltaexit.structure import ModelStructure, find_structure, input_device
 
-__all__ = ["CollectConfig", "collect_to_disk", "model_fingerprint"]
+__all__ = ["CollectConfig", "collect_to_disk", "model_fingerprint", "resume_message", "settings_differences"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {
@@ -198,17 +198,35 @@ class _ShardWriter:
             self.on_shard(entry)
 
 
+def settings_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every setting that differs (nested dicts by dotted key), sorted.
+
+    Example:
+        >>> old, new = {"topk": 5, "model": {"fingerprint": "a1"}}, {"topk": 2, "model": {"fingerprint": "b2"}}
+        >>> settings_differences(old, new)
+        ["model.fingerprint: 'a1' -> 'b2'", 'topk: 5 -> 2']
+    """
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def _resume(manifest_path: Path, settings: dict[str, Any], out_dir: Path, rank: int) -> Manifest:
     """This rank's manifest to continue from: the verified prefix of the previous run's shards."""
     fresh = Manifest(root=out_dir, settings=settings, rank=rank)
     if manifest_path.is_file():
         previous = Manifest.read(manifest_path)
         if previous.settings != settings:
-            changed = sorted(
-                k for k in set(settings) | set(previous.settings) if settings.get(k) != previous.settings.get(k)
-            )
+            changed = "; ".join(settings_differences(previous.settings, settings))
             raise ManifestError(
-                f"{str(out_dir)!r} holds a collection made with other settings (differences: {changed}); "
+                f"{str(out_dir)!r} holds a collection made with other settings ({changed}); "
                 "use another output directory or pass overwrite=True (--overwrite)."
             )
         fresh.complete = previous.complete
@@ -391,12 +409,28 @@ def collect_to_disk(
     if not cfg.resume or cfg.overwrite:
         _clear(root, rank)
     manifest = _resume(rank_manifest_path(root, rank), settings, root, rank)
+    if cfg.progress and rank == 0 and manifest.shards:
+        print(resume_message(root, manifest), file=sys.stderr)
     if not manifest.complete:
         progress = cfg.progress and rank == 0
         _collect_rank(model, structure, data, tokenizer, manifest, cfg, on_shard, progress=progress)
         manifest.complete = True
         manifest.save()
     return _merged(root, manifest, world_size, group_size)
+
+
+def resume_message(root: Path, manifest: Manifest) -> str:
+    """What a re-run finds in ``root``: a finished collection, or how much of an interrupted one it keeps."""
+    if manifest.complete:
+        return (
+            f"collect: {root} already holds this collection ({manifest.num_tokens} tokens in {len(manifest.shards)} "
+            "shards, same settings); nothing to do (overwrite=True / --overwrite collects it again)"
+        )
+    next_batch = manifest.shards[-1]["batches"][1] + 1
+    return (
+        f"collect: resuming in {root}: {len(manifest.shards)} shards ({manifest.num_tokens} tokens) are already "
+        f"written and verified; continuing from batch {next_batch}"
+    )
 
 
 def _settings(
@@ -476,12 +510,15 @@ def _collect_rank(
     windows = token_windows(iter_documents(data, tokenizer), s["context"], s["max_tokens"])
     was_training = model.training
     model.eval()
-    bar = tqdm(total=s["max_tokens"], unit="tok", desc=f"collect rank {rank}", disable=not progress)
+    desc = f"collect rank {rank}" + (" (resumed)" if start_batch else "")
+    # The bar counts corpus tokens of every batch (other ranks' and resumed ones too), so it reaches its total.
+    bar = tqdm(total=s["max_tokens"], unit="tok", desc=desc, disable=not progress)
     try:
         seen = 0
         for b, batch in enumerate(batch_windows(windows, s["batch_size"])):
             seen += len(batch)
             if b % world != rank or b < start_batch:
+                bar.update(sum(len(w.ids) for w in batch))
                 continue
             ids, mask, keep = _batch_inputs(batch, s)
             with (
@@ -493,11 +530,15 @@ def _collect_rank(
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             tensors = reduce_batch(trace, parse_features(cfg.features), keep, cfg.store_dtype)
             tensors.update(_token_meta(batch, ids, keep))
+            refuse_nonfinite_batch(tensors, s["layers"], cfg.store_dtype)
             writer.add(b, batch, tensors)
             bar.update(int(mask.sum()))
             if writer.tokens >= s["shard_tokens"]:
                 writer.flush()
         writer.flush()
+        if bar.total is not None and bar.n < bar.total:  # the corpus ended before the token budget
+            bar.total = bar.n
+            bar.refresh()
     finally:
         bar.close()
         model.train(was_training)
