@@ -85,8 +85,9 @@ def check_prompts(model: nn.Module, prompts: Any, tokenizer: Any, config: TuneCo
         raise InsufficientCalibrationData(
             f"tolerance={config.tolerance} needs at least {needed} calibration prompts, got {len(out)}: "
             f"Learn-then-Test ({config.bound!r} bound, epsilon={config.epsilon}) needs {learn} calibration examples "
-            f"(one per prompt) even at zero disagreement, and {needed - learn} more build the threshold grid. Pass more prompts, raise "
-            "the tolerance or epsilon, or use tolerance=0 (lossless verify, any number of prompts)."
+            f"(one per prompt) even at zero disagreement, and {needed - learn} more build the threshold grid. "
+            "Pass more prompts, raise the tolerance or epsilon, or use tolerance=0 (lossless verify, any number of "
+            "prompts)."
         )
     context = config_int(find_structure(model, validate=False).text_config, CONTEXT_LENGTH_ATTRS)
     if context is not None:
