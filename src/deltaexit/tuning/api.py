@@ -135,7 +135,7 @@ def tune(
     cfg.check(structure.num_layers)
     all_prompts = check_prompts(model, prompts, tokenizer, cfg)
     calibration, calibrated = _calibrated(model, all_prompts, cfg)
-    grid = lossless_grid(cfg, structure.num_layers) + calibrated
+    grid = calibrated + lossless_grid(cfg, structure.num_layers)  # calibrated first: max_candidates keeps them
     if cfg.max_candidates is not None:
         grid = grid[: cfg.max_candidates]
     runs = PromptRuns(model, all_prompts[: cfg.timing_prompts], cfg.max_new_tokens, timer)

@@ -142,7 +142,7 @@ class TuneConfig:
         repeats: Alternated repeats of the fine round (median and spread over these).
         budget_s: Wall-clock budget of the timing (None: none); the coarse round stops taking new candidates
             when it is spent, the fine round keeps at least 3 repeats.
-        max_candidates: Most candidates timed (the grid is in the order below; None: all).
+        max_candidates: Most candidates timed (calibrated ones first, then the grid in the order below; None: all).
         exit_layers: Fixed exit layers ``E`` of the ``threshold=-inf`` ``verify`` drafts (None: ``1 .. L // 2``).
         draft_settings: ``Verify`` settings tried at each fixed exit layer (one dict per try).
         verify_measure: Measure of the thresholded ``verify`` candidates.
