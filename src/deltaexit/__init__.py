@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
         merge_manifests,
     )
     from deltaexit.structure import ModelStructure, StructureError, find_structure
+    from deltaexit.tuning import TuneConfig, TuneResult, tune
 
 #: Where each public name lives: ``dx.NAME`` is ``importlib.import_module(EXPORTS[NAME]).NAME``.
 EXPORTS: dict[str, str] = {
@@ -110,6 +111,9 @@ EXPORTS: dict[str, str] = {
     "ModelStructure": "deltaexit.structure",
     "StructureError": "deltaexit.structure",
     "find_structure": "deltaexit.structure",
+    "TuneConfig": "deltaexit.tuning",
+    "TuneResult": "deltaexit.tuning",
+    "tune": "deltaexit.tuning",
 }
 
 __all__ = [
@@ -139,6 +143,8 @@ __all__ = [
     "Trace",
     "TraceError",
     "TrainableMeasure",
+    "TuneConfig",
+    "TuneResult",
     "__version__",
     "analyze",
     "available_measures",
@@ -159,6 +165,7 @@ __all__ = [
     "register_measure",
     "saturation",
     "saturation_from_topk",
+    "tune",
 ]
 
 

@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "deltaexit.commands.train",
         "train a reference model (byte-level BPE + Llama) or continue one with an exit-aware recipe",
     ),
+    "tune": (
+        "deltaexit.commands.tune",
+        "time early-exit settings on this machine and save the fastest that meets a tolerance",
+    ),
 }
 
 #: The sub-command modules, in :data:`COMMANDS` order.

@@ -78,7 +78,8 @@ def _weight_files(path: Path) -> str:
 
 
 def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` in eval mode, with one-line errors.
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` in eval mode and float32 (unless ``dtype=`` is
+    given; a bfloat16 checkpoint such as reference ``v3`` is upcast), with one-line errors.
 
     Raises:
         ModelLoadError: ``config.json`` is not a valid config, or the weight files are not readable
@@ -87,6 +88,9 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import torch
+
+    kwargs.setdefault("dtype", torch.float32)
     path = Path(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)

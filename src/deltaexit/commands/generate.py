@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="KV policy for skipped blocks: verify (lossless), propagate or recompute",
     )
     parser.add_argument("--min-exit-layer", type=int, default=1, help="first layer (1-based) a token may exit at")
+    parser.add_argument(
+        "--tuned", help="a `deltaexit tune --out` file: use its setting instead of --measure/--threshold/--kv"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0, help="torch seed (for --sample)")
@@ -150,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
                 "--save-measures DIR`, or measure.fit(states, labels).save(DIR)) and pass --measure DIR/..."
             )
     ee = EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
+    if args.tuned:  # the tuned setting; when plain decoding won, full depth (model.generate's output)
+        from deltaexit.tuning.result import TuneResult
+
+        ee = TuneResult.load(args.tuned).early_exit(model) or EarlyExit(model, measure, float("inf"), "verify")
     enc = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -192,6 +199,6 @@ def run(args: argparse.Namespace) -> int:
         f"{out.stats.tokens} tokens, mean exit layer {out.stats.mean_exit_layer:.2f}/{n}, blocks run "
         f"{out.stats.blocks_run}/{out.stats.full_depth_blocks} (implied speed-up {out.stats.implied_speedup:.2f}x, "
         f"{flop:.2f}x counting the measure, LM head and K/V-only calls), "
-        f"kv={args.kv}, accepted drafts {out.stats.accepted}/{out.stats.drafted}, {out.stats.time_s:.2f}s"
+        f"kv={ee.kv}, accepted drafts {out.stats.accepted}/{out.stats.drafted}, {out.stats.time_s:.2f}s"
     )
     return 0
