@@ -85,10 +85,9 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
         ModelLoadError: ``config.json`` is not a valid config, or the weight files are not readable
             safetensors (a pickle renamed, a truncated download); the message names the file.
     """
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    import torch
 
     kwargs.setdefault("dtype", torch.float32)
     path = Path(path)
