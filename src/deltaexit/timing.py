@@ -176,7 +176,11 @@ def alternated(rows: Mapping[str, Row], inputs: Sequence[Any], repeats: int = 5)
 
 
 def generate_row(model: Any, generate_kwargs: Mapping[str, Any]) -> Row:
-    """A row that calls ``model.generate(input_ids, streamer=..., **generate_kwargs)``."""
+    """A row that calls ``model.generate(input_ids, streamer=..., **generate_kwargs)``.
+
+    ``model`` is anything with a transformers-style ``generate``: a HF model, or an ``EarlyExit`` (pass
+    ``return_dict_in_generate=True`` to get its stats back in ``Timing.outputs``).
+    """
     kwargs = dict(generate_kwargs)
     return lambda ids, streamer: model.generate(ids, streamer=streamer, **kwargs)
 

@@ -12,7 +12,6 @@ Each row of section 2 is built by one small function (``*_row`` below).
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,30 +69,32 @@ class DemoRow:
     placeholder: bool = False  # fixed settings standing in for dx.tune (not on main yet)
 
 
-def _ee_call(ee: Any, kw: dict[str, Any]) -> Any:
-    return lambda ids, streamer: ee.generate(ids, streamer=streamer, return_dict_in_generate=True, **kw)
+def _call(generator: Any, kw: dict[str, Any]) -> Any:
+    """``generator.generate(ids, streamer=..., **kw)`` as a timed row (a model, or an EarlyExit)."""
+    from deltaexit.timing import generate_row
+
+    return generate_row(generator, kw)
 
 
-def generate_row(model: Any, kw: dict[str, Any]) -> DemoRow:
+def baseline_row(model: Any, kw: dict[str, Any]) -> DemoRow:
     """Plain ``model.generate``: the base every speed is a ratio to."""
-    from deltaexit.timing import generate_row as call
-
-    return DemoRow("model.generate", "greedy, full depth", call(model, kw))
+    return DemoRow("model.generate", "greedy, full depth", _call(model, kw))
 
 
 def layerskip_row(model: Any, kw: dict[str, Any], exit_layer: int, tokens: int = 4) -> DemoRow:
     """transformers' own LayerSkip: ``model.generate(..., assistant_early_exit=E, num_assistant_tokens=k)``."""
-    from deltaexit.timing import generate_row as call
-
     extra = {"assistant_early_exit": exit_layer, "num_assistant_tokens": tokens}
-    return DemoRow("assistant_early_exit", f"E={exit_layer}, k={tokens}", call(model, {**kw, **extra}))
+    return DemoRow("assistant_early_exit", f"E={exit_layer}, k={tokens}", _call(model, {**kw, **extra}))
 
 
 def prompt_lookup_row(model: Any, kw: dict[str, Any], tokens: int = 3) -> DemoRow:
     """transformers' prompt-lookup decoding (n-gram drafts from the prompt), training-free and lossless."""
-    from deltaexit.timing import generate_row as call
+    return DemoRow("prompt_lookup", f"{tokens} tokens", _call(model, {**kw, "prompt_lookup_num_tokens": tokens}))
 
-    return DemoRow("prompt_lookup", f"{tokens} tokens", call(model, {**kw, "prompt_lookup_num_tokens": tokens}))
+
+def dx_row(name: str, setting: str, ee: Any, kw: dict[str, Any], placeholder: bool = False) -> DemoRow:
+    """A row for the ``EarlyExit`` ``ee`` (its output dicts carry the stats the table reads)."""
+    return DemoRow(name, setting, _call(ee, {**kw, "return_dict_in_generate": True}), ee, placeholder)
 
 
 def lossless_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_layer: int) -> DemoRow:
@@ -106,7 +107,7 @@ def lossless_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_la
     from deltaexit.generation.verify import Verify
 
     ee = EarlyExit(model, "delta-norm", float("-inf"), kv=Verify(num_draft=4), min_exit_layer=exit_layer)
-    return DemoRow("dx verify (lossless)", f"draft from {exit_layer}, 4 drafts", _ee_call(ee, kw), ee, True)
+    return dx_row("dx verify (lossless)", f"draft from {exit_layer}, 4 drafts", ee, kw, placeholder=True)
 
 
 def calibrated_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_layer: int) -> DemoRow:
@@ -119,7 +120,7 @@ def calibrated_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_
 
     ee = EarlyExit(model, "softmax-max", 0.9, kv="propagate", min_exit_layer=exit_layer)
     setting = f"propagate, softmax-max 0.9 from {exit_layer}"
-    return DemoRow(f"dx calibrated d={DELTA}", setting, _ee_call(ee, kw), ee, True)
+    return dx_row(f"dx calibrated d={DELTA}", setting, ee, kw, placeholder=True)
 
 
 def build_rows(model: Any, tokenizer: Any, calibration: list[str], kw: dict[str, Any]) -> list[DemoRow]:
@@ -129,7 +130,7 @@ def build_rows(model: Any, tokenizer: Any, calibration: list[str], kw: dict[str,
     exit_layer = max(2, find_structure(model).num_layers // 4)
     calibration_ids = [tokenizer(p, return_tensors="pt").input_ids for p in calibration]
     return [
-        generate_row(model, kw),
+        baseline_row(model, kw),
         layerskip_row(model, kw, exit_layer),
         prompt_lookup_row(model, kw),
         lossless_row(model, calibration_ids, kw, exit_layer),
@@ -248,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     from deltaexit._version import __version__
     from deltaexit.generation.cost import CostModel
     from deltaexit.io import atomic_write_json
+    from deltaexit.jsonable import json_clean
     from deltaexit.samples import sample_prompts
     from deltaexit.structure import find_structure
     from deltaexit.threads import torch_threads
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         record = {"model": name, "num_layers": num_layers, "prompts": args.prompts, "new_tokens": args.new_tokens}
         record |= {"repeats": args.repeats, "threads": args.threads, "rows": measured}
-        atomic_write_json(args.json, _finite(record))
+        atomic_write_json(args.json, json_clean(record))
         print(f"wrote {args.json}")
     return 0
 
@@ -296,14 +298,3 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         logging.set_verbosity(level)
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN floats as None, so the JSON file is strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
