@@ -10,9 +10,9 @@ error instead of a crash.
 
 :meth:`Timing.speed` is a row's speed as a ratio to a base row: per round, the base's total time over the row's,
 then the median over rounds with its spread (:func:`spread`: min, max and interquartile range).
-:func:`generate_row` and :func:`peer_rows` build rows for ``model.generate`` and transformers' built-in
-alternatives (LayerSkip's ``assistant_early_exit``, prompt-lookup decoding); :func:`token_agreement` compares
-outputs.
+:func:`generate_row`, :func:`layerskip_row` and :func:`peer_rows` build rows for ``model.generate`` and
+transformers' built-in alternatives (LayerSkip's ``assistant_early_exit``, prompt-lookup decoding);
+:func:`token_agreement` compares outputs.
 
 Example:
     >>> import torch
@@ -47,6 +47,7 @@ __all__ = [
     "alternated",
     "error_text",
     "generate_row",
+    "layerskip_row",
     "peer_rows",
     "spread",
     "token_agreement",
@@ -185,6 +186,28 @@ def generate_row(model: Any, generate_kwargs: Mapping[str, Any]) -> Row:
     return lambda ids, streamer: model.generate(ids, streamer=streamer, **kwargs)
 
 
+def layerskip_row(model: Any, generate_kwargs: Mapping[str, Any], exit_layer: int, tokens: int = 4) -> Row:
+    """transformers' LayerSkip, ``model.generate(..., assistant_early_exit=exit_layer, num_assistant_tokens=tokens)``.
+
+    transformers drafts by setting ``config.num_hidden_layers`` to ``exit_layer`` and back; where drafting raises
+    (e.g. ``IndexError`` in GPT-NeoX caches) it leaves the smaller value behind, and every later ``generate`` of
+    the model fails. This row puts the value back, so the other rows keep timing the whole model.
+    """
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    configs = list({id(c): c for c in (model.config, getattr(base, "config", model.config))}.values())
+    kwargs = {**generate_kwargs, "assistant_early_exit": exit_layer, "num_assistant_tokens": tokens}
+
+    def row(ids: Any, streamer: BaseStreamer) -> Any:
+        saved = [(c, c.num_hidden_layers) for c in configs]
+        try:
+            return model.generate(ids, streamer=streamer, **kwargs)
+        finally:
+            for config, layers in saved:
+                config.num_hidden_layers = layers
+
+    return row
+
+
 def peer_rows(
     model: Any,
     generate_kwargs: Mapping[str, Any],
@@ -206,8 +229,7 @@ def peer_rows(
     """
     rows = {"model.generate": generate_row(model, generate_kwargs)}
     for exit_layer, tokens in layerskip:
-        extra = {"assistant_early_exit": exit_layer, "num_assistant_tokens": tokens}
-        rows[f"assistant_early_exit {exit_layer}:{tokens}"] = generate_row(model, {**generate_kwargs, **extra})
+        rows[f"assistant_early_exit {exit_layer}:{tokens}"] = layerskip_row(model, generate_kwargs, exit_layer, tokens)
     if prompt_lookup is not None:
         extra = {"prompt_lookup_num_tokens": prompt_lookup}
         rows[f"prompt_lookup {prompt_lookup}"] = generate_row(model, {**generate_kwargs, **extra})

@@ -83,8 +83,9 @@ def baseline_row(model: Any, kw: dict[str, Any]) -> DemoRow:
 
 def layerskip_row(model: Any, kw: dict[str, Any], exit_layer: int, tokens: int = 4) -> DemoRow:
     """transformers' own LayerSkip: ``model.generate(..., assistant_early_exit=E, num_assistant_tokens=k)``."""
-    extra = {"assistant_early_exit": exit_layer, "num_assistant_tokens": tokens}
-    return DemoRow("assistant_early_exit", f"E={exit_layer}, k={tokens}", _call(model, {**kw, **extra}))
+    from deltaexit.timing import layerskip_row as call
+
+    return DemoRow("assistant_early_exit", f"E={exit_layer}, k={tokens}", call(model, kw, exit_layer, tokens))
 
 
 def prompt_lookup_row(model: Any, kw: dict[str, Any], tokens: int = 3) -> DemoRow:
