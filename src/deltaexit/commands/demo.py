@@ -55,7 +55,8 @@ def _load(name: str):
 
     if name in available_references():
         return load_reference(name)
-    return load_model_and_tokenizer(str(model_dir(name)))
+    model, tokenizer = load_model_and_tokenizer(str(model_dir(name)))
+    return model.float(), tokenizer  # fp32 like load_reference (a bf16-stored directory would time bf16 kernels)
 
 
 @dataclass
