@@ -1,11 +1,16 @@
-"""Early-exit generate() speed against model.generate in the same run (JSON on stdout).
+"""Early-exit generate() speed against model.generate and its peers in the same run (JSON on stdout).
 
 For each batch size, KV policy and exit setting: tokens/s as a ratio to ``model.generate`` (greedy, same
-prompts, median of ``--repeats``), mean exit layer, the blocks-implied speed-up, the share of that speed-up
-reached, and agreement with the full model's greedy output (plus the oracle's mean layer on those tokens when
-``--oracle``). Exit settings: ``never`` (threshold inf: pure machinery overhead), ``fixed-E`` (a constant
-measure that passes at layer E: a controlled exit depth for the speed-up check) and every registered measure
-named in ``--measures`` with ``--threshold``.
+prompts), mean exit layer, the blocks-implied speed-up, the share of that speed-up reached, and agreement with
+the full model's greedy output (plus the oracle's mean layer on those tokens when ``--oracle``). Exit settings:
+``never`` (threshold inf: pure machinery overhead), ``fixed-E`` (a constant measure that passes at layer E: a
+controlled exit depth for the speed-up check) and every registered measure named in ``--measures`` with
+``--threshold``. Peers in the same rounds: transformers' LayerSkip (``assistant_early_exit=E`` for each fixed
+``E``, ``num_assistant_tokens=--num-draft``) and prompt lookup (``prompt_lookup_num_tokens``); where one does not
+run (batch > 1, a cache it cannot crop) its error text is recorded instead.
+
+Timing: ``deltaexit.timing.alternated``, one warm-up call per row, then ``--repeats`` rounds in which every
+batch runs every row in a rotated order; each speed is the median over rounds with its min, max and IQR.
 
 Example:
     python benchmarks/generate_speed.py --layers 12 --hidden 768 --new-tokens 32 > out.json
@@ -17,55 +22,21 @@ import argparse
 import json
 import math
 import os
-import statistics
-import time
+import sys
+from dataclasses import fields
+from typing import Any
 
 import torch
-from transformers.generation.streamers import BaseStreamer
+from bench_timing import BASE, add_common_args, data_lines, load_model, row_entry
 
 import deltaexit as dx
-from deltaexit.generation import CostModel, EarlyExit, KVPolicy, Propagate, Recompute, Verify
+from deltaexit.generation import CostModel, EarlyExit, GenerationStats, KVPolicy, Propagate, Recompute, Verify
+from deltaexit.io import atomic_write_json
+from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import available_measures, get_measure
 from deltaexit.testing import ConstantScore, tiny_model
-
-
-class DecodeClock(BaseStreamer):
-    """A streamer that notes when the first generated token arrives (the prompt's forward is done)."""
-
-    def __init__(self) -> None:
-        self.puts = 0
-        self.first: float | None = None
-
-    def put(self, value) -> None:
-        self.puts += 1
-        if self.puts == 2:  # the first put is the prompt, the second the token from the prompt's forward
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
-def paired(base_fn, fn, repeats):
-    """Alternate ``base_fn`` and ``fn`` (each called with a streamer); medians of the per-pair time ratios.
-
-    Returns ``(whole-call time ratio, decode time ratio, median base time, last result)``. The decode time runs
-    from the first generated token (the prompt's full-depth forward, which early exit cannot shorten, is done)
-    to the return: the steps that ``stats.implied_speedup`` counts.
-    """
-    ratios, decode_ratios, base_times, result = [], [], [], None
-    for _ in range(repeats):
-        base_clock, clock = DecodeClock(), DecodeClock()
-        t0 = time.perf_counter()
-        base_fn(base_clock)
-        t1 = time.perf_counter()
-        result = fn(clock)
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-        if base_clock.first is not None and clock.first is not None:
-            decode_ratios.append((t2 - clock.first) / (t1 - base_clock.first))
-        base_times.append(t1 - t0)
-    decode = statistics.median(decode_ratios) if decode_ratios else float("nan")
-    return statistics.median(ratios), decode, statistics.median(base_times), result
+from deltaexit.threads import torch_threads
+from deltaexit.timing import Row, Timing, alternated, generate_row, peer_rows
 
 
 def oracle_mean_layer(model, sequences, prompt_len):
@@ -96,7 +67,7 @@ def policy_of(kv: str, args: argparse.Namespace) -> KVPolicy:
     raise ValueError(f"unknown --policies entry {kv!r}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="llama")
     ap.add_argument("--layers", type=int, default=12)
@@ -106,12 +77,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: the tiny config's, heads/2)")
     ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default: the tiny config's, 2*hidden)")
     ap.add_argument(
-        "--model",
-        default=None,
-        help="local model directory, or v1/v2 for a shipped reference, instead of a random config",
-    )
-    ap.add_argument(
-        "--text", default=None, help="prompts from this text file (one paragraph a line; needs a tokenizer)"
+        "--model", default=None, help="local model directory or a shipped reference name, instead of a random config"
     )
     ap.add_argument("--num-draft", type=int, default=4, help="verify: most drafts per round")
     ap.add_argument("--adaptive-draft", action="store_true", help="verify: Verify(adaptive=True)")
@@ -122,145 +88,163 @@ def main() -> None:
         help="propagate: run the query projection in K/V-only calls too, Propagate(query_skip=False) "
         "(default from DELTAEXIT_NO_QSKIP=1)",
     )
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--policies", nargs="+", default=["verify", "propagate", "recompute"])
     ap.add_argument("--fixed-exits", type=int, nargs="*", default=[3, 6])
     ap.add_argument("--measures", nargs="*", default=["softmax-max", "delta-norm", "state-cosine", "delta-mlp"])
     ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-layerskip", action="store_true", help="no assistant_early_exit rows")
     ap.add_argument("--oracle", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = None
-    if args.model in ("v1", "v2"):
-        model, tokenizer = dx.load_reference(args.model)
-    elif args.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    add_common_args(ap, prompts=1, new_tokens=32)
+    return ap.parse_args()
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-        if args.text:
-            tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    else:
-        model = tiny_model(
-            args.arch,
-            num_layers=args.layers,
-            hidden=args.hidden,
-            heads=args.heads,
-            vocab=args.vocab,
-            max_position_embeddings=1024,
-            **({"num_key_value_heads": args.kv_heads} if args.kv_heads else {}),
-            **({"intermediate_size": args.intermediate} if args.intermediate else {}),
-        )
-    num_layers = dx.find_structure(model).num_layers
-    vocab = model.config.vocab_size
-    settings = [("never", ConstantScore(), math.inf, 1)]
+
+def build_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """``(model, tokenizer or None, description)``: ``--model``, else a random ``tiny_model`` config."""
+    if args.model:
+        model, tokenizer = load_model(args.model)
+        return model, tokenizer, args.model
+    model = tiny_model(
+        args.arch,
+        num_layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        vocab=args.vocab,
+        max_position_embeddings=1024,
+        **({"num_key_value_heads": args.kv_heads} if args.kv_heads else {}),
+        **({"intermediate_size": args.intermediate} if args.intermediate else {}),
+    )
+    desc = (
+        f"random {args.arch} {args.layers}x{args.hidden} vocab {args.vocab}, "
+        f"{getattr(model.config, 'num_key_value_heads', args.heads)}/{args.heads} kv heads, "
+        f"FFN {getattr(model.config, 'intermediate_size', '?')}"
+    )
+    return model, None, desc
+
+
+def batch_inputs(args: argparse.Namespace, tokenizer: Any, vocab: int, batch: int) -> list[torch.Tensor]:
+    """``--prompts`` batches of ``batch`` prompts: text from ``--data`` with a tokenizer, else random ids."""
+    if tokenizer is not None:
+        lines, _ = data_lines(args.data, batch * args.prompts, min_chars=8 * args.prompt_len)
+        ids = [tokenizer(line, return_tensors="pt").input_ids[0, : args.prompt_len] for line in lines]
+        return [torch.stack(ids[i * batch : (i + 1) * batch]) for i in range(args.prompts)]
+    g = torch.Generator().manual_seed(batch)
+    return [torch.randint(3, vocab, (batch, args.prompt_len), generator=g) for _ in range(args.prompts)]
+
+
+def exit_settings(args: argparse.Namespace) -> list[tuple[str, Any, float, int]]:
+    """``(label, measure, threshold, min_exit_layer)`` for ``never``, each ``fixed-E`` and each measure."""
+    settings: list[tuple[str, Any, float, int]] = [("never", ConstantScore(), math.inf, 1)]
     settings += [(f"fixed-{e}", ConstantScore(), 0.5, e) for e in args.fixed_exits]
     for name in args.measures:
         if name in available_measures():
             try:
                 settings.append((name, get_measure(name), args.threshold, 1))
             except Exception as exc:  # a measure that needs fitting
-                print(json.dumps({"skipped_measure": name, "reason": str(exc)}))
-    cost = CostModel.from_model(
-        model, context=args.prompt_len + args.new_tokens // 2, query_skip=not args.no_query_skip
-    )
-    head_blocks, kv_only_blocks = cost.head_blocks, cost.kv_only_blocks
-    results = []
-    for batch in args.batches:
-        if args.text and tokenizer is not None:
-            with open(args.text, encoding="utf-8") as f:
-                lines = [line for line in f if len(line) > 8 * args.prompt_len][
-                    : batch * (1 + args.batches.index(batch))
-                ]
-            ids = torch.stack([tokenizer(line, return_tensors="pt").input_ids[0, : args.prompt_len] for line in lines])
-            ids = ids[-batch:]
-        else:
-            g = torch.Generator().manual_seed(batch)
-            ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g)
-        kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
-            model.generate(ids, **kw)  # warm-up
-            ref = model.generate(ids, **kw)
-        oracle = oracle_mean_layer(model, ref, args.prompt_len) if args.oracle else None
-        for label, measure, threshold, min_exit in settings:
-            for kv in args.policies:
-                ee = EarlyExit(model, measure, threshold, policy_of(kv, args), min_exit_layer=min_exit)
-                ee.generate(ids, **kw)
-                with torch.no_grad():
-                    time_ratio, decode_ratio, base_t, out = paired(
-                        lambda clock, ids=ids, kw=kw: model.generate(ids, streamer=clock, **kw),
-                        lambda clock, ee=ee, ids=ids, kw=kw: ee.generate(
-                            ids, return_dict_in_generate=True, streamer=clock, **kw
-                        ),
-                        args.repeats,
-                    )
-                s = out.stats
-                speed = 1.0 / time_ratio
-                decode_speed = 1.0 / decode_ratio
-                row = {
-                    "batch": batch,
-                    "policy": kv,
-                    "exit": label,
-                    "threshold": threshold,
-                    "min_exit_layer": min_exit,
-                    "time_ratio": time_ratio,
-                    "generate_s": base_t,
-                    "tokens_per_s_ratio": speed,
-                    "mean_exit_layer": s.mean_exit_layer,
-                    "blocks_run": s.blocks_run,
-                    "full_depth_blocks": s.full_depth_blocks,
-                    "implied_speedup": s.implied_speedup,
-                    "measure_block_fraction": s.measure_block_fraction,
-                    "implied_speedup_with_measure": s.implied_speedup_with_measure,
-                    # the target's figure: wall-clock speed-up / (L / blocks per token, measure cost included)
-                    "share_of_implied_speedup": speed / s.implied_speedup_with_measure
-                    if s.implied_speedup_with_measure
-                    else None,
-                    # FLOP cost model that also counts the LM head once per token and propagate's K/V-only calls
-                    # (q/k/v projections): what a perfect implementation could reach
-                    "cost_model_speedup": cost.speedup_of(s),
-                    # the same over the decode steps only (from the first generated token on): the steps the
-                    # implied speed-up counts; the prompt's forward is the same full-depth pass on both sides
-                    "decode_time_ratio": decode_ratio,
-                    "decode_tokens_per_s_ratio": decode_speed,
-                    "decode_share_of_implied_speedup": decode_speed / s.implied_speedup_with_measure
-                    if s.implied_speedup_with_measure
-                    else None,
-                    "agreement": float(
-                        (out.sequences[:, args.prompt_len :] == ref[:, args.prompt_len :]).float().mean()
-                    ),
-                    "identical": bool(torch.equal(out.sequences, ref)),
-                    "accepted": s.accepted,
-                    "drafted": s.drafted,
-                    "kv_only_calls": s.kv_only_calls,
-                    "oracle_mean_layer": oracle,
-                }
-                results.append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({"skipped_measure": name, "reason": str(exc)}), file=sys.stderr)
+    return settings
+
+
+def pooled(stats: list[GenerationStats]) -> GenerationStats:
+    """One :class:`GenerationStats` for several calls: counters summed, the mean exit layer token-weighted."""
+    counters = {f.name: sum(getattr(s, f.name) for s in stats) for f in fields(GenerationStats) if f.type == "int"}
+    counters["num_layers"] = stats[0].num_layers
+    tokens = max(1, counters["tokens"])
+    mean_exit = sum(s.mean_exit_layer * s.tokens for s in stats if s.tokens) / tokens
+    frac = stats[0].measure_block_fraction
+    return GenerationStats(policy=stats[0].policy, measure_block_fraction=frac, mean_exit_layer=mean_exit, **counters)
+
+
+def dx_entry(timing: Timing, name: str, inputs: list[torch.Tensor], cost: CostModel) -> dict[str, Any]:
+    """``row_entry``'s figures plus the early-exit counters and the speed-up ceilings they imply."""
+    entry = row_entry(timing, name, inputs)
+    if "error" in entry:
+        return entry
+    s = pooled([o.stats for o in timing.outputs[name]])
+    speed, decode = entry["speed"]["median"], entry["decode_speed"]["median"]
+    implied = s.implied_speedup_with_measure
+    return entry | {
+        "tokens_per_s_ratio": speed,
+        "time_ratio": 1.0 / speed,
+        "decode_tokens_per_s_ratio": decode,
+        "mean_exit_layer": s.mean_exit_layer,
+        "blocks_run": s.blocks_run,
+        "full_depth_blocks": s.full_depth_blocks,
+        "implied_speedup": s.implied_speedup,
+        "measure_block_fraction": s.measure_block_fraction,
+        "implied_speedup_with_measure": implied,
+        # the target's figure: wall-clock speed-up / (L / blocks per token, measure cost included)
+        "share_of_implied_speedup": speed / implied if implied else None,
+        # FLOP cost model that also counts the LM head once per token and propagate's K/V-only calls
+        # (q/k/v projections): what a perfect implementation could reach
+        "cost_model_speedup": cost.speedup_of(s),
+        # over the decode steps only (from the first generated token on): the steps the implied speed-up counts
+        "decode_share_of_implied_speedup": decode / implied if implied else None,
+        "accepted": s.accepted,
+        "drafted": s.drafted,
+        "kv_only_calls": s.kv_only_calls,
+    }
+
+
+def run_batch(model: Any, args: argparse.Namespace, inputs: list[torch.Tensor], cost: CostModel) -> list[dict]:
+    """Every row (peers and each exit setting x policy) on ``inputs``, alternated; one entry per row."""
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    layerskip = [] if args.no_layerskip else [(e, args.num_draft) for e in args.fixed_exits]
+    rows: dict[str, Row] = peer_rows(model, kw, layerskip=layerskip, prompt_lookup=args.prompt_lookup or None)
+    meta = {}
+    for label, measure, threshold, min_exit in exit_settings(args):
+        for kv in args.policies:
+            ee = EarlyExit(model, measure, threshold, policy_of(kv, args), min_exit_layer=min_exit)
+            name = f"{kv} {label}"
+            rows[name] = generate_row(ee, {**kw, "return_dict_in_generate": True})
+            meta[name] = {"policy": kv, "exit": label, "threshold": threshold, "min_exit_layer": min_exit}
+    timing = alternated(rows, inputs, repeats=args.repeats)
+    oracle = None
+    if args.oracle:
+        refs = timing.outputs[BASE]
+        oracle = sum(oracle_mean_layer(model, r, args.prompt_len) for r in refs) / len(refs)
+    entries = []
+    for name in rows:
+        entry = dx_entry(timing, name, inputs, cost) if name in meta else row_entry(timing, name, inputs)
+        entry = {"batch": inputs[0].shape[0], **meta.get(name, {"policy": name}), **entry, "oracle_mean_layer": oracle}
+        entries.append(entry)
+        print(json.dumps(json_clean(entry)), file=sys.stderr, flush=True)
+    return entries
+
+
+def main() -> None:
+    args = parse_args()
+    with torch_threads(args.threads):
+        model, tokenizer, desc = build_model(args)
+        num_layers = dx.find_structure(model).num_layers
+        vocab = model.config.vocab_size
+        context = args.prompt_len + args.new_tokens // 2
+        cost = CostModel.from_model(model, context=context, query_skip=not args.no_query_skip)
+        results = []
+        for batch in args.batches:
+            results += run_batch(model, args, batch_inputs(args, tokenizer, vocab, batch), cost)
     summary = {
-        "model": args.model
-        or (
-            f"random {args.arch} {num_layers}x{args.hidden} vocab {vocab}, "
-            f"{getattr(model.config, 'num_key_value_heads', args.heads)}/{args.heads} kv heads, "
-            f"FFN {getattr(model.config, 'intermediate_size', '?')}"
-        ),
+        "model": desc,
         "num_layers": num_layers,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "prompts": args.prompts,
+        "data": str(args.data) if tokenizer is not None else "random token ids",
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
         "repeats": args.repeats,
+        "timing": "alternated rounds (deltaexit.timing); speed = model.generate time / row time over the batches, "
+        "median over rounds with min/max/IQR",
         "num_draft": args.num_draft,
         "adaptive_draft": args.adaptive_draft,
-        "head_block_equivalents": head_blocks,
-        "kv_only_block_equivalents": kv_only_blocks,
+        "head_block_equivalents": cost.head_blocks,
+        "kv_only_block_equivalents": cost.kv_only_blocks,
         "query_skip": not args.no_query_skip,  # K/V-only calls skip a separate q projection (--no-query-skip: off)
         "results": results,
     }
+    summary = json_clean(summary)
+    if args.json:
+        atomic_write_json(args.json, summary)
     print(json.dumps(summary))
 
 

@@ -1,30 +1,33 @@
-"""Lossless self-speculation (`kv="verify"`) against `model.generate` over several prompts, batch 1.
+"""Lossless self-speculation (`kv="verify"`) against `model.generate` and its peers, batch 1, one JSON on stdout.
 
-For each setting (draft layer, draft budget, adaptive or not) and each prompt: one warm-up, then
-``--repeats`` alternated (`model.generate`, `EarlyExit.generate`) pairs (``generate_speed.paired``);
-the prompt's speed is the inverse of the median pair time ratio and the setting's speed the median
-over prompts. Every output is checked to equal `model.generate`'s (greedy). Prints one JSON line
-per setting and, with ``--json``, writes them all.
+Rows, timed in the same run and alternated (``deltaexit.timing.alternated``: one warm-up call each, then
+``--repeats`` rounds in which every prompt runs every row, in a rotated order): ``model.generate``; for each
+setting ``E:k`` ``dx`` ``verify`` drafting ``k`` tokens from block ``E`` (threshold -inf) and transformers' own
+LayerSkip, ``model.generate(..., assistant_early_exit=E, num_assistant_tokens=k)`` (its error text is recorded
+where it does not run, e.g. ``IndexError`` on GPT-NeoX caches); and prompt-lookup decoding
+(``prompt_lookup_num_tokens``). Each speed is ``model.generate`` time / row time summed over the prompts, as the
+median over rounds with its spread (min, max, IQR); agreement and identity are checked against
+``model.generate``'s greedy output.
 
 Usage:
-    python benchmarks/verify_speed.py --model DIR --settings 2:4 2:8:adaptive 4:4 6:4 \\
-        --json docs/results/verify_ref256_layerskip_600.json
+    python benchmarks/verify_speed.py --model v2 --data ../shared/data/wikitext-2/test.txt \\
+        --settings 2:4 3:4 4:4 --json docs/results/verify_speed_v2.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from pathlib import Path
+import sys
 
 import torch
-from generate_speed import paired
+from bench_timing import add_common_args, load_model, read_prompts, row_entry
 
-import deltaexit as dx
-from deltaexit.generation import Verify
-
-DATA = Path("../shared/data/wikitext-2/test.txt")
+from deltaexit.generation import EarlyExit, Verify
+from deltaexit.io import atomic_write_json
+from deltaexit.jsonable import json_clean
+from deltaexit.threads import torch_threads
+from deltaexit.timing import Row, alternated, generate_row, peer_rows
 
 
 def parse_setting(text: str) -> tuple[int, int, bool]:
@@ -35,72 +38,60 @@ def parse_setting(text: str) -> tuple[int, int, bool]:
     return int(parts[0]), int(parts[1]), len(parts) == 3
 
 
+def verify_row(model, layer: int, budget: int, adaptive: bool, kw: dict) -> tuple[Row, EarlyExit]:
+    """``dx`` lossless self-speculation drafting ``budget`` tokens from block ``layer``, as a timed row."""
+    policy = Verify(num_draft=budget, adaptive=adaptive)
+    ee = EarlyExit(model, "delta-norm", float("-inf"), kv=policy, min_exit_layer=layer)
+    return generate_row(ee, {**kw, "return_dict_in_generate": True}), ee
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time every row; the JSON-ready result."""
+    model, tok = load_model(args.model)
+    prompts, label = read_prompts(tok, args.data, args.prompts, args.prompt_len)
+    kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id or 0}
+    layerskip = [] if args.no_layerskip else [(layer, budget) for layer, budget, _ in args.settings]
+    rows = peer_rows(model, kw, layerskip=list(dict.fromkeys(layerskip)), prompt_lookup=args.prompt_lookup or None)
+    names = {}
+    for setting in args.settings:
+        name = "verify " + ":".join(str(x) for x in setting[:2]) + (":adaptive" if setting[2] else "")
+        rows[name], _ = verify_row(model, setting[0], setting[1], setting[2], kw)
+        names[name] = setting
+    with torch_threads(args.threads):
+        timing = alternated(rows, prompts, repeats=args.repeats)
+    entries = []
+    for name in rows:
+        entry = row_entry(timing, name, prompts)
+        if name in names and "error" not in entry:
+            layer, budget, adaptive = names[name]
+            stats = [o.stats for o in timing.outputs[name]]
+            entry |= {"min_exit_layer": layer, "num_draft": budget, "adaptive_draft": adaptive}
+            entry |= {"accepted": sum(s.accepted for s in stats), "drafted": sum(s.drafted for s in stats)}
+        entries.append(entry)
+        print(json.dumps(json_clean(entry)), file=sys.stderr, flush=True)
+    return {
+        "model": args.model,
+        "prompts": label,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "timing": f"{args.repeats} alternated rounds (each: every prompt, every row, rotated order) after one "
+        "warm-up; speed = model.generate time / row time over all prompts, median over rounds with min/max/IQR",
+        "rows": entries,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="HF directory, or v1/v2 for a shipped reference")
-    ap.add_argument("--text", type=Path, default=DATA, help="prompts: lines of this file longer than 200 characters")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="v2", help="HF directory, or a shipped reference name (v1, v2, ...)")
     ap.add_argument("--settings", type=parse_setting, nargs="+", default=[parse_setting("2:4")])
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-layerskip", action="store_true", help="no assistant_early_exit rows")
+    add_common_args(ap)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.model in ("v1", "v2"):
-        model, tok = dx.load_reference(args.model)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    with open(args.text, encoding="utf-8") as f:
-        lines = [line for line in f if len(line) > 200][: args.prompts]
-    prompts = [tok(line, return_tensors="pt").input_ids[:, : args.prompt_len] for line in lines]
-    kw = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    rows = []
-    for layer, budget, adaptive in args.settings:
-        ee = dx.EarlyExit(
-            model, "delta-norm", float("-inf"), kv=Verify(num_draft=budget, adaptive=adaptive), min_exit_layer=layer,
-        )  # fmt: skip
-        speeds, accepted, drafted, identical = [], 0, 0, True
-        for ids in prompts:
-            with torch.no_grad():
-                full = model.generate(ids, **kw)  # warm-up, and the reference output
-                ee.generate(ids, **kw)
-                time_ratio, _, _, out = paired(
-                    lambda clock, ids=ids: model.generate(ids, streamer=clock, **kw),
-                    lambda clock, ids=ids, ee=ee: ee.generate(ids, return_dict_in_generate=True, streamer=clock, **kw),
-                    args.repeats,
-                )
-            identical &= bool(torch.equal(out.sequences, full))
-            speeds.append(1.0 / time_ratio)
-            accepted += out.stats.accepted
-            drafted += out.stats.drafted
-        row = {
-            "min_exit_layer": layer,
-            "num_draft": budget,
-            "adaptive_draft": adaptive,
-            "median_speed": statistics.median(speeds),
-            "per_prompt": [round(x, 3) for x in speeds],
-            "accepted": accepted,
-            "drafted": drafted,
-            "identical": identical,
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    result = json_clean(run(args))
     if args.json:
-        result = {
-            "model": args.model,
-            "prompts": f"first {args.prompt_len} tokens of the first {args.prompts} lines of {args.text} longer "
-            "than 200 characters",
-            "new_tokens": args.new_tokens,
-            "threads": args.threads,
-            "timing": f"per prompt: median of {args.repeats} alternated (model.generate, verify) pairs",
-            "rows": rows,
-        }
-        args.json.write_text(json.dumps(result, indent=1))
+        atomic_write_json(args.json, result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,34 @@ import pytest
 from deltaexit.cli import main
 
 
-def test_demo_runs_end_to_end(capsys):
-    assert main(["demo", "--tokens", "512", "--new-tokens", "4"]) == 0
+def test_demo_runs_end_to_end(capsys, tmp_path):
+    import json
+
+    path = tmp_path / "demo.json"
+    argv = ["demo", "--model", "v2", "--tokens", "512", "--prompts", "2", "--new-tokens", "4", "--repeats", "2"]
+    assert main([*argv, "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "oracle" in out and "AUROC" in out
-    # verify is lossless: its agreement with model.generate must print as exactly 1.000.
-    verify_row = next(line for line in out.splitlines() if line.strip().startswith("verify"))
-    assert verify_row.split()[3] == "1.000"
-    assert "identical output: True" in out  # self-speculation on v2 keeps model.generate's tokens
+    record = json.loads(path.read_text())
+    assert record["model"] == "v2" and record["repeats"] == 2
+    rows = {row["row"]: row for row in record["rows"]}
+    assert list(rows)[:3] == ["model.generate", "assistant_early_exit", "prompt_lookup"]
+    assert len(rows) == 5
+    for row in rows.values():
+        if "error" in row:
+            assert row["error"] in out
+            continue
+        speed = row["speed"]
+        assert set(speed) == {"median", "min", "max", "iqr", "repeats"} and speed["repeats"] == 2
+        assert speed["min"] <= speed["median"] <= speed["max"]
+        assert f"{speed['median']:.2f}x ({speed['min']:.2f}-{speed['max']:.2f})" in out
+        if speed["median"] < 0.97:  # every slow row is explained
+            assert f"{row['row']} at {speed['median']:.2f}x:" in out
+    # verify is lossless: output identical to model.generate's, agreement printed as exactly 1.000.
+    verify = rows["dx verify (lossless)"]
+    assert verify["identical"] and verify["agreement"] == 1.0
+    verify_line = next(line for line in out.splitlines() if line.strip().startswith("dx verify (lossless)"))
+    assert " 1.000 " in verify_line
 
 
 def test_support_matrix_writes_markdown(tmp_path, monkeypatch):

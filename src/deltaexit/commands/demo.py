@@ -1,150 +1,302 @@
-"""``deltaexit demo``: the whole pipeline on the embedded reference model, offline.
+"""``deltaexit demo``: the whole pipeline on an embedded reference model, offline.
 
-1. Saturation and confidence-measure summary (``dx.analyze``) on an embedded WikiText-2 sample.
-2. Early-exit generation side by side with ``model.generate``: agreement, mean layers run, speed.
+1. Saturation and confidence-measure summary (``dx.analyze``) on the shipped WikiText-2 sample.
+2. Generation side by side, batch 1, measured in this run: ``model.generate``, transformers' own LayerSkip
+   (``assistant_early_exit``) and prompt lookup, ``dx`` lossless ``verify`` and a calibrated lossy setting,
+   with speed (median ratio to ``model.generate`` over alternated rounds, with its min-max spread), agreement
+   with ``model.generate`` and mean layers run. ``--json PATH`` writes these rows.
+
+Each row of section 2 is built by one small function (``*_row`` below).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-DEMO_MEASURES = ("softmax-max", "state-cosine", "delta-norm", "linear", "delta-mlp", "hdelta-mlp", "lens-mlp")
+DEMO_MEASURES = ("softmax-max", "state-cosine", "delta-norm", "hdelta-mlp", "lens-mlp")
+#: Rows slower than this (median) get a printed line saying why.
+SLOW = 0.97
+#: Token disagreement the calibrated row is tuned for.
+DELTA = 0.01
+
+
+def default_model() -> str:
+    """``"v3"`` when this installation ships it (12 layers, 256 wide, LayerSkip-trained), else ``"v2"``."""
+    from deltaexit.reference import available_references
+
+    return "v3" if "v3" in available_references() else "v2"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the demo on the embedded reference model",
-        description="Saturation/measure summary, then early-exit generation next to full generation, "
-        "on the embedded reference model (no network, no data directory needed).",
+        description="Saturation/measure summary, then early exit and transformers' own speed-ups next to "
+        "model.generate, on an embedded reference model (no network, no data directory needed).",
     )
-    parser.add_argument("--model", default="v1", help="embedded reference name (v1, v2) or an HF model directory")
-    parser.add_argument("--tokens", type=int, default=2048, help="test tokens for the measure summary")
-    parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate per prompt")
-    parser.add_argument("--threshold", type=float, default=0.5, help="softmax-max threshold for the lossy policies")
+    parser.add_argument("--model", default=None, help="embedded reference name or HF directory (default: v3, else v2)")
+    parser.add_argument("--tokens", type=int, default=1024, help="test tokens for the measure summary (0: skip it)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts from the shipped sample, batch 1 each")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    parser.add_argument("--repeats", type=int, default=5, help="alternated timing rounds (speed: their median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the generation rows to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
 
 def _load(name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from deltaexit.commands.analyze import load_model_and_tokenizer
+    from deltaexit.reference import available_references, load_reference, model_dir
 
-    from deltaexit.reference import load_reference
-
-    if Path(name).is_dir():
-        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-    return load_reference(name)
-
-
-def sample_text() -> str:
-    """The embedded WikiText-2 sample (CC BY-SA 3.0; see ``assets/sample/README.md``)."""
-    return (Path(__file__).resolve().parent.parent / "assets" / "sample" / "wikitext-2-test-tail.txt").read_text()
+    if name in available_references():
+        return load_reference(name)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir(name)))
+    return model.float(), tokenizer  # fp32 like load_reference (a bf16-stored directory would time bf16 kernels)
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+@dataclass
+class DemoRow:
+    """One row of the generation table: a timed call and what it is."""
+
+    name: str
+    setting: str
+    call: Any  # deltaexit.timing.Row
+    early_exit: Any = None  # the EarlyExit behind a dx row (its stats give layers and drafts)
+    placeholder: bool = False  # fixed settings standing in for dx.tune (not on main yet)
+
+
+def _call(generator: Any, kw: dict[str, Any]) -> Any:
+    """``generator.generate(ids, streamer=..., **kw)`` as a timed row (a model, or an EarlyExit)."""
+    from deltaexit.timing import generate_row
+
+    return generate_row(generator, kw)
+
+
+def baseline_row(model: Any, kw: dict[str, Any]) -> DemoRow:
+    """Plain ``model.generate``: the base every speed is a ratio to."""
+    return DemoRow("model.generate", "greedy, full depth", _call(model, kw))
+
+
+def layerskip_row(model: Any, kw: dict[str, Any], exit_layer: int, tokens: int = 4) -> DemoRow:
+    """transformers' own LayerSkip: ``model.generate(..., assistant_early_exit=E, num_assistant_tokens=k)``."""
+    from deltaexit.timing import layerskip_row as call
+
+    return DemoRow("assistant_early_exit", f"E={exit_layer}, k={tokens}", call(model, kw, exit_layer, tokens))
+
+
+def prompt_lookup_row(model: Any, kw: dict[str, Any], tokens: int = 3) -> DemoRow:
+    """transformers' prompt-lookup decoding (n-gram drafts from the prompt), training-free and lossless."""
+    return DemoRow("prompt_lookup", f"{tokens} tokens", _call(model, {**kw, "prompt_lookup_num_tokens": tokens}))
+
+
+def dx_row(name: str, setting: str, ee: Any, kw: dict[str, Any], placeholder: bool = False) -> DemoRow:
+    """A row for the ``EarlyExit`` ``ee`` (its output dicts carry the stats the table reads)."""
+    return DemoRow(name, setting, _call(ee, {**kw, "return_dict_in_generate": True}), ee, placeholder)
+
+
+def lossless_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_layer: int) -> DemoRow:
+    """``dx`` lossless ``verify``, identical output to ``model.generate``.
+
+    PLACEHOLDER until ``dx.tune`` lands: fixed settings (draft from ``exit_layer`` with threshold -inf, 4 drafts)
+    instead of ``dx.tune(model, calibration, tolerance=0.0).early_exit()``.
+    """
+    from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.generation.verify import Verify
+
+    ee = EarlyExit(model, "delta-norm", float("-inf"), kv=Verify(num_draft=4), min_exit_layer=exit_layer)
+    return dx_row("dx verify (lossless)", f"draft from {exit_layer}, 4 drafts", ee, kw, placeholder=True)
+
+
+def calibrated_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_layer: int) -> DemoRow:
+    """``dx`` calibrated lossy early exit at token disagreement ``DELTA``.
+
+    PLACEHOLDER until ``dx.tune`` lands: fixed settings (``propagate``, softmax-max >= 0.9 from ``exit_layer``)
+    instead of ``dx.tune(model, calibration, tolerance=DELTA).early_exit()``.
+    """
+    from deltaexit.generation.early_exit import EarlyExit
+
+    ee = EarlyExit(model, "softmax-max", 0.9, kv="propagate", min_exit_layer=exit_layer)
+    setting = f"propagate, softmax-max 0.9 from {exit_layer}"
+    return dx_row(f"dx calibrated d={DELTA}", setting, ee, kw, placeholder=True)
+
+
+def build_rows(model: Any, tokenizer: Any, calibration: list[str], kw: dict[str, Any]) -> list[DemoRow]:
+    """The table's rows, ``model.generate`` first; ``calibration`` prompts are not the measured ones."""
+    from deltaexit.structure import find_structure
+
+    exit_layer = max(2, find_structure(model).num_layers // 4)
+    calibration_ids = [tokenizer(p, return_tensors="pt").input_ids for p in calibration]
+    return [
+        baseline_row(model, kw),
+        layerskip_row(model, kw, exit_layer),
+        prompt_lookup_row(model, kw),
+        lossless_row(model, calibration_ids, kw, exit_layer),
+        calibrated_row(model, calibration_ids, kw, exit_layer),
+    ]
+
+
+def _sequences(out: Any) -> Any:
+    return getattr(out, "sequences", out)
+
+
+def measure_rows(rows: list[DemoRow], prompts: list[Any], repeats: int, num_layers: int) -> list[dict[str, Any]]:
+    """Time ``rows`` alternately on ``prompts``; one JSON-ready dict per row (errors kept, not raised)."""
+    import torch
+
+    from deltaexit.timing import alternated
+
+    timing = alternated({r.name: r.call for r in rows}, prompts, repeats=repeats)
+    ref = [_sequences(o) for o in timing.outputs[rows[0].name]]
+    result = []
+    for r in rows:
+        entry: dict[str, Any] = {"row": r.name, "setting": r.setting, "placeholder_for_tune": r.placeholder}
+        if r.name in timing.errors:
+            entry["error"] = timing.errors[r.name]
+            result.append(entry)
+            continue
+        outs = timing.outputs[r.name]
+        seqs = [_sequences(o) for o in outs]
+        entry["speed"] = timing.speed(r.name, rows[0].name)
+        entry["agreement"] = _agreement(seqs, ref, prompts)
+        entry["identical"] = all(torch.equal(s, f) for s, f in zip(seqs, ref, strict=True))
+        entry["mean_layers"] = _mean_layers(r, outs, num_layers)
+        if r.early_exit is not None:
+            entry["accepted"] = sum(o.stats.accepted for o in outs)
+            entry["drafted"] = sum(o.stats.drafted for o in outs)
+            entry["measure_blocks_per_call"] = outs[0].stats.measure_block_fraction
+        result.append(entry)
+    return result
+
+
+def _agreement(seqs: list[Any], ref: list[Any], prompts: list[Any]) -> float:
+    from deltaexit.timing import token_agreement
+
+    return sum(token_agreement(s, f, p.shape[1]) for s, f, p in zip(seqs, ref, prompts, strict=True)) / len(ref)
+
+
+def _mean_layers(row: DemoRow, outs: list[Any], num_layers: int) -> float | None:
+    """Mean layers run per generated token: ``L`` for full-depth rows, the exit layers for ``dx`` rows."""
+    if row.early_exit is not None:
+        return sum(o.stats.mean_exit_layer for o in outs) / len(outs)
+    if row.name in ("model.generate", "prompt_lookup"):
+        return float(num_layers)
+    return None  # transformers does not report how many draft tokens its LayerSkip kept
+
+
+def why_slow(entry: dict[str, Any], num_layers: int, head_blocks: float) -> str | None:
+    """A line saying why a row runs below :data:`SLOW` times ``model.generate`` (None when it does not)."""
+    if "error" in entry:
+        return f"{entry['row']}: did not run on this model ({entry['error']})"
+    speed = entry["speed"]
+    if speed["median"] >= SLOW or entry["row"] == "model.generate":
+        return None
+    reasons = []
+    if speed["max"] >= 1.0:
+        reasons.append(f"its rounds ranged {speed['min']:.2f}-{speed['max']:.2f}x, so part of the gap is noise")
+    if entry.get("drafted"):
+        reasons.append(f"{entry['accepted']}/{entry['drafted']} drafts were accepted (a rejected one is wasted work)")
+    if entry.get("measure_blocks_per_call", 0.0) > 0.5:
+        reasons.append(f"its measure costs {entry['measure_blocks_per_call']:.2f} blocks per scored layer")
+    if entry["row"] == "assistant_early_exit":
+        reasons.append("transformers drafts and verifies in separate passes, each paying the LM head")
+    if entry["row"] == "prompt_lookup":
+        reasons.append("this text repeats few n-grams, so there is little to look up")
+    reasons.append(f"the LM head costs {head_blocks:.1f} blocks of compute per token on top of the {num_layers}")
+    return f"{entry['row']} at {speed['median']:.2f}x: " + "; ".join(reasons)
+
+
+def print_rows(rows: list[dict[str, Any]], num_layers: int, head_blocks: float) -> None:
+    """The side-by-side table, then a line for every row below :data:`SLOW`."""
+    print(f"{'row':>22} {'setting':>36} {'speed (min-max)':>19} {'agreement':>9} {'layers':>6}")
+    for e in rows:
+        if "error" in e:
+            print(f"{e['row']:>22} {e['setting']:>36} {'error':>19}")
+            continue
+        s = e["speed"]
+        speed = f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+        layers = "-" if e["mean_layers"] is None else f"{e['mean_layers']:.2f}"
+        print(f"{e['row']:>22} {e['setting']:>36} {speed:>19} {e['agreement']:>9.3f} {layers:>6}")
+    lines = [line for e in rows if (line := why_slow(e, num_layers, head_blocks))]
+    if lines:
+        print("\nbelow 0.97x:\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def _analysis(model: Any, tokenizer: Any, tokens: int, seed: int) -> None:
+    from deltaexit.analysis import analyze, format_report
+    from deltaexit.samples import sample_text
+
+    print("== 1. Saturation and confidence measures (labels: next and final) ==")
+    result = analyze(
+        model,
+        tokenizer,
+        sample_text(),
+        tokens=tokens,
+        fit_tokens=2 * tokens,
+        labels=("next", "final"),
+        measures=DEMO_MEASURES,
+        seed=seed,
+        fit_kwargs={"max_epochs": 30},
+    )
+    print(format_report(result))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from deltaexit._version import __version__
-    from deltaexit.analysis import analyze, format_report
-    from deltaexit.generation.early_exit import EarlyExit
+    from deltaexit.generation.cost import CostModel
+    from deltaexit.io import atomic_write_json
+    from deltaexit.jsonable import json_clean
+    from deltaexit.samples import sample_prompts
     from deltaexit.structure import find_structure
+    from deltaexit.threads import torch_threads
 
+    if args.prompts < 1 or args.repeats < 1 or args.new_tokens < 1:
+        raise ValueError("--prompts, --repeats and --new-tokens must be >= 1")
+    name = args.model or default_model()
     torch.manual_seed(args.seed)
-    model, tokenizer = _load(args.model)
-    text = sample_text()
-    print(f"deltaexit {__version__} demo: reference model {args.model!r}, embedded WikiText-2 sample\n")
-
-    print("== 1. Saturation and confidence measures (labels: next and final) ==")
-    result = analyze(
-        model,
-        tokenizer,
-        text,
-        tokens=args.tokens,
-        fit_tokens=2 * args.tokens,
-        labels=("next", "final"),
-        measures=DEMO_MEASURES,
-        seed=args.seed,
-        fit_kwargs={"max_epochs": 30},
+    model, tokenizer = _load(name)
+    num_layers = find_structure(model).num_layers
+    print(f"deltaexit {__version__} demo: model {name!r} ({num_layers} layers), shipped WikiText-2 sample\n")
+    with torch_threads(args.threads):
+        if args.tokens > 0:
+            _analysis(model, tokenizer, args.tokens, args.seed)
+        texts = sample_prompts(3 * args.prompts, words=12)
+        prompts = [tokenizer(p, return_tensors="pt").input_ids for p in texts[: args.prompts]]
+        kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        rows = build_rows(model, tokenizer, texts[args.prompts :], kw)
+        print(f"\n== 2. Generation vs model.generate: {args.prompts} prompts x {args.new_tokens} tokens, batch 1 ==")
+        with _quiet_transformers():  # assisted generation's deprecation notices would break up the table
+            measured = measure_rows(rows, prompts, args.repeats, num_layers)
+    head_blocks = CostModel.from_model(model).head_blocks
+    print_rows(measured, num_layers, head_blocks)
+    print(
+        f"\nspeed = model.generate time / row time over all prompts, median (min-max) of {args.repeats} rounds "
+        f"in which the rows alternate; {args.threads} thread(s), this machine. agreement = share of "
+        "model.generate's tokens reproduced; verify is lossless by construction."
     )
-    print(format_report(result))
-
-    print("\n== 2. Early-exit generation vs model.generate (greedy) ==")
-    paragraphs = [p for p in text.splitlines() if len(p.split()) > 30]
-    prompts = [" ".join(p.split()[:12]) for p in paragraphs[:4]]
-    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    with torch.no_grad():
-        model.generate(**enc, **kw)  # warm-up
-        full_s, full = _timed(lambda: model.generate(**enc, **kw))
-        num_layers = find_structure(model).num_layers
-        new = full.shape[1] - enc["input_ids"].shape[1]
-        print(f"{'policy':>10} {'measure':>12} {'threshold':>9} {'agreement':>9} {'mean layers':>11} {'speed':>9}")
-        print(f"{'full':>10} {'-':>12} {'-':>9} {1.0:>9.3f} {num_layers:>11.2f} {1.0:>8.2f}x")
-        for kv, measure, threshold in (
-            ("verify", "softmax-max", args.threshold),
-            ("propagate", "softmax-max", args.threshold),
-            ("recompute", "softmax-max", args.threshold),
-        ):
-            ee = EarlyExit(model, measure=measure, threshold=threshold, kv=kv, min_exit_layer=2)
-            ee_s, out = _timed(lambda ee=ee: ee.generate(**enc, return_dict_in_generate=True, **kw))
-            gen, ref = out.sequences[:, -new:], full[:, -new:]
-            real = ref != tokenizer.pad_token_id
-            agreement = float(((gen == ref) & real).sum() / real.sum().clamp_min(1))
-            layers = out.exit_layers[out.exit_layers > 0].float().mean().item()
-            print(f"{kv:>10} {measure:>12} {threshold:>9.2f} {agreement:>9.3f} {layers:>11.2f} {full_s / ee_s:>8.2f}x")
-        print(
-            "\nverify is lossless (agreement 1.000 by construction); propagate/recompute trade agreement for "
-            "skipped blocks. speed = model.generate time / early-exit time, wall-clock on this machine, batch of "
-            f"{len(prompts)} prompts x {new} new tokens."
-        )
-        print(
-            "\nsoftmax-max reads the whole vocabulary at every layer it checks (about 2.75 blocks of compute on "
-            "this model), which eats the saved blocks. Below: lossless self-speculation on the LayerSkip-trained "
-            "v2. On this 64-wide model the LM head costs about four blocks per token, so it about breaks even; on "
-            "a 12-layer, 256-wide LayerSkip model the same setting ran 1.43x model.generate (docs/generate.md)."
-        )
-        _verify_on_v2(enc["input_ids"][:1], kw)
-        example = tokenizer.decode(full[0], skip_special_tokens=True)
-        print(f"\nexample (full model): {example!r}")
+    if any(r.placeholder for r in rows):
+        print("(the dx rows use fixed settings until dx.tune chooses them)")
+    if args.json:
+        record = {"model": name, "num_layers": num_layers, "prompts": args.prompts, "new_tokens": args.new_tokens}
+        record |= {"repeats": args.repeats, "threads": args.threads, "rows": measured}
+        atomic_write_json(args.json, json_clean(record))
+        print(f"wrote {args.json}")
     return 0
 
 
-def _verify_on_v2(prompt, kw) -> None:
-    """Lossless self-speculation on the LayerSkip-trained v2 at batch 1: same tokens, fewer deep passes."""
-    import torch
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging
 
-    from deltaexit.generation.early_exit import EarlyExit
-    from deltaexit.generation.verify import Verify
-    from deltaexit.reference import load_reference
-
-    model, _ = load_reference("v2")
-    generate: Any = model.generate  # transformers' generate, typed loosely through nn.Module
-    kw = {**kw, "max_new_tokens": max(kw["max_new_tokens"], 32)}
-    # Draft from block 2 always (threshold -inf: a cheap measure that never blocks the exit); the full
-    # model verifies every draft, so the output stays exactly model.generate's.
-    ee = EarlyExit(model, "delta-norm", float("-inf"), kv=Verify(num_draft=4), min_exit_layer=2)
-    with torch.no_grad():
-        generate(prompt, **kw)  # warm-up
-        ee.generate(prompt, **kw)
-        times: dict[str, list[float]] = {"full": [], "verify": []}
-        for _ in range(3):  # alternated, so load changes hit both alike
-            full_s, full = _timed(lambda: generate(prompt, **kw))
-            ee_s, out = _timed(lambda: ee.generate(prompt, return_dict_in_generate=True, **kw))
-            times["full"].append(full_s)
-            times["verify"].append(ee_s)
-    same = torch.equal(out.sequences, full)
-    speed = min(times["full"]) / min(times["verify"])
-    print(
-        f"\nreference v2 (LayerSkip recipe), batch 1, verify drafting from layer 2: identical output: {same}; "
-        f"speed {speed:.2f}x model.generate; drafts accepted {out.stats.accepted}/{out.stats.drafted}"
-    )
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
