@@ -67,7 +67,6 @@ class DemoRow:
     setting: str
     call: Any  # deltaexit.timing.Row
     early_exit: Any = None  # the EarlyExit behind a dx row (its stats give layers and drafts)
-    placeholder: bool = False  # fixed settings standing in for dx.tune (not on main yet)
 
 
 def _call(generator: Any, kw: dict[str, Any]) -> Any:
@@ -94,49 +93,59 @@ def prompt_lookup_row(model: Any, kw: dict[str, Any], tokens: int = 3) -> DemoRo
     return DemoRow("prompt_lookup", f"{tokens} tokens", _call(model, {**kw, "prompt_lookup_num_tokens": tokens}))
 
 
-def dx_row(name: str, setting: str, ee: Any, kw: dict[str, Any], placeholder: bool = False) -> DemoRow:
+def dx_row(name: str, setting: str, ee: Any, kw: dict[str, Any]) -> DemoRow:
     """A row for the ``EarlyExit`` ``ee`` (its output dicts carry the stats the table reads)."""
-    return DemoRow(name, setting, _call(ee, {**kw, "return_dict_in_generate": True}), ee, placeholder)
+    return DemoRow(name, setting, _call(ee, {**kw, "return_dict_in_generate": True}), ee)
 
 
-def lossless_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_layer: int) -> DemoRow:
-    """``dx`` lossless ``verify``, identical output to ``model.generate``.
+#: The demo's tuning search (small, so the demo stays a few minutes; ``deltaexit tune`` searches wider).
+DEMO_TUNE: dict[str, Any] = {
+    "exit_layers": (1, 2, 3),
+    "draft_settings": ({"num_draft": 3}, {"num_draft": 4}),
+    "timing_prompts": 4,
+    "screen_prompts": 2,
+    "keep": 2,
+    "repeats": 3,
+    "budget_s": 60.0,
+    "progress": False,
+}
 
-    PLACEHOLDER until ``dx.tune`` lands: fixed settings (draft from ``exit_layer`` with threshold -inf, 4 drafts)
-    instead of ``dx.tune(model, calibration, tolerance=0.0).early_exit()``.
-    """
+
+def tuned_row(name: str, model: Any, calibration: list[Any], kw: dict[str, Any], tolerance: float) -> DemoRow:
+    """``dx.tune(model, calibration, tolerance)``'s choice, as a row timed on the demo's (held-out) prompts."""
     from deltaexit.generation.early_exit import EarlyExit
-    from deltaexit.generation.verify import Verify
+    from deltaexit.tuning.api import tune
 
-    ee = EarlyExit(model, "delta-norm", float("-inf"), kv=Verify(num_draft=4), min_exit_layer=exit_layer)
-    return dx_row("dx verify (lossless)", f"draft from {exit_layer}, 4 drafts", ee, kw, placeholder=True)
+    result = tune(model, calibration, tolerance, max_new_tokens=kw["max_new_tokens"], **DEMO_TUNE)
+    ee = result.early_exit(model)
+    if ee is None:  # model.generate won the search: say so and run full depth
+        ee = EarlyExit(model, "softmax-max", float("inf"), "verify")
+        return dx_row(name, "tuned: no early exit (model.generate was fastest)", ee, kw)
+    return dx_row(name, f"tuned: {result.chosen.name if result.chosen else ee}", ee, kw)
 
 
-def calibrated_row(model: Any, calibration: list[Any], kw: dict[str, Any], exit_layer: int) -> DemoRow:
-    """``dx`` calibrated lossy early exit at token disagreement ``DELTA``.
+def lossless_row(model: Any, calibration: list[Any], kw: dict[str, Any]) -> DemoRow:
+    """``dx`` lossless ``verify`` chosen by ``dx.tune(tolerance=0)``: identical output to ``model.generate``."""
+    return tuned_row("dx verify (lossless)", model, calibration, kw, 0.0)
 
-    PLACEHOLDER until ``dx.tune`` lands: fixed settings (``propagate``, softmax-max >= 0.9 from ``exit_layer``)
-    instead of ``dx.tune(model, calibration, tolerance=DELTA).early_exit()``.
-    """
-    from deltaexit.generation.early_exit import EarlyExit
 
-    ee = EarlyExit(model, "softmax-max", 0.9, kv="propagate", min_exit_layer=exit_layer)
-    setting = f"propagate, softmax-max 0.9 from {exit_layer}"
-    return dx_row(f"dx calibrated d={DELTA}", setting, ee, kw, placeholder=True)
+def calibrated_row(model: Any, calibration: list[Any], kw: dict[str, Any]) -> DemoRow:
+    """``dx.tune(tolerance=DELTA)``: the fastest setting whose Learn-then-Test certified disagreement is <= DELTA."""
+    return tuned_row(f"dx calibrated d={DELTA}", model, calibration, kw, DELTA)
 
 
 def build_rows(model: Any, tokenizer: Any, calibration: list[str], kw: dict[str, Any]) -> list[DemoRow]:
     """The table's rows, ``model.generate`` first; ``calibration`` prompts are not the measured ones."""
     from deltaexit.structure import find_structure
 
-    exit_layer = max(2, find_structure(model).num_layers // 4)
-    calibration_ids = [tokenizer(p, return_tensors="pt").input_ids for p in calibration]
+    exit_layer = min(2, find_structure(model).num_layers)  # its fastest draft layer (docs/generate.md)
+    calibration_ids = [tokenizer(p, return_tensors="pt").input_ids[0] for p in calibration]
     return [
         baseline_row(model, kw),
         layerskip_row(model, kw, exit_layer),
         prompt_lookup_row(model, kw),
-        lossless_row(model, calibration_ids, kw, exit_layer),
-        calibrated_row(model, calibration_ids, kw, exit_layer),
+        lossless_row(model, calibration_ids[:8], kw),
+        calibrated_row(model, calibration_ids, kw),
     ]
 
 
@@ -154,7 +163,7 @@ def measure_rows(rows: list[DemoRow], prompts: list[Any], repeats: int, num_laye
     ref = [_sequences(o) for o in timing.outputs[rows[0].name]]
     result = []
     for r in rows:
-        entry: dict[str, Any] = {"row": r.name, "setting": r.setting, "placeholder_for_tune": r.placeholder}
+        entry: dict[str, Any] = {"row": r.name, "setting": r.setting}
         if r.name in timing.errors:
             entry["error"] = timing.errors[r.name]
             result.append(entry)
@@ -266,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         if args.tokens > 0:
             _analysis(model, tokenizer, args.tokens, args.seed)
-        texts = sample_prompts(3 * args.prompts, words=12)
+        texts = sample_prompts(words=12)  # the first --prompts are timed; the rest calibrate (held out)
         prompts = [tokenizer(p, return_tensors="pt").input_ids for p in texts[: args.prompts]]
         kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
         rows = build_rows(model, tokenizer, texts[args.prompts :], kw)
@@ -280,8 +289,6 @@ def run(args: argparse.Namespace) -> int:
         f"in which the rows alternate; {args.threads} thread(s), this machine. agreement = share of "
         "model.generate's tokens reproduced; verify is lossless by construction."
     )
-    if any(r.placeholder for r in rows):
-        print("(the dx rows use fixed settings until dx.tune chooses them)")
     if args.json:
         record = {"model": name, "num_layers": num_layers, "prompts": args.prompts, "new_tokens": args.new_tokens}
         record |= {"repeats": args.repeats, "threads": args.threads, "rows": measured}
