@@ -43,7 +43,7 @@ UNSUPPORTED_SETTINGS: dict[str, tuple[Any, str]] = {
     "penalty_alpha": (None, "contrastive search is not supported"),
     "prompt_lookup_num_tokens": (
         None,
-        "prompt-lookup decoding is not supported (kv='verify' is self-speculative)",
+        "prompt-lookup decoding is built into kv='verify': use Verify(ngram=3, ngram_draft=...) instead",
     ),
     "assistant_early_exit": (
         None,

@@ -27,12 +27,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from deltaexit.exits import ThresholdSchedule, as_schedule
+from deltaexit.generation.backoff import Backoff, PayoffMonitor, as_backoff, block_cost
 from deltaexit.generation.checks import (
     check_generate_kwargs,
     check_generation_config,
@@ -71,6 +73,9 @@ class EarlyExit:
             ``Verify(num_draft=4, adaptive=True)``, ``Propagate(query_skip=False)``, ``Recompute(max_pending=8)``.
         min_exit_layer: First 1-based layer after which a row may exit.
         lens: The lens (built from the model if not given).
+        backoff: Never slower: watch the pay-off per token and back off to plain full-depth decoding while early
+            exit loses, retrying now and then (:class:`~deltaexit.generation.backoff.Backoff`; ``True`` = its
+            defaults, ``False`` = off, every step an early-exit step as the policy makes it).
 
     Attributes:
         policy: The :class:`~deltaexit.generation.policy.KVPolicy`; ``kv`` is its name.
@@ -81,7 +86,7 @@ class EarlyExit:
         >>> from deltaexit.testing import ConstantScore, tiny_model
         >>> ee = EarlyExit(tiny_model("llama", num_layers=4), ConstantScore(), 0.5, Verify(num_draft=2))
         >>> ee.kv, ee.policy
-        ('verify', Verify(num_draft=2, adaptive=False))
+        ('verify', Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=4, ngram_min=1))
         >>> ee.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0).shape
         torch.Size([1, 6])
     """
@@ -95,12 +100,14 @@ class EarlyExit:
         *,
         min_exit_layer: int = 1,
         lens: Lens | None = None,
+        backoff: bool | Backoff = True,
     ) -> None:
         check_model(model)
         self.model: Any = model  # a transformers causal LM (generate, _prefill are not typed on nn.Module)
         self.structure = find_structure(model)
         self.num_layers = self.structure.num_layers
         self.policy = get_policy(kv)
+        self.backoff = as_backoff(backoff)
         self.runner = BlockRunner(model, self.structure)
         self.scan = ExitScan(
             model,
@@ -139,7 +146,7 @@ class EarlyExit:
     def __repr__(self) -> str:
         return (
             f"EarlyExit(measure={self.measure!r}, threshold={self.schedule!r}, kv={self.policy!r}, "
-            f"min_exit_layer={self.min_exit_layer}, layers={self.num_layers})"
+            f"min_exit_layer={self.min_exit_layer}, backoff={self.backoff!r}, layers={self.num_layers})"
         )
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> EarlyExitOutput | torch.LongTensor:
@@ -204,12 +211,23 @@ class EarlyExit:
         )
         self._prefill(run, generation_config)
         state = self.policy.start(self.scan)
+        monitor = self._monitor(run)
         while not run.done:
-            self.policy.step(run, self.scan, state)
+            if monitor is None:
+                self.policy.step(run, self.scan, state)
+            else:
+                monitor.step(run, partial(self.policy.step, run, self.scan, state))
         if run.streamer is not None:
             run.streamer.end()
         out = run.output(measure_block_fraction(self.model, self.measure, run.mean_context))
         return out if run.returns_dict else cast(torch.LongTensor, run.input_ids)
+
+    def _monitor(self, run: Run) -> PayoffMonitor | None:
+        """The call's pay-off monitor (None with ``backoff=False``)."""
+        if self.backoff is None:
+            return None
+        cost = block_cost(self.model, self.measure, run.input_ids.shape[1]) if self.backoff.signal == "cost" else None
+        return PayoffMonitor(self.backoff, self.scan, cost)
 
     def _prefill(self, run: Run, generation_config: Any) -> None:
         """The prompt: the model's own full-depth forward (also tells the runner the blocks' output type)."""

@@ -38,9 +38,16 @@ class GenerationStats:
             (``measure.flops_per_token(hidden, vocab)`` over :func:`deltaexit.measures.cost.block_flops_per_token`
             at the mean decode context); 0 when unknown.
         prompt_blocks: Block calls of the prompt's forward (L).
-        drafted: Draft tokens proposed (``verify``).
-        accepted: Draft tokens accepted (``verify``).
+        drafted: Draft tokens proposed (``verify``), n-gram drafts included.
+        accepted: Draft tokens accepted (``verify``), n-gram drafts included.
+        ngram_drafted: Of ``drafted``, the n-gram drafts (``Verify(ngram=...)``: prompt-lookup drafts, no compute).
+        ngram_accepted: Of ``accepted``, the n-gram drafts.
         rounds: Draft/verify rounds (``verify``) or held-back tokens re-run (``recompute``).
+        backoff_steps: Plain full-depth steps (the model's own forward) run instead of early exit by the pay-off
+            monitor (:mod:`deltaexit.generation.backoff`), probes included.
+        probe_steps: Of ``backoff_steps``, those that only measured a full-depth step's time.
+        backoffs: Times the monitor found early exit losing and backed off to full-depth decoding.
+        retries: Times early exit was tried again after backing off.
         tokens: Real (non-padding) generated tokens.
         mean_exit_layer: Mean 1-based exit layer of the real generated tokens.
         time_s: Wall-clock seconds of the whole call.
@@ -58,7 +65,13 @@ class GenerationStats:
     prompt_blocks: int = 0
     drafted: int = 0
     accepted: int = 0
+    ngram_drafted: int = 0
+    ngram_accepted: int = 0
     rounds: int = 0
+    backoff_steps: int = 0
+    probe_steps: int = 0
+    backoffs: int = 0
+    retries: int = 0
     tokens: int = 0
     mean_exit_layer: float = float("nan")
     time_s: float = 0.0

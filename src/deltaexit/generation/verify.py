@@ -29,12 +29,13 @@ from typing import ClassVar
 import torch
 
 from deltaexit.generation.kv import cache_view, crop_cache
+from deltaexit.generation.ngram import NgramIndex
 from deltaexit.generation.policy import KVPolicy, register_policy
 from deltaexit.generation.run import Run
 from deltaexit.generation.scan import ExitScan
 from deltaexit.generation.speculative import speculative_token
 
-__all__ = ["AcceptanceTracker", "Verify"]
+__all__ = ["AcceptanceTracker", "Verify", "VerifyState"]
 
 
 @dataclass
@@ -71,17 +72,31 @@ class _Chunk:
     depth: int = 0  # the shallowest draft exit: the layers below share the drafts' cache
 
 
+@dataclass
+class VerifyState:
+    """``verify``'s per-call state: the acceptance tracker (``adaptive``) and the n-gram index (``ngram > 0``)."""
+
+    tracker: AcceptanceTracker
+    index: NgramIndex | None = None
+
+
 @register_policy
 @dataclass(frozen=True)
 class Verify(KVPolicy):
     """LayerSkip's self-speculation: early exits draft, the full model verifies (lossless).
 
     Args:
-        num_draft: Most draft tokens per round.
-        adaptive: Choose each round's draft budget in ``0..num_draft`` from the running acceptance rate and
-            draft depth, maximising expected tokens per block (0 = a plain full-depth step when drafts keep
-            being rejected, e.g. at batch > 1 where every row must accept). Output is unchanged; only the
+        num_draft: Most early-exit draft tokens per round.
+        adaptive: Choose each round's early-exit draft budget in ``0..num_draft`` from the running acceptance
+            rate and draft depth, maximising expected tokens per block (0 = a plain full-depth step when drafts
+            keep being rejected, e.g. at batch > 1 where every row must accept). Output is unchanged; only the
             speed differs.
+        ngram: Longest n-gram looked up in the prompt and output so far (prompt-lookup drafts, no compute);
+            0 turns n-gram drafts off. A round whose last tokens matched earlier ones in every unfinished row
+            drafts the tokens that followed (:mod:`deltaexit.generation.ngram`); otherwise it drafts with early
+            exits.
+        ngram_draft: Most n-gram draft tokens per round.
+        ngram_min: Shortest n-gram looked up.
     """
 
     name: ClassVar[str] = "verify"
@@ -92,14 +107,22 @@ class Verify(KVPolicy):
 
     num_draft: int = 4
     adaptive: bool = False
+    ngram: int = 3
+    ngram_draft: int = 4
+    ngram_min: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_draft, int) or self.num_draft < 1:
-            raise ValueError(f"num_draft must be an int >= 1, got {self.num_draft!r}")
+        for name, low in (("num_draft", 1), ("ngram", 0), ("ngram_draft", 1), ("ngram_min", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if self.ngram and self.ngram_min > self.ngram:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must be <= ngram ({self.ngram}); or set ngram=0 (off)")
 
-    def start(self, scan: ExitScan) -> AcceptanceTracker:
-        """A fresh acceptance tracker for the call (drafts start at ``min_exit_layer``)."""
-        return AcceptanceTracker(depth=float(scan.min_exit_layer))
+    def start(self, scan: ExitScan) -> VerifyState:
+        """Fresh per-call state: an acceptance tracker (drafts start at ``min_exit_layer``), an empty n-gram index."""
+        index = NgramIndex(self.ngram, self.ngram_min) if self.ngram else None
+        return VerifyState(AcceptanceTracker(depth=float(scan.min_exit_layer)), index)
 
     def draft_budget(self, tracker: AcceptanceTracker, num_layers: int) -> int:
         """Drafts to allow this round: argmax over k of expected tokens per block-equivalent of cost."""
@@ -115,22 +138,25 @@ class Verify(KVPolicy):
                 best_k, best = k, tokens / cost
         return best_k
 
-    def step(self, run: Run, scan: ExitScan, state: AcceptanceTracker) -> None:
-        """One draft/verify round: emits between 1 and ``num_draft + 1`` tokens per row."""
+    def step(self, run: Run, scan: ExitScan, state: VerifyState) -> None:
+        """One draft/verify round: emits between 1 and ``max(num_draft, ngram_draft) + 1`` tokens per row."""
         start = run.cache.get_seq_length()  # x0 (the last token) is in input_ids, not yet in the cache
-        room = (run.max_length - run.input_ids.shape[1]) if run.max_length is not None else self.num_draft + 1
-        k_max = max(0, min(self.num_draft, room - 1))
-        if self.adaptive:
-            k_max = min(k_max, self.draft_budget(state, scan.num_layers))
-        chunk, ids, kwargs = self._draft(run, scan, start, k_max)
+        # drafts that fit before max_length (the round also emits the full model's token after them)
+        room = run.max_length - run.input_ids.shape[1] - 1 if run.max_length is not None else self.num_draft
+        found = None
+        if state.index is not None:
+            k_ngram = min(self.ngram_draft, room) if run.max_length is not None else self.ngram_draft
+            found = self._ngram_chunk(run, state.index, k_ngram)
+        if found is not None:
+            chunk, ids, kwargs = found
+        else:
+            k_max = max(0, min(self.num_draft, room))
+            if self.adaptive:
+                k_max = min(k_max, self.draft_budget(state.tracker, scan.num_layers))
+            chunk, ids, kwargs = self._draft(run, scan, start, k_max)
         target = self._verify(run, scan, start, chunk, ids, kwargs)
         emitted, exits, scores = self._accept(run, chunk, target)
-        accepted = len(emitted) - 1
-        if self.adaptive:
-            state.learn(len(chunk.tokens), accepted, chunk.depth, self.ACCEPT_PRIOR)
-        run.stats.drafted += len(chunk.tokens)
-        run.stats.accepted += accepted
-        run.stats.rounds += 1
+        self._count(run, state, chunk, len(emitted) - 1, ngram=found is not None)
         appended = 0
         for i, (tok, ex) in enumerate(zip(emitted, exits)):
             run.append(tok, ex, scores[i], target[:, i])
@@ -140,6 +166,40 @@ class Verify(KVPolicy):
             if run.done or run.just_finished:
                 break
         crop_cache(run.cache, start + appended)
+
+    def _count(self, run: Run, state: VerifyState, chunk: _Chunk, accepted: int, *, ngram: bool) -> None:
+        """Record a round in the stats (and in the tracker, for early-exit drafts)."""
+        drafted = len(chunk.tokens)
+        if ngram:
+            run.stats.ngram_drafted += drafted
+            run.stats.ngram_accepted += accepted
+        elif self.adaptive:
+            state.tracker.learn(drafted, accepted, chunk.depth, self.ACCEPT_PRIOR)
+        run.stats.drafted += drafted
+        run.stats.accepted += accepted
+        run.stats.rounds += 1
+
+    def _ngram_chunk(self, run: Run, index: NgramIndex, k_max: int):
+        """N-gram drafts for every row (None without a match in every unfinished row, or without room): a chunk
+        of depth 0, so the verify pass runs every layer over it."""
+        active = index.update(run.input_ids, run.unfinished)
+        if k_max < 1:
+            return None
+        found = index.drafts(active, k_max)
+        if found is None:
+            return None
+        n = len(next(f for f in found if f))
+        pad = int(run.pad) if run.pad is not None else 0
+        columns = torch.tensor([f if f else [pad] * n for f in found], device=run.input_ids.device).T
+        chunk = _Chunk(depth=0)
+        ids, kwargs = run.input_ids, run.model_kwargs
+        full = torch.full_like(run.unfinished, run.num_layers)
+        for token in columns:
+            chunk.tokens.append(token)
+            chunk.exits.append(full)
+            chunk.probs.append(None)  # one-hot: made in _accept when sampling
+            ids, kwargs = run.extended(ids, kwargs, token)
+        return chunk, ids, kwargs
 
     def _draft(self, run: Run, scan: ExitScan, start: int, k_max: int):
         """Draft up to ``k_max`` tokens; the last scan (one that did not draft) runs to the shallowest exit."""
@@ -173,13 +233,16 @@ class Verify(KVPolicy):
 
     def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs) -> torch.Tensor:
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
-        shallow layers' cache (below the shallowest exit) is the drafts'."""
-        m, L, n_chunk = chunk.depth, scan.num_layers, len(chunk.states)
+        shallow layers' cache (below the shallowest exit) is the drafts'. N-gram chunks (depth 0) have run no
+        block yet: every layer runs over them here."""
+        m, L, n_chunk = chunk.depth, scan.num_layers, len(chunk.tokens) + 1
         crop_cache(run.cache, start, range(m, L))
-        h = torch.cat([states[m] for states in chunk.states], dim=1)
-        if m < L:
+        if m == L:
+            h = torch.cat([states[m] for states in chunk.states], dim=1)
+        else:
             with cache_view(run.cache, start):
-                _, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, start, start + n_chunk))
+                hidden, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, start, start + n_chunk))
+            h = hidden if m == 0 else torch.cat([states[m] for states in chunk.states], dim=1)
             h = scan.run_blocks(h, calls, range(m, L), run.stats)
         return scan.lens(h).float()
 
@@ -192,7 +255,7 @@ class Verify(KVPolicy):
         step_scores: list[torch.Tensor] = []  # the full model's processed scores at each emitted position
         full = torch.full_like(run.unfinished, run.num_layers)
         prefix = run.input_ids
-        n_chunk = len(chunk.states)
+        n_chunk = len(chunk.tokens) + 1
         for i in range(n_chunk):
             scores = run.scores(prefix, target[:, i])
             step_scores.append(scores)  # every iteration emits exactly one token
@@ -204,7 +267,8 @@ class Verify(KVPolicy):
             draft = chunk.tokens[i]
             if run.do_sample:
                 probs = chunk.probs[i]
-                assert probs is not None
+                if probs is None:  # an n-gram draft: a one-hot draft distribution (accepted with p(draft))
+                    probs = torch.nn.functional.one_hot(draft, scores.shape[-1]).to(scores.dtype)
                 ok, tok = speculative_token(draft, torch.softmax(scores, dim=-1), probs)
                 keep = bool(ok[active].all())
             else:
