@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from torch import nn
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from deltaexit.generation.kv import UnsupportedCacheError, fresh_cache
-from deltaexit.measures.base import ConfidenceMeasure, get_measure
+from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 
 __all__ = [
     "UNSUPPORTED_SETTINGS",
@@ -69,6 +70,35 @@ def resolve_measure(measure: str | ConfidenceMeasure) -> ConfidenceMeasure:
             f"measure must be a registered name or a ConfidenceMeasure instance, got {type(measure).__name__}"
         )
     return measure
+
+
+def warn_threshold(measure: ConfidenceMeasure, threshold: Any, policy: str) -> str | None:
+    """Warn (``UserWarning``) when ``threshold`` cannot work for ``measure``: no score reaches it, or every token
+    exits at the first scored layer under a lossy policy. Returns the message (None when there is nothing to say).
+
+    ``inf`` (never exit) is silent; ``-inf`` is the documented "always draft" setting of ``verify`` (lossless), and
+    under ``propagate``/``recompute`` it means every token exits after ``min_exit_layer`` blocks, which is warned.
+
+    Example:
+        >>> import warnings
+        >>> from deltaexit.measures.base import get_measure
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = warn_threshold(get_measure("delta-norm"), 0.9, "verify")
+        >>> "never exits" in str(caught[0].message)
+        True
+    """
+    import warnings
+
+    message = threshold_problem(measure, threshold)
+    if message is None and policy != "verify" and isinstance(threshold, (int, float)) and threshold == -math.inf:
+        message = (
+            f"threshold -inf under kv={policy!r} makes every token exit at min_exit_layer (lossy); pass a threshold "
+            f"inside the measure's range (e.g. softmax-max 0.9), use kv='verify', or let dx.tune choose"
+        )
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return message
 
 
 def check_min_exit_layer(min_exit_layer: Any, num_layers: int) -> int:

@@ -43,6 +43,7 @@ from deltaexit.generation.checks import (
     resolve_measure,
     start_cache,
     stop_strings_to_criteria,
+    warn_threshold,
 )
 from deltaexit.generation.cost import measure_block_fraction
 from deltaexit.generation.kv import check_cache, fresh_cache
@@ -117,6 +118,7 @@ class EarlyExit:
             as_schedule(threshold, self.num_layers),
             check_min_exit_layer(min_exit_layer, self.num_layers),
         )
+        warn_threshold(self.scan.measure, threshold, self.policy.name)
 
     @property
     def kv(self) -> str:
