@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "ready for deltaexit generate --measure"
         ),
     )
+    parser.add_argument(
+        "--candidates", type=int, nargs="+", default=None, metavar="K",
+        help="also evaluate softmax-max/-gap and lens-mlp on K candidate tokens (rows NAME@K), e.g. 64",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -103,6 +107,7 @@ def build_config(args: argparse.Namespace) -> AnalyzeConfig:
         seed=args.seed,
         progress=not args.quiet,
         save_measures=args.save_measures,
+        candidates=getattr(args, "candidates", None),
     )
 
 
