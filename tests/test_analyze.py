@@ -182,3 +182,28 @@ def test_saved_measure_paths_are_printed_as_written_and_generate_says_what_to_pa
     assert main([*base, "--measure", printed["kept"]]) == 1
     assert "pass --min-exit-layer 2" in capsys.readouterr().err
     assert main([*base, "--measure", printed["kept"], "--min-exit-layer", "2", "--threshold", "0"]) == 0
+
+
+def test_kept_leaves_out_measures_that_read_its_inputs_and_tables_fit_long_names(
+    model_dir, text_file, tmp_path, capsys
+):
+    """Issue 16 items 3 and 12: lens-mlp is never scored on kept (it reads the lens of h_in and h_out);
+    headers are not cut; the plot styles are distinct."""
+    from deltaexit.analysis import plot_styles
+
+    out = tmp_path / "r.json"
+    code = main(
+        [
+            "analyze", "--model", str(model_dir), "--data", str(text_file), "--tokens", "384", "--window", "32",
+            "--label", "all", "--measures", "delta-mlp/per-layer,lens-mlp", "--json", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert "lens-mlp" not in data["labels"]["kept"]["summary"] and "lens-mlp" in data["labels"]["next"]["summary"]
+    assert "lens-mlp" in data["labels"]["kept"]["left_out"] and data["labels"]["next"]["left_out"] == {}
+    assert "left out of label 'kept': lens-mlp" in text
+    assert "delta-mlp/per-layer" in text and "delta-mlp/pe " not in text
+    styles = plot_styles([f"m{i}" for i in range(40)])
+    assert len({tuple(s.values()) for s in styles.values()}) == 40

@@ -43,6 +43,7 @@ from deltaexit.measures.base import ConfidenceMeasure, available_measures, get_m
 from deltaexit.measures.candidates import check_candidates
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
+from deltaexit.saturation import READS_KEPT_REASON, reads_label
 from deltaexit.structure import find_structure
 
 __all__ = [
@@ -359,6 +360,9 @@ def _fit_and_evaluate(
         chosen = build_measures(
             with_candidates(cfg.measures, cfg.candidates), label=kind, seed=cfg.seed, **(cfg.fit_kwargs or {})
         )
+        # A measure that reads what the label is computed from is never scored on it (lens-mlp on kept).
+        left_out = {n: READS_KEPT_REASON for n, m in chosen.items() if reads_label(m, kind)}
+        chosen = {n: m for n, m in chosen.items() if n not in left_out}
         timing["fit_s"][kind] = _fit_all(chosen, train, kind, cfg.progress)
         saved: dict[str, str] = {}  # display name -> the directory it was saved in (names made shell-safe)
         if cfg.save_measures is not None:
@@ -367,6 +371,7 @@ def _fit_and_evaluate(
                     saved[name] = str(m.save(Path(cfg.save_measures) / kind / safe_name(name)))
         start = time.perf_counter()
         results[kind] = evaluate_measures(chosen, select, test, label=kind)
+        results[kind]["left_out"] = left_out
         if saved:
             results[kind]["saved_measures"] = saved
         timing["evaluate_s"][kind] = time.perf_counter() - start
@@ -405,35 +410,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"predictor saves {_pct(o['oracle_compute_saved']).strip()} of block compute"
     )
     for kind, ev in result["labels"].items():
-        names = list(ev["summary"])
-        lines.append("")
-        lines.append(f"label '{kind}' — F1 at the threshold chosen on the select split (test tokens):")
-        head = f"{'trans':>5} {'pos':>6} {'change':>6} {'r':>6} {'trivial':>7} " + " ".join(
-            f"{n[:12]:>12}" for n in names
-        )
-        lines.append(head)
-        for t in ev["transitions"]:
-            r = t["r_delta_change"]
-            cells = " ".join(f"{_pct(t['measures'][n]['f1']):>12}" for n in names)
-            lines.append(
-                f"{t['transition']:>5} {_pct(t['positive_rate'])} {_pct(t['change_rate'])} "
-                f"{(f'{r:.3f}' if r is not None else '-'):>6} {_pct(t['trivial_f1']):>7} {cells}"
-            )
-        mean_cells = " ".join(f"{_pct(ev['summary'][n]['mean_f1']):>12}" for n in names)
-        triv = ev["summary"][names[0]]["mean_trivial_f1"] if names else None
-        lines.append(f"{'mean':>5} {'':>6} {'':>6} {'':>6} {_pct(triv):>7} {mean_cells}")
-        beats = " ".join(f"{ev['summary'][n]['beats_trivial']:>10}/{ev['summary'][n]['transitions']}" for n in names)
-        lines.append(f"{'>triv':>5} {'':>6} {'':>6} {'':>6} {'':>7} {beats}")
-        lines.append("")
-        lines.append(f"label '{kind}' — AUROC (threshold-free; 0.5 = chance):")
-        lines.append(f"{'trans':>5} " + " ".join(f"{n[:12]:>12}" for n in names))
-        for t in ev["transitions"]:
-            cells = " ".join(
-                f"{t['measures'][n]['auroc']:>12.3f}" if t["measures"][n]["auroc"] is not None else f"{'-':>12}"
-                for n in names
-            )
-            lines.append(f"{t['transition']:>5} {cells}")
-        lines.append(f"{'mean':>5} " + " ".join(f"{ev['summary'][n]['mean_auroc']:>12.3f}" for n in names))
+        lines += _label_tables(kind, ev)
     cost = result["cost"]
     lines.append("")
     lines.append(
@@ -443,6 +420,60 @@ def format_report(result: dict[str, Any]) -> str:
     for name, c in cost["measures"].items():
         lines.append(f"  {name:<22} {c['flops_per_decision']:>12.0f} FLOPs  {c['fraction_of_block']:>8.4f}")
     return "\n".join(lines)
+
+
+def _label_tables(kind: str, ev: dict[str, Any]) -> list[str]:
+    """The F1 and AUROC tables of one label; columns as wide as the longest measure name (at least 8)."""
+    names = list(ev["summary"])
+    w = max([8, *(len(n) for n in names)])
+    lines = ["", f"label '{kind}' — F1 at the threshold chosen on the select split (test tokens):"]
+    lines.append(
+        f"{'trans':>5} {'pos':>6} {'change':>6} {'r':>6} {'trivial':>7} " + " ".join(f"{n:>{w}}" for n in names)
+    )
+    for t in ev["transitions"]:
+        r = t["r_delta_change"]
+        cells = " ".join(f"{_pct(t['measures'][n]['f1']):>{w}}" for n in names)
+        lines.append(
+            f"{t['transition']:>5} {_pct(t['positive_rate'])} {_pct(t['change_rate'])} "
+            f"{(f'{r:.3f}' if r is not None else '-'):>6} {_pct(t['trivial_f1']):>7} {cells}"
+        )
+    mean_cells = " ".join(f"{_pct(ev['summary'][n]['mean_f1']):>{w}}" for n in names)
+    triv = ev["summary"][names[0]]["mean_trivial_f1"] if names else None
+    lines.append(f"{'mean':>5} {'':>6} {'':>6} {'':>6} {_pct(triv):>7} {mean_cells}")
+    beats = " ".join(
+        f"{str(ev['summary'][n]['beats_trivial']) + '/' + str(ev['summary'][n]['transitions']):>{w}}" for n in names
+    )
+    lines.append(f"{'>triv':>5} {'':>6} {'':>6} {'':>6} {'':>7} {beats}")
+    lines += ["", f"label '{kind}' — AUROC (threshold-free; 0.5 = chance):"]
+    lines.append(f"{'trans':>5} " + " ".join(f"{n:>{w}}" for n in names))
+    for t in ev["transitions"]:
+        cells = " ".join(
+            f"{t['measures'][n]['auroc']:>{w}.3f}" if t["measures"][n]["auroc"] is not None else f"{'-':>{w}}"
+            for n in names
+        )
+        lines.append(f"{t['transition']:>5} {cells}")
+    means = [ev["summary"][n]["mean_auroc"] for n in names]
+    lines.append(f"{'mean':>5} " + " ".join(f"{m:>{w}.3f}" if m is not None else f"{'-':>{w}}" for m in means))
+    for name, why in ev.get("left_out", {}).items():
+        lines.append(f"left out of label '{kind}': {name} ({why}; see docs/reproduction.md)")
+    return lines
+
+
+def plot_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A distinct (colour, line style, marker) per measure: 10 tab10 colours times 4 line styles.
+
+    Example:
+        >>> styles = plot_styles([f"m{i}" for i in range(12)])
+        >>> len({(s["color"], s["linestyle"]) for s in styles.values()})
+        12
+    """
+    colours = [f"C{i}" for i in range(10)]
+    dashes = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D"]
+    return {
+        name: {"color": colours[i % 10], "linestyle": dashes[(i // 10) % 4], "marker": markers[(i // 10) % 4]}
+        for i, name in enumerate(names)
+    }
 
 
 def write_plots(result: dict[str, Any], directory: str, *, log: Callable[[str], None] | None = None) -> list[str]:
@@ -499,11 +530,14 @@ def write_plots(result: dict[str, Any], directory: str, *, log: Callable[[str], 
 
     for kind, ev in result["labels"].items():
         names = list(ev["summary"])
+        styles = plot_styles(list(DEFAULT_MEASURES) + [n for n in names if n not in DEFAULT_MEASURES])
         xs = [t["layer"] for t in ev["transitions"]]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for name in names:
-            axes[0].plot(xs, [t["measures"][name]["f1"] for t in ev["transitions"]], marker="o", label=name)
-            axes[1].plot(xs, [t["measures"][name]["auroc"] for t in ev["transitions"]], marker="o", label=name)
+        for name in names:  # one colour per measure name, the same in every label's plot
+            axes[0].plot(xs, [t["measures"][name]["f1"] for t in ev["transitions"]], label=name, **styles[name])
+            axes[1].plot(xs, [t["measures"][name]["auroc"] for t in ev["transitions"]], label=name, **styles[name])
+        if ev.get("left_out"):
+            fig.text(0.01, -0.02, "left out (reads the label's inputs): " + ", ".join(ev["left_out"]), fontsize=8)
         axes[0].plot(xs, [t["trivial_f1"] for t in ev["transitions"]], "k--", label="all positive")
         axes[1].axhline(0.5, color="k", linestyle="--", label="chance")
         axes[0].set_title(f"F1 per transition (label {kind})")

@@ -25,7 +25,15 @@ import torch
 from deltaexit.collector import NONFINITE_ADVICE, NonFiniteError, Trace, TraceError, first_nonfinite
 from deltaexit.lens import Lens
 
-__all__ = ["LABELS", "Saturation", "refuse_nonfinite", "saturation", "saturation_from_topk"]
+__all__ = [
+    "LABELS",
+    "READS_KEPT_REASON",
+    "Saturation",
+    "reads_label",
+    "refuse_nonfinite",
+    "saturation",
+    "saturation_from_topk",
+]
 
 #: The label kinds every fit and evaluation supports.
 #:
@@ -36,6 +44,30 @@ __all__ = ["LABELS", "Saturation", "refuse_nonfinite", "saturation", "saturation
 #:   (its ``h_in``, ``h_out`` and delta): the research note's protocol, which detects the change a
 #:   block made rather than predicting the next one. Decisions after blocks ``1 .. L-1``.
 LABELS: tuple[str, ...] = ("next", "final", "kept")
+
+
+def reads_label(measure: object, label: str) -> bool:
+    """Whether ``measure`` reads, as its input, what ``label`` is computed from (so it must not be scored on it).
+
+    ``kept`` ("block ``l`` left the lens top-1 unchanged") is the lens top-1 of ``h_in`` and of ``h_out`` of
+    the block scored: a measure that reads the lens of both (``lens-mlp``) knows the label exactly.
+    ``next`` and ``final`` need blocks after the one scored, which no measure reads.
+
+    Example:
+        >>> from deltaexit.measures import get_measure
+        >>> reads_label(get_measure("lens-mlp"), "kept"), reads_label(get_measure("lens-mlp"), "next")
+        (True, False)
+        >>> reads_label(get_measure("softmax-max"), "kept"), reads_label(get_measure("state-cosine"), "kept")
+        (False, False)
+    """
+    needs = getattr(measure, "needs", None)
+    if label != "kept" or needs is None:
+        return False
+    return bool(needs("lens") and needs("h_in") and needs("h_out"))
+
+
+#: Why :func:`reads_label` measures are left out of the ``kept`` evaluation (shown in reports and JSON).
+READS_KEPT_REASON = "reads the lens of h_in and h_out, from which the 'kept' label is computed"
 
 
 def _suffix_all(x: torch.Tensor) -> torch.Tensor:
