@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
         InsufficientCalibrationData,
         calibrate,
     )
-    from deltaexit.collector import FEATURES, Collector, Record, Trace, TraceError, collect
+    from deltaexit.collector import FEATURES, Collector, NonFiniteError, Record, Trace, TraceError, collect
     from deltaexit.evaluation import evaluate_measures, evaluate_scores
     from deltaexit.exits import DecayingThreshold
     from deltaexit.features import StateSet, collect_states
@@ -74,6 +74,7 @@ EXPORTS: dict[str, str] = {
     "calibrate": "deltaexit.calibration",
     "FEATURES": "deltaexit.collector",
     "Collector": "deltaexit.collector",
+    "NonFiniteError": "deltaexit.collector",
     "Record": "deltaexit.collector",
     "Trace": "deltaexit.collector",
     "TraceError": "deltaexit.collector",
@@ -135,6 +136,7 @@ __all__ = [
     "ManifestError",
     "MeasureFileError",
     "ModelStructure",
+    "NonFiniteError",
     "Record",
     "Saturation",
     "ShardDataset",

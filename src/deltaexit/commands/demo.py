@@ -50,13 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(name: str):
-    from deltaexit.commands.analyze import load_model_and_tokenizer
-    from deltaexit.reference import available_references, load_reference, model_dir
+    from deltaexit.commands.common import load_model, load_tokenizer, model_path
+    from deltaexit.reference import available_references, load_reference
 
     if name in available_references():
         return load_reference(name)
-    model, tokenizer = load_model_and_tokenizer(str(model_dir(name)))
-    return model.float(), tokenizer  # fp32 like load_reference (a bf16-stored directory would time bf16 kernels)
+    path = model_path(name)  # one-line errors for a bad directory; float32 like load_reference
+    return load_model(path), load_tokenizer(path)
 
 
 @dataclass

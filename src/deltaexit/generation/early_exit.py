@@ -118,6 +118,7 @@ class EarlyExit:
             as_schedule(threshold, self.num_layers),
             check_min_exit_layer(min_exit_layer, self.num_layers),
         )
+        self.scan.measure.check_sizes(self.structure.hidden_size, self.structure.vocab_size)  # e.g. candidates >= V
         warn_threshold(self.scan.measure, threshold, self.policy.name)
 
     @property
