@@ -35,7 +35,7 @@ def repetitive(rows: int, length: int, seed: int, period: int = 4, vocab: int = 
 
 
 def generate_both(model, ee, ids, mask=None, **kw):
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, **kw}
     ref = model.generate(ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw)
     out = ee.generate(ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw)
     return ref, out
