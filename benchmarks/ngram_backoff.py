@@ -10,7 +10,8 @@ Rows: ``verify`` (early-exit drafts only: ``threshold=-inf`` at ``min_exit_layer
 ``backoff=False``, and ``prompt-lookup`` (``model.generate(prompt_lookup_num_tokens=3)``).
 
 Usage:
-    PYTHONPATH=src python benchmarks/ngram_backoff.py --model v2 --exit-layer 2 --json docs/results/ngram_backoff_v2.json
+    PYTHONPATH=src python benchmarks/ngram_backoff.py --model v2 --exit-layer 2 \\
+        --json docs/results/ngram_backoff_v2.json
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def rows_of(model: Any, exit_layer: int, kw: dict[str, Any]) -> dict[str, Any]:
     return {
         "verify": early(Verify(num_draft=4, ngram=0), True),
         "verify+ngram": early(Verify(num_draft=4), True),
+        "verify+ngram (ngram_min=2)": early(Verify(num_draft=4, ngram_min=2), True),
         "verify (no backoff)": early(Verify(num_draft=4, ngram=0), False),
         "verify+ngram (no backoff)": early(Verify(num_draft=4), False),
         "prompt-lookup": lambda ids: (model.generate(ids, prompt_lookup_num_tokens=3, **kw), None),
