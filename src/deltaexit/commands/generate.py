@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from deltaexit.commands.common import DefaultsHelpFormatter
 
@@ -32,11 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument(
         "--measure",
-        default="delta-norm",
+        default="softmax-max",
         help="registered confidence measure name, or the directory of a fitted measure (measure.save(DIR))",
     )
     parser.add_argument(
-        "--threshold", type=float, default=0.9, help="exit when score >= threshold (inf: never exit; -inf: always)"
+        "--threshold",
+        type=float,
+        default=float("-inf"),
+        help="exit when score >= threshold (inf: never exit; -inf: draft every token, verify's lossless default)",
     )
     parser.add_argument(
         "--kv",
@@ -120,16 +124,36 @@ def check_fitted_layers(measure: object, min_exit_layer: int) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
+def resolve_measure_arg(args: argparse.Namespace, model: Any) -> Any:
+    """The measure ``--measure`` names: a saved measure directory or a registered training-free name."""
     import os
 
+    from deltaexit.measures import get_measure, load_measure
+
+    if os.path.isdir(args.measure):
+        measure = load_measure(args.measure, model=model)
+        check_fitted_layers(measure, args.min_exit_layer)
+        return measure
+    try:
+        measure = get_measure(args.measure)
+    except KeyError as exc:
+        check_measure_path(args.measure)
+        raise ValueError(str(exc).strip('"')) from None
+    if getattr(measure, "requires_fit", False):
+        raise ValueError(
+            f"measure {args.measure!r} must be fitted first: fit and save it (`deltaexit analyze ... "
+            "--save-measures DIR`, or measure.fit(states, labels).save(DIR)) and pass --measure DIR/..."
+        )
+    return measure
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from deltaexit.commands.common import load_model, load_tokenizer, model_path
     from deltaexit.generation.cost import CostModel
     from deltaexit.generation.early_exit import EarlyExit
     from deltaexit.generation.outputs import EarlyExitOutput
-    from deltaexit.measures import ConfidenceMeasure, get_measure, load_measure
 
     path = model_path(args.model)
     if not args.prompt.strip():
@@ -137,21 +161,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(path)
     model = load_model(path)
     threshold = args.threshold  # -inf (always pass: draft every token) and inf (never exit) kept as given
-    measure: ConfidenceMeasure
-    if os.path.isdir(args.measure):
-        measure = load_measure(args.measure, model=model)
-        check_fitted_layers(measure, args.min_exit_layer)
-    else:
-        try:
-            measure = get_measure(args.measure)
-        except KeyError as exc:
-            check_measure_path(args.measure)
-            raise ValueError(str(exc).strip('"')) from None
-        if getattr(measure, "requires_fit", False):
-            raise ValueError(
-                f"measure {args.measure!r} must be fitted first: fit and save it (`deltaexit analyze ... "
-                "--save-measures DIR`, or measure.fit(states, labels).save(DIR)) and pass --measure DIR/..."
-            )
+    measure = resolve_measure_arg(args, model)
     ee = EarlyExit(model, measure, threshold, args.kv, min_exit_layer=args.min_exit_layer)
     if args.tuned:  # the tuned setting; when plain decoding won, full depth (model.generate's output)
         from deltaexit.tuning.result import TuneResult

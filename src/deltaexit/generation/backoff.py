@@ -87,14 +87,23 @@ class Backoff:
             raise ValueError(f"margin must be >= 0, got {self.margin!r}")
 
 
-def as_backoff(backoff: bool | Backoff | None) -> Backoff | None:
-    """``True`` = the default :class:`Backoff`, ``False``/None = off, or the settings given."""
+def as_backoff(backoff: bool | Backoff | None, policy: str = "verify") -> Backoff | None:
+    """``True`` = the default :class:`Backoff`, ``False``/None = off, or the settings given.
+
+    The default watches wall-clock time under ``verify`` (lossless: only the speed depends on it) and the
+    deterministic cost count under ``propagate``/``recompute``, whose tokens would otherwise depend on how fast
+    the machine ran.
+
+    Example:
+        >>> as_backoff(True).signal, as_backoff(True, "propagate").signal, as_backoff(False)
+        ('time', 'cost', None)
+    """
     if isinstance(backoff, Backoff):
         return backoff
     if backoff is None or backoff is False:
         return None
     if backoff is True:
-        return Backoff()
+        return Backoff() if policy == "verify" else Backoff(signal="cost")
     raise TypeError(f"backoff must be a bool or a Backoff(...), got {backoff!r}")
 
 

@@ -68,7 +68,10 @@ class EarlyExit:
             :class:`~deltaexit.measures.ConfidenceMeasure` instance; higher scores exit earlier.
         threshold: Exit when ``score >= threshold``: one float, one per block (0-based; missing = never), or a
             :class:`~deltaexit.exits.ThresholdSchedule` (e.g. CALM's ``DecayingThreshold``).
-            ``float('inf')`` never exits.
+            ``float('inf')`` never exits. The default ``-inf`` drafts every token from ``min_exit_layer`` (with
+            ``verify``, LayerSkip's self-speculation: lossless, the fastest setting ``dx.tune`` found on the
+            LayerSkip-trained reference ``v3``); pass a threshold inside the measure's ``score_range`` for the
+            lossy policies, or let :func:`deltaexit.tuning.tune` choose.
         kv: KV policy for skipped layers: a name for its defaults, ``"verify"`` (lossless self-speculation),
             ``"propagate"`` (CALM) or ``"recompute"`` (EE-LLM / FREE), or a policy with its settings, e.g.
             ``Verify(num_draft=4, adaptive=True)``, ``Propagate(query_skip=False)``, ``Recompute(max_pending=8)``.
@@ -76,7 +79,8 @@ class EarlyExit:
         lens: The lens (built from the model if not given).
         backoff: Never slower: watch the pay-off per token and back off to plain full-depth decoding while early
             exit loses, retrying now and then (:class:`~deltaexit.generation.backoff.Backoff`; ``True`` = its
-            defaults, ``False`` = off, every step an early-exit step as the policy makes it).
+            defaults: wall-clock under ``verify``, the deterministic cost count under the lossy policies; ``False``
+            = off, every step an early-exit step as the policy makes it).
 
     Attributes:
         policy: The :class:`~deltaexit.generation.policy.KVPolicy`; ``kv`` is its name.
@@ -95,8 +99,8 @@ class EarlyExit:
     def __init__(
         self,
         model: nn.Module,
-        measure: str | ConfidenceMeasure = "delta-norm",
-        threshold: float | Sequence[float] | ThresholdSchedule = 0.9,
+        measure: str | ConfidenceMeasure = "softmax-max",
+        threshold: float | Sequence[float] | ThresholdSchedule = float("-inf"),
         kv: str | KVPolicy = "verify",
         *,
         min_exit_layer: int = 1,
@@ -108,7 +112,7 @@ class EarlyExit:
         self.structure = find_structure(model)
         self.num_layers = self.structure.num_layers
         self.policy = get_policy(kv)
-        self.backoff = as_backoff(backoff)
+        self.backoff = as_backoff(backoff, self.policy.name)
         self.runner = BlockRunner(model, self.structure)
         self.scan = ExitScan(
             model,
