@@ -131,9 +131,9 @@ def resolve_measure_arg(args: argparse.Namespace, model: Any) -> Any:
     from deltaexit.measures import get_measure, load_measure
 
     if os.path.isdir(args.measure):
-        measure = load_measure(args.measure, model=model)
-        check_fitted_layers(measure, args.min_exit_layer)
-        return measure
+        fitted = load_measure(args.measure, model=model)
+        check_fitted_layers(fitted, args.min_exit_layer)
+        return fitted
     try:
         measure = get_measure(args.measure)
     except KeyError as exc:

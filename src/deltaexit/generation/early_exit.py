@@ -15,7 +15,7 @@ Example:
     >>> from deltaexit.testing import tiny_model
     >>> model = tiny_model("llama", num_layers=4)
     >>> ids = torch.tensor([[5, 6, 7]])
-    >>> ee = EarlyExit(model, measure="softmax-max", threshold=0.0, kv="verify", min_exit_layer=2)
+    >>> ee = EarlyExit(model, measure="softmax-max", threshold=float("-inf"), kv="verify", min_exit_layer=2)
     >>> out = ee.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     >>> out.sequences.shape, out.exit_layers.shape
     (torch.Size([1, 6]), torch.Size([1, 3]))
