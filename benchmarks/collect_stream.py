@@ -12,7 +12,8 @@ Prints JSON with:
   an uninterrupted run: tokens lost, tokens duplicated, identical shard bytes.
 
 Model: a random Llama-shaped model (default 4 layers, hidden 64, vocab 256); data: the
-bytes of ``../shared/data/wikitext-2/valid.txt`` as token ids (one document a line).
+bytes of ``--data`` (default ``../shared/data/wikitext-2/valid.txt`` where it exists, else the shipped sample)
+as token ids (one document a line).
 
 Usage:
     python benchmarks/collect_stream.py [--base-tokens 8192] [--repeats 3] [--json out.json]
@@ -38,6 +39,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+if not DEFAULT_DATA.is_file():  # a user's clone: the sample the package ships (cycled, so any size works)
+    from deltaexit.samples import sample_path
+
+    DEFAULT_DATA = sample_path()
 FEATURES = ("delta", "delta_norm", "lens_topk")
 
 

@@ -30,7 +30,11 @@ from deltaexit.generation.verify import Verify
 from deltaexit.reference import available_references, load_reference
 from deltaexit.threads import torch_threads
 
-DATA = Path("/work/shared/data/wikitext-2/test.txt")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+if not DATA.is_file():  # a user's clone: the sample the package ships
+    from deltaexit.samples import sample_path
+
+    DATA = sample_path()
 
 
 def quartiles(values: list[float]) -> dict[str, float]:

@@ -30,17 +30,19 @@ from deltaexit.threads import torch_threads
 from deltaexit.timing import Row, alternated, generate_row, peer_rows
 
 
-def parse_setting(text: str) -> tuple[int, int, bool]:
-    """``"LAYER:BUDGET"`` or ``"LAYER:BUDGET:adaptive"``."""
+def parse_setting(text: str) -> tuple[int, int, bool, bool]:
+    """``"LAYER:BUDGET"`` plus optional ``:adaptive`` and ``:nongram`` (early-exit drafts only)."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "adaptive"):
-        raise argparse.ArgumentTypeError(f"setting {text!r}: use LAYER:BUDGET or LAYER:BUDGET:adaptive")
-    return int(parts[0]), int(parts[1]), len(parts) == 3
+    flags = parts[2:]
+    if len(parts) < 2 or any(f not in ("adaptive", "nongram") for f in flags):
+        raise argparse.ArgumentTypeError(f"setting {text!r}: use LAYER:BUDGET[:adaptive][:nongram]")
+    return int(parts[0]), int(parts[1]), "adaptive" in flags, "nongram" in flags
 
 
-def verify_row(model, layer: int, budget: int, adaptive: bool, kw: dict) -> tuple[Row, EarlyExit]:
-    """``dx`` lossless self-speculation drafting ``budget`` tokens from block ``layer``, as a timed row."""
-    policy = Verify(num_draft=budget, adaptive=adaptive)
+def verify_row(model, layer: int, budget: int, adaptive: bool, nongram: bool, kw: dict) -> tuple[Row, EarlyExit]:
+    """``dx`` lossless self-speculation drafting ``budget`` tokens from block ``layer`` (and n-gram drafts from the
+    prompt and output unless ``nongram``), as a timed row."""
+    policy = Verify(num_draft=budget, adaptive=adaptive, **({"ngram": 0} if nongram else {}))
     ee = EarlyExit(model, "delta-norm", float("-inf"), kv=policy, min_exit_layer=layer)
     return generate_row(ee, {**kw, "return_dict_in_generate": True}), ee
 
@@ -50,12 +52,13 @@ def run(args: argparse.Namespace) -> dict:
     model, tok = load_model(args.model)
     prompts, label = read_prompts(tok, args.data, args.prompts, args.prompt_len)
     kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id or 0}
-    layerskip = [] if args.no_layerskip else [(layer, budget) for layer, budget, _ in args.settings]
+    layerskip = [] if args.no_layerskip else [(layer, budget) for layer, budget, _, _ in args.settings]
     rows = peer_rows(model, kw, layerskip=list(dict.fromkeys(layerskip)), prompt_lookup=args.prompt_lookup or None)
     names = {}
     for setting in args.settings:
         name = "verify " + ":".join(str(x) for x in setting[:2]) + (":adaptive" if setting[2] else "")
-        rows[name], _ = verify_row(model, setting[0], setting[1], setting[2], kw)
+        name += ":nongram" if setting[3] else ""
+        rows[name], _ = verify_row(model, *setting, kw)
         names[name] = setting
     with torch_threads(args.threads):
         timing = alternated(rows, prompts, repeats=args.repeats)
@@ -63,9 +66,10 @@ def run(args: argparse.Namespace) -> dict:
     for name in rows:
         entry = row_entry(timing, name, prompts)
         if name in names and "error" not in entry:
-            layer, budget, adaptive = names[name]
+            layer, budget, adaptive, nongram = names[name]
             stats = [o.stats for o in timing.outputs[name]]
-            entry |= {"min_exit_layer": layer, "num_draft": budget, "adaptive_draft": adaptive}
+            entry |= {"min_exit_layer": layer, "num_draft": budget, "adaptive_draft": adaptive, "ngram": not nongram}
+            entry |= {"ngram_accepted": sum(s.ngram_accepted for s in stats)}
             entry |= {"accepted": sum(s.accepted for s in stats), "drafted": sum(s.drafted for s in stats)}
         entries.append(entry)
         print(json.dumps(json_clean(entry)), file=sys.stderr, flush=True)
