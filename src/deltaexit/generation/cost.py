@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -173,13 +174,7 @@ def measure_block_fraction(model: nn.Module, measure: ConfidenceMeasure, context
         >>> 0 < measure_block_fraction(tiny_model("llama", num_layers=2), get_measure("softmax-max"), 8) < 10
         True
     """
-    try:
-        structure = find_structure(model, validate=False)
-        flops = float(measure.flops_per_token(structure.hidden_size, structure.vocab_size))
-        block = block_flops_per_token(model, context=context)
-    except (AttributeError, TypeError, ValueError, NotImplementedError):
-        return 0.0
-    return flops / block if block > 0 and math.isfinite(flops) else 0.0
+    return _over_block(model, measure.flops_per_token, context)
 
 
 def measure_setup_block_fraction(model: nn.Module, measure: ConfidenceMeasure, context: int) -> float:
@@ -195,9 +190,14 @@ def measure_setup_block_fraction(model: nn.Module, measure: ConfidenceMeasure, c
         >>> measure_setup_block_fraction(model, get_measure("softmax-max", candidates=8), 8) > 0
         True
     """
+    return _over_block(model, measure.setup_flops_per_token, context)
+
+
+def _over_block(model: nn.Module, flops_of: Callable[[int, int], float], context: int) -> float:
+    """``flops_of(hidden, vocab)`` over one block's FLOPs per token at ``context``; 0 where either is unknown."""
     try:
         structure = find_structure(model, validate=False)
-        flops = float(measure.setup_flops_per_token(structure.hidden_size, structure.vocab_size))
+        flops = float(flops_of(structure.hidden_size, structure.vocab_size))
         block = block_flops_per_token(model, context=context)
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         return 0.0

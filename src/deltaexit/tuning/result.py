@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +31,7 @@ from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.io import atomic_write_json
 from deltaexit.jsonable import json_clean
 from deltaexit.tuning.grid import Candidate
+from deltaexit.tuning.timing import ratio_median, ratio_spread
 
 __all__ = ["BASELINE_NAME", "FORMAT", "FORMAT_VERSION", "CandidateResult", "TuneFileError", "TuneResult"]
 
@@ -81,12 +81,12 @@ class CandidateResult:
     @property
     def median(self) -> float:
         """Median ratio to ``model.generate`` (nan if never timed)."""
-        return statistics.median(self.ratios) if self.ratios else float("nan")
+        return ratio_median(self.ratios)
 
     @property
     def spread(self) -> tuple[float, float]:
         """``(min, max)`` of the ratios."""
-        return (min(self.ratios), max(self.ratios)) if self.ratios else (float("nan"), float("nan"))
+        return ratio_spread(self.ratios)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (the derived median and spread included for readers)."""

@@ -30,7 +30,22 @@ from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.generation.outputs import EarlyExitOutput
 from deltaexit.structure import find_structure
 
-__all__ = ["PromptRuns", "Timing", "time_against_generate", "token_agreement"]
+__all__ = ["PromptRuns", "Timing", "ratio_median", "ratio_spread", "time_against_generate", "token_agreement"]
+
+
+def ratio_median(ratios: Sequence[float]) -> float:
+    """Median of speed ratios (nan when there are none).
+
+    Example:
+        >>> ratio_median([1.0, 3.0, 2.0])
+        2.0
+    """
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def ratio_spread(ratios: Sequence[float]) -> tuple[float, float]:
+    """``(min, max)`` of speed ratios (nans when there are none)."""
+    return (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
 
 
 def token_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[int, int]:
@@ -66,12 +81,12 @@ class Timing:
     @property
     def median(self) -> float:
         """Median ratio (nan before any repeat)."""
-        return statistics.median(self.ratios) if self.ratios else float("nan")
+        return ratio_median(self.ratios)
 
     @property
     def spread(self) -> tuple[float, float]:
         """``(min, max)`` of the ratios."""
-        return (min(self.ratios), max(self.ratios)) if self.ratios else (float("nan"), float("nan"))
+        return ratio_spread(self.ratios)
 
 
 class PromptRuns:
