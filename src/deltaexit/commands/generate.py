@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=float("-inf"),
-        help="exit when score >= threshold (inf: never exit; -inf: draft every token, verify's lossless default)",
+        default=None,
+        help="exit when score >= threshold (inf: never exit; -inf: draft every token; default: -inf under verify, "
+        "the measure's example threshold, e.g. softmax-max 0.9, under propagate/recompute)",
     )
     parser.add_argument(
         "--kv",

@@ -72,6 +72,30 @@ def resolve_measure(measure: str | ConfidenceMeasure) -> ConfidenceMeasure:
     return measure
 
 
+def default_threshold(measure: ConfidenceMeasure, policy: str) -> float:
+    """``EarlyExit``'s threshold when none is given: ``-inf`` under ``verify`` (draft every token, lossless), the
+    measure's ``example_threshold`` under the lossy policies.
+
+    Raises:
+        ValueError: A lossy policy and a measure with no ``example_threshold`` (e.g. a fitted one): pass one.
+
+    Example:
+        >>> from deltaexit.measures.base import get_measure
+        >>> m = get_measure("softmax-max")
+        >>> default_threshold(m, "verify"), default_threshold(m, "propagate")
+        (-inf, 0.9)
+    """
+    if policy == "verify":
+        return -math.inf
+    example = getattr(measure, "example_threshold", None)
+    if example is None:
+        raise ValueError(
+            f"kv={policy!r} needs a threshold for {measure!r}: pass threshold=..., a value inside its scores' range, "
+            "or choose one with dx.calibrate / dx.tune"
+        )
+    return float(example)
+
+
 def warn_threshold(measure: ConfidenceMeasure, threshold: Any, policy: str) -> str | None:
     """Warn (``UserWarning``) when ``threshold`` cannot work for ``measure``: no score reaches it, or every token
     exits at the first scored layer under a lossy policy. Returns the message (None when there is nothing to say).

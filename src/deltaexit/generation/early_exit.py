@@ -40,6 +40,7 @@ from deltaexit.generation.checks import (
     check_generation_config,
     check_min_exit_layer,
     check_model,
+    default_threshold,
     resolve_measure,
     start_cache,
     stop_strings_to_criteria,
@@ -68,10 +69,10 @@ class EarlyExit:
             :class:`~deltaexit.measures.ConfidenceMeasure` instance; higher scores exit earlier.
         threshold: Exit when ``score >= threshold``: one float, one per block (0-based; missing = never), or a
             :class:`~deltaexit.exits.ThresholdSchedule` (e.g. CALM's ``DecayingThreshold``).
-            ``float('inf')`` never exits. The default ``-inf`` drafts every token from ``min_exit_layer`` (with
-            ``verify``, LayerSkip's self-speculation: lossless, the fastest setting ``dx.tune`` found on the
-            LayerSkip-trained reference ``v3``); pass a threshold inside the measure's ``score_range`` for the
-            lossy policies, or let :func:`deltaexit.tuning.tune` choose.
+            ``float('inf')`` never exits. Default (None): ``-inf`` under ``verify``, which drafts every token from
+            ``min_exit_layer`` (LayerSkip's self-speculation: lossless, the fastest setting ``dx.tune`` found on
+            the LayerSkip-trained reference ``v3``), and the measure's ``example_threshold`` under the lossy
+            policies (0.9 for ``softmax-max``); or let :func:`deltaexit.tuning.tune` choose.
         kv: KV policy for skipped layers: a name for its defaults, ``"verify"`` (lossless self-speculation),
             ``"propagate"`` (CALM) or ``"recompute"`` (EE-LLM / FREE), or a policy with its settings, e.g.
             ``Verify(num_draft=4, adaptive=True)``, ``Propagate(query_skip=False)``, ``Recompute(max_pending=8)``.
@@ -100,7 +101,7 @@ class EarlyExit:
         self,
         model: nn.Module,
         measure: str | ConfidenceMeasure = "softmax-max",
-        threshold: float | Sequence[float] | ThresholdSchedule = float("-inf"),
+        threshold: float | Sequence[float] | ThresholdSchedule | None = None,
         kv: str | KVPolicy = "verify",
         *,
         min_exit_layer: int = 1,
@@ -114,11 +115,13 @@ class EarlyExit:
         self.policy = get_policy(kv)
         self.backoff = as_backoff(backoff, self.policy.name)
         self.runner = BlockRunner(model, self.structure)
+        measure = resolve_measure(measure)
+        threshold = default_threshold(measure, self.policy.name) if threshold is None else threshold
         self.scan = ExitScan(
             model,
             self.runner,
             lens if lens is not None else Lens(self.structure),
-            resolve_measure(measure),
+            measure,
             as_schedule(threshold, self.num_layers),
             check_min_exit_layer(min_exit_layer, self.num_layers),
         )
