@@ -42,7 +42,7 @@ def test_tokenize_text_rejects_empty_text():
 
 
 def test_analyze_function_returns_every_figure(model_dir, text_file):
-    from deltaexit.commands.analyze import load_model_and_tokenizer
+    from deltaexit.commands.common import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     result = dx.analyze(

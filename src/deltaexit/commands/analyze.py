@@ -82,15 +82,6 @@ def _read_text(path: str) -> str:
     return text
 
 
-def load_model_and_tokenizer(directory: str):
-    """``(model, tokenizer)`` from an HF directory or a shipped reference name, with one-line errors."""
-    from deltaexit.commands.common import load_model, load_tokenizer, model_path
-
-    path = model_path(directory)
-    tokenizer = load_tokenizer(path)
-    return load_model(path), tokenizer
-
-
 def build_config(args: argparse.Namespace) -> AnalyzeConfig:
     """The :class:`~deltaexit.analysis.AnalyzeConfig` the flags ask for."""
     from deltaexit.analysis import AnalyzeConfig
@@ -113,6 +104,7 @@ def build_config(args: argparse.Namespace) -> AnalyzeConfig:
 
 def run(args: argparse.Namespace) -> int:
     from deltaexit.analysis import analyze, format_report, write_plots
+    from deltaexit.commands.common import load_model_and_tokenizer
     from deltaexit.io import atomic_write_json
     from deltaexit.threads import torch_threads
 

@@ -22,7 +22,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DefaultsHelpFormatter", "ModelLoadError", "load_model", "load_tokenizer", "model_path"]
+__all__ = [
+    "DefaultsHelpFormatter",
+    "ModelLoadError",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "model_path",
+]
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -133,3 +140,11 @@ def first_line(exc: BaseException) -> str:
     """
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def load_model_and_tokenizer(name: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model`` (a directory or a shipped reference name), float32 eval mode,
+    with the one-line errors of :func:`model_path`, :func:`load_tokenizer` and :func:`load_model`."""
+    path = model_path(name)
+    tokenizer = load_tokenizer(path)
+    return load_model(path), tokenizer

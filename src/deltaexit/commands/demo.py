@@ -49,16 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _load(name: str):
-    from deltaexit.commands.common import load_model, load_tokenizer, model_path
-    from deltaexit.reference import available_references, load_reference
-
-    if name in available_references():
-        return load_reference(name)
-    path = model_path(name)  # one-line errors for a bad directory; float32 like load_reference
-    return load_model(path), load_tokenizer(path)
-
-
 @dataclass
 class DemoRow:
     """One row of the generation table: a timed call and what it is."""
@@ -259,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from deltaexit._version import __version__
+    from deltaexit.commands.common import load_model_and_tokenizer
     from deltaexit.generation.cost import CostModel
     from deltaexit.io import atomic_write_json
     from deltaexit.jsonable import json_clean
@@ -270,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompts, --repeats and --new-tokens must be >= 1")
     name = args.model or default_model()
     torch.manual_seed(args.seed)
-    model, tokenizer = _load(name)
+    model, tokenizer = load_model_and_tokenizer(name)  # a shipped name or a directory; float32, one-line errors
     num_layers = find_structure(model).num_layers
     print(f"deltaexit {__version__} demo: model {name!r} ({num_layers} layers), shipped WikiText-2 sample\n")
     with torch_threads(args.threads):

@@ -59,7 +59,7 @@ def read_prompts(path: Path | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltaexit.commands.common import load_model, load_tokenizer, model_path
+    from deltaexit.commands.common import load_model_and_tokenizer
     from deltaexit.reference import available_references
     from deltaexit.threads import torch_threads
     from deltaexit.tuning.api import tune
@@ -74,12 +74,11 @@ def run(args: argparse.Namespace) -> int:
     known = available_references()
     if args.model is None and not known:
         raise FileNotFoundError("no shipped reference model: pass --model DIR")
-    path = model_path(args.model if args.model is not None else known[-1])  # default: the newest shipped one
-    tokenizer = load_tokenizer(path)
-    model = load_model(path)
+    name = args.model if args.model is not None else known[-1]  # default: the newest shipped one
+    model, tokenizer = load_model_and_tokenizer(name)
     with torch_threads(args.threads):
         result = tune(model, prompts, tokenizer=tokenizer, config=config)
-    result.info["model"] = str(args.model or path.name)
+    result.info["model"] = str(name)
     result.save(args.out)
     print(result.table())
     print(result.summary())

@@ -30,8 +30,8 @@ from torch import nn
 from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.io import atomic_write_json
 from deltaexit.jsonable import json_clean
+from deltaexit.timing import spread
 from deltaexit.tuning.grid import Candidate
-from deltaexit.tuning.timing import ratio_median, ratio_spread
 
 __all__ = ["BASELINE_NAME", "FORMAT", "FORMAT_VERSION", "CandidateResult", "TuneFileError", "TuneResult"]
 
@@ -81,12 +81,13 @@ class CandidateResult:
     @property
     def median(self) -> float:
         """Median ratio to ``model.generate`` (nan if never timed)."""
-        return ratio_median(self.ratios)
+        return float(spread(self.ratios)["median"])
 
     @property
     def spread(self) -> tuple[float, float]:
         """``(min, max)`` of the ratios."""
-        return ratio_spread(self.ratios)
+        summary = spread(self.ratios)
+        return float(summary["min"]), float(summary["max"])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (the derived median and spread included for readers)."""

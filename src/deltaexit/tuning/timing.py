@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,23 +28,9 @@ from torch import nn
 from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.generation.outputs import EarlyExitOutput
 from deltaexit.structure import find_structure
+from deltaexit.timing import spread
 
-__all__ = ["PromptRuns", "Timing", "ratio_median", "ratio_spread", "time_against_generate", "token_agreement"]
-
-
-def ratio_median(ratios: Sequence[float]) -> float:
-    """Median of speed ratios (nan when there are none).
-
-    Example:
-        >>> ratio_median([1.0, 3.0, 2.0])
-        2.0
-    """
-    return statistics.median(ratios) if ratios else float("nan")
-
-
-def ratio_spread(ratios: Sequence[float]) -> tuple[float, float]:
-    """``(min, max)`` of speed ratios (nans when there are none)."""
-    return (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
+__all__ = ["PromptRuns", "Timing", "time_against_generate", "token_agreement"]
 
 
 def token_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[int, int]:
@@ -81,12 +66,13 @@ class Timing:
     @property
     def median(self) -> float:
         """Median ratio (nan before any repeat)."""
-        return ratio_median(self.ratios)
+        return float(spread(self.ratios)["median"])
 
     @property
     def spread(self) -> tuple[float, float]:
         """``(min, max)`` of the ratios."""
-        return ratio_spread(self.ratios)
+        summary = spread(self.ratios)
+        return float(summary["min"]), float(summary["max"])
 
 
 class PromptRuns:
