@@ -1,0 +1,223 @@
+"""What a causal LM does between its last block and its logits, found by watching one forward pass.
+
+Name tables (:mod:`deltaexit.aliases`) find the final norm of most models. Where they do not (a norm held one
+level below the decoder, a prediction-head transform, a hyper-connection merge, a width multiplier dividing the
+state, a padded vocabulary sliced off, soft-prompt positions dropped), :func:`trace_head_path` runs one forward
+with observing hooks on every module outside the blocks and reads the path off the calls: the modules that
+take the running state after the last block, in call order, until the head; then how the head's actual input
+and the model's logits differ from what those modules give (a scalar multiple, dropped leading positions, a
+vocabulary slice, a scalar on the logits). Every step found is checked against the model's own numbers.
+
+Example:
+    >>> from transformers import AutoConfig, AutoModelForCausalLM
+    >>> cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+    >>> model = AutoModelForCausalLM.from_config(cfg).eval()
+    >>> path = trace_head_path(model, model.model.layers, model.lm_head, torch.tensor([[3, 4, 5]]))
+    >>> [type(m).__name__ for m in path.modules], path.hidden_scale, path.prefix_positions
+    (['LlamaRMSNorm'], None, 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["HeadPath", "trace_head_path"]
+
+
+@dataclass
+class HeadPath:
+    """The steps from the last block's output to the logits, as one forward pass showed them.
+
+    Attributes:
+        modules: Modules applied in order to the last block's output before the head (norms, merges, transforms).
+        hidden_scale: Scalar the state is multiplied by just before the head (e.g. ``1 / width multiplier``), or None.
+        prefix_positions: Leading positions the blocks see but the head does not (soft prompts), 0 if none.
+        vocab_limit: The logits are the head's first ``vocab_limit`` outputs (a padded vocabulary), or None.
+        logit_scale: Scalar on the logits found by the forward (beyond the config's steps), or None.
+        block_out: The last block's output on the forward.
+        logits: The model's logits on the forward.
+    """
+
+    modules: tuple[nn.Module, ...]
+    hidden_scale: float | None
+    prefix_positions: int
+    vocab_limit: int | None
+    logit_scale: float | None
+    block_out: torch.Tensor
+    logits: torch.Tensor
+
+
+def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for value in (*args, kwargs.get("hidden_states"), *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    return None
+
+
+def _output_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> bool:
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def fit_scalar(x: torch.Tensor, y: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> float | None:
+    """The scalar ``c`` with ``c * x == y`` (least squares, then checked), or None when there is none.
+
+    Example:
+        >>> fit_scalar(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0]))
+        0.5
+    """
+    if x.shape != y.shape:
+        return None
+    xf, yf = x.double().flatten(), y.double().flatten()
+    norm = float(xf @ xf)
+    if norm == 0.0:
+        return None
+    c = float(xf @ yf) / norm
+    return c if _close(x.double() * c, y.double(), atol, rtol) else None
+
+
+class _Recorder:
+    """Observing hooks on every module outside the blocks: call order, first tensor in, tensor out."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        inside = {id(m) for block in blocks for m in block.modules()}
+        self.blocks = {id(b) for b in blocks}
+        self.events: list[tuple[str, nn.Module, torch.Tensor | None]] = []
+        self.handles: list[RemovableHandle] = []
+        seen: set[int] = set()
+        for module in model.modules():
+            if id(module) in seen or (id(module) in inside and id(module) not in self.blocks):
+                continue
+            seen.add(id(module))
+            self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._exit))
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _first_tensor(args, kwargs)
+        self.events.append(("in", module, None if x is None else x.detach().clone()))
+
+    def _exit(self, module: nn.Module, _args: tuple, output: object) -> None:
+        y = _output_tensor(output)
+        self.events.append(("out", module, None if y is None else y.detach().clone()))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _top_level_calls(events: list, start: int, stop: int) -> list[tuple[nn.Module, Any, Any]]:
+    """``(module, input, output)`` of the calls entered and finished in ``events[start:stop]``, outermost only."""
+    stack: list[tuple[int, nn.Module, Any]] = []
+    finished: list[tuple[int, int, nn.Module, Any, Any]] = []
+    for i in range(start, stop):
+        kind, module, tensor = events[i]
+        if kind == "in":
+            stack.append((i, module, tensor))
+            continue
+        for depth in range(len(stack) - 1, -1, -1):
+            if stack[depth][1] is module:
+                entered, _, x = stack[depth]
+                del stack[depth:]
+                finished.append((entered, i, module, x, tensor))
+                break
+    finished.sort(key=lambda f: f[0])
+    calls, reach = [], -1
+    for entered, left, module, x, y in finished:
+        if entered > reach:
+            calls.append((module, x, y))
+            reach = left
+    return calls
+
+
+def _run_forward(model: nn.Module, recorder: _Recorder, ids: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    finally:
+        recorder.remove()
+        model.train(was_training)
+
+
+def _window(events: list, blocks: set[int], head: nn.Module) -> tuple[int, int]:
+    """Indices of the last block's exit and of the head's first call after it (-1 when absent)."""
+    last_block = max((i for i, (k, m, _) in enumerate(events) if k == "out" and id(m) in blocks), default=-1)
+    head_in = next((i for i in range(last_block + 1, len(events)) if events[i][:2] == ("in", head)), -1)
+    return last_block, head_in
+
+
+def _head_output(events: list, head_in: int, head: nn.Module) -> torch.Tensor | None:
+    return next((t for k, m, t in events[head_in:] if k == "out" and m is head), None)
+
+
+def trace_head_path(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    head: nn.Module,
+    ids: torch.Tensor,
+    logit_steps: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> HeadPath | None:
+    """Read the path from the last block to the logits off one forward pass (None when it cannot be read).
+
+    Args:
+        model: The causal LM (left with no hooks and in its training mode, also when the forward raises).
+        blocks: Its block list.
+        head: Its LM head.
+        ids: ``[1, seq]`` input ids of the dummy forward.
+        logit_steps: The config's elementwise logit steps (scaling, soft-capping), applied to the head's output.
+        atol: Absolute tolerance of every comparison.
+        rtol: Relative tolerance of every comparison.
+    """
+    recorder = _Recorder(model, blocks)
+    logits = _run_forward(model, recorder, ids)
+    events = recorder.events
+    last_block, head_in = _window(events, recorder.blocks, head)
+    if last_block < 0 or head_in < 0 or events[last_block][2] is None or events[head_in][2] is None:
+        return None
+    running = block_out = events[last_block][2]
+    path: list[nn.Module] = []
+    for module, x, y in _top_level_calls(events, last_block + 1, head_in):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(x, running, atol, rtol):
+            path.append(module)
+            running = y
+    head_input = events[head_in][2]
+    prefix = running.shape[1] - head_input.shape[1] if running.dim() >= 2 and head_input.dim() >= 2 else 0
+    if prefix > 0:
+        running = running[:, prefix:]
+    scale = None
+    if not _close(running, head_input, atol, rtol):
+        scale = fit_scalar(running, head_input, atol, rtol)
+        if scale is None:
+            return None
+    head_out = _head_output(events, head_in, head)
+    if head_out is None:
+        return None
+    stepped = logit_steps(head_out) if logit_steps is not None else head_out
+    limit = logits.shape[-1] if logits.shape[-1] < stepped.shape[-1] else None
+    if limit is not None:
+        stepped = stepped[..., :limit]
+    logit_scale = None
+    if not _close(stepped, logits, atol, rtol):
+        logit_scale = fit_scalar(stepped, logits, atol, rtol)
+        if logit_scale is None:
+            return None
+    return HeadPath(tuple(path), scale, max(prefix, 0), limit, logit_scale, block_out, logits)
