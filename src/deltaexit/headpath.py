@@ -43,6 +43,8 @@ class HeadPath:
         logit_scale: Scalar on the logits found by the forward (beyond the config's steps), or None.
         block_out: The last block's output on the forward.
         logits: The model's logits on the forward.
+        head: A module enclosing the output embedding that maps the state to the logits as a whole (e.g. a
+            prediction head with a functional activation inside), to use as the head; None keeps the head.
     """
 
     modules: tuple[nn.Module, ...]
@@ -52,6 +54,7 @@ class HeadPath:
     logit_scale: float | None
     block_out: torch.Tensor
     logits: torch.Tensor
+    head: nn.Module | None = None
 
 
 def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -120,14 +123,15 @@ class _Recorder:
         self.handles.clear()
 
 
-def _top_level_calls(events: list, start: int, stop: int) -> list[tuple[nn.Module, Any, Any]]:
-    """``(module, input, output)`` of the calls entered and finished in ``events[start:stop]``, outermost only."""
+def _calls(events: list, start: int, stop: int) -> list[tuple[int, int, nn.Module, Any, Any]]:
+    """``(enter index, exit index, module, input, output)`` of every call entered in ``events[start:stop]``."""
     stack: list[tuple[int, nn.Module, Any]] = []
     finished: list[tuple[int, int, nn.Module, Any, Any]] = []
-    for i in range(start, stop):
+    for i in range(start, len(events)):
         kind, module, tensor = events[i]
         if kind == "in":
-            stack.append((i, module, tensor))
+            if i < stop:
+                stack.append((i, module, tensor))
             continue
         for depth in range(len(stack) - 1, -1, -1):
             if stack[depth][1] is module:
@@ -135,11 +139,16 @@ def _top_level_calls(events: list, start: int, stop: int) -> list[tuple[nn.Modul
                 del stack[depth:]
                 finished.append((entered, i, module, x, tensor))
                 break
-    finished.sort(key=lambda f: f[0])
+    return sorted(finished, key=lambda f: f[0])
+
+
+def _top_level_calls(events: list, start: int, stop: int) -> list[tuple[int, nn.Module, Any, Any]]:
+    """``(enter index, module, input, output)`` of the calls entered and finished in ``events[start:stop]``,
+    outermost only."""
     calls, reach = [], -1
-    for entered, left, module, x, y in finished:
-        if entered > reach:
-            calls.append((module, x, y))
+    for entered, left, module, x, y in _calls(events, start, stop):
+        if left < stop and entered > reach:
+            calls.append((entered, module, x, y))
             reach = left
     return calls
 
@@ -166,6 +175,35 @@ def _head_output(events: list, head_in: int, head: nn.Module) -> torch.Tensor | 
     return next((t for k, m, t in events[head_in:] if k == "out" and m is head), None)
 
 
+def _match_state(running: torch.Tensor, head_input: torch.Tensor, atol: float, rtol: float) -> tuple[int, float] | None:
+    """``(dropped leading positions, scale or nan)`` turning ``running`` into ``head_input``, or None."""
+    prefix = running.shape[1] - head_input.shape[1] if running.dim() >= 2 and head_input.dim() >= 2 else 0
+    if prefix > 0:
+        running = running[:, prefix:]
+    if _close(running, head_input, atol, rtol):
+        return max(prefix, 0), float("nan")
+    scale = fit_scalar(running, head_input, atol, rtol)
+    return None if scale is None else (max(prefix, 0), scale)
+
+
+def _match_logits(
+    out: torch.Tensor, logits: torch.Tensor, steps: Callable[[torch.Tensor], torch.Tensor] | None, atol: float, rtol: float
+) -> tuple[int | None, float] | None:
+    """``(vocab limit, logit scale or nan)`` turning a head's output into the model's logits, or None."""
+    stepped = steps(out) if steps is not None else out
+    limit = logits.shape[-1] if logits.shape[-1] < stepped.shape[-1] else None
+    if limit is not None:
+        stepped = stepped[..., :limit]
+    if _close(stepped, logits, atol, rtol):
+        return limit, float("nan")
+    scale = fit_scalar(stepped, logits, atol, rtol)
+    return None if scale is None else (limit, scale)
+
+
+def _or_none(value: float) -> float | None:
+    return None if value != value else value  # nan means "no step"
+
+
 def trace_head_path(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -177,6 +215,12 @@ def trace_head_path(
     rtol: float = 1e-4,
 ) -> HeadPath | None:
     """Read the path from the last block to the logits off one forward pass (None when it cannot be read).
+
+    The path is the outermost calls between the last block and the head that take the running state (each
+    one's input equals the previous one's output). When the head's input then differs from the running
+    state by more than dropped leading positions and a scalar, a module enclosing the head that takes the
+    running state and returns the logits whole (a prediction head with a functional activation inside) is
+    the head instead.
 
     Args:
         model: The causal LM (left with no hooks and in its training mode, also when the forward raises).
@@ -193,31 +237,25 @@ def trace_head_path(
     last_block, head_in = _window(events, recorder.blocks, head)
     if last_block < 0 or head_in < 0 or events[last_block][2] is None or events[head_in][2] is None:
         return None
-    running = block_out = events[last_block][2]
+    block_out = events[last_block][2]
+    states = [(last_block, block_out)]  # (event index from which it holds, running state)
     path: list[nn.Module] = []
-    for module, x, y in _top_level_calls(events, last_block + 1, head_in):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(x, running, atol, rtol):
+    for entered, module, x, y in _top_level_calls(events, last_block + 1, head_in):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(x, states[-1][1], atol, rtol):
             path.append(module)
-            running = y
-    head_input = events[head_in][2]
-    prefix = running.shape[1] - head_input.shape[1] if running.dim() >= 2 and head_input.dim() >= 2 else 0
-    if prefix > 0:
-        running = running[:, prefix:]
-    scale = None
-    if not _close(running, head_input, atol, rtol):
-        scale = fit_scalar(running, head_input, atol, rtol)
-        if scale is None:
-            return None
+            states.append((entered, y))
+    state = _match_state(states[-1][1], events[head_in][2], atol, rtol)
     head_out = _head_output(events, head_in, head)
-    if head_out is None:
-        return None
-    stepped = logit_steps(head_out) if logit_steps is not None else head_out
-    limit = logits.shape[-1] if logits.shape[-1] < stepped.shape[-1] else None
-    if limit is not None:
-        stepped = stepped[..., :limit]
-    logit_scale = None
-    if not _close(stepped, logits, atol, rtol):
-        logit_scale = fit_scalar(stepped, logits, atol, rtol)
-        if logit_scale is None:
-            return None
-    return HeadPath(tuple(path), scale, max(prefix, 0), limit, logit_scale, block_out, logits)
+    found = _match_logits(head_out, logits, logit_steps, atol, rtol) if head_out is not None else None
+    if state is not None and found is not None:
+        return HeadPath(tuple(path), _or_none(state[1]), state[0], found[0], _or_none(found[1]), block_out, logits)
+    # A module around the head, entered after the last block, that maps the running state to the logits.
+    for entered, left, module, x, y in _calls(events, last_block + 1, head_in):
+        if left < head_in or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            continue
+        before = [s for i, s in states if i < entered][-1]
+        whole = _match_logits(y, logits, logit_steps, atol, rtol)
+        if _close(x, before, atol, rtol) and whole is not None:
+            kept = tuple(path[: sum(1 for i, _ in states[1:] if i < entered)])
+            return HeadPath(kept, None, 0, whole[0], _or_none(whole[1]), block_out, logits, head=module)
+    return None

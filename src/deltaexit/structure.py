@@ -647,7 +647,9 @@ class ModelStructure:
         if path is None:
             return False
         before = (self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit)
-        scale, prefix = self.logit_scale, self.prefix_positions
+        scale, prefix, head = self.logit_scale, self.prefix_positions, self.lm_head
+        if path.head is not None:
+            self.lm_head = path.head
         norms = [i for i, m in enumerate(path.modules) if m is self.final_norm]
         if not norms:
             norms = [i for i, m in enumerate(path.modules) if "norm" in type(m).__name__.lower()]
@@ -662,7 +664,7 @@ class ModelStructure:
         if self._mismatch(path.block_out, path.logits, atol, rtol) is None:
             return True
         self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit = before
-        self.logit_scale, self.prefix_positions = scale, prefix
+        self.logit_scale, self.prefix_positions, self.lm_head = scale, prefix, head
         return False
 
 
