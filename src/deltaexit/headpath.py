@@ -187,7 +187,11 @@ def _match_state(running: torch.Tensor, head_input: torch.Tensor, atol: float, r
 
 
 def _match_logits(
-    out: torch.Tensor, logits: torch.Tensor, steps: Callable[[torch.Tensor], torch.Tensor] | None, atol: float, rtol: float
+    out: torch.Tensor,
+    logits: torch.Tensor,
+    steps: Callable[[torch.Tensor], torch.Tensor] | None,
+    atol: float,
+    rtol: float,
 ) -> tuple[int | None, float] | None:
     """``(vocab limit, logit scale or nan)`` turning a head's output into the model's logits, or None."""
     stepped = steps(out) if steps is not None else out
@@ -235,16 +239,17 @@ def trace_head_path(
     logits = _run_forward(model, recorder, ids)
     events = recorder.events
     last_block, head_in = _window(events, recorder.blocks, head)
-    if last_block < 0 or head_in < 0 or events[last_block][2] is None or events[head_in][2] is None:
+    block_out = events[last_block][2] if last_block >= 0 else None
+    head_input = events[head_in][2] if head_in >= 0 else None
+    if block_out is None or head_input is None:
         return None
-    block_out = events[last_block][2]
-    states = [(last_block, block_out)]  # (event index from which it holds, running state)
+    states: list[tuple[int, torch.Tensor]] = [(last_block, block_out)]  # (event index it holds from, state)
     path: list[nn.Module] = []
     for entered, module, x, y in _top_level_calls(events, last_block + 1, head_in):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(x, states[-1][1], atol, rtol):
             path.append(module)
             states.append((entered, y))
-    state = _match_state(states[-1][1], events[head_in][2], atol, rtol)
+    state = _match_state(states[-1][1], head_input, atol, rtol)
     head_out = _head_output(events, head_in, head)
     found = _match_logits(head_out, logits, logit_steps, atol, rtol) if head_out is not None else None
     if state is not None and found is not None:

@@ -332,6 +332,8 @@ class ModelStructure:
         vocab_limit: The logits are the head's first ``vocab_limit`` outputs (a padded vocabulary), or None.
         prefix_positions: Leading positions the blocks see on a fresh (uncached) forward but the head does not
             (soft-prompt tokens the model prepends); :func:`deltaexit.collect` drops them. 0 if none.
+        state_dims: Trailing dims of one position's residual state: 1 (``[hidden]``), 2 for several residual
+            streams (``[streams, hidden]``, hyper-connections).
     """
 
     model: nn.Module
@@ -347,6 +349,7 @@ class ModelStructure:
     hidden_scale: float | None = None
     vocab_limit: int | None = None
     prefix_positions: int = 0
+    state_dims: int = 1
     validated: bool = field(default=False, compare=False)
 
     @property
@@ -375,6 +378,7 @@ class ModelStructure:
             "hidden_scale": self.hidden_scale,
             "vocab_limit": self.vocab_limit,
             "prefix_positions": self.prefix_positions,
+            "state_dims": self.state_dims,
         }
 
     # -- architecture facts: everything else asks the structure ---------------------------------------
@@ -452,8 +456,13 @@ class ModelStructure:
     # -- the unembedding: final norm -> post-norm modules -> head -> logit steps ------------------------
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the pre-norm modules, final norm, post-norm modules and hidden scale (the state the head reads)."""
-        for module in self.pre_norm:
-            h = module(h)
+        if self.pre_norm:
+            # Pre-norm modules (a merge of residual streams) take [batch, seq, *state]: any leading dims become seq.
+            lead, k = h.shape[: h.dim() - self.state_dims], self.state_dims
+            h = h.reshape(1, -1, *h.shape[h.dim() - k :])
+            for module in self.pre_norm:
+                h = module(h)
+            h = h.reshape(*lead, *h.shape[2:])
         if self.final_norm is not None:
             h = self.final_norm(h)
         for module in self.post_norm:
@@ -519,7 +528,8 @@ class ModelStructure:
             >>> torch.allclose(s.candidate_logits(h, ids), s.unembed(h).gather(-1, ids), atol=1e-5)
             True
         """
-        if ids.dim() != h.dim() or ids.shape[:-1] != h.shape[:-1]:
+        lead = h.shape[: h.dim() - self.state_dims]
+        if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead:
             raise ValueError(
                 f"candidate ids {tuple(ids.shape)} must have the leading dims of the states {tuple(h.shape)}, "
                 "plus one dim of K candidates"
@@ -647,7 +657,7 @@ class ModelStructure:
         if path is None:
             return False
         before = (self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit)
-        scale, prefix, head = self.logit_scale, self.prefix_positions, self.lm_head
+        scale, prefix, head, dims = self.logit_scale, self.prefix_positions, self.lm_head, self.state_dims
         if path.head is not None:
             self.lm_head = path.head
         norms = [i for i, m in enumerate(path.modules) if m is self.final_norm]
@@ -658,13 +668,13 @@ class ModelStructure:
         self.final_norm = path.modules[cut] if cut is not None else None
         self.post_norm = path.modules[cut + 1 :] if cut is not None else path.modules
         self.hidden_scale, self.vocab_limit = path.hidden_scale, path.vocab_limit
-        self.prefix_positions = path.prefix_positions
+        self.prefix_positions, self.state_dims = path.prefix_positions, max(1, path.block_out.dim() - 2)
         if path.logit_scale is not None:
             self.logit_scale = path.logit_scale * (self.logit_scale or 1.0)
         if self._mismatch(path.block_out, path.logits, atol, rtol) is None:
             return True
         self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit = before
-        self.logit_scale, self.prefix_positions, self.lm_head = scale, prefix, head
+        self.logit_scale, self.prefix_positions, self.lm_head, self.state_dims = scale, prefix, head, dims
         return False
 
 
