@@ -217,13 +217,18 @@ def test_model_without_a_findable_block_list_names_candidates_and_override():
     model.config.num_hidden_layers = 5  # the config no longer matches the 2-block list
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kinds = [type(m) for m in model.modules()]
+    ran: list[int] = []
+    counters = [b.register_forward_pre_hook(lambda *_: ran.append(1)) for b in model.model.layers]
     for call in (dx.find_structure, dx.collect, dx.Lens.from_model, lambda m: dx.EarlyExit(m, "softmax-max", 0.9)):
         with pytest.raises(dx.StructureError) as exc:
             call(model)
         message = str(exc.value)
         assert "'model.layers' (2: 2 x Llama4TextDecoderLayer)" in message, message
         assert "num_hidden_layers=5" in message and "blocks='model.layers'" in message, message
-        assert hook_counts(model) == 0
+        assert hook_counts(model) == len(counters)  # only the test's own counters
+    assert not ran  # the error came before any block ran
+    for handle in counters:
+        handle.remove()
     assert [type(m) for m in model.modules()] == kinds
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     structure = dx.find_structure(model, blocks="model.layers")  # the override the message names works
