@@ -4,7 +4,8 @@ Heterogeneous block lists (Jamba, OLMo-hybrid), text decoders inside multimodal 
 a ``get_decoder()`` that returns the head (ModernBERT-decoder), and the steps between the last block and the
 logits that only a traced forward shows (Llama-4's norm one level down, ERNIE's and RoBERTa's prediction-head
 transforms, DeepSeek-V4's hyper-connection merge, CPM-Ant's prompt positions, Inkling's width multiplier and
-padded vocabulary). Each model is a tiny random one built offline from its default config, shrunk.
+padded vocabulary, RecurrentGemma's and xLSTM's logit soft-capping). Each model is a tiny random one built
+offline from its default config, shrunk.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ EXTRA: dict[str, dict[str, Any]] = {
         "sliding_window_size": 8,
         "unpadded_vocab_size": 120,
     },
+    "recurrent_gemma": {"num_hidden_layers": 3, "lru_width": 32},
+    "xlstm": {"num_blocks": 2, "embedding_dim": 32, "num_heads": 4},
 }
 WIDE = tuple(EXTRA)
 
@@ -121,7 +124,7 @@ def _check_exact(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Non
     """Deltas telescope and the lens on the last block's output gives the model's logits, on real tokens."""
     structure = dx.find_structure(model)
     with torch.no_grad(), dx.collect(model, ("h_in", "h_out", "delta")) as trace:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # caches: issue 14 item 2
     real = mask.bool()
     h_in, h_out, delta = trace.h_in[:, real], trace.h_out[:, real], trace.delta[:, real]
     scale = max(1.0, h_out.abs().max().item())
@@ -186,6 +189,17 @@ def test_width_multiplier_and_vocab_slice_are_read_off_the_forward(multiplier, c
     assert structure.hidden_scale == pytest.approx(1.0 / multiplier, rel=1e-4)
     assert structure.vocab_limit == VOCAB - cut and structure.vocab_size == VOCAB - cut
     ids, mask = random_batch(VOCAB, 1, 4, seed=cut)
+    _check_exact(model, ids, mask)
+
+
+@settings(max_examples=4, deadline=None)
+@given(cap=st.floats(0.5, 100.0))
+def test_soft_capping_is_read_off_the_forward(cap):
+    """xLSTM soft-caps its logits under a config name the library never reads: the cap is measured."""
+    model = build("xlstm", output_logit_soft_cap=cap)
+    structure = dx.find_structure(model)
+    assert structure.final_softcap == pytest.approx(cap, rel=1e-3)
+    ids, mask = random_batch(VOCAB, 2, 5, seed=int(cap))
     _check_exact(model, ids, mask)
 
 

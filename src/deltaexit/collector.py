@@ -361,9 +361,17 @@ class Collector:
             # A KV cache passed in means incremental decoding (model.generate): keep the last token.
             self._call_positions = "last" if cache is not None else "all"
         # Prompt positions a model prepends on a fresh forward (structure.prefix_positions) are not tokens.
-        seen = getattr(cache, "get_seq_length", None)
-        self._prefix = self.structure.prefix_positions if cache is None or not callable(seen) or seen() == 0 else 0
+        self._prefix = self.structure.prefix_positions and self._fresh(cache) and self.structure.prefix_positions
         self._current = None
+
+    @staticmethod
+    def _fresh(cache: object) -> bool:
+        """Whether a forward given ``cache`` starts a sequence (no cache, or one holding no tokens yet)."""
+        seen = getattr(cache, "get_seq_length", None)
+        try:
+            return cache is None or not callable(seen) or seen() == 0
+        except Exception:  # a cache that cannot tell its length (only recurrent layers) is not fresh
+            return False
 
     def _make_pre_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:

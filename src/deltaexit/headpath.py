@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HeadPath", "trace_head_path"]
+__all__ = ["HeadPath", "fit_scalar", "fit_softcap", "trace_head_path"]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class HeadPath:
         prefix_positions: Leading positions the blocks see but the head does not (soft prompts), 0 if none.
         vocab_limit: The logits are the head's first ``vocab_limit`` outputs (a padded vocabulary), or None.
         logit_scale: Scalar on the logits found by the forward (beyond the config's steps), or None.
+        final_softcap: Soft-cap ``c * tanh(logits / c)`` found by the forward (beyond the config's steps), or None.
         block_out: The last block's output on the forward.
         logits: The model's logits on the forward.
         head: A module enclosing the output embedding that maps the state to the logits as a whole (e.g. a
@@ -52,6 +53,7 @@ class HeadPath:
     prefix_positions: int
     vocab_limit: int | None
     logit_scale: float | None
+    final_softcap: float | None
     block_out: torch.Tensor
     logits: torch.Tensor
     head: nn.Module | None = None
@@ -76,6 +78,15 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> bool:
     return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
 
 
+def _shortest(value: float, fits: Callable[[float], bool], rel: float) -> float:
+    """``value`` with the fewest significant digits within ``rel`` of it that still ``fits`` (30.0, not 29.99979)."""
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if abs(short - value) <= rel * abs(value) and fits(short):
+            return short
+    return value
+
+
 def fit_scalar(x: torch.Tensor, y: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> float | None:
     """The scalar ``c`` with ``c * x == y`` (least squares, then checked), or None when there is none.
 
@@ -90,7 +101,11 @@ def fit_scalar(x: torch.Tensor, y: torch.Tensor, atol: float = 1e-4, rtol: float
     if norm == 0.0:
         return None
     c = float(xf @ yf) / norm
-    return c if _close(x.double() * c, y.double(), atol, rtol) else None
+
+    def fits(k: float) -> bool:
+        return _close(x.double() * k, y.double(), atol, rtol)
+
+    return _shortest(c, fits, 1e-6) if fits(c) else None
 
 
 class _Recorder:
@@ -175,15 +190,46 @@ def _head_output(events: list, head_in: int, head: nn.Module) -> torch.Tensor | 
     return next((t for k, m, t in events[head_in:] if k == "out" and m is head), None)
 
 
-def _match_state(running: torch.Tensor, head_input: torch.Tensor, atol: float, rtol: float) -> tuple[int, float] | None:
-    """``(dropped leading positions, scale or nan)`` turning ``running`` into ``head_input``, or None."""
+def _match_state(
+    running: torch.Tensor, head_input: torch.Tensor, atol: float, rtol: float
+) -> tuple[int, float | None] | None:
+    """``(dropped leading positions, scale or None)`` turning ``running`` into ``head_input``, or None."""
     prefix = running.shape[1] - head_input.shape[1] if running.dim() >= 2 and head_input.dim() >= 2 else 0
     if prefix > 0:
         running = running[:, prefix:]
     if _close(running, head_input, atol, rtol):
-        return max(prefix, 0), float("nan")
+        return max(prefix, 0), None
     scale = fit_scalar(running, head_input, atol, rtol)
     return None if scale is None else (max(prefix, 0), scale)
+
+
+def fit_softcap(x: torch.Tensor, y: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-4) -> float | None:
+    """The cap ``c`` with ``c * tanh(x / c) == y`` (solved on the largest ``|x|``, then checked), or None.
+
+    Example:
+        >>> x = torch.tensor([-40.0, 3.0, 90.0])
+        >>> fit_softcap(x, 30.0 * torch.tanh(x / 30.0))
+        30.0
+    """
+    if x.shape != y.shape or x.numel() == 0:
+        return None
+    xd, yd = x.double().flatten(), y.double().flatten()
+    i = int(xd.abs().argmax())
+    big, capped = abs(float(xd[i])), abs(float(yd[i]))
+    if not 0.0 < capped < big or float(xd[i]) * float(yd[i]) <= 0:
+        return None
+    lo, hi = capped, capped * 1e6  # c * tanh(big / c) rises with c from below capped to big
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (
+            (mid, hi) if mid * torch.tanh(torch.tensor(big / mid, dtype=torch.float64)).item() < capped else (lo, mid)
+        )
+    cap = (lo * hi) ** 0.5
+
+    def fits(c: float) -> bool:
+        return _close(torch.tanh(x.double() / c) * c, y.double(), atol, rtol)
+
+    return _shortest(cap, fits, 1e-4) if fits(cap) else None  # solved on one float32 logit: ~1e-5
 
 
 def _match_logits(
@@ -192,20 +238,26 @@ def _match_logits(
     steps: Callable[[torch.Tensor], torch.Tensor] | None,
     atol: float,
     rtol: float,
-) -> tuple[int | None, float] | None:
-    """``(vocab limit, logit scale or nan)`` turning a head's output into the model's logits, or None."""
+) -> tuple[int | None, float | None, float | None] | None:
+    """``(vocab limit, logit scale, soft-cap)`` (None: no such step) turning a head's output into the logits."""
     stepped = steps(out) if steps is not None else out
     limit = logits.shape[-1] if logits.shape[-1] < stepped.shape[-1] else None
     if limit is not None:
         stepped = stepped[..., :limit]
     if _close(stepped, logits, atol, rtol):
-        return limit, float("nan")
+        return limit, None, None
+    # Both may pass where the cap barely bites (tanh is nearly linear near 0): keep the closer one.
+    fits: list[tuple[float, float | None, float | None]] = []
     scale = fit_scalar(stepped, logits, atol, rtol)
-    return None if scale is None else (limit, scale)
-
-
-def _or_none(value: float) -> float | None:
-    return None if value != value else value  # nan means "no step"
+    if scale is not None:
+        fits.append(((stepped.double() * scale - logits.double()).abs().max().item(), scale, None))
+    cap = fit_softcap(stepped, logits, atol, rtol)
+    if cap is not None:
+        fits.append(((torch.tanh(stepped.double() / cap) * cap - logits.double()).abs().max().item(), None, cap))
+    if not fits:
+        return None
+    _, scale, cap = min(fits, key=lambda f: f[0])
+    return limit, scale, cap
 
 
 def trace_head_path(
@@ -253,7 +305,7 @@ def trace_head_path(
     head_out = _head_output(events, head_in, head)
     found = _match_logits(head_out, logits, logit_steps, atol, rtol) if head_out is not None else None
     if state is not None and found is not None:
-        return HeadPath(tuple(path), _or_none(state[1]), state[0], found[0], _or_none(found[1]), block_out, logits)
+        return HeadPath(tuple(path), state[1], state[0], *found, block_out, logits)
     # A module around the head, entered after the last block, that maps the running state to the logits.
     for entered, left, module, x, y in _calls(events, last_block + 1, head_in):
         if left < head_in or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -262,5 +314,5 @@ def trace_head_path(
         whole = _match_logits(y, logits, logit_steps, atol, rtol)
         if _close(x, before, atol, rtol) and whole is not None:
             kept = tuple(path[: sum(1 for i, _ in states[1:] if i < entered)])
-            return HeadPath(kept, None, 0, whole[0], _or_none(whole[1]), block_out, logits, head=module)
+            return HeadPath(kept, None, 0, *whole, block_out, logits, head=module)
     return None

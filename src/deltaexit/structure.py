@@ -657,7 +657,13 @@ class ModelStructure:
         if path is None:
             return False
         before = (self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit)
-        scale, prefix, head, dims = self.logit_scale, self.prefix_positions, self.lm_head, self.state_dims
+        scale, prefix, head, dims, cap = (
+            self.logit_scale,
+            self.prefix_positions,
+            self.lm_head,
+            self.state_dims,
+            self.final_softcap,
+        )
         if path.head is not None:
             self.lm_head = path.head
         norms = [i for i, m in enumerate(path.modules) if m is self.final_norm]
@@ -671,10 +677,13 @@ class ModelStructure:
         self.prefix_positions, self.state_dims = path.prefix_positions, max(1, path.block_out.dim() - 2)
         if path.logit_scale is not None:
             self.logit_scale = path.logit_scale * (self.logit_scale or 1.0)
+        if path.final_softcap is not None and self.final_softcap is None:
+            self.final_softcap = path.final_softcap
         if self._mismatch(path.block_out, path.logits, atol, rtol) is None:
             return True
         self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit = before
         self.logit_scale, self.prefix_positions, self.lm_head, self.state_dims = scale, prefix, head, dims
+        self.final_softcap = cap
         return False
 
 
