@@ -228,7 +228,8 @@ def test_candidate_logits_follow_the_found_path(model_type):
 
 def test_model_without_a_findable_block_list_names_candidates_and_override():
     model = build("llama4_text")
-    model.config.num_hidden_layers = 5  # the config no longer matches the 2-block list
+    model.config.num_hidden_layers = 5  # the config matches no list, and two lists of one class are left
+    model.model.taps = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kinds = [type(m) for m in model.modules()]
     ran: list[int] = []
@@ -238,6 +239,7 @@ def test_model_without_a_findable_block_list_names_candidates_and_override():
             call(model)
         message = str(exc.value)
         assert "'model.layers' (2: 2 x Llama4TextDecoderLayer)" in message, message
+        assert "'model.taps' (3: 3 x Linear)" in message, message
         assert "num_hidden_layers=5" in message and "blocks='model.layers'" in message, message
         assert hook_counts(model) == len(counters)  # only the test's own counters
     assert not ran  # the error came before any block ran
@@ -247,6 +249,21 @@ def test_model_without_a_findable_block_list_names_candidates_and_override():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     structure = dx.find_structure(model, blocks="model.layers")  # the override the message names works
     assert structure.num_layers == 2
+
+
+def test_config_count_of_another_stack_falls_back_to_the_one_list():
+    model = build("llama4_text")
+    model.config.num_hidden_layers = 5  # e.g. BART's num_hidden_layers counts its encoder
+    assert dx.find_structure(model).blocks is model.model.layers
+
+
+def test_no_module_list_at_all_is_said_so():
+    model = build("llama4_text")
+    model.model.layers = nn.Sequential(*model.model.layers)  # the forward still runs; no ModuleList is left
+    with pytest.raises(dx.StructureError, match="the module lists it holds: none") as exc:
+        dx.collect(model)
+    assert "blocks=" in str(exc.value) and "a sequence of the block modules" in str(exc.value)
+    assert hook_counts(model) == 0
 
 
 def test_ambiguous_mixed_lists_name_the_override():

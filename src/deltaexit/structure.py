@@ -741,6 +741,11 @@ def _embedding_scope(model: nn.Module, candidates: list[tuple[str, nn.ModuleList
     return candidates
 
 
+def _outermost(lists: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    """Drop lists inside another one's blocks (the experts of an MoE layer are part of a block, not the blocks)."""
+    return [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists)]
+
+
 def _shallowest(lists: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
     depth = min(n.count(".") for n, _ in lists)
     return [(n, m) for n, m in lists if n.count(".") == depth]
@@ -751,9 +756,10 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
 
     Candidates are the non-empty ``nn.ModuleList``s under ``root`` (the whole model when ``root`` holds none)
     inside the text decoder (see :func:`_embedding_scope`), of the config's ``num_hidden_layers`` length when
-    it says. One list whose blocks share a class wins at the shallowest depth; else one list of mixed block
-    classes (hybrid models interleave e.g. Mamba and attention blocks in one list). Anything else is a
-    :class:`StructureError` naming every list found and the override to pass.
+    it says (lists inside another candidate are part of a block). One list whose blocks share a class wins at
+    the shallowest depth; else one list of mixed block classes (hybrid models interleave e.g. Mamba and
+    attention blocks in one list); else, when no list has the config's length, the one list of one block
+    class. Anything else is a :class:`StructureError` naming the lists found and the override to pass.
     """
     n_layers = config_int(text_config(model), NUM_LAYERS_ATTRS)
     everything = _module_lists(model)
@@ -762,18 +768,22 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
     candidates = [(f"{prefix}.{n}" if prefix else n, m) for n, m in under_root] or everything
     candidates = _embedding_scope(model, candidates)
     matching = [(n, m) for n, m in candidates if n_layers is None or len(m) == n_layers]
-    # A list inside another candidate's blocks (experts of an MoE layer ...) is part of a block, not the blocks.
-    matching = [(n, m) for n, m in matching if not any(n.startswith(o + ".") for o, _ in matching)]
+    matching = _outermost(matching)
     homogeneous = [(n, m) for n, m in matching if len({type(b) for b in m}) == 1]
-    for group in (homogeneous, matching):
+    # The config's count may be another stack's (BART's num_hidden_layers is its encoder's): then the one
+    # list of one block class in the decoder is the blocks.
+    other_count = [(n, m) for n, m in _outermost(candidates) if len({type(b) for b in m}) == 1]
+    other_count = other_count if not matching else []
+    for group in (homogeneous, matching, other_count):
         if not group:
             continue
         shallowest = _shallowest(group)
         if len(shallowest) == 1:
             return shallowest[0][1]
         raise StructureError(
-            f"found several candidate block lists {[n for n, _ in shallowest]} of length {n_layers}; cannot tell "
-            f"which is the decoder's. Pass blocks='<dotted path>', e.g. dx.find_structure(model, "
+            f"found several candidate block lists {', '.join(_describe_list(n, m) for n, m in shallowest)}"
+            + (f" (the config says num_hidden_layers={n_layers})" if n_layers is not None else "")
+            + "; cannot tell which is the decoder's. Pass the block list explicitly, e.g. dx.find_structure(model, "
             f"blocks={shallowest[0][0]!r}); the same keyword works for dx.collect(...) and dx.Lens.from_model(...)."
         )
     found = ", ".join(_describe_list(n, m) for n, m in everything) or "none"
