@@ -310,3 +310,12 @@ def test_forward_that_needs_more_than_token_ids_says_what_to_pass():
     assert "pixel_values is required" in message and "input_ids alone" in message
     assert "get_text_config" in message and "validate=False" in message
     assert hook_counts(model) == 0
+
+
+def test_looped_model_is_refused_with_the_reason():
+    """Dory runs part of its block list several times per forward: no one-pass residual stream to collect."""
+    model = build("dory", num_hidden_layers=3)
+    with pytest.raises(dx.StructureError, match="times in one forward") as exc:
+        dx.collect(model)
+    assert "loops over part of its block list" in str(exc.value)
+    assert hook_counts(model) == 0

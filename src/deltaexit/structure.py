@@ -600,10 +600,12 @@ class ModelStructure:
         """Logits of a cacheless forward on ``ids`` and the last block's output; every block must run."""
         model = self.model
         outputs: dict[int, torch.Tensor] = {}
+        calls: dict[int, int] = {}
 
         def grabber(index: int) -> Callable[[nn.Module, object, object], None]:
             def grab(_module: nn.Module, _args: object, output: object) -> None:
                 outputs[index] = block_output(output)
+                calls[index] = calls.get(index, 0) + 1
 
             return grab
 
@@ -630,7 +632,7 @@ class ModelStructure:
                 "the model produced NaN logits on a dummy forward (NaN or inf weights?); check the checkpoint "
                 "and its dtype: no structure override can fix this."
             )
-        _check_all_ran(self, outputs)
+        _check_each_ran_once(self, calls)
         return logits, outputs[len(self.blocks) - 1]
 
     def _mismatch(self, h: torch.Tensor, logits: torch.Tensor, atol: float, rtol: float) -> str | None:
@@ -687,9 +689,17 @@ class ModelStructure:
         return False
 
 
-def _check_all_ran(structure: ModelStructure, outputs: dict[int, torch.Tensor]) -> None:
-    """Raise when some block did not run in the text-only dummy forward (e.g. cross-attention without images)."""
-    missing = [i for i in range(structure.num_layers) if i not in outputs]
+def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> None:
+    """Raise when some block did not run in the text-only dummy forward (e.g. cross-attention without images)
+    or ran more than once (a looped model)."""
+    again = {i: n for i, n in calls.items() if n > 1}
+    if again:
+        raise StructureError(
+            f"blocks {sorted(again)} of {structure.block_path!r} ran {max(again.values())} times in one forward: the "
+            "model loops over part of its block list (recurrent depth), so its residual stream is not one pass "
+            "through the blocks and deltaexit cannot collect it or exit early in it (no override changes that)."
+        )
+    missing = [i for i in range(structure.num_layers) if i not in calls]
     if not missing:
         return
     if len(missing) == structure.num_layers:
