@@ -27,7 +27,17 @@ from torch import nn
 from deltaexit.measures.fitted import FittedState
 from deltaexit.measures.nets import ExitNet
 
-__all__ = ["FitSettings", "fit_exit_net"]
+__all__ = [
+    "EarlyStopping",
+    "FitSettings",
+    "LayerStats",
+    "batch_loss",
+    "fit_exit_net",
+    "held_out_sum",
+    "loss_weights",
+    "new_net",
+    "new_optimizer",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,127 @@ class FitSettings:
     class_weight: str | None = "balanced"
 
 
+class LayerStats:
+    """Per decision layer: token and positive-label counts, and the float64 mean and sum of squared deviations.
+
+    Chunks are merged with Chan et al.'s parallel update, so one pass over a stream of batches (or over
+    ``torch.distributed`` ranks, :meth:`merge`) gives the statistics of all of them; the first chunk is taken
+    exactly, so the statistics of one chunk are those of the whole tensor.
+
+    Example:
+        >>> stats = LayerStats(1, 2)
+        >>> x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 8.0]])
+        >>> stats.add(0, x[:1], torch.tensor([True])); stats.add(0, x[1:], torch.tensor([False, True]))
+        >>> stats.count.tolist(), stats.rates(), stats.standardisation()[0].tolist()
+        ([3], (0.6666666666666666,), [[2.0, 4.0]])
+    """
+
+    def __init__(self, num_rows: int, width: int) -> None:
+        self.count = torch.zeros(num_rows, dtype=torch.long)
+        self.positives = torch.zeros(num_rows, dtype=torch.long)
+        self.mean = torch.zeros(num_rows, width, dtype=torch.float64)
+        self.m2 = torch.zeros(num_rows, width, dtype=torch.float64)
+
+    def add(self, row: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fold ``x [n, width]`` (and its labels ``y [n]``) into row ``row``."""
+        n = int(x.shape[0])
+        if n == 0:
+            return
+        x64 = x.double()
+        mean = x64.mean(dim=0)
+        m2 = ((x64 - mean) ** 2).sum(dim=0)
+        self._fold(row, n, int(y.sum()), mean, m2)
+
+    def merge(self, other: LayerStats) -> None:
+        """Fold another accumulator (e.g. another rank's) into this one, row by row."""
+        for row in range(self.count.shape[0]):
+            n = int(other.count[row])
+            if n:
+                self._fold(row, n, int(other.positives[row]), other.mean[row], other.m2[row])
+
+    def _fold(self, row: int, n: int, positives: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        n_a = int(self.count[row])
+        total = n_a + n
+        delta = mean - self.mean[row]
+        self.mean[row] = self.mean[row] + delta * (n / total)
+        self.m2[row] = self.m2[row] + m2 + delta**2 * (n_a * n / total)
+        self.count[row] = total
+        self.positives[row] += positives
+
+    def standardisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` float32 ``[rows, width]`` (population std, at least 1e-6)."""
+        if int(self.count.min()) < 1:
+            raise ValueError("every layer needs at least one training token")
+        std = (self.m2 / self.count[:, None].double()).sqrt()
+        return self.mean.float(), std.float().clamp_min(1e-6)
+
+    def rates(self) -> tuple[float, ...]:
+        """Share of positive labels per row."""
+        return tuple(int(p) / max(1, int(n)) for p, n in zip(self.positives, self.count))
+
+
+def loss_weights(rates: Sequence[float], class_weight: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_pos, w_neg)`` per layer row: class-balanced (each class weighs half) or ones (``class_weight=None``).
+
+    Without balancing the logit estimates the posterior P(safe | state), comparable across layers.
+    """
+    rate = torch.tensor(list(rates), dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
+    if class_weight == "balanced":
+        return 0.5 / rate, 0.5 / (1 - rate)
+    return torch.ones_like(rate), torch.ones_like(rate)
+
+
+def batch_loss(
+    net: ExitNet, x: torch.Tensor, row: torch.Tensor, y: torch.Tensor, w: torch.Tensor, total: int
+) -> torch.Tensor:
+    """The weighted binary cross-entropy of a minibatch, summed and divided by ``total`` (the global batch rows)."""
+    logits = net(x, row)
+    return nn.functional.binary_cross_entropy_with_logits(logits, y.float(), weight=w, reduction="sum") / total
+
+
+def held_out_sum(net: ExitNet, x: torch.Tensor, row: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
+    """The float64 sum of the weighted held-out losses of these rows (no gradients)."""
+    with torch.no_grad():
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x, row), y.float(), weight=w, reduction="none")
+    return float(loss.double().sum())
+
+
+class EarlyStopping:
+    """Keeps the best held-out loss and its weights; says when ``patience`` epochs brought no improvement."""
+
+    def __init__(self, net: ExitNet, loss: float, patience: int) -> None:
+        self.net, self.patience = net, patience
+        self.best, self.best_epoch, self.bad, self.history = loss, 0, 0, [loss]
+        self.best_state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record the loss after ``epoch``; True when training should stop."""
+        self.history.append(loss)
+        if loss < self.best - 1e-5:
+            self.best, self.best_epoch, self.bad = loss, epoch, 0
+            self.best_state = {k: v.clone() for k, v in self.net.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def result(self) -> tuple[ExitNet, tuple[float, ...], int]:
+        """The best epoch's frozen net, the history, the best epoch."""
+        self.net.load_state_dict(self.best_state)
+        return self.net.freeze(), tuple(self.history), self.best_epoch
+
+
+def new_net(in_features: int, num_layers: int, settings: FitSettings) -> tuple[ExitNet, torch.Generator]:
+    """The seeded initial net and the generator it was drawn from (the batch order continues it)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    net = ExitNet(in_features, settings.hidden_units, num_layers, settings.per_layer, generator)
+    return net, generator
+
+
+def new_optimizer(net: ExitNet, settings: FitSettings) -> torch.optim.Optimizer:
+    """AdamW with the settings' learning rate and weight decay."""
+    return torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 @dataclass(frozen=True)
 class _Split:
     """Standardised training and held-out tokens of all layers, with their layer rows and loss weights."""
@@ -78,34 +209,26 @@ class _Split:
 
 def _split(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], settings: FitSettings) -> _Split:
     """Hold out the tail of each layer's tokens (text order), standardise, weigh the classes per layer."""
+    stats = LayerStats(len(xs), int(xs[0].shape[1]))
+    n_vals = [max(1, round(settings.val_fraction * x.shape[0])) for x in xs]
+    for row, (x, y, n_val) in enumerate(zip(xs, ys, n_vals)):
+        stats.add(row, x[:-n_val], y[:-n_val])
+    mean, std = stats.standardisation()
+    rates = stats.rates()
+    w_pos, w_neg = loss_weights(rates, settings.class_weight)
     train_x, train_y, train_r, val_x, val_y, val_r = [], [], [], [], [], []
-    means, stds, rates = [], [], []
-    for row, (x, y) in enumerate(zip(xs, ys)):
-        n_val = max(1, round(settings.val_fraction * x.shape[0]))
-        xt, yt = x[:-n_val], y[:-n_val]
-        mean = xt.mean(dim=0)
-        std = xt.std(dim=0, unbiased=False).clamp_min(1e-6)
-        means.append(mean)
-        stds.append(std)
-        rates.append(float(yt.float().mean()))
-        train_x.append((xt - mean) / std)
-        train_y.append(yt)
-        train_r.append(torch.full((xt.shape[0],), row, dtype=torch.long))
-        val_x.append((x[-n_val:] - mean) / std)
+    for row, (x, y, n_val) in enumerate(zip(xs, ys, n_vals)):
+        train_x.append((x[:-n_val] - mean[row]) / std[row])
+        train_y.append(y[:-n_val])
+        train_r.append(torch.full((x.shape[0] - n_val,), row, dtype=torch.long))
+        val_x.append((x[-n_val:] - mean[row]) / std[row])
         val_y.append(y[-n_val:])
         val_r.append(torch.full((n_val,), row, dtype=torch.long))
     ty, tr, vy, vr = torch.cat(train_y), torch.cat(train_r), torch.cat(val_y), torch.cat(val_r)
-    # Class-balanced weights per layer: positives and negatives weigh half each. Without them
-    # (class_weight=None) the logit estimates the posterior P(safe | state), comparable across layers.
-    rate = torch.tensor(rates, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
-    if settings.class_weight == "balanced":
-        w_pos, w_neg = 0.5 / rate, 0.5 / (1 - rate)
-    else:
-        w_pos, w_neg = torch.ones_like(rate), torch.ones_like(rate)
     return _Split(
         tx=torch.cat(train_x), ty=ty, tr=tr, tw=torch.where(ty, w_pos[tr], w_neg[tr]),
         vx=torch.cat(val_x), vy=vy, vr=vr, vw=torch.where(vy, w_pos[vr], w_neg[vr]),
-        mean=torch.stack(means), std=torch.stack(stds), rates=tuple(rates),
+        mean=mean, std=std, rates=rates,
     )  # fmt: skip
 
 
@@ -113,41 +236,26 @@ def _train(
     data: _Split, num_layers: int, settings: FitSettings, on_epoch: Callable[[int, float], None] | None
 ) -> tuple[ExitNet, tuple[float, ...], int]:
     """AdamW with early stopping on the held-out loss; returns the best epoch's frozen net, the history, the epoch."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    net = ExitNet(data.tx.shape[1], settings.hidden_units, num_layers, settings.per_layer, generator)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    loss_fn = nn.functional.binary_cross_entropy_with_logits
-
-    def held_out_loss() -> float:
-        with torch.no_grad():
-            return float(loss_fn(net(data.vx, data.vr), data.vy.float(), weight=data.vw))
-
-    best = held_out_loss()
-    best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    best_epoch, bad, history = 0, 0, [best]
+    net, generator = new_net(data.tx.shape[1], num_layers, settings)
+    optimizer = new_optimizer(net, settings)
+    n_val = int(data.vx.shape[0])
+    stopping = EarlyStopping(net, held_out_sum(net, data.vx, data.vr, data.vy, data.vw) / n_val, settings.patience)
     for epoch in range(1, settings.max_epochs + 1):
         perm = torch.randperm(data.tx.shape[0], generator=generator)
         net.train()
         for start in range(0, data.tx.shape[0], settings.batch_size):
             idx = perm[start : start + settings.batch_size]
-            loss = loss_fn(net(data.tx[idx], data.tr[idx]), data.ty[idx].float(), weight=data.tw[idx])
+            loss = batch_loss(net, data.tx[idx], data.tr[idx], data.ty[idx], data.tw[idx], int(idx.shape[0]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         net.eval()
-        current = held_out_loss()
-        history.append(current)
+        current = held_out_sum(net, data.vx, data.vr, data.vy, data.vw) / n_val
         if on_epoch is not None:
             on_epoch(epoch, current)
-        if current < best - 1e-5:
-            best, best_epoch, bad = current, epoch, 0
-            best_state = {k: v.clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= settings.patience:
-                break
-    net.load_state_dict(best_state)
-    return net.freeze(), tuple(history), best_epoch
+        if stopping.update(epoch, current):
+            break
+    return stopping.result()
 
 
 def fit_exit_net(
