@@ -278,7 +278,7 @@ def _first_pass(source: FitSource, units: Sequence[int]) -> tuple[LayerStats | N
     for unit in units:
         tokens[unit] = 0
         for chunk in source.chunks([unit]):
-            _check_chunk(chunk, source.layers, None if stats is None else int(stats.mean.shape[1]))
+            _check_chunk(chunk, source.layers, None if stats is None else stats.width)
             if stats is None:
                 stats = LayerStats(len(source.layers), int(chunk.xs[0].shape[1]))
             for row, (x, y) in enumerate(zip(chunk.xs, chunk.ys)):
@@ -307,7 +307,7 @@ def _scaling(
         if part_stats is None:
             continue
         if stats is None:
-            stats = LayerStats(int(part_stats.count.shape[0]), int(part_stats.mean.shape[1]))
+            stats = LayerStats(int(part_stats.count.shape[0]), part_stats.width)
         stats.merge(part_stats)
     if stats is None or int(stats.count.min()) == 0:
         raise ValueError("the training units hold no tokens (every layer needs at least one)")
@@ -490,7 +490,7 @@ def fit_exit_net_stream(
     streams = _check_streams(source, streams, world)
     train, val = source.split(settings.val_fraction)
     scaling, stats, tokens = _scaling(source, train, settings, rank, world)
-    net, generator = new_net(int(stats.mean.shape[1]), len(source.layers), settings)
+    net, generator = new_net(stats.width, len(source.layers), settings)
     optimizer = new_optimizer(net, settings)
     generators = {s: generator if s == 0 else torch.Generator().manual_seed(settings.seed + 7_919 * s) for s in
                   range(streams)}  # fmt: skip
@@ -508,7 +508,7 @@ def fit_exit_net_stream(
             break
     net, history, best_epoch = stopping.result()
     return FittedState(
-        layers=source.layers, hidden_size=source.hidden_size, n_features_in=int(stats.mean.shape[1]),
+        layers=source.layers, hidden_size=source.hidden_size, n_features_in=stats.width,
         mean=scaling.mean, std=scaling.std, net=net, positive_rate=stats.rates(), history=history,
         best_epoch=best_epoch,
     )  # fmt: skip
