@@ -247,3 +247,38 @@ def test_a_shard_corrupted_mid_epoch_is_named_and_nothing_is_fitted(model, tmp_p
     with pytest.raises(ManifestError, match=victim.name):
         measure.fit(ShardDataset(out, batch_size=10))
     assert not measure.is_fitted
+
+
+@given(shuffle_rows=st.integers(1, 200), batch_size=st.integers(1, 50))
+def test_the_shuffle_buffer_bounds_what_is_held_and_every_row_is_trained_once_an_epoch(shuffle_rows, batch_size):
+    from deltaexit.measures import stream_fit
+    from deltaexit.measures.fit import FitSettings
+
+    g = torch.Generator().manual_seed(shuffle_rows)
+    sizes = [7, 13, 1, 30, 9, 4]  # tokens per batch; 2 decision layers; the last batch is held out
+    xs = [[torch.randn(n, 3, generator=g) for _ in range(2)] for n in sizes]
+    ys = [[x[:, 0] > 0 for x in batch] for batch in xs]
+    source = stream_fit.TensorSource(xs, ys, layers=(0, 1), hidden_size=3)
+    buffers: list[int] = []
+    randperm = torch.randperm
+
+    def counting(n, *args, **kwargs):
+        buffers.append(int(n))
+        return randperm(n, *args, **kwargs)
+
+    settings = FitSettings(hidden_units=0, max_epochs=2, batch_size=batch_size, patience=5)
+    try:
+        stream_fit.torch.randperm = counting  # type: ignore[assignment]
+        stream_fit.fit_exit_net_stream(source, settings=settings, shuffle_rows=shuffle_rows)
+    finally:
+        stream_fit.torch.randperm = randperm  # type: ignore[assignment]
+    train_rows = 2 * sum(sizes[:-1])
+    biggest_chunk = 2 * max(sizes[:-1])
+    assert max(buffers) <= max(shuffle_rows, biggest_chunk) + batch_size - 1  # never the whole corpus at once
+    # Each epoch's buffers hold every training row once (a carried row counts in the next buffer again).
+    per_epoch = len(buffers) // 2
+    assert len(buffers) == 2 * per_epoch
+    for epoch in range(2):
+        sizes_seen = buffers[epoch * per_epoch : (epoch + 1) * per_epoch]
+        carried = sum(sizes_seen) - train_rows
+        assert 0 <= carried <= (len(sizes_seen) - 1) * (batch_size - 1)

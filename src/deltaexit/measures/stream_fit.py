@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -344,19 +344,19 @@ def _emit(
     generator: torch.Generator,
     batch_size: int,
     final: bool,
-) -> Iterator[Batch | None]:
-    """Shuffle one buffer (and the rows carried from the last) and yield its minibatches; then yield the carry."""
+) -> Generator[Batch, None, Batch | None]:
+    """Shuffle one buffer (after the rows carried from the last) and yield its minibatches; return the rest."""
     x, row, y, w = scaling.assemble(*buffer)
     if carry is not None:
         x, row, y, w = (torch.cat([c, t]) for c, t in zip(carry, (x, row, y, w)))
-    perm = torch.randperm(int(x.shape[0]), generator=generator)
     n = int(x.shape[0])
+    perm = torch.randperm(n, generator=generator)
     full = n if final else n - n % batch_size
     for start in range(0, full, batch_size):
         idx = perm[start : start + batch_size]
         yield x[idx], row[idx], y[idx], w[idx]
     rest = perm[full:]
-    yield None if final or rest.numel() == 0 else (x[rest], row[rest], y[rest], w[rest])
+    return None if rest.numel() == 0 else (x[rest], row[rest], y[rest], w[rest])
 
 
 def _minibatches(
@@ -371,8 +371,7 @@ def _minibatches(
     for chunk in source.chunks(units):
         n = int(chunk.xs[0].shape[0]) * width
         if rows and rows + n > shuffle_rows:
-            *batches, carry = _emit(scaling, (xs, ys), carry, generator, settings.batch_size, final=False)
-            yield from batches  # type: ignore[misc]
+            carry = yield from _emit(scaling, (xs, ys), carry, generator, settings.batch_size, final=False)
             xs, ys, rows = [[] for _ in range(width)], [[] for _ in range(width)], 0
         cx, cy = scaling.rows(chunk)
         for i in range(width):
@@ -383,8 +382,7 @@ def _minibatches(
         if not rows:
             xs = [[torch.empty(0, int(scaling.mean.shape[1]))] for _ in range(width)]
             ys = [[torch.empty(0, dtype=torch.bool)] for _ in range(width)]
-        *batches, _ = _emit(scaling, (xs, ys), carry, generator, settings.batch_size, final=True)
-        yield from batches  # type: ignore[misc]
+        yield from _emit(scaling, (xs, ys), carry, generator, settings.batch_size, final=True)
 
 
 def _all_reduce_grads(net: ExitNet) -> None:
