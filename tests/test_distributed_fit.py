@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,11 +44,15 @@ def _worker(rank: int, world: int, init_file: str, data: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_fit_the_one_process_fit(tmp_path):
+def _collection(out: Path) -> Path:
     model = tiny_model("llama", num_layers=3, hidden=16, vocab=64, seed=0)
     ids = torch.randint(3, 64, (192,), generator=torch.Generator().manual_seed(0)).tolist()
-    data = tmp_path / "data"
-    assert len(collect_to_disk(model, [ids], data, features=("delta", "lens_topk"), **COLLECT).shards) == 8
+    assert len(collect_to_disk(model, [ids], out, features=("delta", "lens_topk"), **COLLECT).shards) == 8
+    return out
+
+
+def test_two_gloo_ranks_fit_the_one_process_fit(tmp_path):
+    data = _collection(tmp_path / "data")
     out = tmp_path / "fitted"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(data), str(out)), nprocs=2, join=True)
     ds = ShardDataset(data, batch_size=10, shuffle=True, seed=2)
@@ -61,3 +70,35 @@ def test_two_gloo_ranks_fit_the_one_process_fit(tmp_path):
         assert any(not torch.allclose(a, b) for a, b in zip(single.net_.parameters(), one_stream.net_.parameters()))
         assert sorted(p.name for p in (out / key).iterdir()) == ["measure.json", "measure.safetensors"]
         assert json.loads((out / key / "measure.json").read_text())["measure"] == name
+
+
+SCRIPT = """
+import sys, torch
+from deltaexit.measures import get_measure
+from deltaexit.streaming import ShardDataset, init_distributed_from_env
+torch.set_num_threads(1)
+owned = init_distributed_from_env()
+measure = get_measure("delta-mlp", hidden_units=8, max_epochs=2, batch_size=16)
+measure.fit(ShardDataset(sys.argv[1], batch_size=10)).save(sys.argv[2])
+if owned:
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_a_torchrun_fit_equals_the_one_process_fit(tmp_path):
+    data = _collection(tmp_path / "data")
+    script = tmp_path / "fit.py"
+    script.write_text(SCRIPT)
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launch = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(data), str(tmp_path / "out")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parallel = load_measure(tmp_path / "out")
+    single = get_measure("delta-mlp", hidden_units=8, max_epochs=2, batch_size=16)
+    single.fit(ShardDataset(data, batch_size=10), streams=2)
+    for a, b in zip(parallel.net_.parameters(), single.net_.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
