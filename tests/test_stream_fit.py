@@ -282,3 +282,15 @@ def test_the_shuffle_buffer_bounds_what_is_held_and_every_row_is_trained_once_an
         sizes_seen = buffers[epoch * per_epoch : (epoch + 1) * per_epoch]
         carried = sum(sizes_seen) - train_rows
         assert 0 <= carried <= (len(sizes_seen) - 1) * (batch_size - 1)
+
+
+def test_softmax_measures_score_from_the_stored_top_k_of_a_delta_only_collection(model, tmp_path):
+    out = tmp_path / "delta"
+    _collect(model, out, features=("delta", "lens_topk"))
+    ds = ShardDataset(out, measure=get_measure("softmax-gap"), batch_size=16)
+    assert ds.features == ("topk_probs",)
+    batch = next(iter(ds))
+    states = layer_states(batch, ds.manifest, measure=get_measure("softmax-max"))
+    torch.testing.assert_close(get_measure("softmax-max").score(states[0]), batch["topk_probs"][:, 0, 0])
+    with pytest.raises(ManifestError, match="h_out"):
+        ShardDataset(out, measure=get_measure("softmax-max", candidates=8))

@@ -44,6 +44,7 @@ from deltaexit.streaming.states import (
     layer_states,
     measure_features,
     read_shard,
+    reads_stored_topk,
 )
 
 __all__ = [
@@ -112,7 +113,11 @@ class ShardDataset(IterableDataset):
         if measure is not None:
             check_collection(self.manifest, measure)
             if features is None:
-                features = measure_features(measure, self.manifest.features)
+                features = (
+                    ("topk_probs",)
+                    if reads_stored_topk(measure, self.manifest)
+                    else measure_features(measure, self.manifest.features)
+                )
         self.features = tuple(stored if features is None else features)
         missing = [f for f in self.features if f not in stored and f not in META_FIELDS]
         if missing:

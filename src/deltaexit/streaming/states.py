@@ -43,6 +43,7 @@ __all__ = [
     "layer_states",
     "measure_features",
     "read_shard",
+    "reads_stored_topk",
 ]
 
 
@@ -158,6 +159,19 @@ class StoredLayerState(LayerState):
         return f"StoredLayerState(layer={self.layer}, h_out={shape}, h_in={self.h_in is not None})"
 
 
+def reads_stored_topk(measure: ConfidenceMeasure, manifest: Manifest) -> bool:
+    """Whether ``measure`` scores from the stored lens top-k probabilities alone (a softmax response without a
+    candidate set, on a collection with ``lens_topk`` of ``k >= 2``): it then needs neither ``h_out`` nor the lens."""
+    return (
+        measure.needs("lens")
+        and not getattr(measure, "requires_fit", False)
+        and getattr(measure, "candidates", None) is None
+        and tuple(measure.inputs) == ("h_out",)
+        and "lens_topk" in manifest.features
+        and int(manifest.settings.get("topk", 0) or 0) >= 2
+    )
+
+
 def measure_features(measure: ConfidenceMeasure, stored: Iterable[str]) -> tuple[str, ...]:
     """The stored vector features ``measure`` reads: its :attr:`inputs`, ``delta`` from ``h_in``/``h_out``
     when only those were stored; ``()`` entries missing are left out (see :func:`check_collection`)."""
@@ -225,6 +239,8 @@ def check_collection(
     size) match the manifest's model.
     """
     stored = set(manifest.features)
+    if measure is not None and reads_stored_topk(measure, manifest):
+        measure = None  # served by the stored top-k probabilities (passed on as LayerState.topk_probs)
     if measure is not None:
         missing = _missing_inputs(measure, stored)
         if missing:
