@@ -116,6 +116,14 @@ def test_a_list_of_batches_fits_as_the_in_memory_fit(full_dir):
         make().fit(iter(batches))
     with pytest.raises(ValueError, match="at least 2"):
         make().fit(batches[:1])
+    states1, labels1 = batches[1]
+    h_out = states1[0].h_out.clone()
+    h_out[3, 1] = float("nan")
+    poisoned = [LayerState(layer=states1[0].layer, h_in=states1[0].h_in, h_out=h_out), *states1[1:]]
+    with pytest.raises(ValueError, match="batch 1, layer 0: the states contain NaN"):
+        make().fit([batches[0], (poisoned, labels1), *batches[2:]])
+    with pytest.raises(TypeError, match="without y"):
+        make().fit(ShardDataset(full_dir), labels)
 
 
 def test_shuffled_buffers_and_streams_still_fit(full_dir):

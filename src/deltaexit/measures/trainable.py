@@ -281,6 +281,8 @@ class TrainableMeasure(ConfidenceMeasure):
         """
         if y is None:
             return self._fit_stream(X, lens=lens, model=model, streams=streams, shuffle_rows=shuffle_rows)
+        if callable(getattr(X, "fit_source", None)):
+            raise TypeError("a dataset carries its own labels (the measure's label): call fit(dataset) without y")
         states, labels = list(X), list(y)
         if not states:
             raise ValueError("fit needs at least one LayerState")
@@ -312,7 +314,7 @@ class TrainableMeasure(ConfidenceMeasure):
             source = BatchSource(dataset, self.fit_features, self.state_hidden_size)
         fitted = fit_exit_net_stream(
             source, settings=self._settings(), streams=streams, shuffle_rows=shuffle_rows,
-            on_epoch=self._report if self.verbose else None,
+            on_epoch=self._report if self.verbose and rank_and_world()[0] == 0 else None,
         )  # fmt: skip
         self._set_fitted(fitted)
         return self
