@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deltaexit.features import StateSet
+from deltaexit.generation import EarlyExit
 from deltaexit.lens import Lens
-from deltaexit.measures import LayerState, get_measure
+from deltaexit.measures import LayerState, get_measure, load_measure
 from deltaexit.measures.fit import LayerStats
 from deltaexit.measures.stream_fit import held_out_units
 from deltaexit.streaming import (
@@ -187,6 +188,10 @@ def test_layer_states_serve_a_delta_only_collection(model, tmp_path):
     states = layer_states(batch, ds.manifest, measure=measure)
     assert measure.score(states[0]).shape == (16,)
     assert get_measure("delta-norm").score(states[1]).shape == (16,)
+    # The recipe's last step: generate with the measure fitted from shards (saved, loaded for this model).
+    loaded = load_measure(measure.save(tmp_path / "measure"), model=model)
+    ids = EarlyExit(model, loaded, 0.0, kv="verify").generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    assert ids.shape == (1, 7)
     with pytest.raises(ManifestError, match=r"deltaexit collect --features delta,lens_topk,h_out"):
         layer_states(batch, ds.manifest, measure=get_measure("hdelta-mlp"))
     with pytest.raises(ManifestError, match=r"reads \['h_out'\].*--features delta,lens_topk,h_out"):
