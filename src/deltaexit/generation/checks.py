@@ -20,9 +20,8 @@ from typing import Any
 
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from deltaexit.generation.kv import UnsupportedCacheError, fresh_cache
+from deltaexit.generation.kv import SUPPORTED_LAYERS, UnsupportedCacheError, fresh_cache, has_kv, has_state
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 
 __all__ = [
@@ -182,13 +181,26 @@ def check_generation_config(generation_config: Any, synced_gpus: bool, model_kwa
         raise ValueError("EarlyExit takes input_ids, not inputs_embeds")
 
 
-def start_cache(model_kwargs: dict[str, Any]) -> None:
-    """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place)."""
+def _is_empty(cache: DynamicCache) -> bool:
+    """Whether no layer of ``cache`` holds a token or a state yet."""
+    for layer in cache.layers:
+        if has_kv(layer) and layer.get_seq_length() > 0:
+            return False
+        if has_state(layer) and any(layer.has_previous_state.values()):
+            return False
+    return True
+
+
+def start_cache(model_kwargs: dict[str, Any], config: Any = None) -> None:
+    """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
+
+    ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states.
+    """
     cache = model_kwargs.get("cache")
-    if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            model_kwargs["cache"] = fresh_cache()  # croppable full-length layers; masks keep sliding windows
-    elif cache is None or cache.get_seq_length() != 0:
+    if isinstance(cache, DynamicCache) and _is_empty(cache):
+        if any(type(layer) not in SUPPORTED_LAYERS for layer in cache.layers) or not cache.layers:
+            model_kwargs["cache"] = fresh_cache(config)  # croppable full-length layers; masks keep sliding windows
+    else:
         raise UnsupportedCacheError(
             "early-exit generation starts from an empty DynamicCache; do not pass a filled cache"
         )

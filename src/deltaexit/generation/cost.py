@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -110,6 +110,11 @@ class CostModel:
         """One K/V-only call in block equivalents."""
         return self.kv_only_flops / self.block_flops
 
+    #: ``propagate``'s update of a skipped recurrent layer's state from the exit state
+    #: (:func:`deltaexit.generation.recurrent.advance_state`), in block equivalents: it runs the block's mixer up to
+    #: its state update (the input projections, convolution and scan), priced as the whole block (an upper bound).
+    state_call_blocks: ClassVar[float] = 1.0
+
     def _check(self, blocks_per_token: float) -> None:
         if not 0 < blocks_per_token <= self.num_layers:
             raise ValueError(f"blocks_per_token must be in (0, {self.num_layers}], got {blocks_per_token}")
@@ -147,12 +152,14 @@ class CostModel:
 
     def speedup_of(self, stats: GenerationStats) -> float:
         """The FLOP speed-up of one early-exit ``generate`` call's decode steps, from its :class:`GenerationStats`
-        (blocks, measure calls, K/V-only calls and one head per decode step on both sides)."""
+        (blocks, measure calls, K/V-only calls, ``propagate``'s recurrent-state calls priced as whole blocks, and one
+        head per decode step on both sides)."""
         if stats.num_layers != self.num_layers:
             raise ValueError(f"stats are for {stats.num_layers} layers, this cost model for {self.num_layers}")
         head = stats.decode_steps * self.head_blocks
         full = stats.full_depth_blocks + head
-        ours = stats.blocks_run + stats.measure_block_equivalents + stats.kv_only_calls * self.kv_only_blocks + head
+        kv_only = stats.kv_only_calls * self.kv_only_blocks + stats.state_calls * self.state_call_blocks
+        ours = stats.blocks_run + stats.measure_block_equivalents + kv_only + head
         return full / ours if ours else float("nan")
 
     def to_dict(self) -> dict[str, float]:

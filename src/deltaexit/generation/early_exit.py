@@ -177,7 +177,7 @@ class EarlyExit:
         check_generate_kwargs(kwargs)
         stop_strings_to_criteria(self.model, kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = fresh_cache()
+            kwargs["cache"] = fresh_cache(self.model.config)
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
 
@@ -207,7 +207,7 @@ class EarlyExit:
         if model is not self.model:
             raise ValueError("this EarlyExit was built for another model")
         check_generation_config(generation_config, synced_gpus, model_kwargs)
-        start_cache(model_kwargs)
+        start_cache(model_kwargs, model.config)
         run = Run(
             model,
             input_ids,

@@ -1,0 +1,202 @@
+"""Recurrent cache layers under early exit: snapshot, restore and advance their states.
+
+Linear attention (Gated DeltaNet, Lightning), Mamba/Mamba2 SSMs and short convolutions keep a *state* per layer in
+``transformers``' ``LinearAttentionLayer`` cache layers (conv states and recurrent states), not keys/values per
+position: such a state cannot be cropped back to an earlier length. The KV policies keep these layers consistent as
+follows:
+
+* ``verify``: :class:`RecurrentRound` snapshots every recurrent state before the drafts, restores the deep layers'
+  before the verify pass and, when drafts are rejected, restores every layer's and re-runs the recurrent blocks on
+  the accepted tokens (their inputs are the round's own block inputs, so the rest of the model does not run again).
+* ``recompute``: the states are snapshot where the held-back tokens start and restored when a token exits; the
+  held-back tokens then run through every layer, in order, with the next token that goes to full depth.
+* ``propagate``: a skipped recurrent layer's state is advanced from the exit state
+  (:func:`advance_state`, the analogue of a K/V-only call): the block runs until its mixer stored the new
+  recurrent state, and is stopped there.
+
+Example:
+    >>> import torch
+    >>> from transformers import DynamicCache
+    >>> from transformers.cache_utils import LinearAttentionLayer
+    >>> cache = DynamicCache()
+    >>> cache.layers = [LinearAttentionLayer()]
+    >>> _ = cache.update_recurrent_state(torch.zeros(1, 2), 0)
+    >>> snap = take_snapshot(cache, 5)
+    >>> _ = cache.update_recurrent_state(torch.ones(1, 2), 0)
+    >>> restore(cache, snap)
+    >>> cache.layers[0].recurrent_states[0].tolist(), snap.length
+    ([[0.0, 0.0]], 5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from deltaexit.generation.kv import cache_view, has_kv, has_state
+
+__all__ = [
+    "RecurrentRound",
+    "Snapshot",
+    "StateStored",
+    "advance_state",
+    "recurrent_layers",
+    "restore",
+    "take_snapshot",
+]
+
+
+class StateStored(Exception):
+    """Raised right after a block's mixer stored its recurrent state, to skip the rest of the block."""
+
+
+def recurrent_layers(cache: DynamicCache) -> list[int]:
+    """Indices of the cache layers that hold a recurrent state."""
+    return [i for i, layer in enumerate(cache.layers) if has_state(layer)]
+
+
+def _copy(states: dict[int, torch.Tensor | None]) -> dict[int, torch.Tensor | None]:
+    return {i: None if t is None else t.clone() for i, t in states.items()}
+
+
+@dataclass
+class _Saved:
+    """One layer's states and flags."""
+
+    conv: dict[int, torch.Tensor | None]
+    recurrent: dict[int, torch.Tensor | None]
+    flags: dict[str, dict[int, Any]]
+
+
+_FLAGS = ("has_previous_state", "is_conv_states_initialized", "is_recurrent_states_initialized", "conv_kernel_size")
+
+
+@dataclass
+class Snapshot:
+    """Copies of the recurrent layers' states when the cache held ``length`` tokens."""
+
+    length: int
+    layers: dict[int, _Saved] = field(default_factory=dict)
+
+
+def take_snapshot(cache: DynamicCache, length: int, layers: Iterable[int] | None = None) -> Snapshot:
+    """Copy the recurrent states of ``layers`` (every recurrent layer by default); the cache holds ``length``."""
+    snap = Snapshot(length)
+    for idx in layers if layers is not None else recurrent_layers(cache):
+        layer = cache.layers[idx]
+        flags = {name: dict(getattr(layer, name)) for name in _FLAGS}
+        snap.layers[idx] = _Saved(_copy(layer.conv_states), _copy(layer.recurrent_states), flags)
+    return snap
+
+
+def _put(current: dict[int, torch.Tensor | None], saved: dict[int, torch.Tensor | None]) -> None:
+    for i, t in saved.items():
+        now = current.get(i)
+        if t is None:
+            current[i] = None
+        elif now is not None and now.shape == t.shape:
+            now.copy_(t)  # in place: keeps the tensor the layer (and any static address) uses
+        else:
+            current[i] = t.clone()
+
+
+def restore(cache: DynamicCache, snapshot: Snapshot, layers: Iterable[int] | None = None) -> None:
+    """Put the snapshot's states back in ``layers`` (every layer it holds by default); the snapshot stays valid."""
+    wanted = snapshot.layers.keys() if layers is None else [i for i in layers if i in snapshot.layers]
+    for idx in wanted:
+        layer, saved = cache.layers[idx], snapshot.layers[idx]
+        _put(layer.conv_states, saved.conv)
+        _put(layer.recurrent_states, saved.recurrent)
+        for name, values in saved.flags.items():
+            getattr(layer, name).update(values)
+
+
+def advance_state(cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any]) -> bool:
+    """Run ``run_block`` until its mixer stored the recurrent state of ``layer_idx`` (``propagate``'s analogue of a
+    K/V-only call); the rest of the block (its output projection, MLP and residual) is skipped. A layer that also
+    stores keys/values, or has conv states only (short convolutions), runs the whole block. Returns whether the
+    block was stopped early."""
+    layer = cache.layers[layer_idx]
+    if has_kv(layer) or not any(layer.is_recurrent_states_initialized.values()):
+        run_block()
+        return False
+    original = cache.update_recurrent_state
+
+    def update_then_stop(states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
+        out = original(states, idx, *args, **kwargs)
+        if idx == layer_idx:
+            raise StateStored
+        return out
+
+    cache.update_recurrent_state = update_then_stop  # type: ignore[method-assign]
+    try:
+        run_block()
+    except StateStored:
+        return True
+    finally:
+        del cache.update_recurrent_state
+    return False
+
+
+class RecurrentRound:
+    """``verify``'s recurrent-state bookkeeping for one draft/verify round (see the module docstring).
+
+    Args:
+        cache: The call's cache (its recurrent layers are snapshot now, before the drafts).
+        start: Tokens in the cache.
+    """
+
+    def __init__(self, cache: DynamicCache, start: int) -> None:
+        self.cache = cache
+        self.start = start
+        self.snapshot = take_snapshot(cache, start)
+        self.inputs: dict[int, torch.Tensor] = {}  # the verify pass's block inputs, [B, n_chunk, H], by layer
+
+    @classmethod
+    def begin(cls, cache: DynamicCache, start: int) -> RecurrentRound | None:
+        """A round for ``cache``; None when it has no recurrent layer (nothing to do)."""
+        return cls(cache, start) if recurrent_layers(cache) else None
+
+    def reset(self, layers: Iterable[int]) -> None:
+        """Put ``layers``' states back to the round's start (before the verify pass runs them on the chunk)."""
+        restore(self.cache, self.snapshot, layers)
+
+    def keep(
+        self, scan: Any, stats: Any, draft_states: list[list[torch.Tensor]], depth: int, ids, kwargs, kept: int
+    ) -> None:
+        """Leave the recurrent states after the first ``kept`` chunk tokens (the rest were rejected).
+
+        Args:
+            scan: The exit scan (its runner and recording).
+            stats: The call's stats (the re-run blocks are counted in ``blocks_run``).
+            draft_states: Each draft scan's block outputs (``states[l]`` = input of block ``l``).
+            depth: The shallowest draft exit (blocks below it have the drafts' inputs; the others the verify
+                pass's, in :attr:`inputs`).
+            ids: The chunk's ids; ``kwargs``: the model kwargs that go with them.
+            kept: Chunk tokens that stay in the cache.
+        """
+        n_chunk = ids.shape[1] - self.start
+        if kept >= n_chunk:
+            return
+        restore(self.cache, self.snapshot)
+        layers = list(self.snapshot.layers)
+        with cache_view(self.cache, self.start):
+            _, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, self.start, self.start + kept))
+        for idx in layers:
+            layer = self.cache.layers[idx]
+            if has_kv(layer):  # a hybrid layer: its keys/values are stored again with the state
+                extra = layer.get_seq_length() - self.start
+                if extra > 0:
+                    DynamicLayer.crop(layer, -extra)
+            if idx < depth:
+                h = torch.cat([states[idx] for states in draft_states[:kept]], dim=1)
+            else:
+                h = self.inputs[idx][:, :kept]
+            scan.runner.run_block(idx, h, calls[idx])
+            stats.blocks_run += 1
+            stats.token_blocks_run += kept
