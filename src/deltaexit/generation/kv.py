@@ -54,12 +54,16 @@ from deltaexit.structure import query_projection
 
 __all__ = [
     "KVStored",
+    "RECURRENT_LAYER_TYPES",
+    "SUPPORTED_LAYERS",
+    "SUPPORTED_LAYER_TYPES",
     "UnsupportedCacheError",
     "cache_layers",
     "cache_length",
     "cache_lengths",
     "cache_view",
     "check_cache",
+    "config_layer_types",
     "crop_cache",
     "fresh_cache",
     "has_kv",
@@ -70,6 +74,10 @@ __all__ = [
 
 #: The layer types of ``transformers``' configs whose cache layer holds a recurrent state.
 RECURRENT_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+#: The config layer types whose cache layers early exit keeps consistent (``dummy``: no cache, e.g. MLP-only blocks).
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "dummy"}).union(
+    RECURRENT_LAYER_TYPES
+)
 #: Cache layer classes early exit keeps consistent (the sliding ones are replaced by full-length ones first).
 SUPPORTED_LAYERS = (DynamicLayer, LinearAttentionLayer, LinearAttentionAndFullAttentionLayer, DummyLayer)
 
@@ -84,6 +92,8 @@ class KVStored(Exception):
 
 def config_layer_types(config: Any) -> list[str]:
     """The cache layer types ``transformers`` derives from a model config (``[]`` where it cannot)."""
+    if config is None:
+        return []
     try:
         return list(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):
@@ -112,8 +122,10 @@ def fresh_cache(config: Any = None) -> DynamicCache:
         >>> [type(layer).__name__ for layer in fresh_cache(tiny_config("llama")).layers]  # created lazily
         []
     """
-    types = config_layer_types(config) if config is not None else []
-    if not RECURRENT_LAYER_TYPES.intersection(types) or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
+    types = config_layer_types(config)
+    shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
+    needs_layers = RECURRENT_LAYER_TYPES.intersection(types) or ("dummy" in types and not shared)
+    if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
         return DynamicCache()
     cache = DynamicCache(config=config)
     cache.layers = [_full_length(layer) for layer in cache.layers]

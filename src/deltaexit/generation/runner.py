@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -44,6 +45,17 @@ from deltaexit.structure import (
 )
 
 __all__ = ["BlockCall", "BlockRunner"]
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @dataclass
@@ -112,12 +124,32 @@ class BlockRunner:
         )
 
     def probe_output_type(self) -> Any:
-        """A forward hook (returned handle) that notes whether block 0 returns a tuple; remove after one forward."""
+        """Forward hooks (one returned handle) that note whether block 0 returns a tuple and how often each block
+        runs (:meth:`check_called_once`); remove after one forward."""
+        self.call_counts = [0] * self.num_layers
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
 
-        return self.blocks[0].register_forward_hook(note)
+        def count(index: int, _module: nn.Module, _args: Any, _output: Any) -> None:
+            self.call_counts[index] += 1
+
+        handles = [self.blocks[0].register_forward_hook(note)]
+        handles += [block.register_forward_hook(partial(count, i)) for i, block in enumerate(self.blocks)]
+        return _Handles(handles)
+
+    def check_called_once(self) -> None:
+        """Raise :class:`~deltaexit.structure.StructureError` unless the probed forward ran every block once (a
+        looped, recurrent-depth model runs some blocks several times per forward; early exit runs each once)."""
+        counts = getattr(self, "call_counts", None)
+        if counts is None or all(n == 1 for n in counts):
+            return
+        again = [i for i, n in enumerate(counts) if n != 1]
+        raise StructureError(
+            f"{type(self.model).__name__}'s forward ran blocks {again} {'/'.join(str(n) for n in sorted({counts[i] for i in again}))} times "
+            "(a looped, recurrent-depth model): early exit runs each block of the list once, in order, so none of "
+            "the KV policies (verify, propagate, recompute) supports it. Use model.generate."
+        )
 
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
         """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
