@@ -35,8 +35,8 @@ from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_pr
 __all__ = [
     "UNSUPPORTED_SETTINGS",
     "cache_on_for_loop",
-    "check_generate_kwargs",
     "check_cache_support",
+    "check_generate_kwargs",
     "check_generation_config",
     "check_min_exit_layer",
     "check_model",

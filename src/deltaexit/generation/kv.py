@@ -53,10 +53,10 @@ from transformers.cache_utils import (
 from deltaexit.structure import query_projection
 
 __all__ = [
-    "KVStored",
     "RECURRENT_LAYER_TYPES",
     "SUPPORTED_LAYERS",
     "SUPPORTED_LAYER_TYPES",
+    "KVStored",
     "UnsupportedCacheError",
     "cache_layers",
     "cache_length",
