@@ -41,6 +41,7 @@ from torch import nn
 
 from deltaexit.generation.cost import CostModel, measure_block_fraction
 from deltaexit.generation.kv import cache_length, set_cache_length
+from deltaexit.generation.recurrent import continues_chunks
 from deltaexit.generation.run import Run
 from deltaexit.measures.base import ConfidenceMeasure
 
@@ -127,7 +128,12 @@ def full_depth_step(run: Run, scan: ExitScan) -> None:
     ``recompute``'s held-back tokens included), its last position's logits choose the next token."""
     start = cache_length(run.cache)
     ids = run.input_ids
-    outputs = run.model(**scan.model_inputs(ids, run.model_kwargs, start, ids.shape[1]), return_dict=True)
+    first = start
+    if ids.shape[1] - start > 1 and not continues_chunks(run.model):  # recurrent layers: one token at a time
+        for pos in range(start, ids.shape[1] - 1):
+            run.model(**scan.model_inputs(ids[:, : pos + 1], run.model_kwargs, pos, pos + 1), return_dict=True)
+        first = ids.shape[1] - 1
+    outputs = run.model(**scan.model_inputs(ids, run.model_kwargs, first, ids.shape[1]), return_dict=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=ids.device)
     del outputs
     run.stats.blocks_run += scan.num_layers

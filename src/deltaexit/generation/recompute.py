@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from deltaexit.generation.kv import cache_length, crop_cache, set_cache_length
 from deltaexit.generation.policy import KVPolicy, register_policy
-from deltaexit.generation.recurrent import Snapshot, recurrent_layers, restore, take_snapshot
+from deltaexit.generation.recurrent import Snapshot, continues_chunks, recurrent_layers, restore, take_snapshot
 from deltaexit.generation.run import Run
 from deltaexit.generation.scan import ExitScan
 
@@ -65,13 +65,29 @@ class Recompute(KVPolicy):
         start = cache_length(run.cache)
         held_back = run.input_ids.shape[1] - start
         may_exit = held_back <= self.max_pending
-        if may_exit and (state.snapshot is None or state.snapshot.length != start) and recurrent_layers(run.cache):
+        recurrent = bool(recurrent_layers(run.cache))
+        if may_exit and recurrent and (state.snapshot is None or state.snapshot.length != start):
             state.snapshot = take_snapshot(run.cache, start)
+        first = start
+        if held_back > 1 and recurrent and not continues_chunks(run.model):  # one token at a time, in order
+            for pos in range(start, run.input_ids.shape[1] - 1):
+                scan.forward(
+                    run,
+                    run.input_ids[:, : pos + 1],
+                    run.model_kwargs,
+                    pos,
+                    max_depth=scan.num_layers,
+                    exits=False,
+                    freeze=False,
+                    keep_states=False,
+                    step=run.step,
+                )
+            first = run.input_ids.shape[1] - 1
         res = scan.forward(
             run,
             run.input_ids,
             run.model_kwargs,
-            start,
+            first,
             max_depth=scan.num_layers,
             exits=may_exit,
             freeze=False,

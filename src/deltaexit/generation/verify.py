@@ -142,7 +142,7 @@ class Verify(KVPolicy):
     def step(self, run: Run, scan: ExitScan, state: VerifyState) -> None:
         """One draft/verify round: emits between 1 and ``max(num_draft, ngram_draft) + 1`` tokens per row."""
         start = cache_length(run.cache)  # x0 (the last token) is in input_ids, not yet in the cache
-        rounds = RecurrentRound.begin(run.cache, start)  # recurrent states: snapshot before the drafts
+        rounds = RecurrentRound.begin(run.cache, start, run.model)  # recurrent states: snapshot before the drafts
         # drafts that fit before max_length (the round also emits the full model's token after them)
         room = run.max_length - run.input_ids.shape[1] - 1 if run.max_length is not None else self.num_draft
         found = None
@@ -246,6 +246,8 @@ class Verify(KVPolicy):
             rounds.reset(range(m, L))
         if m == L:
             h = torch.cat([states[m] for states in chunk.states], dim=1)
+        elif rounds is not None and rounds.stepwise:  # recurrent layers that take one token at a time
+            h = rounds.run_deep(scan, run.stats, ids, kwargs, chunk.states, m)
         else:
             with cache_view(run.cache, start):
                 hidden, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, start, start + n_chunk))
