@@ -29,6 +29,7 @@ from deltaexit.generation.kv import (
     fresh_cache,
     has_kv,
     has_state,
+    layers_of,
 )
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 
@@ -242,7 +243,7 @@ def check_generation_config(generation_config: Any, synced_gpus: bool, model_kwa
 
 def _is_empty(cache: DynamicCache) -> bool:
     """Whether no layer of ``cache`` holds a token or a state yet."""
-    for layer in cache.layers:
+    for layer in layers_of(cache):
         if has_kv(layer) and layer.get_seq_length() > 0:
             return False
         if has_state(layer) and any(layer.has_previous_state.values()):
@@ -257,9 +258,9 @@ def start_cache(model_kwargs: dict[str, Any], config: Any = None) -> None:
     """
     cache = model_kwargs.get("cache")
     if isinstance(cache, DynamicCache) and _is_empty(cache):
-        if any(type(layer) not in SUPPORTED_LAYERS for layer in cache.layers):
+        if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
             model_kwargs["cache"] = fresh_cache(config)  # croppable full-length layers; masks keep sliding windows
-        elif not cache.layers:  # created lazily: fine unless the model has recurrent layers
+        elif not layers_of(cache):  # created lazily: fine unless the model has recurrent layers
             fresh = fresh_cache(config)
             if fresh.layers:
                 model_kwargs["cache"] = fresh

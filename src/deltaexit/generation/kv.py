@@ -68,6 +68,7 @@ __all__ = [
     "fresh_cache",
     "has_kv",
     "has_state",
+    "layers_of",
     "set_cache_length",
     "store_kv_only",
 ]
@@ -128,7 +129,7 @@ def fresh_cache(config: Any = None) -> DynamicCache:
     if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
         return DynamicCache()
     cache = DynamicCache(config=config)
-    cache.layers = [_full_length(layer) for layer in cache.layers]
+    cache.layers = [_full_length(layer) for layer in layers_of(cache)]
     return cache
 
 
@@ -180,7 +181,7 @@ def set_cache_length(cache: DynamicCache, length: int) -> None:
 def cache_length(cache: DynamicCache) -> int:
     """Tokens in the cache: its first key/value layer's length, else (recurrent layers only) the one last noted
     with :func:`set_cache_length`."""
-    for layer in cache.layers:
+    for layer in layers_of(cache):
         if has_kv(layer):
             return int(layer.get_seq_length())
     if cache in _LENGTHS:
@@ -188,9 +189,14 @@ def cache_length(cache: DynamicCache) -> int:
     raise UnsupportedCacheError("internal: the length of a cache with recurrent layers only was never noted")
 
 
+def layers_of(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, of any kind (key/value, recurrent, no-cache)."""
+    return cast(list[Any], cache.layers)
+
+
 def cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
     """The cache's key/value layers (full-length ``DynamicLayer`` objects once :func:`check_cache` passed)."""
-    return [layer for layer in cache.layers if has_kv(layer)]
+    return [layer for layer in layers_of(cache) if has_kv(layer)]
 
 
 def cache_lengths(cache: DynamicCache) -> list[int]:
@@ -201,7 +207,7 @@ def cache_lengths(cache: DynamicCache) -> list[int]:
 def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) -> None:
     """Keep the first ``length`` positions of the given key/value layers (all by default); recurrent states are
     rolled back by :mod:`deltaexit.generation.recurrent`."""
-    all_layers = cache.layers
+    all_layers = layers_of(cache)
     for idx in layers if layers is not None else range(len(all_layers)):
         layer = all_layers[idx]
         if not has_kv(layer):
@@ -214,7 +220,7 @@ def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) ->
 @contextmanager
 def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
     """Make ``cache`` look ``length`` positions long (read-only views) inside the block; restore after."""
-    real = cache.layers
+    real = layers_of(cache)
     view: list[Any] = []
     for layer in real:
         if has_kv(layer) and layer.get_seq_length() > length:

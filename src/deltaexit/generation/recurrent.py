@@ -44,7 +44,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from deltaexit.generation.kv import cache_view, fresh_cache, has_kv, has_state
+from deltaexit.generation.kv import cache_view, fresh_cache, has_kv, has_state, layers_of
 
 __all__ = [
     "RecurrentRound",
@@ -64,7 +64,7 @@ class StateStored(Exception):
 
 def recurrent_layers(cache: DynamicCache) -> list[int]:
     """Indices of the cache layers that hold a recurrent state."""
-    return [i for i, layer in enumerate(cache.layers) if has_state(layer)]
+    return [i for i, layer in enumerate(layers_of(cache)) if has_state(layer)]
 
 
 def _copy(states: dict[int, torch.Tensor | None]) -> dict[int, torch.Tensor | None]:
@@ -95,7 +95,7 @@ def take_snapshot(cache: DynamicCache, length: int, layers: Iterable[int] | None
     """Copy the recurrent states of ``layers`` (every recurrent layer by default); the cache holds ``length``."""
     snap = Snapshot(length)
     for idx in layers if layers is not None else recurrent_layers(cache):
-        layer = cache.layers[idx]
+        layer = layers_of(cache)[idx]
         flags = {name: dict(getattr(layer, name)) for name in _FLAGS}
         snap.layers[idx] = _Saved(_copy(layer.conv_states), _copy(layer.recurrent_states), flags)
     return snap
@@ -116,7 +116,7 @@ def restore(cache: DynamicCache, snapshot: Snapshot, layers: Iterable[int] | Non
     """Put the snapshot's states back in ``layers`` (every layer it holds by default); the snapshot stays valid."""
     wanted = snapshot.layers.keys() if layers is None else [i for i in layers if i in snapshot.layers]
     for idx in wanted:
-        layer, saved = cache.layers[idx], snapshot.layers[idx]
+        layer, saved = layers_of(cache)[idx], snapshot.layers[idx]
         _put(layer.conv_states, saved.conv)
         _put(layer.recurrent_states, saved.recurrent)
         for name, values in saved.flags.items():
@@ -128,7 +128,7 @@ def advance_state(cache: DynamicCache, layer_idx: int, run_block: Callable[[], A
     K/V-only call); the rest of the block (its output projection, MLP and residual) is skipped. A layer that also
     stores keys/values, or has conv states only (short convolutions), runs the whole block. Returns whether the
     block was stopped early."""
-    layer = cache.layers[layer_idx]
+    layer = layers_of(cache)[layer_idx]
     if has_kv(layer) or not any(layer.is_recurrent_states_initialized.values()):
         run_block()
         return False
@@ -140,7 +140,7 @@ def advance_state(cache: DynamicCache, layer_idx: int, run_block: Callable[[], A
             raise StateStored
         return out
 
-    cache.update_recurrent_state = update_then_stop  # type: ignore[method-assign]
+    cache.update_recurrent_state = update_then_stop  # type: ignore[method-assign, assignment]
     try:
         run_block()
     except StateStored:
@@ -156,7 +156,7 @@ _CONTINUES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictiona
 def _state_tensors(cache: DynamicCache) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
     for idx in recurrent_layers(cache):
-        layer = cache.layers[idx]
+        layer = layers_of(cache)[idx]
         found += [t.float() for t in layer.recurrent_states.values() if t is not None]
         found += [t[..., -layer.conv_kernel_size[i] :].float() for i, t in layer.conv_states.items() if t is not None]
     return found
@@ -258,7 +258,7 @@ class RecurrentRound:
         restore(self.cache, self.snapshot)
         layers = list(self.snapshot.layers)
         for idx in layers:
-            layer = self.cache.layers[idx]
+            layer = layers_of(self.cache)[idx]
             if has_kv(layer):  # a hybrid layer: its keys/values are stored again with the state
                 extra = layer.get_seq_length() - self.start
                 if extra > 0:
