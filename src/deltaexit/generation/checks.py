@@ -84,7 +84,7 @@ def check_cache_support(model: Any) -> None:
     name = type(model).__name__
     forward = getattr(model, "forward", None)
     params = inspect.signature(forward).parameters if callable(forward) else {}
-    if params and not {"cache", "past_key_values"}.intersection(params):
+    if "input_ids" in params and not {"cache", "past_key_values"}.intersection(params):  # a model's own forward
         raise UnsupportedCacheError(
             f"{name}'s forward takes no cache (no cache= or past_key_values= argument): every KV policy (verify, "
             "propagate, recompute) keeps the skipped layers' cache, so early exit cannot run on it. Use model.generate."
