@@ -5,6 +5,7 @@ token drafts, and ``recompute``/``propagate`` keep the caches consistent when to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -13,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from deltaexit.generation.cost import CostModel
 from deltaexit.generation.early_exit import EarlyExit
-from deltaexit.generation.kv import UnsupportedCacheError, cache_length, cache_lengths, has_state
+from deltaexit.generation.kv import UnsupportedCacheError, cache_length, cache_lengths, fresh_cache, has_state
 from deltaexit.generation.recompute import Recompute
 from deltaexit.generation.verify import Verify
 from deltaexit.structure import StructureError
@@ -146,7 +148,8 @@ def test_every_policy_reproduces_generate_and_verify_is_lossless(kind, ids, min_
     )
     out = generate(model, ids, drafting)
     assert torch.equal(out.sequences, reference), (kind, "verify always-exit")
-    assert out.stats.drafted > 0  # the drafts really were made
+    if out.sequences.shape[1] > ids.shape[1] + 1:  # more than the prompt's token (not an immediate EOS)
+        assert out.stats.drafted > 0  # the drafts really were made
     assert len(set(cache_lengths(out.cache))) <= 1
 
 
@@ -272,3 +275,22 @@ def test_blocks_fed_by_the_previous_blocks_extra_outputs_are_refused_with_hooks_
         with pytest.raises(StructureError, match="extra output"):
             ee.generate(torch.tensor([[5, 6]]), max_new_tokens=2, pad_token_id=0)
         assert hook_counts(model) == 0
+
+
+@pytest.mark.parametrize("kind", ["linear-attention", "mamba2-hybrid", "mamba", "moe"])
+def test_cost_model_prices_state_calls_of_skipped_recurrent_blocks(kind):
+    model = model_of(kind)
+    cost = CostModel.from_model(model, context=16)
+    layers = fresh_cache(model.config).layers or [None] * cost.num_layers
+    assert cost.recurrent_share == sum(has_state(layer) for layer in layers) / len(layers)
+    plain = dataclasses.replace(cost, recurrent_share=0.0)
+    bpt = cost.num_layers / 2
+    if cost.recurrent_share > 0:  # a state call costs more than a K/V-only call: less speed-up than attention
+        assert cost.speedup(bpt, kv="propagate") < plain.speedup(bpt, kv="propagate")
+    else:
+        assert cost.speedup(bpt, kv="propagate") == plain.speedup(bpt, kv="propagate")
+    out = generate(model, torch.tensor([[5, 6, 7]]), EarlyExit(model, ConstantScore(), 0.5, "propagate", backoff=False))
+    stats = out.stats
+    calls, with_states = stats.state_calls, cost.speedup_of(stats)
+    stats.state_calls = 0
+    assert (with_states < cost.speedup_of(stats)) == (calls > 0)
