@@ -266,13 +266,43 @@ def test_unsupported_caches_are_refused_before_any_block_runs(model_type, fields
     assert "verify" in str(err.value) and "model.generate" in str(err.value)
 
 
-def test_blocks_fed_by_the_previous_blocks_extra_outputs_are_refused_with_hooks_gone():
-    fields = {"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8, "moe_intermediate_size": 16}
-    config = AutoConfig.for_model("zaya", **{**COMMON, **fields, "router_hidden_size": 16})
+@pytest.mark.parametrize(
+    ("model_type", "fields", "pattern"),
+    [
+        (  # router states handed from block to block
+            "zaya",
+            {
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "head_dim": 8,
+                "moe_intermediate_size": 16,
+                "router_hidden_size": 16,
+            },
+            "extra output",
+        ),
+        (  # a looped, recurrent-depth block list
+            "dory",
+            {
+                "num_hidden_layers": 3,
+                "n_input_layers": 1,
+                "n_recurrent_layers": 1,
+                "n_output_layers": 1,
+                "n_recurrent_loops": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "sliding_window": 8,
+            },
+            "looped",
+        ),
+    ],
+)
+def test_block_chains_early_exit_cannot_run_are_refused_after_the_prompt_with_hooks_gone(model_type, fields, pattern):
+    config = AutoConfig.for_model(model_type, **{**COMMON, **fields})
     model = AutoModelForCausalLM.from_config(config).eval()
     ee = EarlyExit(model, "softmax-max", float("-inf"), "verify")
     for _ in range(2):  # the second call (no probe) refuses too
-        with pytest.raises(StructureError, match="extra output"):
+        with pytest.raises(StructureError, match=pattern):
             ee.generate(torch.tensor([[5, 6]]), max_new_tokens=2, pad_token_id=0)
         assert hook_counts(model) == 0
 
