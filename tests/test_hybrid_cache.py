@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from deltaexit.generation.backoff import Backoff
 from deltaexit.generation.cost import CostModel
 from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.generation.kv import UnsupportedCacheError, cache_length, cache_lengths, fresh_cache, has_state
@@ -185,6 +186,24 @@ def test_recompute_holds_back_exited_tokens_and_leaves_the_full_models_states(ki
     for layer in ours:
         for a, b in zip(ours[layer], full[layer], strict=True):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), (kind, layer)
+
+
+@pytest.mark.parametrize("kind", ["mamba"])  # exits cost Mamba more than they save: the monitor backs off
+def test_backed_off_recompute_runs_held_back_tokens_in_order(kind):
+    """The back-off's full-depth steps run the held-back tokens too (one at a time where the recurrent layers need
+    it, as Mamba's do): the cache is still the full model's over the tokens it holds."""
+    model = model_of(kind)
+    backoff = Backoff(signal="cost", warmup=2, window=2, hold=3)
+    ee = EarlyExit(model, ConstantScore(), 0.5, Recompute(max_pending=3), min_exit_layer=1, backoff=backoff)
+    ids = torch.tensor([[5, 60, 7, 80], [9, 100, 11, 120]])
+    out = ee.generate(ids, max_new_tokens=16, pad_token_id=0, return_dict_in_generate=True)
+    assert out.stats.backoff_steps > 0
+    with torch.no_grad():
+        fresh = model(out.sequences[:, : cache_length(out.cache)], use_cache=True).cache
+    ours, full = states(out.cache), states(fresh)
+    for layer in ours:
+        for a, b in zip(ours[layer], full[layer], strict=True):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max())), (kind, layer)
 
 
 @pytest.mark.parametrize("kind", ["linear-attention", "mamba2-hybrid", "mamba"])
