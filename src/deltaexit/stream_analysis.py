@@ -54,7 +54,7 @@ from deltaexit.streaming.dataset import ShardDataset, read_shard
 from deltaexit.streaming.manifest import Manifest, ManifestError
 from deltaexit.streaming.writer import model_fingerprint
 
-__all__ = ["TEST", "TRAIN", "SELECT", "analyze_shards", "check_model", "split_codes", "window_counts"]
+__all__ = ["SELECT", "TEST", "TRAIN", "analyze_shards", "check_model", "split_codes", "window_counts"]
 
 #: Split codes of :func:`split_codes` (-1: not used).
 TEST, TRAIN, SELECT = 0, 1, 2
@@ -179,7 +179,9 @@ class _Accumulators:
         self.n += int(topk_ids.shape[0])
         self.sat_layer += float(sat.saturation_layer.double().sum())
         self.saturated += sat.saturated.double().sum(dim=1)
-        self.exits += torch.stack([(sat.saturation_layer == layer + 1).double().sum() for layer in range(self.num_layers)])
+        self.exits += torch.stack(
+            [(sat.saturation_layer == layer + 1).double().sum() for layer in range(self.num_layers)]
+        )
         self.stable += sat.stable.double().sum(dim=1)
         if sat.topk_saturation_layer is not None:
             sums = sat.topk_saturation_layer.double().sum(dim=1)
@@ -199,16 +201,21 @@ class _Accumulators:
         """As :meth:`deltaexit.Saturation.summary`."""
         n, num_layers = self.n, self.num_layers
         mean_layer = self.sat_layer / n
+        topk = None if self.topk_layers is None else (self.topk_layers / n).tolist()
         rows = []
         for layer in range(num_layers):
-            row = {"layer": layer + 1, "saturated": float(self.saturated[layer]) / n, "exits_here": float(self.exits[layer]) / n}
+            row = {
+                "layer": layer + 1,
+                "saturated": float(self.saturated[layer]) / n,
+                "exits_here": float(self.exits[layer]) / n,
+            }
             if layer < num_layers - 1:
                 row["change_rate"] = 1.0 - float(self.stable[layer]) / n
             rows.append(row)
         return {
             "num_layers": num_layers, "num_tokens": n, "oracle_mean_layer": mean_layer,
             "oracle_depth_fraction": mean_layer / num_layers, "oracle_compute_saved": 1.0 - mean_layer / num_layers,
-            "per_layer": rows, "topk_mean_layers": None if self.topk_layers is None else (self.topk_layers / n).tolist(),
+            "per_layer": rows, "topk_mean_layers": topk,
         }  # fmt: skip
 
     def layers(self) -> list[dict[str, float | None]]:
@@ -288,7 +295,10 @@ def fit_streamed(measure: TrainableMeasure, batches: Any, manifest: Manifest, ki
 
 
 def _evaluate_pass(
-    evaluators: Mapping[str, LabelEvaluator], dataset: ShardDataset, codes: torch.Tensor, lens: Lens | None,
+    evaluators: Mapping[str, LabelEvaluator],
+    dataset: ShardDataset,
+    codes: torch.Tensor,
+    lens: Lens | None,
     progress: bool,
 ) -> _Accumulators:
     """One pass over the collection: every label's select and test scores, and the test tokens' tables."""
@@ -355,8 +365,8 @@ def analyze_shards(
     start = time.perf_counter()
     counts = window_counts(manifest)
     codes = split_codes(counts, cfg.tokens, cfg.fit_tokens, cfg.select_fraction)
-    tokens = {name: int(counts[codes == code].sum()) for name, code in (("test", TEST), ("train", TRAIN), ("select", SELECT))}
-    tokens = {"test": tokens["test"], "fit": tokens["train"] + tokens["select"], **tokens}
+    test, train, select = (int(counts[codes == code].sum()) for code in (TEST, TRAIN, SELECT))
+    tokens = {"test": test, "fit": train + select, "train": train, "select": select}
     timing["split_s"] = time.perf_counter() - start
     dataset = _dataset(manifest, batch_size)
     timing["fit_s"], saved = {}, {}
@@ -405,11 +415,17 @@ def _report(
     return {
         "deltaexit_version": __version__,
         "config": {
-            "model_type": recorded.get("model_type"), "hidden_size": recorded.get("hidden_size"),
-            "num_layers": manifest.num_layers, "vocab_size": recorded.get("vocab_size"), "window": context,
-            "seed": cfg.seed, "select_fraction": cfg.select_fraction, "fit_source": "shards after the test windows",
-            "shards": str(manifest.root), "histogram_mantissa_bits": mantissa_bits,
-        },  # fmt: skip
+            "model_type": recorded.get("model_type"),
+            "hidden_size": recorded.get("hidden_size"),
+            "num_layers": manifest.num_layers,
+            "vocab_size": recorded.get("vocab_size"),
+            "window": context,
+            "seed": cfg.seed,
+            "select_fraction": cfg.select_fraction,
+            "fit_source": "shards after the test windows",
+            "shards": str(manifest.root),
+            "histogram_mantissa_bits": mantissa_bits,
+        },
         "tokens": tokens,
         "layers": tables.layers(),
         "oracle": tables.oracle(),

@@ -113,7 +113,7 @@ def check_measures(measures: Mapping[str, ConfidenceMeasure], manifest: Manifest
 
 
 def batch_labels(topk_ids: torch.Tensor, kind: str) -> torch.Tensor:
-    """``[L-1, tokens]`` bool labels of one batch (rows as :meth:`deltaexit.StateSet.labels`) from ``[tokens, L, k]``."""
+    """``[L-1, tokens]`` bool labels of a batch's ``[tokens, L, k]`` top-k ids (rows as ``StateSet.labels``)."""
     if kind not in LABELS:
         raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
     sat = saturation_from_topk(topk_ids.movedim(1, 0).long())
@@ -280,7 +280,7 @@ def _scores_result(select: ScoreHistogram, test: ScoreHistogram) -> dict[str, fl
     return out
 
 
-def _summary(per: Sequence[Mapping[str, float]]) -> dict[str, float]:
+def _summary(per: Sequence[dict[str, float]]) -> dict[str, float]:
     """:func:`~deltaexit.evaluation.summarize_transitions`, plus the largest AUROC error bound of the rows."""
     bounds = [m["auroc_error_bound"] for m in per if not math.isnan(m["auroc_error_bound"])]
     return {**summarize_transitions(list(per)), "max_auroc_error_bound": max(bounds) if bounds else math.nan}
