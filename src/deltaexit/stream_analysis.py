@@ -49,27 +49,22 @@ from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
 from deltaexit.saturation import READS_KEPT_REASON, reads_label, saturation_from_topk
-from deltaexit.stream_evaluation import BatchStates, LabelEvaluator, batch_labels, missing_input
-from deltaexit.streaming.dataset import ShardDataset, read_shard
+from deltaexit.stream_evaluation import (
+    BatchStates,
+    LabelEvaluator,
+    batch_labels,
+    check_collection,
+    check_model,
+    missing_input,
+    window_counts,
+)
+from deltaexit.streaming.dataset import ShardDataset
 from deltaexit.streaming.manifest import Manifest, ManifestError
-from deltaexit.streaming.writer import model_fingerprint
 
-__all__ = ["SELECT", "TEST", "TRAIN", "analyze_shards", "check_model", "split_codes", "window_counts"]
+__all__ = ["SELECT", "TEST", "TRAIN", "analyze_shards", "split_batches", "split_codes"]
 
 #: Split codes of :func:`split_codes` (-1: not used).
 TEST, TRAIN, SELECT = 0, 1, 2
-
-
-def window_counts(manifest: Manifest) -> torch.Tensor:
-    """``[windows]`` int64 tokens per global window id (reads only the ``window`` metadata of each shard)."""
-    size = max((stop for s in manifest.shards for _, stop in s["windows"]), default=0)
-    counts = torch.zeros(size, dtype=torch.int64)
-    for path in manifest.shard_paths():
-        if not path.is_file():
-            raise ManifestError(f"shard {str(path)!r} listed in the manifest is missing; re-collect it")
-        window = read_shard(path, ["window"])["window"].long()
-        counts.index_add_(0, window, torch.ones_like(window))
-    return counts
 
 
 def _fit_bounds(count: int, fractions: tuple[float, float]) -> list[int]:
@@ -109,39 +104,6 @@ def split_codes(
     codes[rest[b[0] : b[1]]] = TRAIN
     codes[rest[b[1] : b[2]]] = SELECT
     return codes
-
-
-def check_model(manifest: Manifest, model: nn.Module) -> None:
-    """Raise :class:`ManifestError` when ``model`` is not the one the collection was made with."""
-    recorded = manifest.settings["model"]
-    config = getattr(model, "config", None)
-    for key in ("hidden_size", "num_layers"):
-        have = getattr(config, key, None) if key == "hidden_size" else getattr(config, "num_hidden_layers", None)
-        if recorded.get(key) is not None and have is not None and int(have) != int(recorded[key]):
-            raise ManifestError(
-                f"the collection in {str(manifest.root)!r} was made with a model of {key} {recorded[key]}, this "
-                f"model has {have}: pass the model it was collected with, or collect again with this one"
-            )
-    if model_fingerprint(model) != recorded["fingerprint"]:
-        raise ManifestError(
-            f"the collection in {str(manifest.root)!r} was made with another model (fingerprint "
-            f"{recorded['fingerprint'][:12]}…, {recorded.get('name_or_path') or recorded.get('model_type')}); "
-            f"this model's is {model_fingerprint(model)[:12]}…: pass the model it was collected with, or collect "
-            "again with this one"
-        )
-
-
-def _check_collection(manifest: Manifest) -> None:
-    if "lens_topk" not in manifest.features:
-        raise ManifestError(
-            f"the collection in {str(manifest.root)!r} has no lens top-k, which every label is made of: collect again "
-            f"with --features {','.join([*manifest.features, 'lens_topk'])}"
-        )
-    if list(manifest.layers) != list(range(manifest.num_layers)):
-        raise ManifestError(
-            f"labels need every block; the collection in {str(manifest.root)!r} stored layers "
-            f"{list(manifest.layers)} of {manifest.num_layers}: collect again with --layers all"
-        )
 
 
 def _choose_measures(
@@ -354,7 +316,7 @@ def analyze_shards(
     """
     cfg = AnalyzeConfig.build(config, **overrides)
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)
-    _check_collection(manifest)
+    check_collection(manifest)
     lens = None
     if model is not None:
         check_model(manifest, model)

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from deltaexit.evaluation import score_carrying, summarize_transitions, trivial_f1
 from deltaexit.histogram import RunningPearson, ScoreHistogram
@@ -41,15 +42,20 @@ from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import ConfidenceMeasure, LayerState
 from deltaexit.measures.simple import SoftmaxGap, SoftmaxMax
 from deltaexit.saturation import LABELS, saturation_from_topk
+from deltaexit.streaming.dataset import read_shard
 from deltaexit.streaming.manifest import Manifest, ManifestError
+from deltaexit.streaming.writer import model_fingerprint
 
 __all__ = [
     "BatchStates",
     "LabelEvaluator",
     "batch_labels",
+    "check_collection",
     "check_measures",
+    "check_model",
     "missing_input",
     "stored_features",
+    "window_counts",
 ]
 
 _VECTORS = ("h_in", "h_out", "delta")
@@ -112,6 +118,52 @@ def check_measures(measures: Mapping[str, ConfidenceMeasure], manifest: Manifest
             raise ManifestError(why)
 
 
+def window_counts(manifest: Manifest) -> torch.Tensor:
+    """``[windows]`` int64 tokens per global window id (reads only the ``window`` metadata of each shard)."""
+    size = max((stop for s in manifest.shards for _, stop in s["windows"]), default=0)
+    counts = torch.zeros(size, dtype=torch.int64)
+    for path in manifest.shard_paths():
+        if not path.is_file():
+            raise ManifestError(f"shard {str(path)!r} listed in the manifest is missing; re-collect it")
+        window = read_shard(path, ["window"])["window"].long()
+        counts.index_add_(0, window, torch.ones_like(window))
+    return counts
+
+
+def check_model(manifest: Manifest, model: nn.Module) -> None:
+    """Raise :class:`ManifestError` when ``model`` is not the one the collection was made with."""
+    recorded = manifest.settings["model"]
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "num_layers"):
+        have = getattr(config, key, None) if key == "hidden_size" else getattr(config, "num_hidden_layers", None)
+        if recorded.get(key) is not None and have is not None and int(have) != int(recorded[key]):
+            raise ManifestError(
+                f"the collection in {str(manifest.root)!r} was made with a model of {key} {recorded[key]}, this "
+                f"model has {have}: pass the model it was collected with, or collect again with this one"
+            )
+    if model_fingerprint(model) != recorded["fingerprint"]:
+        raise ManifestError(
+            f"the collection in {str(manifest.root)!r} was made with another model (fingerprint "
+            f"{recorded['fingerprint'][:12]}…, {recorded.get('name_or_path') or recorded.get('model_type')}); "
+            f"this model's is {model_fingerprint(model)[:12]}…: pass the model it was collected with, or collect "
+            "again with this one"
+        )
+
+
+def check_collection(manifest: Manifest) -> None:
+    """Raise :class:`ManifestError` unless the collection holds the lens top-k of every block (the labels)."""
+    if "lens_topk" not in manifest.features:
+        raise ManifestError(
+            f"the collection in {str(manifest.root)!r} has no lens top-k, which every label is made of: collect again "
+            f"with --features {','.join([*manifest.features, 'lens_topk'])}"
+        )
+    if list(manifest.layers) != list(range(manifest.num_layers)):
+        raise ManifestError(
+            f"labels need every block; the collection in {str(manifest.root)!r} stored layers "
+            f"{list(manifest.layers)} of {manifest.num_layers}: collect again with --layers all"
+        )
+
+
 def batch_labels(topk_ids: torch.Tensor, kind: str) -> torch.Tensor:
     """``[L-1, tokens]`` bool labels of a batch's ``[tokens, L, k]`` top-k ids (rows as ``StateSet.labels``)."""
     if kind not in LABELS:
@@ -133,14 +185,19 @@ class BatchStates:
         batch: A batch of :class:`~deltaexit.streaming.ShardDataset` (token-major ``[tokens, layers, ...]``).
         manifest: Its collection's manifest (which blocks the rows are).
         lens: The model's lens, for measures that read it.
+        use_topk: Hand the stored lens top-k probabilities to lens measures (softmax-max/-gap read them instead
+            of calling the lens); False makes them call the lens, as :func:`~deltaexit.calibration.exit_table` does.
     """
 
-    def __init__(self, batch: Mapping[str, torch.Tensor], manifest: Manifest, lens: Any = None) -> None:
+    def __init__(
+        self, batch: Mapping[str, torch.Tensor], manifest: Manifest, lens: Any = None, *, use_topk: bool = True
+    ) -> None:
         self.batch = batch
         self.rows = {layer: row for row, layer in enumerate(manifest.layers)}
         self.num_layers = manifest.num_layers
         self.hidden = int(manifest.settings["model"].get("hidden_size") or 0)
         self.lens = lens
+        self.use_topk = use_topk
         self.num_tokens = int(batch["token_id"].shape[0])
         self._cache: dict[tuple[str, int], torch.Tensor | None] = {}
 
@@ -180,7 +237,7 @@ class BatchStates:
         if h_out is None:
             h_out = torch.full((), math.nan).expand(self.num_tokens, self.hidden)
         reads_lens = measure.needs("lens")
-        topk = self.batch.get("topk_probs")
+        topk = self.batch.get("topk_probs") if self.use_topk else None
         return LayerState(
             layer=layer, h_out=h_out, h_in=self.vector("h_in", layer) if measure.needs("h_in") else None,
             num_layers=self.num_layers, lens=self.lens if reads_lens else None,
