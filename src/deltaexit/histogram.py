@@ -5,7 +5,8 @@ float32 bit pattern: a score's sign, exponent and top ``mantissa_bits`` mantissa
 so every bin is an interval whose width is at most ``2**-mantissa_bits`` of its values (relative
 resolution 0.4% at the default 8 bits), over any range, in one pass, with no range given up front.
 The number of bins is bounded by ``2**(9 + mantissa_bits)`` whatever the number of tokens (in
-practice a few thousand), so memory does not grow with the corpus.
+practice a few thousand; 24 bytes a bin), plus a buffer of at most 8,192 scores (and one batch) before they
+are merged, so memory does not grow with the corpus.
 
 What is exact and what is not:
 
@@ -42,6 +43,8 @@ import torch
 __all__ = ["RunningPearson", "ScoreHistogram", "bin_edge", "score_bins"]
 
 _MAGNITUDE = 0x7FFFFFFF
+#: Buffered scores per histogram before they are merged into the counts (bounds the buffer at 64 KiB a histogram).
+_MERGE_AT = 1 << 13
 
 
 def score_bins(scores: torch.Tensor, mantissa_bits: int = 8) -> torch.Tensor:
@@ -98,7 +101,7 @@ class ScoreHistogram:
             raise ValueError(f"scores ({bins.numel()}) and labels ({y.numel()}) differ in length")
         self._pending.append(bins * 2 + y)
         self._pending_n += int(y.numel())
-        if self._pending_n >= 1 << 18:
+        if self._pending_n >= _MERGE_AT:
             self._merge()
 
     def _merge(self) -> None:
