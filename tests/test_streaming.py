@@ -334,8 +334,12 @@ def test_layer_states_and_labels_feed_measures(model, tmp_path):
     assert [t.shape for t in layer_labels(batch, "next")] == [torch.Size([32])] * 2
     assert len(layer_labels(batch, "final")) == 3
     _run(model, _docs(), tmp_path / "d", features=("delta",))
-    with pytest.raises(ManifestError, match="h_out"):
-        layer_states(next(iter(ShardDataset(tmp_path / "d", batch_size=4))), ds.manifest)
+    delta_only = ShardDataset(tmp_path / "d", batch_size=4)
+    # A delta-only collection serves the measures that read the delta (issue 15); h_out names the feature to add.
+    states = layer_states(next(iter(delta_only)), delta_only.manifest)
+    assert states[0].delta.shape == (4, 32)
+    with pytest.raises(ManifestError, match="--features delta,h_out"):
+        _ = states[0].h_out
 
 
 def test_labels_need_lens_topk_over_all_layers(model, tmp_path):

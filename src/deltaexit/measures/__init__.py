@@ -11,8 +11,12 @@ Built in (higher score = safer to exit):
 
 Modules: ``base`` (the interface, :class:`LayerState`, the registry), ``simple`` (training-free
 measures), ``cost`` (FLOPs), ``lens_features``, ``nets`` (:class:`ExitNet`), ``fit`` (the training
-function), ``fitted`` (the fitted state and its files), ``trainable`` (the trainable base and
-:func:`load_measure`), and one module per trainable measure.
+function), ``stream_fit`` (the same training out of core, from a stream of batches or shards, on one or
+many ``torch.distributed`` ranks), ``fitted`` (the fitted state and its files), ``trainable`` (the
+trainable base and :func:`load_measure`), and one module per trainable measure.
+
+Trainable measures fit in memory, ``measure.fit(states, labels)``, or out of core,
+``measure.fit(dx.ShardDataset("feats/"))`` (any re-iterable of ``(states, labels)`` batches too).
 
 Example:
     >>> from deltaexit.measures import available_measures
@@ -38,18 +42,22 @@ from deltaexit.measures.lens_mlp import LensMLP
 from deltaexit.measures.linear import LinearExit
 from deltaexit.measures.nets import ExitNet
 from deltaexit.measures.simple import DeltaNorm, DeltaRatio, SoftmaxGap, SoftmaxMax, StateCosine
+from deltaexit.measures.stream_fit import DEFAULT_SHUFFLE_ROWS, Chunk, FitSource, fit_exit_net_stream
 from deltaexit.measures.trainable import TrainableMeasure, load_measure
 
 __all__ = [
+    "DEFAULT_SHUFFLE_ROWS",
     "FORMAT_VERSION",
     "INPUT_NAMES",
     "LENS_FEATURE_NAMES",
+    "Chunk",
     "ConfidenceMeasure",
     "DeltaMLP",
     "DeltaNorm",
     "DeltaRatio",
     "ExitNet",
     "FitSettings",
+    "FitSource",
     "FittedState",
     "HDeltaMLP",
     "LayerState",
@@ -63,6 +71,7 @@ __all__ = [
     "available_measures",
     "block_flops_per_token",
     "fit_exit_net",
+    "fit_exit_net_stream",
     "get_measure",
     "lens_features",
     "lens_features_chunked",

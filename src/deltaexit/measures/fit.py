@@ -27,7 +27,17 @@ from torch import nn
 from deltaexit.measures.fitted import FittedState
 from deltaexit.measures.nets import ExitNet
 
-__all__ = ["FitSettings", "fit_exit_net"]
+__all__ = [
+    "EarlyStopping",
+    "FitSettings",
+    "LayerStats",
+    "batch_loss",
+    "fit_exit_net",
+    "held_out_sum",
+    "loss_weights",
+    "new_net",
+    "new_optimizer",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,151 @@ class FitSettings:
     class_weight: str | None = "balanced"
 
 
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e`` exactly (Knuth's TwoSum, float64)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _dd_sum(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column sums of ``v [n, F]`` float64 as double-double ``(hi, lo)``: a pairwise tree of TwoSums."""
+    lo = torch.zeros(v.shape[1:], dtype=torch.float64)
+    while v.shape[0] > 1:
+        if v.shape[0] % 2:
+            v = torch.cat([v, v.new_zeros(1, *v.shape[1:])])
+        v, err = _two_sum(v[0::2], v[1::2])
+        lo = lo + err.sum(dim=0)
+    return (v[0] if v.shape[0] else torch.zeros_like(lo)), lo
+
+
+class LayerStats:
+    """Per decision layer: token and positive-label counts, and the sums of the features and of their squares.
+
+    The sums are double-double (about 106 bits; the squares of float32 values are exact in float64), so they do
+    not depend on how the tokens are cut into chunks or spread over ``torch.distributed`` ranks (:meth:`merge`)
+    but for a rounding of the last of those bits: the float32 mean and std of one tensor, of a stream of its
+    batches and of any split over ranks are the same (they differ only if a statistic lies within about 1e-30,
+    relative, of a float32 rounding midpoint). One pass, no feature kept.
+
+    Example:
+        >>> stats = LayerStats(1, 2)
+        >>> x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 8.0]])
+        >>> stats.add(0, x[:1], torch.tensor([True])); stats.add(0, x[1:], torch.tensor([False, True]))
+        >>> stats.count.tolist(), stats.rates(), stats.standardisation()[0].tolist()
+        ([3], (0.6666666666666666,), [[2.0, 4.0]])
+    """
+
+    def __init__(self, num_rows: int, width: int) -> None:
+        self.count = torch.zeros(num_rows, dtype=torch.long)
+        self.positives = torch.zeros(num_rows, dtype=torch.long)
+        #: ``[2, rows, width]``: hi and lo of the double-double sums of the features and of their squares.
+        self.sums = torch.zeros(2, num_rows, width, dtype=torch.float64)
+        self.squares = torch.zeros(2, num_rows, width, dtype=torch.float64)
+
+    @property
+    def width(self) -> int:
+        """Features per token."""
+        return int(self.sums.shape[2])
+
+    def add(self, row: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fold ``x [n, width]`` (and its labels ``y [n]``) into row ``row``."""
+        if int(x.shape[0]) == 0:
+            return
+        x64 = x.double()
+        self._fold(row, int(x.shape[0]), int(y.sum()), _dd_sum(x64), _dd_sum(x64 * x64))
+
+    def merge(self, other: LayerStats) -> None:
+        """Fold another accumulator (e.g. another rank's) into this one, row by row."""
+        for row in range(self.count.shape[0]):
+            if int(other.count[row]):
+                sums = (other.sums[0, row], other.sums[1, row])
+                squares = (other.squares[0, row], other.squares[1, row])
+                self._fold(row, int(other.count[row]), int(other.positives[row]), sums, squares)
+
+    def _fold(self, row: int, n: int, positives: int, *parts: tuple[torch.Tensor, torch.Tensor]) -> None:
+        for acc, (hi, lo) in zip((self.sums, self.squares), parts):
+            s, e = _two_sum(acc[0, row], hi)
+            acc[0, row], acc[1, row] = _two_sum(s, acc[1, row] + lo + e)
+        self.count[row] += n
+        self.positives[row] += positives
+
+    def standardisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` float32 ``[rows, width]`` (population std, at least 1e-6)."""
+        if int(self.count.min()) < 1:
+            raise ValueError("every layer needs at least one training token")
+        n = self.count[:, None].double()
+        mean = (self.sums[0] + self.sums[1]) / n
+        var = ((self.squares[0] + self.squares[1]) / n - mean * mean).clamp_min(0.0)
+        return mean.float(), var.sqrt().float().clamp_min(1e-6)
+
+    def rates(self) -> tuple[float, ...]:
+        """Share of positive labels per row."""
+        return tuple(int(p) / max(1, int(n)) for p, n in zip(self.positives, self.count))
+
+
+def loss_weights(rates: Sequence[float], class_weight: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_pos, w_neg)`` per layer row: class-balanced (each class weighs half) or ones (``class_weight=None``).
+
+    Without balancing the logit estimates the posterior P(safe | state), comparable across layers.
+    """
+    rate = torch.tensor(list(rates), dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
+    if class_weight == "balanced":
+        return 0.5 / rate, 0.5 / (1 - rate)
+    return torch.ones_like(rate), torch.ones_like(rate)
+
+
+def batch_loss(
+    net: ExitNet, x: torch.Tensor, row: torch.Tensor, y: torch.Tensor, w: torch.Tensor, total: int
+) -> torch.Tensor:
+    """The weighted binary cross-entropy of a minibatch, summed and divided by ``total`` (the global batch rows)."""
+    logits = net(x, row)
+    return nn.functional.binary_cross_entropy_with_logits(logits, y.float(), weight=w, reduction="sum") / total
+
+
+def held_out_sum(net: ExitNet, x: torch.Tensor, row: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
+    """The float64 sum of the weighted held-out losses of these rows (no gradients)."""
+    with torch.no_grad():
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x, row), y.float(), weight=w, reduction="none")
+    return float(loss.double().sum())
+
+
+class EarlyStopping:
+    """Keeps the best held-out loss and its weights; says when ``patience`` epochs brought no improvement."""
+
+    def __init__(self, net: ExitNet, loss: float, patience: int) -> None:
+        self.net, self.patience = net, patience
+        self.best, self.best_epoch, self.bad, self.history = loss, 0, 0, [loss]
+        self.best_state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record the loss after ``epoch``; True when training should stop."""
+        self.history.append(loss)
+        if loss < self.best - 1e-5:
+            self.best, self.best_epoch, self.bad = loss, epoch, 0
+            self.best_state = {k: v.clone() for k, v in self.net.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def result(self) -> tuple[ExitNet, tuple[float, ...], int]:
+        """The best epoch's frozen net, the history, the best epoch."""
+        self.net.load_state_dict(self.best_state)
+        return self.net.freeze(), tuple(self.history), self.best_epoch
+
+
+def new_net(in_features: int, num_layers: int, settings: FitSettings) -> tuple[ExitNet, torch.Generator]:
+    """The seeded initial net and the generator it was drawn from (the batch order continues it)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    net = ExitNet(in_features, settings.hidden_units, num_layers, settings.per_layer, generator)
+    return net, generator
+
+
+def new_optimizer(net: ExitNet, settings: FitSettings) -> torch.optim.Optimizer:
+    """AdamW with the settings' learning rate and weight decay."""
+    return torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 @dataclass(frozen=True)
 class _Split:
     """Standardised training and held-out tokens of all layers, with their layer rows and loss weights."""
@@ -78,34 +233,26 @@ class _Split:
 
 def _split(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], settings: FitSettings) -> _Split:
     """Hold out the tail of each layer's tokens (text order), standardise, weigh the classes per layer."""
+    stats = LayerStats(len(xs), int(xs[0].shape[1]))
+    n_vals = [max(1, round(settings.val_fraction * x.shape[0])) for x in xs]
+    for row, (x, y, n_val) in enumerate(zip(xs, ys, n_vals)):
+        stats.add(row, x[:-n_val], y[:-n_val])
+    mean, std = stats.standardisation()
+    rates = stats.rates()
+    w_pos, w_neg = loss_weights(rates, settings.class_weight)
     train_x, train_y, train_r, val_x, val_y, val_r = [], [], [], [], [], []
-    means, stds, rates = [], [], []
-    for row, (x, y) in enumerate(zip(xs, ys)):
-        n_val = max(1, round(settings.val_fraction * x.shape[0]))
-        xt, yt = x[:-n_val], y[:-n_val]
-        mean = xt.mean(dim=0)
-        std = xt.std(dim=0, unbiased=False).clamp_min(1e-6)
-        means.append(mean)
-        stds.append(std)
-        rates.append(float(yt.float().mean()))
-        train_x.append((xt - mean) / std)
-        train_y.append(yt)
-        train_r.append(torch.full((xt.shape[0],), row, dtype=torch.long))
-        val_x.append((x[-n_val:] - mean) / std)
+    for row, (x, y, n_val) in enumerate(zip(xs, ys, n_vals)):
+        train_x.append((x[:-n_val] - mean[row]) / std[row])
+        train_y.append(y[:-n_val])
+        train_r.append(torch.full((x.shape[0] - n_val,), row, dtype=torch.long))
+        val_x.append((x[-n_val:] - mean[row]) / std[row])
         val_y.append(y[-n_val:])
         val_r.append(torch.full((n_val,), row, dtype=torch.long))
     ty, tr, vy, vr = torch.cat(train_y), torch.cat(train_r), torch.cat(val_y), torch.cat(val_r)
-    # Class-balanced weights per layer: positives and negatives weigh half each. Without them
-    # (class_weight=None) the logit estimates the posterior P(safe | state), comparable across layers.
-    rate = torch.tensor(rates, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
-    if settings.class_weight == "balanced":
-        w_pos, w_neg = 0.5 / rate, 0.5 / (1 - rate)
-    else:
-        w_pos, w_neg = torch.ones_like(rate), torch.ones_like(rate)
     return _Split(
         tx=torch.cat(train_x), ty=ty, tr=tr, tw=torch.where(ty, w_pos[tr], w_neg[tr]),
         vx=torch.cat(val_x), vy=vy, vr=vr, vw=torch.where(vy, w_pos[vr], w_neg[vr]),
-        mean=torch.stack(means), std=torch.stack(stds), rates=tuple(rates),
+        mean=mean, std=std, rates=rates,
     )  # fmt: skip
 
 
@@ -113,41 +260,26 @@ def _train(
     data: _Split, num_layers: int, settings: FitSettings, on_epoch: Callable[[int, float], None] | None
 ) -> tuple[ExitNet, tuple[float, ...], int]:
     """AdamW with early stopping on the held-out loss; returns the best epoch's frozen net, the history, the epoch."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    net = ExitNet(data.tx.shape[1], settings.hidden_units, num_layers, settings.per_layer, generator)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    loss_fn = nn.functional.binary_cross_entropy_with_logits
-
-    def held_out_loss() -> float:
-        with torch.no_grad():
-            return float(loss_fn(net(data.vx, data.vr), data.vy.float(), weight=data.vw))
-
-    best = held_out_loss()
-    best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    best_epoch, bad, history = 0, 0, [best]
+    net, generator = new_net(data.tx.shape[1], num_layers, settings)
+    optimizer = new_optimizer(net, settings)
+    n_val = int(data.vx.shape[0])
+    stopping = EarlyStopping(net, held_out_sum(net, data.vx, data.vr, data.vy, data.vw) / n_val, settings.patience)
     for epoch in range(1, settings.max_epochs + 1):
         perm = torch.randperm(data.tx.shape[0], generator=generator)
         net.train()
         for start in range(0, data.tx.shape[0], settings.batch_size):
             idx = perm[start : start + settings.batch_size]
-            loss = loss_fn(net(data.tx[idx], data.tr[idx]), data.ty[idx].float(), weight=data.tw[idx])
+            loss = batch_loss(net, data.tx[idx], data.tr[idx], data.ty[idx], data.tw[idx], int(idx.shape[0]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         net.eval()
-        current = held_out_loss()
-        history.append(current)
+        current = held_out_sum(net, data.vx, data.vr, data.vy, data.vw) / n_val
         if on_epoch is not None:
             on_epoch(epoch, current)
-        if current < best - 1e-5:
-            best, best_epoch, bad = current, epoch, 0
-            best_state = {k: v.clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= settings.patience:
-                break
-    net.load_state_dict(best_state)
-    return net.freeze(), tuple(history), best_epoch
+        if stopping.update(epoch, current):
+            break
+    return stopping.result()
 
 
 def fit_exit_net(

@@ -56,7 +56,7 @@ class LensMLP(TrainableMeasure):
 
     With ``candidates=K`` the features are computed over each token's ``K`` candidate tokens (the top-``K`` of
     the full lens at its first scored layer; :mod:`deltaexit.measures.candidates`): ``K`` rows of the head per
-    later decision. Fit and score with the same ``candidates``: :meth:`fit` picks them at the lowest layer
+    later decision. Fit and score with the same ``candidates``: :meth:`fit_features` picks them at the lowest layer
     of the given states and hands them to the others.
     """
 
@@ -102,14 +102,13 @@ class LensMLP(TrainableMeasure):
         """Lens features, in chunks of tokens so a fit on many tokens never holds all their logits."""
         return lens_features_chunked(state, candidates=self.candidates)
 
-    def fit(self, states: Sequence[LayerState], labels: Sequence[torch.Tensor]) -> LensMLP:
-        """As :meth:`TrainableMeasure.fit`; with ``candidates``, the lowest layer's state picks each token's
-        candidates and the other states (the same tokens at later layers) take them over."""
-        states, labels = list(states), list(labels)
+    def fit_features(self, states: Sequence[LayerState]) -> list[torch.Tensor]:
+        """As :meth:`TrainableMeasure.fit_features`; with ``candidates``, the lowest layer's state picks each
+        token's candidates and the other states (the same tokens at later layers) take them over."""
+        states = list(states)
         if self.candidates is not None and states:
             carry_candidates(states, self.candidates)
-        super().fit(states, labels)
-        return self
+        return super().fit_features(states)
 
     def check_sizes(self, hidden_size: int, vocab_size: int) -> None:
         check_candidates_for_vocab(self.candidates, vocab_size)

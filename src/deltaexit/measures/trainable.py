@@ -39,6 +39,7 @@ import torch
 from deltaexit.measures.base import ConfidenceMeasure, LayerState, get_measure
 from deltaexit.measures.fit import FitSettings, fit_exit_net
 from deltaexit.measures.fitted import FittedState, MeasureFileError, fitted_state, read_saved, save_fitted
+from deltaexit.measures.stream_fit import DEFAULT_SHUFFLE_ROWS, BatchSource, fit_exit_net_stream, rank_and_world
 from deltaexit.saturation import LABELS
 from deltaexit.structure import find_structure
 
@@ -201,10 +202,26 @@ class TrainableMeasure(ConfidenceMeasure):
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return x.float()
 
+    def state_hidden_size(self, state: LayerState) -> int:
+        """The hidden size of ``state``, read off what this measure reads (a delta-only state has no ``h_out``)."""
+        first = self.inputs[0]
+        tensor = state.delta if first == "delta" else (state.h_in if first == "h_in" else state.h_out)
+        if tensor is None:
+            raise ValueError(f"{self.display_name} reads {first}, which the state does not hold")
+        return int(tensor.shape[-1])
+
     # -- training ----------------------------------------------------------------------------------
-    def _layer_data(self, state: LayerState, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.raw_features(state).detach().cpu()
-        x = x.reshape(-1, x.shape[-1])
+    def fit_features(self, states: Sequence[LayerState]) -> list[torch.Tensor]:
+        """Raw features ``[tokens, n_features_in]`` (float32, CPU, detached) of the same tokens at each state."""
+        out = []
+        for state in states:
+            x = self.raw_features(state).detach().cpu()
+            out.append(x.reshape(-1, x.shape[-1]))
+        return out
+
+    def _layer_data(
+        self, state: LayerState, x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.as_tensor(labels).reshape(-1).cpu()
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"layer {state.layer}: {x.shape[0]} tokens but {y.shape[0]} labels")
@@ -214,20 +231,59 @@ class TrainableMeasure(ConfidenceMeasure):
             raise ValueError(f"layer {state.layer}: the states contain NaN or inf")
         return x, y.to(torch.bool)
 
-    def fit(self, states: Sequence[LayerState], labels: Sequence[torch.Tensor]) -> TrainableMeasure:
-        """Train on one :class:`LayerState` per decision layer and its boolean labels.
+    def _settings(self) -> FitSettings:
+        return FitSettings(
+            hidden_units=self.hidden_units, per_layer=self.per_layer, max_epochs=self.max_epochs,
+            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            val_fraction=self.val_fraction, patience=self.patience, seed=self.seed, class_weight=self.class_weight,
+        )  # fmt: skip
+
+    def fit(
+        self,
+        X: Any,
+        y: Sequence[torch.Tensor] | None = None,
+        *,
+        lens: Any = None,
+        model: torch.nn.Module | None = None,
+        streams: int | None = None,
+        shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
+    ) -> TrainableMeasure:
+        """Train in memory on states and labels, or out of core on a dataset (scikit-learn's ``fit(X, y)``).
 
         Runs on the CPU at torch's current thread count; for these tiny nets one thread is fastest:
         wrap the call in ``deltaexit.threads.torch_threads(1)``.
 
+        In memory, ``fit(states, labels)``: one :class:`LayerState` per decision layer and its labels; the tail
+        ``val_fraction`` of each layer's tokens is held out for early stopping.
+
+        Out of core, ``fit(dataset)``: a :class:`~deltaexit.streaming.ShardDataset` (its features and this
+        measure's ``label`` are read shard by shard) or any re-iterable of ``(states, labels)`` batches. Whole
+        shards (batches) are held out: the last ``max(1, round(val_fraction * shards))`` in corpus order. The
+        class balance and the standardisation come from a first streaming pass; rows are shuffled in buffers of
+        ``shuffle_rows``; see :mod:`deltaexit.measures.stream_fit`. With one stream and a buffer holding every
+        training row the minibatches are the in-memory fit's, so on the same tokens (and the same held-out
+        tokens) both give the same weights. Under ``torch.distributed`` (``torchrun``) every rank calls
+        ``fit(dataset)`` and reads only its own shards; gradients are summed over the ranks, every rank ends with
+        the same weights, and :meth:`save` writes on rank 0 only.
+
         Args:
-            states: States after block ``l`` (``[tokens, hidden]`` each), one per layer to serve.
-            labels: ``[tokens]`` bool per state: True = safe to exit (label ``next`` or ``final``).
+            X: The states (with ``y``), or the dataset (without).
+            y: ``[tokens]`` bool per state: True = safe to exit (label ``next``, ``final`` or ``kept``).
+            lens: The model's :class:`~deltaexit.lens.Lens`, for a dataset and a measure that reads the lens.
+            model: For a dataset: the model it must have been collected from (checked against the manifest's
+                fingerprint and hidden size before training).
+            streams: For a dataset: parallel read streams (default: the world size); a 2-rank fit equals a
+                one-process fit with ``streams=2``.
+            shuffle_rows: For a dataset: rows (token-layer pairs) per shuffle buffer.
 
         Returns:
             self
         """
-        states, labels = list(states), list(labels)
+        if y is None:
+            return self._fit_stream(X, lens=lens, model=model, streams=streams, shuffle_rows=shuffle_rows)
+        if callable(getattr(X, "fit_source", None)):
+            raise TypeError("a dataset carries its own labels (the measure's label): call fit(dataset) without y")
+        states, labels = list(X), list(y)
         if not states:
             raise ValueError("fit needs at least one LayerState")
         if len(states) != len(labels):
@@ -235,15 +291,30 @@ class TrainableMeasure(ConfidenceMeasure):
         layers = [int(s.layer) for s in states]
         if len(set(layers)) != len(layers):
             raise ValueError(f"one state per layer, please; got layers {layers}")
-        data = [self._layer_data(state, y) for state, y in zip(states, labels)]
-        settings = FitSettings(
-            hidden_units=self.hidden_units, per_layer=self.per_layer, max_epochs=self.max_epochs,
-            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            val_fraction=self.val_fraction, patience=self.patience, seed=self.seed, class_weight=self.class_weight,
-        )  # fmt: skip
+        xs = self.fit_features(states)
+        data = [self._layer_data(state, x, t) for state, x, t in zip(states, xs, labels)]
         fitted = fit_exit_net(
-            [x for x, _ in data], [y for _, y in data], layers, hidden_size=int(states[0].h_out.shape[-1]),
-            settings=settings, on_epoch=self._report if self.verbose else None,
+            [x for x, _ in data], [t for _, t in data], layers, hidden_size=self.state_hidden_size(states[0]),
+            settings=self._settings(), on_epoch=self._report if self.verbose else None,
+        )  # fmt: skip
+        self._set_fitted(fitted)
+        return self
+
+    def _fit_stream(
+        self, dataset: Any, *, lens: Any, model: torch.nn.Module | None, streams: int | None, shuffle_rows: int
+    ) -> TrainableMeasure:
+        if isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], LayerState):
+            raise TypeError("fit(states) needs the labels too: fit(states, labels)")
+        make_source = getattr(dataset, "fit_source", None)
+        if callable(make_source):
+            source = make_source(self, lens=lens, model=model)
+        else:
+            if model is not None:
+                raise TypeError("model= checks a ShardDataset's collection; these batches carry no fingerprint")
+            source = BatchSource(dataset, self.fit_features, self.state_hidden_size)
+        fitted = fit_exit_net_stream(
+            source, settings=self._settings(), streams=streams, shuffle_rows=shuffle_rows,
+            on_epoch=self._report if self.verbose and rank_and_world()[0] == 0 else None,
         )  # fmt: skip
         self._set_fitted(fitted)
         return self
@@ -285,7 +356,7 @@ class TrainableMeasure(ConfidenceMeasure):
     def score(self, state: LayerState) -> torch.Tensor:
         if not self.is_fitted:
             raise RuntimeError(f"{self.display_name} is not fitted; call .fit(states, labels) first")
-        hidden = int(state.h_out.shape[-1])
+        hidden = self.state_hidden_size(state)
         if hidden != self.hidden_size_:
             raise ValueError(
                 f"{self.display_name} was fitted on hidden size {self.hidden_size_}, "
@@ -315,6 +386,9 @@ class TrainableMeasure(ConfidenceMeasure):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``measure.safetensors`` and ``measure.json`` into directory ``path`` (atomically).
 
+        Under ``torch.distributed`` only rank 0 writes (a data-parallel fit leaves the same weights on every
+        rank); every rank waits for it at a barrier.
+
         The config holds :meth:`get_params` without :data:`UNSAVED_PARAMS`; see
         :mod:`deltaexit.measures.fitted` for the format.
 
@@ -324,7 +398,13 @@ class TrainableMeasure(ConfidenceMeasure):
         if not self.is_fitted:
             raise RuntimeError(f"{self.display_name} is not fitted; nothing to save")
         params = {k: v for k, v in self.get_params().items() if k not in UNSAVED_PARAMS}
-        return save_fitted(path, measure=self.name, params=params, state=self.fitted_state())
+        rank, world = rank_and_world()
+        if world == 1:
+            return save_fitted(path, measure=self.name, params=params, state=self.fitted_state())
+        if rank == 0:
+            save_fitted(path, measure=self.name, params=params, state=self.fitted_state())
+        torch.distributed.barrier()  # the other ranks return once rank 0's files are in place
+        return Path(path)
 
 
 def load_measure(

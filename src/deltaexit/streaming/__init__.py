@@ -1,4 +1,4 @@
-"""Scale-out: streaming collection to sharded files, lazy datasets, data-parallel runs.
+"""Scale-out: streaming collection to sharded files, lazy datasets, out-of-core fits, data-parallel runs.
 
 Example:
     >>> import tempfile
@@ -24,7 +24,15 @@ from deltaexit.streaming.dataset import (
 )
 from deltaexit.streaming.distributed import distributed_rank, init_distributed_from_env
 from deltaexit.streaming.features import STREAM_FEATURES, parse_features
+from deltaexit.streaming.fit import ShardFitSource
 from deltaexit.streaming.manifest import FORMAT_VERSION, Manifest, ManifestError, merge_manifests
+from deltaexit.streaming.states import (
+    StoredLayerState,
+    check_collection,
+    decision_labels,
+    decision_layers,
+    labels_from_topk,
+)
 from deltaexit.streaming.writer import CollectConfig, collect_to_disk, model_fingerprint
 
 __all__ = [
@@ -36,13 +44,19 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ShardDataset",
+    "ShardFitSource",
+    "StoredLayerState",
     "Window",
     "batch_windows",
+    "check_collection",
     "collect_to_disk",
+    "decision_labels",
+    "decision_layers",
     "distributed_rank",
     "init_distributed_from_env",
     "iter_batches",
     "iter_documents",
+    "labels_from_topk",
     "layer_labels",
     "layer_states",
     "load_features",

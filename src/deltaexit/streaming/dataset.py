@@ -1,8 +1,9 @@
 """Read a streamed collection lazily: a ``torch.utils.data.IterableDataset`` over its shards.
 
 Only one shard (plus one batch) is in memory at a time, so training and analysis
-can run over corpora larger than memory. ``labels="next"`` / ``"final"`` are made
-from the stored lens top-1 per layer (collect with ``lens_topk`` over all layers).
+can run over corpora larger than memory. ``labels="next"`` / ``"final"`` / ``"kept"`` are made
+from the stored lens top-1 per layer (collect with ``lens_topk`` over all layers);
+``measure.fit(ShardDataset(...))`` trains a trainable measure out of core.
 
 Example:
     >>> import tempfile
@@ -25,16 +26,26 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.utils.data import IterableDataset, get_worker_info
 
-from deltaexit.measures.base import LayerState
-from deltaexit.saturation import saturation_from_topk
+from deltaexit.measures.base import ConfidenceMeasure
+from deltaexit.saturation import LABELS
 from deltaexit.streaming.distributed import distributed_rank
 from deltaexit.streaming.features import stored_names
+from deltaexit.streaming.fit import ShardFitSource
 from deltaexit.streaming.manifest import Manifest, ManifestError
+from deltaexit.streaming.states import (
+    check_collection,
+    labels_from_topk,
+    layer_labels,
+    layer_states,
+    measure_features,
+    read_shard,
+    reads_stored_topk,
+)
 
 __all__ = [
     "LABELS",
@@ -49,54 +60,6 @@ __all__ = [
 
 #: Per-token metadata every shard holds: input id, global window id, document id, position in the document.
 META_FIELDS: tuple[str, ...] = ("token_id", "window", "doc", "doc_position")
-#: Label kinds: ``next`` = top-1 unchanged at the next block ``[L-1]``; ``final`` = saturated ``[L]``.
-LABELS: tuple[str, ...] = ("next", "final")
-
-
-def _labels_from_topk(topk_ids: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    sat = saturation_from_topk(topk_ids.movedim(1, 0).long())  # [L, tokens, k]
-    out = {}
-    if "next" in kinds:
-        out["label_next"] = sat.stable.transpose(0, 1).contiguous()
-    if "final" in kinds:
-        out["label_final"] = sat.saturated.transpose(0, 1).contiguous()
-    return out
-
-
-def read_shard(path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The tensors ``names`` of one shard file.
-
-    Raises:
-        ManifestError: The file is not a readable safetensors shard (corrupt, cut short, a pickle renamed) or
-            lacks one of ``names``; the message names the file and what to do.
-
-    Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "shard-r00000-00000.safetensors")
-        >>> _ = open(path, "wb").write(b"not a shard")
-        >>> try:
-        ...     read_shard(path, ["token_id"])
-        ... except ManifestError as exc:
-        ...     print("shard-r00000-00000.safetensors" in str(exc), "verify=True" in str(exc))
-        True True
-    """
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            stored = set(handle.keys())
-            missing = [name for name in names if name not in stored]
-            if missing:
-                raise ManifestError(
-                    f"shard {str(path)!r} lacks {missing} (it holds {sorted(stored)}): it is not from this "
-                    "collection; re-collect with overwrite=True (deltaexit collect --overwrite)"
-                )
-            return {name: handle.get_tensor(name) for name in names}
-    except (SafetensorError, OSError) as exc:
-        raise ManifestError(
-            f"shard {str(path)!r} is not a readable safetensors file ({exc}); it is corrupt or was replaced: "
-            "check the whole collection with ShardDataset(..., verify=True) and re-collect with overwrite=True "
-            "(deltaexit collect --overwrite)"
-        ) from None
 
 
 class ShardDataset(IterableDataset):
@@ -104,20 +67,26 @@ class ShardDataset(IterableDataset):
 
     Args:
         source: The output directory of :func:`~deltaexit.streaming.writer.collect_to_disk`
-            or its :class:`~deltaexit.streaming.manifest.Manifest`.
-        features: Stored tensor names to yield (default: all stored features); the metadata
-            fields :data:`META_FIELDS` are always yielded.
-        labels: ``"next"``, ``"final"`` or both; yields bool ``label_next`` ``[L-1]`` /
-            ``label_final`` ``[L]``.
+            or its :class:`~deltaexit.streaming.manifest.Manifest` (an unfinished collection is refused).
+        features: Stored tensor names to yield (default: what ``measure`` reads, else all stored features);
+            the metadata fields :data:`META_FIELDS` are always yielded.
+        labels: ``"next"``, ``"final"``, ``"kept"`` or several (default: ``measure.label`` for a trainable
+            measure); yields bool ``label_next`` ``[L-1]``, ``label_final`` ``[L]``, ``label_kept`` ``[L-1]``
+            (column ``i``: block ``i+1`` left the top-1 unchanged); see
+            :func:`~deltaexit.streaming.states.labels_from_topk`.
         batch_size: Yield dicts of ``batch_size`` tokens (the last batch may be smaller);
             None yields one token at a time.
         shuffle: Shuffle shard order and tokens within each shard (seeded by ``seed`` and the epoch).
         seed: Shuffle seed.
         split_ranks: Give each ``torch.distributed`` rank its own shards (data-parallel training).
         verify: Check every shard's sha256 against the manifest first.
+        measure: A measure to serve: its inputs (and its label) must have been collected, and a fitted
+            measure's hidden size must be the collection's (:class:`ManifestError` naming the feature to add
+            to ``deltaexit collect --features`` otherwise).
 
     Shards are split across ``DataLoader`` workers, so use ``DataLoader(ds, batch_size=None)``
-    with ``batch_size`` set here.
+    with ``batch_size`` set here. ``measure.fit(ds)`` trains a trainable measure out of core
+    (:meth:`fit_source`).
     """
 
     def __init__(
@@ -131,25 +100,33 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         split_ranks: bool = False,
         verify: bool = False,
+        measure: ConfidenceMeasure | None = None,
     ) -> None:
         self.manifest = source if isinstance(source, Manifest) else Manifest.load(source)
         stored = stored_names(self.manifest.features)
-        self.features = tuple(stored if features is None else features)
-        missing = [f for f in self.features if f not in stored and f not in META_FIELDS]
-        if missing:
-            raise ManifestError(f"feature(s) {missing} are not in this collection (it holds {list(stored)})")
+        if labels is None and measure is not None and getattr(measure, "requires_fit", False):
+            labels = getattr(measure, "label", None)
         kinds = () if labels is None else ((labels,) if isinstance(labels, str) else tuple(labels))
         bad = [k for k in kinds if k not in LABELS]
         if bad:
             raise ValueError(f"unknown label kind(s) {bad}; choose from {list(LABELS)}")
-        if kinds:
-            if "lens_topk" not in self.manifest.features:
-                raise ManifestError("labels need the lens top-k: collect with features including 'lens_topk'")
-            if list(self.manifest.layers) != list(range(self.manifest.num_layers)):
-                raise ManifestError(
-                    f"labels need every block; this collection stored layers {list(self.manifest.layers)} of "
-                    f"{self.manifest.num_layers}"
+        if measure is not None:
+            check_collection(self.manifest, measure)
+            if features is None:
+                features = (
+                    ("topk_probs",)
+                    if reads_stored_topk(measure, self.manifest)
+                    else measure_features(measure, self.manifest.features)
                 )
+        self.features = tuple(stored if features is None else features)
+        missing = [f for f in self.features if f not in stored and f not in META_FIELDS]
+        if missing:
+            raise ManifestError(
+                f"feature(s) {missing} are not in this collection (it holds {list(stored)}); collect with "
+                f"deltaexit collect --features {','.join(dict.fromkeys([*self.manifest.features, *missing]))}"
+            )
+        if kinds:
+            check_collection(self.manifest, label=kinds[0])
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.labels = kinds
@@ -157,9 +134,21 @@ class ShardDataset(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.split_ranks = split_ranks
+        self.measure = measure
         self.epoch = 0
         if verify:
             self.manifest.verify()
+
+    def fit_source(self, measure: ConfidenceMeasure, *, lens: Any = None, model: Any = None) -> ShardFitSource:
+        """This collection as the data of ``measure.fit(self)``: its shards as units (checked before training).
+
+        Args:
+            measure: The trainable measure to fit (its label and inputs are read, whatever ``features`` and
+                ``labels`` this dataset yields).
+            lens: The model's lens, for a measure that reads the lens.
+            model: The model the collection must come from (fingerprint and hidden size checked).
+        """
+        return ShardFitSource(self, measure, lens=lens, model=model)
 
     @property
     def num_tokens(self) -> int:
@@ -187,11 +176,9 @@ class ShardDataset(IterableDataset):
         names = list(dict.fromkeys([*META_FIELDS, *self.features]))
         if self.labels and "topk_ids" not in names:
             names.append("topk_ids")
-        if not path.is_file():
-            raise ManifestError(f"shard {str(path)!r} is missing")
         tensors = read_shard(path, names)
         if self.labels:
-            tensors.update(_labels_from_topk(tensors["topk_ids"], self.labels))
+            tensors.update(labels_from_topk(tensors["topk_ids"], self.labels))
             if "topk_ids" not in self.features:
                 del tensors["topk_ids"]
         return tensors
@@ -256,43 +243,3 @@ def load_features(
     if not parts:
         raise ManifestError("the collection holds no tokens")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def layer_states(batch: dict[str, torch.Tensor], manifest: Manifest, *, lens: object = None) -> list[LayerState]:
-    """One :class:`~deltaexit.measures.LayerState` per stored block from a batch of this dataset.
-
-    The states are what confidence measures score and what trainable measures ``fit`` on
-    (``measure.fit(states, labels)``). Vectors are converted to float32. Needs ``h_out``;
-    ``delta`` and ``h_in`` are passed on when stored.
-
-    Example:
-        >>> import tempfile
-        >>> from deltaexit.streaming import collect_to_disk
-        >>> from deltaexit.testing import tiny_model
-        >>> out = tempfile.mkdtemp()
-        >>> _ = collect_to_disk(tiny_model("llama", num_layers=2, hidden=32, vocab=64), [list(range(3, 40))], out,
-        ...                     features="h_out,delta,lens_topk", topk=2, context=16, progress=False)
-        >>> ds = ShardDataset(out, labels="final", batch_size=32)
-        >>> batch = next(iter(ds))
-        >>> states = layer_states(batch, ds.manifest)
-        >>> [s.layer for s in states], tuple(states[0].delta.shape), len(layer_labels(batch, "final"))
-        ([0, 1], (32, 32), 2)
-    """
-    if "h_out" not in batch:
-        raise ManifestError("layer states need h_out: collect with features including 'h_out'")
-    states = []
-    for row, layer in enumerate(manifest.layers):
-        h_in = batch["h_in"][:, row].float() if "h_in" in batch else None
-        delta = batch["delta"][:, row].float() if "delta" in batch else None
-        state = LayerState(layer=layer, h_out=batch["h_out"][:, row].float(), h_in=h_in,
-                           num_layers=manifest.num_layers, lens=lens, delta=delta)  # fmt: skip
-        states.append(state)
-    return states
-
-
-def layer_labels(batch: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
-    """``[tokens]`` bool labels per decision layer (row ``l`` = the decision after block ``l``)."""
-    key = f"label_{kind}"
-    if key not in batch:
-        raise ManifestError(f"the batch has no {kind!r} labels; build the dataset with labels={kind!r}")
-    return list(batch[key].unbind(dim=1))
