@@ -2,7 +2,7 @@
 
 Prints JSON with:
 
-* ``memory``: peak RSS (VmHWM, reset after imports and model building) of the streamed fit
+* ``memory``: peak RSS (VmHWM, reset after a warm-up run on a separate 2,048-token collection) of the streamed fit
   (``measure.fit(ShardDataset)``) and of the streamed analysis (``dx.analyze_shards``) at 1x, 4x and 16x
   the base tokens, each in a fresh subprocess, with the baseline RSS and the growth above it;
   ``*_peak_ratio_16x_vs_1x`` are the target figures (<= 1.10). The in-memory fit (the collection
@@ -116,20 +116,17 @@ def analyze_streamed(args, shards: Path) -> dict:
     import deltaexit as dx
 
     tokens = dx.Manifest.load(shards).num_tokens
-    return dx.analyze_shards(shards, tokens=tokens // 2, measures=list(ANALYZE_MEASURES),
-                             fit_kwargs={"max_epochs": args.epochs, "hidden_units": 32}, batch_size=4096)  # fmt: skip
+    return dx.analyze_shards(shards, tokens=tokens // 2, measures=list(args.analyze_measures),
+                             fit_kwargs={"max_epochs": args.epochs, "hidden_units": 32}, batch_size=1024)  # fmt: skip
 
 
 def child(args) -> None:
     """One memory measurement (run in a fresh subprocess)."""
-    import deltaexit as dx
-
-    dx.ShardDataset  # noqa: B018 - import what the run imports before the baseline
-    dx.analyze_shards  # noqa: B018
+    run = {"fit": fit_streamed, "fit-in-memory": fit_in_memory, "analyze": analyze_streamed}[args.mode]
+    run(args, args.warmup)  # lazy imports and one-time allocations, on a separate tiny collection
     reset_peak_rss()
     baseline = current_rss_mib()
     start = time.perf_counter()
-    run = {"fit": fit_streamed, "fit-in-memory": fit_in_memory, "analyze": analyze_streamed}[args.mode]
     run(args, args.shards)
     elapsed = time.perf_counter() - start
     print(json.dumps({"mode": args.mode, "scale": args.scale, "seconds": elapsed, "baseline_rss_mib": baseline,
@@ -144,15 +141,16 @@ def child_env() -> dict:
 
 def common_flags(args) -> list[str]:
     return ["--layers", str(args.layers), "--hidden", str(args.hidden), "--context", str(args.context),
-            "--epochs", str(args.epochs), "--shard-tokens", str(args.shard_tokens)]  # fmt: skip
+            "--epochs", str(args.epochs), "--shard-tokens", str(args.shard_tokens),
+            "--analyze-measures", *args.analyze_measures]  # fmt: skip
 
 
-def memory(args, dirs: dict[int, Path]) -> dict:
+def memory(args, dirs: dict[int, Path], warmup: Path) -> dict:
     rows = []
     for mode in args.memory_modes:
         for scale, shards in dirs.items():
             cmd = [sys.executable, __file__, "--child", "--mode", mode, "--scale", str(scale), "--shards", str(shards),
-                   *common_flags(args)]  # fmt: skip
+                   "--warmup", str(warmup), *common_flags(args)]  # fmt: skip
             done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"{mode} x{scale} failed:\n{done.stderr[-3000:]}")
@@ -250,11 +248,13 @@ def parse() -> argparse.Namespace:
                    choices=["memory", "throughput", "torchrun"])  # fmt: skip
     p.add_argument("--memory-modes", nargs="+", default=["fit", "analyze", "fit-in-memory"],
                    choices=["fit", "analyze", "fit-in-memory"])  # fmt: skip
+    p.add_argument("--analyze-measures", nargs="+", default=list(ANALYZE_MEASURES))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="fit", help=argparse.SUPPRESS)
     p.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--shards", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -275,11 +275,12 @@ def main() -> None:
             "config": {"base_tokens": args.base_tokens, "scales": args.scales, "layers": args.layers,
                        "hidden": args.hidden, "context": args.context, "shard_tokens": args.shard_tokens,
                        "features": FEATURES, "dtype": "float16", "measure": "delta-mlp (hidden 32), label next",
-                       "epochs": args.epochs, "analyze_measures": ANALYZE_MEASURES, "torch_threads": 1,
+                       "epochs": args.epochs, "analyze_measures": args.analyze_measures, "torch_threads": 1,
                        "data": str(args.data), "cpus": os.cpu_count()},
         }  # fmt: skip
         if "memory" in args.only:
-            result["memory"] = memory(args, dirs)
+            collect(args, 2048, root / "warmup")
+            result["memory"] = memory(args, dirs, root / "warmup")
         if "throughput" in args.only:
             result["throughput"] = throughput(args, dirs[min(dirs)], args.base_tokens * min(dirs))
         if "torchrun" in args.only:
