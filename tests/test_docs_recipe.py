@@ -25,6 +25,7 @@ SMALLER = {
     "--tokens 200000": "--tokens 3000",
     "--tokens 50000": "--tokens 800",
     "--context 128": "--context 32",
+    "--shard-tokens 16384": "--shard-tokens 256",
     "max_epochs=10": "max_epochs=2",
     "batch_size=4096": "batch_size=512",
 }

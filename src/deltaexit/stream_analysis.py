@@ -49,19 +49,21 @@ from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
 from deltaexit.measures.trainable import TrainableMeasure
 from deltaexit.saturation import READS_KEPT_REASON, reads_label, saturation_from_topk
-from deltaexit.stream_evaluation import (
-    BatchStates,
-    LabelEvaluator,
-    batch_labels,
-    check_collection,
-    check_model,
-    missing_input,
-    window_counts,
-)
+from deltaexit.stream_evaluation import BatchStates, LabelEvaluator, batch_labels, missing_input, window_counts
 from deltaexit.streaming.dataset import ShardDataset
 from deltaexit.streaming.manifest import Manifest, ManifestError
+from deltaexit.streaming.states import check_collection, decision_layers
 
-__all__ = ["SELECT", "TEST", "TRAIN", "analyze_shards", "split_batches", "split_codes"]
+__all__ = [
+    "SELECT",
+    "TEST",
+    "TRAIN",
+    "SplitBatches",
+    "analyze_shards",
+    "collection_dataset",
+    "evaluate_collection",
+    "split_codes",
+]
 
 #: Split codes of :func:`split_codes` (-1: not used).
 TEST, TRAIN, SELECT = 0, 1, 2
@@ -198,72 +200,80 @@ def _subset(batch: Mapping[str, torch.Tensor], keep: torch.Tensor) -> dict[str, 
     return {k: v[keep] for k, v in batch.items()}
 
 
-def split_batches(
-    dataset: ShardDataset, codes: torch.Tensor, code: int, *, labels: tuple[str, ...] = ()
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches of ``dataset`` restricted to the windows of split ``code``, with ``label_<kind>`` added
-    (``[tokens, L-1]`` bool, rows as :func:`~deltaexit.stream_evaluation.batch_labels`)."""
-    for batch in dataset:
-        keep = codes[batch["window"].long()] == code
-        if not bool(keep.any()):
-            continue
-        part = _subset(batch, keep)
-        for kind in labels:
-            part[f"label_{kind}"] = batch_labels(part["topk_ids"], kind).T.contiguous()
-        yield part
-
-
-def _dataset(manifest: Manifest, batch_size: int) -> ShardDataset:
+def collection_dataset(manifest: Manifest, batch_size: int) -> ShardDataset:
+    """A :class:`~deltaexit.streaming.ShardDataset` of every vector, norm and top-k tensor the collection holds."""
     names = ("h_in", "h_out", "delta", "h_in_norm", "delta_norm", "topk_ids", "topk_probs")
     stored = set(manifest.features) | ({"topk_ids", "topk_probs"} if "lens_topk" in manifest.features else set())
     return ShardDataset(manifest, features=[n for n in names if n in stored], batch_size=batch_size)
 
 
+class SplitBatches:
+    """The ``(states, labels)`` batches of one split's windows for one measure: what ``measure.fit`` reads out of
+    core (a re-iterable, one pass per epoch; each batch one unit of the streamed fit).
+
+    Args:
+        dataset: The collection's :class:`~deltaexit.streaming.ShardDataset` (with ``topk_ids``).
+        codes: Split code per window id (:func:`split_codes`).
+        code: The split (:data:`TRAIN`).
+        measure: The measure the states are for (they hold what it reads).
+        kind: The label kind.
+        lens: The model's lens, for a measure that reads it.
+    """
+
+    def __init__(
+        self, dataset: ShardDataset, codes: torch.Tensor, code: int, measure: ConfidenceMeasure, kind: str,
+        lens: Lens | None = None,
+    ) -> None:  # fmt: skip
+        self.dataset, self.codes, self.code = dataset, codes, code
+        self.measure, self.kind, self.lens = measure, kind, lens
+        self.layers = decision_layers(kind, dataset.manifest.num_layers)
+
+    def __iter__(self) -> Iterator[tuple[list[Any], list[torch.Tensor]]]:
+        for batch in self.dataset:
+            keep = self.codes[batch["window"].long()] == self.code
+            if not bool(keep.any()):
+                continue
+            part = _subset(batch, keep)
+            states = BatchStates(part, self.dataset.manifest, self.lens)
+            labels = batch_labels(part["topk_ids"], self.kind)
+            yield [states.state(layer, self.measure) for layer in self.layers], list(labels)
+
+
 def _fit_trainable(
-    measures: Mapping[str, ConfidenceMeasure], dataset: ShardDataset, codes: torch.Tensor, kind: str, progress: bool
-) -> dict[str, float]:
-    """Fit every trainable measure on the train windows; seconds per measure."""
+    measures: Mapping[str, ConfidenceMeasure], dataset: ShardDataset, codes: torch.Tensor, kind: str,
+    lens: Lens | None, progress: bool,
+) -> dict[str, float]:  # fmt: skip
+    """Fit every trainable measure out of core on the train windows; seconds per measure."""
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
     todo = [(n, m) for n, m in measures.items() if isinstance(m, TrainableMeasure)]
     for name, measure in tqdm(todo, desc=f"fit ({kind})", disable=not progress, unit="measure"):
         start = time.perf_counter()
-        fit_streamed(measure, lambda: split_batches(dataset, codes, TRAIN, labels=(kind,)), dataset.manifest, kind)
+        measure.fit(SplitBatches(dataset, codes, TRAIN, measure, kind, lens))
         seconds[name] = time.perf_counter() - start
     return seconds
 
 
-def fit_streamed(measure: TrainableMeasure, batches: Any, manifest: Manifest, kind: str) -> TrainableMeasure:
-    """Fit ``measure`` on the batches ``batches()`` yields (token-major, with ``label_<kind>``)."""
-    layers: dict[int, list[Any]] = {}
-    labels: dict[int, list[torch.Tensor]] = {}
-    first = 1 if kind == "kept" else 0
-    for batch in batches():
-        states = BatchStates(batch, manifest)
-        y = batch[f"label_{kind}"]
-        for i in range(manifest.num_layers - 1):
-            layers.setdefault(first + i, []).append(states.state(first + i, measure))
-            labels.setdefault(first + i, []).append(y[:, i])
-    from deltaexit.measures.base import LayerState
-
-    merged = []
-    for layer, parts in layers.items():
-        h_out = torch.cat([p.h_out.contiguous() for p in parts])
-        delta = torch.cat([p.delta for p in parts]) if "delta" in measure.inputs else None
-        merged.append(LayerState(layer=layer, h_out=h_out, num_layers=manifest.num_layers, delta=delta))
-    measure.fit(merged, [torch.cat(labels[layer]) for layer in layers])
-    return measure
-
-
-def _evaluate_pass(
+def evaluate_collection(
     evaluators: Mapping[str, LabelEvaluator],
     dataset: ShardDataset,
     codes: torch.Tensor,
-    lens: Lens | None,
-    progress: bool,
+    lens: Lens | None = None,
+    progress: bool = False,
 ) -> _Accumulators:
-    """One pass over the collection: every label's select and test scores, and the test tokens' tables."""
+    """One pass over the collection: every label's select and test scores, and the test tokens' tables.
+
+    Args:
+        evaluators: One :class:`~deltaexit.stream_evaluation.LabelEvaluator` per label (filled in place).
+        dataset: The collection's :class:`~deltaexit.streaming.ShardDataset` (with ``topk_ids`` and the vectors).
+        codes: Split code per window id (:func:`split_codes`).
+        lens: The model's lens, for measures that read it.
+        progress: A tqdm bar over the tokens.
+
+    Returns:
+        The oracle and per-layer tables of the test tokens (``.oracle()``, ``.layers()``).
+    """
     from tqdm.auto import tqdm
 
     manifest = dataset.manifest
@@ -316,11 +326,8 @@ def analyze_shards(
     """
     cfg = AnalyzeConfig.build(config, **overrides)
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)
-    check_collection(manifest)
-    lens = None
-    if model is not None:
-        check_model(manifest, model)
-        lens = Lens.from_model(model)
+    check_collection(manifest, label=cfg.labels[0], model=model)  # the labels' lens top-k, the model's fingerprint
+    lens = None if model is None else Lens.from_model(model)
     chosen = {kind: _choose_measures(cfg, kind, manifest, lens) for kind in cfg.labels}
     manifest.verify(quick=True)
     timing: dict[str, Any] = {}
@@ -330,10 +337,12 @@ def analyze_shards(
     test, train, select = (int(counts[codes == code].sum()) for code in (TEST, TRAIN, SELECT))
     tokens = {"test": test, "fit": train + select, "train": train, "select": select}
     timing["split_s"] = time.perf_counter() - start
-    dataset = _dataset(manifest, batch_size)
+    dataset = collection_dataset(manifest, batch_size)
+    # The streamed fit holds out whole batches (the last ~15%): at least ~8 of them, however small the corpus.
+    fit_data = collection_dataset(manifest, max(64, min(batch_size, tokens["train"] // 8)))
     timing["fit_s"], saved = {}, {}
     for kind, (measures, _) in chosen.items():
-        timing["fit_s"][kind] = _fit_trainable(measures, dataset, codes, kind, cfg.progress)
+        timing["fit_s"][kind] = _fit_trainable(measures, fit_data, codes, kind, lens, cfg.progress)
         if cfg.save_measures is not None:
             saved[kind] = {
                 n: str(m.save(Path(cfg.save_measures) / kind / safe_name(n)))
@@ -345,7 +354,7 @@ def analyze_shards(
         for kind, (measures, _) in chosen.items()
     }
     start = time.perf_counter()
-    tables = _evaluate_pass(evaluators, dataset, codes, lens, cfg.progress)
+    tables = evaluate_collection(evaluators, dataset, codes, lens, cfg.progress)
     timing["evaluate_s"] = time.perf_counter() - start
     labels = {}
     for kind, evaluator in evaluators.items():

@@ -7,11 +7,11 @@ transition), the same figures and the same decision protocol, accumulated over b
 chosen among bin edges on the selection split and exact at that threshold on the test split);
 correlations into :class:`~deltaexit.histogram.RunningPearson`.
 
-What a measure can read from a collection (:func:`missing_input`): ``h_out``, ``h_in`` and ``delta`` are
-each either stored or derived from the other two (``h_out = h_in + delta``, ...); softmax-max and
-softmax-gap over the full vocabulary read the stored lens top-k probabilities; every other lens measure
-needs the model's lens (pass the model). A measure whose inputs were not collected is refused before any
-work, naming the feature to add to ``--features``.
+What a measure can read from a collection (:func:`missing_input`, by
+:func:`deltaexit.streaming.states.check_collection`): what it declares it reads was stored (``delta`` also
+from ``h_in`` and ``h_out``); softmax-max and softmax-gap over the full vocabulary read the stored lens top-k
+probabilities; every other lens measure needs the model's lens (pass the model). A measure whose inputs were
+not collected is refused before any work, naming the feature to add to ``--features``.
 
 Example:
     >>> import tempfile
@@ -23,8 +23,8 @@ Example:
     >>> _ = collect_to_disk(tiny_model("llama", num_layers=3, hidden=32, vocab=64), [list(range(3, 60))], out,
     ...                     features="delta,lens_topk", topk=2, context=16, progress=False)
     >>> manifest = Manifest.load(out)
-    >>> missing_input(get_measure("delta-norm"), manifest), missing_input(get_measure("state-cosine"), manifest)[:29]
-    (None, 'state-cosine reads h_in: this')
+    >>> missing_input(get_measure("delta-norm"), manifest), missing_input(get_measure("state-cosine"), manifest)[:40]
+    (None, "state-cosine reads ['h_in', 'h_out'], wh")
 """
 
 from __future__ import annotations
@@ -34,79 +34,40 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from deltaexit.evaluation import score_carrying, summarize_transitions, trivial_f1
 from deltaexit.histogram import RunningPearson, ScoreHistogram
 from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import ConfidenceMeasure, LayerState
-from deltaexit.measures.simple import SoftmaxGap, SoftmaxMax
-from deltaexit.saturation import LABELS, saturation_from_topk
-from deltaexit.streaming.dataset import read_shard
 from deltaexit.streaming.manifest import Manifest, ManifestError
-from deltaexit.streaming.writer import model_fingerprint
+from deltaexit.streaming.states import check_collection, decision_layers, labels_from_topk, read_shard
 
 __all__ = [
     "BatchStates",
     "LabelEvaluator",
     "batch_labels",
-    "check_collection",
     "check_measures",
-    "check_model",
     "missing_input",
-    "stored_features",
     "window_counts",
 ]
 
 _VECTORS = ("h_in", "h_out", "delta")
 
 
-def stored_features(manifest: Manifest) -> set[str]:
-    """The feature names a collection holds (``lens_topk`` for the lens top-k)."""
-    return set(manifest.features)
-
-
-def _derivable(name: str, stored: set[str]) -> bool:
-    """Whether vector ``name`` is stored or follows from the other two (``h_out = h_in + delta``, ...)."""
-    return name in stored or all(other in stored for other in _VECTORS if other != name)
-
-
-def _reads_topk_only(measure: ConfidenceMeasure, manifest: Manifest) -> bool:
-    """softmax-max (k >= 1) and softmax-gap (k >= 2) over the full vocabulary score from the stored top-k."""
-    k = int(manifest.settings.get("topk") or 0)
-    if "lens_topk" not in manifest.features or measure.candidates is not None:
-        return False
-    return (isinstance(measure, SoftmaxMax) and k >= 1) or (isinstance(measure, SoftmaxGap) and k >= 2)
-
-
-def _add_hint(manifest: Manifest, *names: str) -> str:
-    features = list(dict.fromkeys([*manifest.features, *names]))
-    return (
-        f"collect again with --features {','.join(features)} (collect_to_disk(..., features={tuple(features)!r})) "
-        "into a new directory"
-    )
-
-
 def missing_input(measure: ConfidenceMeasure, manifest: Manifest, *, lens: Any = None, name: str = "") -> str | None:
-    """Why ``measure`` cannot be scored from this collection (naming the feature to add), or None if it can."""
-    name = name or getattr(measure, "display_name", measure.name)
-    stored = stored_features(manifest)
-    where = f"this collection ({str(manifest.root)!r}) holds {sorted(stored)}"
-    if measure.needs("lens") and _reads_topk_only(measure, manifest):
-        return None
-    for what in measure.inputs:
-        if not _derivable(what, stored):
-            others = " and ".join(o for o in _VECTORS if o != what)
-            return f"{name} reads {what}: {where}, neither {what} nor {others}; {_add_hint(manifest, what)}"
-    if measure.needs("lens") and lens is None:
-        if not _derivable("h_out", stored):
-            return f"{name} reads the lens of h_out: {where}; {_add_hint(manifest, 'h_out')}, and pass the model"
-        return (
-            f"{name} reads the lens (the model's final norm and head): pass the model the collection was made with "
-            "(deltaexit analyze --shards DIR --model MODEL; model= in Python)"
-        )
-    if measure.needs("lens") and "h_in" in measure.inputs and not _derivable("h_in", stored):
-        return f"{name} reads h_in: {where}; {_add_hint(manifest, 'h_in')}"
+    """Why ``measure`` cannot be scored from this collection (naming the feature to add), or None if it can.
+
+    The checks are :func:`deltaexit.streaming.states.check_collection`'s (inputs collected, the lens given to a
+    measure that reads it beyond the stored top-k, a fitted measure's hidden size).
+    """
+    try:
+        check_collection(manifest, measure, lens=lens)
+    except ManifestError as exc:
+        why = str(exc)
+        if measure.needs("lens") and lens is None and "reads the lens" in why:
+            why += " (deltaexit analyze --shards DIR --model MODEL; model= in Python)"
+        shown = name or getattr(measure, "display_name", measure.name)
+        return why if why.startswith(shown) else f"{shown}: {why}"
     return None
 
 
@@ -130,56 +91,18 @@ def window_counts(manifest: Manifest) -> torch.Tensor:
     return counts
 
 
-def check_model(manifest: Manifest, model: nn.Module) -> None:
-    """Raise :class:`ManifestError` when ``model`` is not the one the collection was made with."""
-    recorded = manifest.settings["model"]
-    config = getattr(model, "config", None)
-    for key in ("hidden_size", "num_layers"):
-        have = getattr(config, key, None) if key == "hidden_size" else getattr(config, "num_hidden_layers", None)
-        if recorded.get(key) is not None and have is not None and int(have) != int(recorded[key]):
-            raise ManifestError(
-                f"the collection in {str(manifest.root)!r} was made with a model of {key} {recorded[key]}, this "
-                f"model has {have}: pass the model it was collected with, or collect again with this one"
-            )
-    if model_fingerprint(model) != recorded["fingerprint"]:
-        raise ManifestError(
-            f"the collection in {str(manifest.root)!r} was made with another model (fingerprint "
-            f"{recorded['fingerprint'][:12]}…, {recorded.get('name_or_path') or recorded.get('model_type')}); "
-            f"this model's is {model_fingerprint(model)[:12]}…: pass the model it was collected with, or collect "
-            "again with this one"
-        )
-
-
-def check_collection(manifest: Manifest) -> None:
-    """Raise :class:`ManifestError` unless the collection holds the lens top-k of every block (the labels)."""
-    if "lens_topk" not in manifest.features:
-        raise ManifestError(
-            f"the collection in {str(manifest.root)!r} has no lens top-k, which every label is made of: collect again "
-            f"with --features {','.join([*manifest.features, 'lens_topk'])}"
-        )
-    if list(manifest.layers) != list(range(manifest.num_layers)):
-        raise ManifestError(
-            f"labels need every block; the collection in {str(manifest.root)!r} stored layers "
-            f"{list(manifest.layers)} of {manifest.num_layers}: collect again with --layers all"
-        )
-
-
 def batch_labels(topk_ids: torch.Tensor, kind: str) -> torch.Tensor:
     """``[L-1, tokens]`` bool labels of a batch's ``[tokens, L, k]`` top-k ids (rows as ``StateSet.labels``)."""
-    if kind not in LABELS:
-        raise ValueError(f"label must be one of {list(LABELS)}, got {kind!r}")
-    sat = saturation_from_topk(topk_ids.movedim(1, 0).long())
-    return sat.stable if kind in ("next", "kept") else sat.saturated[:-1]
-
-
-def decision_layers(kind: str, num_layers: int) -> list[int]:
-    """Blocks scored for label ``kind``: ``0 .. L-2``, or ``1 .. L-1`` for ``kept``."""
-    first = 1 if kind == "kept" else 0
-    return list(range(first, first + num_layers - 1))
+    labels = labels_from_topk(topk_ids, (kind,))[f"label_{kind}"].T
+    return labels[:-1] if kind == "final" else labels
 
 
 class BatchStates:
-    """The per-block vectors of one batch of a collection, stored or derived, handed out as :class:`LayerState`.
+    """The per-block vectors of one batch of a collection, handed out as one :class:`LayerState` per measure.
+
+    Unlike :func:`deltaexit.streaming.states.layer_states` (every stored vector in one state per block), each
+    state holds what one measure reads, as :meth:`deltaexit.StateSet.state` gives it, and the vectors are
+    converted once per batch and shared; measures with different candidate sets get different states.
 
     Args:
         batch: A batch of :class:`~deltaexit.streaming.ShardDataset` (token-major ``[tokens, layers, ...]``).
@@ -202,7 +125,8 @@ class BatchStates:
         self._cache: dict[tuple[str, int], torch.Tensor | None] = {}
 
     def vector(self, name: str, layer: int) -> torch.Tensor | None:
-        """``[tokens, hidden]`` float32 ``h_in``/``h_out``/``delta`` after block ``layer``, or None if not derivable."""
+        """``[tokens, hidden]`` float32 ``h_in``/``h_out``/``delta`` after block ``layer`` (``delta`` also from the
+        stored ``h_in`` and ``h_out``), or None if not collected."""
         key = (name, layer)
         if key not in self._cache:
             row, b = self.rows[layer], self.batch
@@ -210,10 +134,6 @@ class BatchStates:
                 value: torch.Tensor | None = b[name][:, row].float()
             elif name == "delta" and "h_in" in b and "h_out" in b:
                 value = b["h_out"][:, row].float() - b["h_in"][:, row].float()
-            elif name == "h_out" and "h_in" in b and "delta" in b:
-                value = b["h_in"][:, row].float() + b["delta"][:, row].float()
-            elif name == "h_in" and "h_out" in b and "delta" in b:
-                value = b["h_out"][:, row].float() - b["delta"][:, row].float()
             else:
                 value = None
             self._cache[key] = value

@@ -37,10 +37,11 @@ from torch import nn
 from deltaexit.calibration.simulate import ExitTable
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, get_measure
-from deltaexit.stream_evaluation import BatchStates, check_collection, check_model, missing_input, window_counts
-from deltaexit.streaming.dataset import META_FIELDS, read_shard
+from deltaexit.stream_evaluation import BatchStates, missing_input, window_counts
+from deltaexit.streaming.dataset import META_FIELDS
 from deltaexit.streaming.features import stored_names
 from deltaexit.streaming.manifest import Manifest, ManifestError
+from deltaexit.streaming.states import check_collection, read_shard
 
 __all__ = ["open_collection", "shard_exit_table", "shard_losses", "shard_windows"]
 
@@ -51,24 +52,14 @@ def open_collection(
     """The checked ``(manifest, measure, lens)`` of a collection: complete, with the lens top-k of every block,
     made with ``model`` (when given), holding what the (fitted) measure reads. Raises before any shard is read."""
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)
-    check_collection(manifest)
     measure = get_measure(measure) if isinstance(measure, str) else measure
     if getattr(measure, "requires_fit", False) and not getattr(measure, "is_fitted", True):
         raise ValueError(f"the measure {measure!r} must be fitted before it can score states; call .fit(...) first")
-    lens = None
-    if model is not None:
-        check_model(manifest, model)
-        lens = Lens.from_model(model)
-    why = missing_input(measure, manifest, lens=lens)
+    lens = None if model is None else Lens.from_model(model)
+    check_collection(manifest, label="next", model=model)  # lens top-k of every block; the model's fingerprint
+    why = missing_input(measure, manifest, lens=lens)  # what it reads; a fitted measure's hidden size
     if why is not None:
         raise ManifestError(why)
-    fitted_hidden = getattr(measure, "hidden_size_", None)
-    recorded = manifest.settings["model"].get("hidden_size")
-    if fitted_hidden is not None and recorded is not None and int(fitted_hidden) != int(recorded):
-        raise ManifestError(
-            f"{measure!r} was fitted on hidden size {fitted_hidden}; the collection in {str(manifest.root)!r} has "
-            f"hidden size {recorded}: pass a measure fitted on this model"
-        )
     manifest.verify(quick=True)
     return manifest, measure, lens
 
