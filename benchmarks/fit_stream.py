@@ -81,8 +81,9 @@ def byte_documents(path: Path):
 def collect(args, tokens: int, out: Path, shard_tokens: int | None = None) -> None:
     from deltaexit.streaming import collect_to_disk
 
+    shard_tokens = shard_tokens or args.shard_tokens
     collect_to_disk(build_model(args), byte_documents(args.data), out, features=FEATURES, topk=5,
-                    context=args.context, batch_size=8, shard_tokens=shard_tokens or args.shard_tokens, max_tokens=tokens,
+                    context=args.context, batch_size=8, shard_tokens=shard_tokens, max_tokens=tokens,
                     dtype="float16", progress=False, overwrite=True)  # fmt: skip
 
 
