@@ -183,6 +183,8 @@ def test_analyze_command_reads_shards(corpus, tmp_path, capsys):
     assert "label 'final'" in printed and "AUROC" in printed and "error bound" in printed
     result = json.loads(js.read_text())
     assert result["config"]["shards"] == str(out) and result["tokens"]["test"] == TEST_TOKENS
+    assert main(["analyze", "--data", str(js), "--tokens", "64"]) == 1  # a text needs the model to run
+    assert "--data needs --model" in capsys.readouterr().err
 
 
 # -- bad input -------------------------------------------------------------------------------------------
