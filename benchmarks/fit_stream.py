@@ -98,7 +98,7 @@ def fit_streamed(args, shards: Path):
     """``measure.fit(dataset)`` over the shards: one epoch is one pass, one shard in memory at a time."""
     import deltaexit as dx
 
-    return new_measure(args).fit(dx.ShardDataset(shards, batch_size=1024))
+    return new_measure(args).fit(dx.ShardDataset(shards, batch_size=1024), shuffle_rows=args.shuffle_rows)
 
 
 def fit_in_memory(args, shards: Path):
@@ -117,7 +117,8 @@ def analyze_streamed(args, shards: Path) -> dict:
 
     tokens = dx.Manifest.load(shards).num_tokens
     return dx.analyze_shards(shards, tokens=tokens // 2, measures=list(args.analyze_measures),
-                             fit_kwargs={"max_epochs": args.epochs, "hidden_units": 32}, batch_size=1024)  # fmt: skip
+                             fit_kwargs={"max_epochs": args.epochs, "hidden_units": 32}, batch_size=1024,
+                             shuffle_rows=args.shuffle_rows)  # fmt: skip
 
 
 def child(args) -> None:
@@ -142,6 +143,7 @@ def child_env() -> dict:
 def common_flags(args) -> list[str]:
     return ["--layers", str(args.layers), "--hidden", str(args.hidden), "--context", str(args.context),
             "--epochs", str(args.epochs), "--shard-tokens", str(args.shard_tokens),
+            "--shuffle-rows", str(args.shuffle_rows),
             "--analyze-measures", *args.analyze_measures]  # fmt: skip
 
 
@@ -198,7 +200,7 @@ shards, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 measure = dx.get_measure("delta-mlp", label="next", hidden_units=32, max_epochs=epochs, patience=epochs,
                          batch_size=1024, seed=0)
 start = time.perf_counter()
-measure.fit(dx.ShardDataset(shards, batch_size=1024))   # every rank reads its own shards
+measure.fit(dx.ShardDataset(shards, batch_size=1024), shuffle_rows=int(sys.argv[4]))   # each rank: its own shards
 elapsed = time.perf_counter() - start
 measure.save(out)   # rank 0 writes
 if not owned or torch.distributed.get_rank() == 0:
@@ -226,7 +228,8 @@ def torchrun(args, shards: Path) -> dict:
         for _ in range(args.repeats):
             for ranks in (1, 2):
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                       str(script), str(shards), str(work / f"m{ranks}"), str(args.epochs)]  # fmt: skip
+                       str(script), str(shards), str(work / f"m{ranks}"), str(args.epochs),
+                       str(args.shuffle_rows)]  # fmt: skip
                 start = time.perf_counter()
                 done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=False)
                 wall = time.perf_counter() - start
@@ -257,6 +260,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--shard-tokens", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--shuffle-rows", type=int, default=16384, help="shuffle buffer of the streamed fit, in rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--only", nargs="+", default=["memory", "throughput", "torchrun"],
@@ -290,7 +294,8 @@ def main() -> None:
             "config": {"base_tokens": args.base_tokens, "scales": args.scales, "layers": args.layers,
                        "hidden": args.hidden, "context": args.context, "shard_tokens": args.shard_tokens,
                        "features": FEATURES, "dtype": "float16", "measure": "delta-mlp (hidden 32), label next",
-                       "epochs": args.epochs, "analyze_measures": args.analyze_measures, "torch_threads": 1,
+                       "epochs": args.epochs, "analyze_measures": args.analyze_measures,
+                       "shuffle_rows": args.shuffle_rows, "torch_threads": 1,
                        "data": str(args.data), "cpus": os.cpu_count()},
         }  # fmt: skip
         if "memory" in args.only:

@@ -47,6 +47,7 @@ from deltaexit.jsonable import json_clean
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.measures.cost import block_flops_per_token, measure_cost
+from deltaexit.measures.stream_fit import DEFAULT_SHUFFLE_ROWS
 from deltaexit.measures.trainable import TrainableMeasure
 from deltaexit.saturation import READS_KEPT_REASON, reads_label, saturation_from_topk
 from deltaexit.stream_evaluation import BatchStates, LabelEvaluator, batch_labels, missing_input, window_counts
@@ -241,7 +242,7 @@ class SplitBatches:
 
 def _fit_trainable(
     measures: Mapping[str, ConfidenceMeasure], dataset: ShardDataset, codes: torch.Tensor, kind: str,
-    lens: Lens | None, progress: bool,
+    lens: Lens | None, shuffle_rows: int, progress: bool,
 ) -> dict[str, float]:  # fmt: skip
     """Fit every trainable measure out of core on the train windows; seconds per measure."""
     from tqdm.auto import tqdm
@@ -250,7 +251,7 @@ def _fit_trainable(
     todo = [(n, m) for n, m in measures.items() if isinstance(m, TrainableMeasure)]
     for name, measure in tqdm(todo, desc=f"fit ({kind})", disable=not progress, unit="measure"):
         start = time.perf_counter()
-        measure.fit(SplitBatches(dataset, codes, TRAIN, measure, kind, lens))
+        measure.fit(SplitBatches(dataset, codes, TRAIN, measure, kind, lens), shuffle_rows=shuffle_rows)
         seconds[name] = time.perf_counter() - start
     return seconds
 
@@ -304,6 +305,7 @@ def analyze_shards(
     model: nn.Module | None = None,
     mantissa_bits: int = 8,
     batch_size: int = 8192,
+    shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Fit and evaluate every measure on a streamed collection; the dict of :func:`deltaexit.analyze`.
@@ -316,6 +318,7 @@ def analyze_shards(
             the lens beyond the stored top-k, and for the cost table (None without it).
         mantissa_bits: Resolution of the score histograms (see :mod:`deltaexit.histogram`).
         batch_size: Tokens per batch read.
+        shuffle_rows: Shuffle-buffer rows of the streamed fit (``(token, layer)`` pairs; it bounds the fit's memory).
         **overrides: Any :class:`~deltaexit.analysis.AnalyzeConfig` field by name.
 
     Raises:
@@ -342,7 +345,7 @@ def analyze_shards(
     fit_data = collection_dataset(manifest, max(64, min(batch_size, tokens["train"] // 8)))
     timing["fit_s"], saved = {}, {}
     for kind, (measures, _) in chosen.items():
-        timing["fit_s"][kind] = _fit_trainable(measures, fit_data, codes, kind, lens, cfg.progress)
+        timing["fit_s"][kind] = _fit_trainable(measures, fit_data, codes, kind, lens, shuffle_rows, cfg.progress)
         if cfg.save_measures is not None:
             saved[kind] = {
                 n: str(m.save(Path(cfg.save_measures) / kind / safe_name(n)))
