@@ -129,7 +129,7 @@ def test_a_list_of_batches_fits_as_the_in_memory_fit(full_dir):
 
 def test_shuffled_buffers_and_streams_still_fit(full_dir):
     ds = ShardDataset(full_dir, batch_size=10, shuffle=True, seed=1)
-    base = get_measure("delta-mlp", hidden_units=8, **FAST).fit(ds)
+    base = get_measure("delta-mlp", hidden_units=8, **FAST).fit(ds, progress=True)
     small = get_measure("delta-mlp", hidden_units=8, **FAST).fit(ds, shuffle_rows=40, streams=3)
     again = get_measure("delta-mlp", hidden_units=8, **FAST).fit(ds, shuffle_rows=40, streams=3)
     assert _same_weights(small, again)  # seeded: repeatable

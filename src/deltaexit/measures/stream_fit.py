@@ -22,6 +22,10 @@ rank ``s % world_size``); each rank reads only its streams' units, the gradients
 ``all_reduce`` (each rank's loss is already divided by the global row count) and the held-out sums too, so every
 rank holds the same weights, and the fit equals a one-process fit with the same ``streams`` up to the order of
 floating-point sums. A rank whose streams ran dry contributes zero gradients: uneven shard counts never hang.
+The gradients are reduced in one flat ``all_reduce`` per step rather than by wrapping the net in
+``DistributedDataParallel``: its reducer expects every rank to produce every gradient at every step, which a rank
+without rows (uneven shards) or a per-layer net whose batch misses a layer does not; the arithmetic is DDP's.
+Under ``nccl`` the collectives run on the current CUDA device (not run here: gloo on CPU is what is tested).
 
 Example:
     >>> import torch
@@ -258,6 +262,21 @@ class _Scaling:
         return x, row, y, torch.where(y, self.w_pos[row], self.w_neg[row])
 
 
+def _comm_device() -> torch.device:
+    """Where collectives run: the current CUDA device under ``nccl`` (which reduces only CUDA tensors), else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks (on the CPU, as given)."""
+    device = _comm_device()
+    moved = tensor.to(device)
+    dist.all_reduce(moved)
+    return moved.to(tensor.device)
+
+
 def _check_chunk(chunk: Chunk, layers: Sequence[int], width: int | None) -> None:
     if len(chunk.xs) != len(layers) or len(chunk.ys) != len(layers):
         raise ValueError(f"{chunk.where}: {len(chunk.xs)} layers of features, expected {len(layers)} ({list(layers)})")
@@ -326,8 +345,7 @@ def _held_out_loss(net: ExitNet, source: FitSource, units: Sequence[int], scalin
         total += held_out_sum(net, x, row, y, w)
         count += int(x.shape[0])
     if world > 1:
-        sums = torch.tensor([total, float(count)], dtype=torch.float64)
-        dist.all_reduce(sums)
+        sums = _all_reduce(torch.tensor([total, float(count)], dtype=torch.float64))
         total, count = float(sums[0]), int(sums[1])
     if count == 0:
         raise ValueError("the held-out units hold no tokens")
@@ -391,8 +409,7 @@ def _all_reduce_grads(net: ExitNet) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-    dist.all_reduce(flat)
+    flat = _all_reduce(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]))
     offset = 0
     for p in params:
         assert p.grad is not None
@@ -467,6 +484,7 @@ def fit_exit_net_stream(
     streams: int | None = None,
     shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
     on_epoch: Callable[[int, float], None] | None = None,
+    progress: bool = False,
 ) -> FittedState:
     """Train an :class:`~deltaexit.measures.nets.ExitNet` from a :class:`FitSource` (see the module docstring).
 
@@ -478,10 +496,13 @@ def fit_exit_net_stream(
             how many processes run it.
         shuffle_rows: Rows per shuffle buffer (memory: ``shuffle_rows * n_features_in * 4`` bytes, plus one chunk).
         on_epoch: Called with ``(epoch, held-out loss)`` after every epoch.
+        progress: A tqdm bar over the epochs (on rank 0), with the held-out loss.
 
     Returns:
         The :class:`~deltaexit.measures.fitted.FittedState` (the same on every rank).
     """
+    from tqdm.auto import tqdm
+
     if shuffle_rows < 1:
         raise ValueError(f"shuffle_rows must be >= 1, got {shuffle_rows}")
     rank, world = rank_and_world()
@@ -494,6 +515,7 @@ def fit_exit_net_stream(
                   range(streams)}  # fmt: skip
     val_mine = list(val[rank::world]) if source.distributed else list(val)
     stopping = EarlyStopping(net, _held_out_loss(net, source, val_mine, scaling, world), settings.patience)
+    bar = tqdm(total=settings.max_epochs, desc="fit (streamed)", unit="epoch", disable=not progress or rank != 0)
     for epoch in range(1, settings.max_epochs + 1):
         net.train()
         plan = _plan(source, train, epoch, streams, tokens, rank)
@@ -502,8 +524,11 @@ def fit_exit_net_stream(
         current = _held_out_loss(net, source, val_mine, scaling, world)
         if on_epoch is not None:
             on_epoch(epoch, current)
+        bar.update(1)
+        bar.set_postfix(held_out=f"{current:.4f}")
         if stopping.update(epoch, current):
             break
+    bar.close()
     net, history, best_epoch = stopping.result()
     return FittedState(
         layers=source.layers, hidden_size=source.hidden_size, n_features_in=stats.width,

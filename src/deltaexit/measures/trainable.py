@@ -247,6 +247,7 @@ class TrainableMeasure(ConfidenceMeasure):
         model: torch.nn.Module | None = None,
         streams: int | None = None,
         shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
+        progress: bool = False,
     ) -> TrainableMeasure:
         """Train in memory on states and labels, or out of core on a dataset (scikit-learn's ``fit(X, y)``).
 
@@ -275,12 +276,15 @@ class TrainableMeasure(ConfidenceMeasure):
             streams: For a dataset: parallel read streams (default: the world size); a 2-rank fit equals a
                 one-process fit with ``streams=2``.
             shuffle_rows: For a dataset: rows (token-layer pairs) per shuffle buffer.
+            progress: For a dataset: a tqdm bar over the epochs (rank 0).
 
         Returns:
             self
         """
         if y is None:
-            return self._fit_stream(X, lens=lens, model=model, streams=streams, shuffle_rows=shuffle_rows)
+            return self._fit_stream(
+                X, lens=lens, model=model, streams=streams, shuffle_rows=shuffle_rows, progress=progress
+            )
         if callable(getattr(X, "fit_source", None)):
             raise TypeError("a dataset carries its own labels (the measure's label): call fit(dataset) without y")
         states, labels = list(X), list(y)
@@ -301,8 +305,9 @@ class TrainableMeasure(ConfidenceMeasure):
         return self
 
     def _fit_stream(
-        self, dataset: Any, *, lens: Any, model: torch.nn.Module | None, streams: int | None, shuffle_rows: int
-    ) -> TrainableMeasure:
+        self, dataset: Any, *, lens: Any, model: torch.nn.Module | None, streams: int | None, shuffle_rows: int,
+        progress: bool,
+    ) -> TrainableMeasure:  # fmt: skip
         if isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], LayerState):
             raise TypeError("fit(states) needs the labels too: fit(states, labels)")
         make_source = getattr(dataset, "fit_source", None)
@@ -314,7 +319,7 @@ class TrainableMeasure(ConfidenceMeasure):
             source = BatchSource(dataset, self.fit_features, self.state_hidden_size)
         fitted = fit_exit_net_stream(
             source, settings=self._settings(), streams=streams, shuffle_rows=shuffle_rows,
-            on_epoch=self._report if self.verbose and rank_and_world()[0] == 0 else None,
+            on_epoch=self._report if self.verbose and rank_and_world()[0] == 0 else None, progress=progress,
         )  # fmt: skip
         self._set_fitted(fitted)
         return self

@@ -142,6 +142,10 @@ class ShardDataset(IterableDataset):
     def fit_source(self, measure: ConfidenceMeasure, *, lens: Any = None, model: Any = None) -> ShardFitSource:
         """This collection as the data of ``measure.fit(self)``: its shards as units (checked before training).
 
+        The fit splits the shards over the ``torch.distributed`` ranks itself (``split_ranks`` and DataLoader
+        workers play no part) and reads its chunks in this dataset's ``batch_size`` tokens; ``shuffle`` and
+        ``seed`` draw the shard order of each epoch.
+
         Args:
             measure: The trainable measure to fit (its label and inputs are read, whatever ``features`` and
                 ``labels`` this dataset yields).
