@@ -231,3 +231,10 @@ def test_another_model_an_unfinished_collection_and_a_corrupt_shard_are_named(co
     shard.write_bytes(b"x" * shard.stat().st_size)  # same size: only reading it shows
     with pytest.raises(ManifestError, match=shard.name):
         analyze_shards(broken, tokens=TEST_TOKENS, measures=["delta-norm"])
+    shutil.rmtree(broken)
+    shutil.copytree(out, broken)
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\x7f" * 8  # the header still parses: only the sha256 shows it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=f"{shard.name}.*sha256"):
+        analyze_shards(broken, tokens=TEST_TOKENS, measures=["delta-norm"], verify=True)

@@ -306,6 +306,7 @@ def analyze_shards(
     mantissa_bits: int = 8,
     batch_size: int = 8192,
     shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
+    verify: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Fit and evaluate every measure on a streamed collection; the dict of :func:`deltaexit.analyze`.
@@ -319,6 +320,8 @@ def analyze_shards(
         mantissa_bits: Resolution of the score histograms (see :mod:`deltaexit.histogram`).
         batch_size: Tokens per batch read.
         shuffle_rows: Shuffle-buffer rows of the streamed fit (``(token, layer)`` pairs; it bounds the fit's memory).
+        verify: Check every shard's sha256 before any work (reads the whole collection once more); without it
+            each shard's size is checked, and a shard whose bytes do not parse is named when it is read.
         **overrides: Any :class:`~deltaexit.analysis.AnalyzeConfig` field by name.
 
     Raises:
@@ -332,7 +335,7 @@ def analyze_shards(
     check_collection(manifest, label=cfg.labels[0], model=model)  # the labels' lens top-k, the model's fingerprint
     lens = None if model is None else Lens.from_model(model)
     chosen = {kind: _choose_measures(cfg, kind, manifest, lens) for kind in cfg.labels}
-    manifest.verify(quick=True)
+    manifest.verify(quick=not verify)
     timing: dict[str, Any] = {}
     start = time.perf_counter()
     counts = window_counts(manifest)

@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
+        "--verify", action="store_true", help="with --shards: check every shard's sha256 before any work"
+    )
+    parser.add_argument(
         "--histogram-bits", type=int, default=8,
         help="with --shards: mantissa bits per score bin (relative bin width 2^-bits; 23 = exact float32)",
     )  # fmt: skip
@@ -158,7 +161,7 @@ def run_shards(args: argparse.Namespace, config: AnalyzeConfig) -> int:
 
         model, _ = load_model_and_tokenizer(args.model)
     with torch_threads(args.threads):
-        result = analyze_shards(args.shards, config, model=model, mantissa_bits=args.histogram_bits)
+        result = analyze_shards(args.shards, config, model=model, mantissa_bits=args.histogram_bits, verify=args.verify)
     result["config"]["model_dir"] = None if args.model is None else str(args.model)
     write_outputs(args, result)
     return 0
