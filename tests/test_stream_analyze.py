@@ -218,6 +218,8 @@ def test_another_model_an_unfinished_collection_and_a_corrupt_shard_are_named(co
     wider = tiny_model("llama", num_layers=4, hidden=64, vocab=model.config.vocab_size)
     with pytest.raises(ManifestError, match="hidden size 32; this model has hidden size 64"):
         analyze_shards(out, model=wider, tokens=TEST_TOKENS, measures=["delta-norm"])
+    with pytest.raises(ValueError, match=r"histogram-bits\) must lie in \[0, 23\]"):
+        analyze_shards(out, tokens=TEST_TOKENS, measures=["delta-norm"], mantissa_bits=30)
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "manifest.rank00000.json").write_text("{}")

@@ -78,6 +78,8 @@ def test_bad_collections_and_measures_are_refused_before_reading(collection, tmp
         h = torch.randn(64, 16)
         fitted.fit([dx.LayerState(layer=0, h_in=h, h_out=h + torch.randn(64, 16))], [torch.rand(64) > 0.5])
         dx.calibrate(shards=out, measure=fitted, delta=0.3, epsilon=0.3, progress=False)
+    with pytest.raises(ValueError, match="drop prompts"):
+        dx.calibrate(model, [torch.tensor([1, 2])], shards=out, measure="delta-norm", delta=0.3, epsilon=0.3)
     with pytest.raises(ValueError, match="must be fitted"):
         dx.calibrate(shards=out, measure=dx.get_measure("linear"), delta=0.3, epsilon=0.3, progress=False)
     with pytest.raises(ManifestError, match="reads the lens.*--model MODEL"):

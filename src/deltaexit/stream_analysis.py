@@ -331,6 +331,8 @@ def analyze_shards(
             reading it shows, which is named when met.
     """
     cfg = AnalyzeConfig.build(config, **overrides)
+    if not 0 <= mantissa_bits <= 23:
+        raise ValueError(f"mantissa_bits (--histogram-bits) must lie in [0, 23], got {mantissa_bits}")
     manifest = shards if isinstance(shards, Manifest) else Manifest.load(shards)
     check_collection(manifest, label=cfg.labels[0], model=model)  # the labels' lens top-k, the model's fingerprint
     lens = None if model is None else Lens.from_model(model)

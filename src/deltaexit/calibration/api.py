@@ -349,6 +349,8 @@ def calibrate(
     if table is not None or shards is not None:
         if table is not None and shards is not None:
             raise ValueError("pass table= or shards=, not both")
+        if prompts is not None or references is not None:
+            raise ValueError("table= and shards= bring their own examples (and next tokens): drop prompts/references")
         check_loss(cfg.loss, table is None or table.reference is not None)  # a collection has the next tokens
         if shards is not None:
             return _calibrate_shards(shards, model, cfg, thresholds, needed)
