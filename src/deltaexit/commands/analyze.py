@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Tokenise --data with the model's tokenizer, run the model over windows, fit the trainable "
             "measures on tokens disjoint from the first --tokens test tokens, choose thresholds on a "
             "third disjoint part, and print F1 (with the trivial all-positive F1), AUROC, per-layer "
-            "‖delta‖ and the oracle ceiling."
+            "‖delta‖ and the oracle ceiling. With --shards DIR instead of --data, read a deltaexit collect "
+            "directory shard by shard (bounded memory) and print the same tables."
         ),
     )
     parser.add_argument(
