@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     )
     from deltaexit.reference import load_reference, reference_path
     from deltaexit.saturation import Saturation, saturation, saturation_from_topk
+    from deltaexit.stream_analysis import analyze_shards
     from deltaexit.streaming import (
         CollectConfig,
         Manifest,
@@ -101,6 +102,7 @@ EXPORTS: dict[str, str] = {
     "Saturation": "deltaexit.saturation",
     "saturation": "deltaexit.saturation",
     "saturation_from_topk": "deltaexit.saturation",
+    "analyze_shards": "deltaexit.stream_analysis",
     "Manifest": "deltaexit.streaming",
     "ManifestError": "deltaexit.streaming",
     "ShardDataset": "deltaexit.streaming",
@@ -149,6 +151,7 @@ __all__ = [
     "TuneResult",
     "__version__",
     "analyze",
+    "analyze_shards",
     "available_measures",
     "calibrate",
     "collect",

@@ -387,6 +387,11 @@ def _pct(x: float | None) -> str:
     return "   -  " if x is None else f"{100 * x:5.1f}%"
 
 
+def _num(x: float | None, width: int) -> str:
+    """``x`` to 3 decimals in ``width`` characters; ``-`` when unknown (e.g. a norm a collection did not store)."""
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.3f}"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The tables of an :func:`analyze` result as plain text."""
     lines: list[str] = []
@@ -401,9 +406,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append(f"{'layer':>5} {'|delta|':>8} {'|delta|/|h_in|':>15} {'saturated':>10}")
     sat_rows = result["oracle"]["per_layer"]
     for row, srow in zip(result["layers"], sat_rows):
-        lines.append(
-            f"{row['layer']:>5} {row['delta_norm']:>8.3f} {row['delta_ratio']:>15.3f} {_pct(srow['saturated']):>10}"
-        )
+        norms = f"{_num(row['delta_norm'], 8)} {_num(row['delta_ratio'], 15)}"
+        lines.append(f"{row['layer']:>5} {norms} {_pct(srow['saturated']):>10}")
     o = result["oracle"]
     lines.append(
         f"oracle: mean saturation layer {o['oracle_mean_layer']:.2f}/{o['num_layers']}; a perfect free "
@@ -412,6 +416,9 @@ def format_report(result: dict[str, Any]) -> str:
     for kind, ev in result["labels"].items():
         lines += _label_tables(kind, ev)
     cost = result["cost"]
+    if cost is None:
+        lines += ["", "cost table: needs the model (pass --model)"]
+        return "\n".join(lines)
     lines.append("")
     lines.append(
         f"cost per decision as a fraction of one block ({cost['block_flops_per_token']:.0f} FLOPs/token "
@@ -454,6 +461,13 @@ def _label_tables(kind: str, ev: dict[str, Any]) -> list[str]:
         lines.append(f"{t['transition']:>5} {cells}")
     means = [ev["summary"][n]["mean_auroc"] for n in names]
     lines.append(f"{'mean':>5} " + " ".join(f"{m:>{w}.3f}" if m is not None else f"{'-':>{w}}" for m in means))
+    bounds = [ev["summary"][n].get("max_auroc_error_bound") for n in names]
+    if any(b is not None for b in bounds):  # streamed (analyze --shards): scores were binned
+        lines.append(
+            f"{'bound':>5} "
+            + " ".join(f"{b:>{w}.4f}" if b is not None else f"{'-':>{w}}" for b in bounds)
+            + "   (largest AUROC error bound over the rows: scores binned; --histogram-bits 23 is exact)"
+        )
     for name, why in ev.get("left_out", {}).items():
         lines.append(f"left out of label '{kind}': {name} ({why}; see docs/reproduction.md)")
     return lines

@@ -40,6 +40,8 @@ __all__ = [
     "evaluate_scores",
     "layer_delta_stats",
     "pearson",
+    "score_carrying",
+    "summarize_transitions",
     "trivial_f1",
 ]
 
@@ -276,15 +278,15 @@ def evaluate_measures(
             key = (measure.needs("h_in"), measure.needs("lens"), measure.candidates)
             sel_state = sel_states.setdefault(key, select.state(block, measure))
             test_state = test_states.setdefault(key, test.state(block, measure))
-            s_sel = _score_carrying(measure, sel_state, first_ids, "select")
-            s_test = _score_carrying(measure, test_state, first_ids, "test")
+            s_sel = score_carrying(measure, sel_state, first_ids, "select")
+            s_test = score_carrying(measure, test_state, first_ids, "test")
             row["measures"][name] = evaluate_scores(s_sel, sel_y[i], s_test, y)
         transitions.append(row)
-    summary = {name: _summary([t["measures"][name] for t in transitions]) for name in measures}
+    summary = {name: summarize_transitions([t["measures"][name] for t in transitions]) for name in measures}
     return json_clean({"label": label, "transitions": transitions, "summary": summary})
 
 
-def _score_carrying(
+def score_carrying(
     measure: ConfidenceMeasure, state: LayerState, first_ids: dict[tuple[str, int], torch.Tensor], split: str
 ) -> torch.Tensor:
     """``measure.score(state)``; a candidate-set measure's tokens keep the candidates picked at their first
@@ -300,7 +302,7 @@ def _score_carrying(
     return score
 
 
-def _summary(per: list[dict[str, float]]) -> dict[str, float]:
+def summarize_transitions(per: list[dict[str, float]]) -> dict[str, float]:
     """Means over the transitions of one measure's :func:`evaluate_scores` figures."""
     return {
         "mean_f1": float(np.mean([m["f1"] for m in per])),

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -286,6 +287,8 @@ def calibrate(
     references: Sequence[Any] | None = None,
     losses: Callable[[Any], torch.Tensor] | None = None,
     tokenizer: Any = None,
+    table: ExitTable | None = None,
+    shards: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> CalibrationResult:
     """Learn-then-Test calibration of an early-exit threshold for any measure and KV policy.
@@ -309,6 +312,14 @@ def calibrate(
         losses: A custom ``losses(candidate) -> Tensor[n]`` (losses in [0, 1]); then ``thresholds``
             are required and ``model``/``prompts`` are not used.
         tokenizer: Turns string prompts into ids.
+        table: An :class:`~deltaexit.calibration.ExitTable` to read the losses off (one example per row, e.g.
+            :func:`~deltaexit.calibration.exit_table` over text windows); no model runs. The grid examples are
+            set aside as for prompts; ``kv`` is recorded, the losses are the offline simulator's.
+        shards: A collection (``collect_to_disk`` / ``deltaexit collect`` directory) with ``lens_topk`` over every
+            block and what the measure reads: each window is an example, read shard by shard
+            (:mod:`~deltaexit.calibration.stream`); equal to ``table=shard_exit_table(shards, measure)`` without
+            holding the table. Pass ``model`` too for measures that read the lens beyond the stored top-k (it is
+            checked against the collection).
         **settings: Any :class:`CalibrationConfig` field (``measure=``, ``kv=``, ``delta=``,
             ``epsilon=``, ``schedule=``, ``backend=``, ``progress=``, ...); overrides ``config``.
 
@@ -335,6 +346,16 @@ def calibrate(
             raise ValueError("with a custom losses= callable, pass the ordered candidates as thresholds=")
         outcome = _test(losses, thresholds, cfg)
         return _result(outcome, cfg, needed, loss="custom", backend="custom", max_new_tokens=None, info={})
+    if table is not None or shards is not None:
+        if table is not None and shards is not None:
+            raise ValueError("pass table= or shards=, not both")
+        if prompts is not None or references is not None:
+            raise ValueError("table= and shards= bring their own examples (and next tokens): drop prompts/references")
+        check_loss(cfg.loss, table is None or table.reference is not None)  # a collection has the next tokens
+        if shards is not None:
+            return _calibrate_shards(shards, model, cfg, thresholds, needed)
+        assert table is not None
+        return _calibrate_table(table, cfg, thresholds, needed)
     if model is None:
         raise ValueError("pass the model (or a custom losses= callable with thresholds=)")
     return _calibrate_model(model, prompts, cfg, thresholds, references, tokenizer, needed)
@@ -393,6 +414,55 @@ def _calibrate_model(
     return _result(
         outcome, cfg, needed, loss=cfg.loss, backend=cfg.backend, max_new_tokens=cfg.max_new_tokens, info=info
     )
+
+
+def _grid_of(table: ExitTable, cfg: CalibrationConfig) -> list[Any]:
+    return candidate_thresholds(
+        table, cfg.schedule, cfg.num_thresholds, min_exit_layer=cfg.min_exit_layer, tau=cfg.tau,
+        max_steps=cfg.max_new_tokens,
+    )  # fmt: skip
+
+
+def _calibrate_table(
+    table: ExitTable, cfg: CalibrationConfig, thresholds: Sequence[Any] | None, needed: int
+) -> CalibrationResult:
+    """The exit-table flow: split the examples, build the grid on its share if needed, read the losses off."""
+    cal_ids, grid_ids = _split(table.num_examples, cfg, needed, build_grid=thresholds is None)
+    if thresholds is None:
+        thresholds = _grid_of(table.subset(grid_ids), cfg)
+    cal = table.subset(cal_ids)
+
+    def losses(value: Any) -> torch.Tensor:
+        return cal.losses(cfg.threshold(value), cfg.loss, min_exit_layer=cfg.min_exit_layer)
+
+    info = {"num_examples": table.num_examples, "num_grid_examples": len(grid_ids)}
+    return _result(_test(losses, thresholds, cfg), cfg, needed, loss=cfg.loss, backend="table",
+                   max_new_tokens=cfg.max_new_tokens, info=info)  # fmt: skip
+
+
+def _calibrate_shards(
+    shards: str | os.PathLike[str], model: nn.Module | None, cfg: CalibrationConfig,
+    thresholds: Sequence[Any] | None, needed: int,
+) -> CalibrationResult:  # fmt: skip
+    """The collection flow: as :func:`_calibrate_table` on the collection's windows, one pass for all losses."""
+    from deltaexit.calibration.stream import open_collection, shard_exit_table, shard_losses, shard_windows
+
+    manifest, measure, _ = open_collection(shards, cfg.measure, model)  # every check before any shard is read
+    windows = shard_windows(manifest)
+    cal_ids, grid_ids = _split(int(windows.numel()), cfg, needed, build_grid=thresholds is None)
+    if thresholds is None:
+        thresholds = _grid_of(shard_exit_table(manifest, measure, model=model, windows=windows[grid_ids]), cfg)
+    candidates = list(thresholds)
+    matrix = shard_losses(manifest, measure, [cfg.threshold(c) for c in candidates], loss=cfg.loss,
+                          min_exit_layer=cfg.min_exit_layer, model=model, windows=windows[cal_ids])  # fmt: skip
+    rows = {id(c): i for i, c in enumerate(candidates)}
+
+    def losses(value: Any) -> torch.Tensor:
+        return matrix[rows[id(value)] if id(value) in rows else candidates.index(value)]
+
+    info = {"shards": str(manifest.root), "num_examples": int(windows.numel()), "num_grid_examples": len(grid_ids)}
+    return _result(_test(losses, candidates, cfg), cfg, needed, loss=cfg.loss, backend="shards",
+                   max_new_tokens=cfg.max_new_tokens, info=info)  # fmt: skip
 
 
 def _grid(

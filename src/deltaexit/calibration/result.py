@@ -109,7 +109,8 @@ class CalibrationResult:
         pvalues, risks: p-value and empirical risk of each tested candidate.
         min_examples: Fewest examples that could certify ``(delta, epsilon)`` at all.
         min_exit_layer, max_new_tokens, tau: Settings of the exit rule and the continuations.
-        backend: ``"generate"`` (real early-exit generation), ``"offline"`` (exit table) or ``"custom"``.
+        backend: ``"generate"`` (real early-exit generation), ``"offline"`` (exit table), ``"table"`` (a given exit
+            table), ``"shards"`` (a streamed collection) or ``"custom"``.
         info: Free-form JSON-friendly details (grid prompts, model name, ...).
         losses: ``[tested, n]`` per-example losses of the tested candidates (float64), or None.
     """

@@ -3,6 +3,7 @@
 Example:
     $ deltaexit analyze --model path/to/hf-model --data test.txt --tokens 65536 --label both \\
         --json results.json --plots plots/
+    $ deltaexit analyze --shards feats/ --model path/to/hf-model --tokens 65536 --label both   # a collection
 """
 
 from __future__ import annotations
@@ -23,13 +24,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Tokenise --data with the model's tokenizer, run the model over windows, fit the trainable "
             "measures on tokens disjoint from the first --tokens test tokens, choose thresholds on a "
             "third disjoint part, and print F1 (with the trivial all-positive F1), AUROC, per-layer "
-            "‖delta‖ and the oracle ceiling."
+            "‖delta‖ and the oracle ceiling. With --shards DIR instead of --data, read a deltaexit collect "
+            "directory shard by shard (bounded memory) and print the same tables."
         ),
     )
     parser.add_argument(
-        "--model", required=True, help="HF model directory (model + tokenizer files) or a shipped reference name"
+        "--model",
+        default=None,
+        help=(
+            "HF model directory (model + tokenizer files) or a shipped reference name; required with --data, "
+            "optional with --shards (then checked against the collection; needed for lens measures and the cost table)"
+        ),
     )
-    parser.add_argument("--data", required=True, help="UTF-8 text file; its first --tokens tokens are scored")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="UTF-8 text file; its first --tokens tokens are scored")
+    source.add_argument(
+        "--shards",
+        metavar="DIR",
+        help=(
+            "a complete deltaexit collect --out directory: read shard by shard with bounded memory; test = the first "
+            "windows holding --tokens tokens, fit = the rest (or --fit-tokens); AUROC/AUPRC from score histograms, "
+            "each with its error bound"
+        ),
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="with --shards: check every shard's sha256 before any work"
+    )
+    parser.add_argument(
+        "--histogram-bits", type=int, default=8,
+        help="with --shards: mantissa bits per score bin (relative bin width 2^-bits; 23 = exact float32)",
+    )  # fmt: skip
     parser.add_argument("--tokens", type=int, default=65536, help="test tokens (default 65536)")
     parser.add_argument("--fit-data", default=None, help="text file to fit on (default: --data after the test tokens)")
     parser.add_argument("--fit-tokens", type=int, default=None, help="fit tokens (default: --tokens)")
@@ -103,14 +127,19 @@ def build_config(args: argparse.Namespace) -> AnalyzeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltaexit.analysis import analyze, format_report, write_plots
+    from deltaexit.analysis import analyze
     from deltaexit.commands.common import load_model_and_tokenizer
-    from deltaexit.io import atomic_write_json
     from deltaexit.threads import torch_threads
 
     if args.tokens < 2:
         raise ValueError(f"--tokens must be >= 2, got {args.tokens}")
     config = build_config(args)
+    if args.shards:
+        if args.fit_data:
+            raise ValueError("--fit-data reads a text; with --shards the fit tokens are the collection's later windows")
+        return run_shards(args, config)
+    if args.model is None:
+        raise ValueError("--data needs --model (the model to run over the text)")
     text = _read_text(args.data)
     fit_text = _read_text(args.fit_data) if args.fit_data else None
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -118,6 +147,32 @@ def run(args: argparse.Namespace) -> int:
         result = analyze(model, tokenizer, text, config, fit_text=fit_text)
     result["config"]["model_dir"] = str(args.model)
     result["config"]["data"] = str(args.data)
+    write_outputs(args, result)
+    return 0
+
+
+def run_shards(args: argparse.Namespace, config: AnalyzeConfig) -> int:
+    """``deltaexit analyze --shards DIR``: the same tables from a streamed collection."""
+    from deltaexit.stream_analysis import analyze_shards
+    from deltaexit.threads import torch_threads
+
+    model = None
+    if args.model is not None:
+        from deltaexit.commands.common import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(args.model)
+    with torch_threads(args.threads):
+        result = analyze_shards(args.shards, config, model=model, mantissa_bits=args.histogram_bits, verify=args.verify)
+    result["config"]["model_dir"] = None if args.model is None else str(args.model)
+    write_outputs(args, result)
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, result: dict) -> None:
+    """Print the report; write the JSON, plots and saved-measure lines the flags ask for."""
+    from deltaexit.analysis import format_report, write_plots
+    from deltaexit.io import atomic_write_json
+
     print(format_report(result))
     if args.json:
         atomic_write_json(args.json, result)
@@ -127,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     if args.save_measures:
         print_saved_measures(result)
-    return 0
 
 
 def print_saved_measures(result: dict) -> None:
