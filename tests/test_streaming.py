@@ -437,3 +437,14 @@ def test_a_damaged_shard_read_without_verify_names_the_file(model, tmp_path, dam
         batches = iter(ShardDataset(tmp_path / "o", batch_size=4))
         with pytest.raises(ManifestError, match="bytes, the manifest recorded"):
             next(batches)
+
+
+def test_the_fingerprint_survives_save_pretrained_and_reload(model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert dx.streaming.model_fingerprint(reloaded) == dx.streaming.model_fingerprint(model)
+    with torch.no_grad():
+        next(reloaded.parameters()).add_(1.0)
+    assert dx.streaming.model_fingerprint(reloaded) != dx.streaming.model_fingerprint(model)

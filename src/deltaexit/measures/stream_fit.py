@@ -73,8 +73,9 @@ __all__ = [
     "rank_and_world",
 ]
 
-#: Default shuffle-buffer size in rows (``(token, layer)`` pairs): ``rows * n_features_in * 4`` bytes at most.
-DEFAULT_SHUFFLE_ROWS = 1 << 17
+#: Default shuffle-buffer size in rows (``(token, layer)`` pairs): ``rows * n_features_in * 4`` bytes at most
+#: (256 MiB for a 4096-wide delta); the fit's memory stops growing once the training rows exceed it.
+DEFAULT_SHUFFLE_ROWS = 1 << 14
 
 
 @dataclass

@@ -94,6 +94,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[s
             handle.write(raw.data)
 
 
+#: Config keys that ``save_pretrained`` / loading add or change without changing the model (parameter
+#: dtypes are fingerprinted from the parameters themselves).
+_UNFINGERPRINTED = frozenset({"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"})
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the model's config, parameter names/shapes/dtypes and a sample of its first weights.
 
@@ -102,7 +107,7 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        fields = {k: v for k, v in config.to_dict().items() if k not in _UNFINGERPRINTED}
         digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     sampled = False
     for name, p in model.named_parameters():
