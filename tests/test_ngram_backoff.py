@@ -261,3 +261,18 @@ def test_never_exit_with_ngram_drafts_matches_generate():
     ref, out = generate_both(model, ee, ids, max_new_tokens=16)
     assert torch.equal(out.sequences, ref.sequences)
     assert out.stats.blocks_run <= out.stats.full_depth_blocks
+
+
+def test_plain_step_times_carry_over_calls_per_batch_size():
+    """signal="time": the first call probes a plain step's time; a later call of the same batch size reuses it
+    (no probe), one of another batch size probes its own; output stays model.generate's."""
+    model = model_of()
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(10))
+    settings_ = Backoff("time", warmup=4, window=1000, probe=2)
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, Verify(num_draft=2, ngram=0), backoff=settings_)
+    first = generate_both(model, ee, ids, max_new_tokens=12)[1].stats
+    ref, again = generate_both(model, ee, ids, max_new_tokens=12)
+    assert first.probe_steps == 2 and again.stats.probe_steps == 0
+    assert torch.equal(again.sequences, ref.sequences)
+    assert generate_both(model, ee, ids.repeat(2, 1), max_new_tokens=12)[1].stats.probe_steps == 2
+    assert sorted(ee.plain_times) == [1, 2] and all(p.times for p in ee.plain_times.values())
