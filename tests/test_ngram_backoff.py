@@ -79,11 +79,51 @@ def test_ngram_index_longest_latest_match_first():
     assert short.lookup(0, 3) == []  # only the unigram "5" occurred before
 
 
+def naive_lookup(row: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """The latest earlier occurrence of the longest suffix; its continuation, the row extended by its drafts."""
+    size = len(row)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        ends = [e for e in range(n - 1, size - 1) if row[e - n + 1 : e + 1] == row[size - n :]]
+        if ends:
+            seq = list(row)
+            for i in range(k):
+                seq.append(seq[ends[-1] + 1 + i])
+            return seq[size:]
+    return []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    row=st.lists(st.integers(0, 4), min_size=1, max_size=30),
+    k=st.integers(1, 40),
+    max_n=st.integers(1, 4),
+    split=st.integers(0, 30),
+)
+def test_ngram_lookup_matches_naive_search_and_repeats_past_the_end(row, k, max_n, split):
+    index = NgramIndex(max_n=max_n)
+    index.update(torch.tensor([row[: max(1, min(split, len(row)))]]))  # indexed in two updates
+    index.update(torch.tensor([row]))
+    found = index.lookup(0, k)
+    assert found == naive_lookup(row, k, max_n, 1)
+    assert len(found) in (0, k)  # a match drafts as many tokens as asked
+
+
+@given(budget=st.integers(1, 16), drafted=st.integers(1, 16), accepted=st.integers(0, 16), most=st.integers(1, 16))
+def test_ngram_budget_doubles_on_full_acceptance_else_halves(budget, drafted, accepted, most):
+    accepted = min(accepted, drafted)
+    nxt = Verify(ngram_draft=most).next_ngram_budget(budget, drafted, accepted)
+    assert 1 <= nxt <= most
+    if accepted == drafted:
+        assert nxt == min(2 * budget, most)
+    else:
+        assert nxt == max(1, min(max(accepted + 1, budget // 2), most))
+
+
 def test_ngram_drafts_same_length_for_every_active_row():
     index = NgramIndex(max_n=2)
     active = index.update(torch.tensor([[1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 7, 5]]), torch.tensor([1, 1]))
     assert active == [True, True]
-    assert index.drafts(active, 4) == [[3, 4, 1], [6, 7, 5]]  # row 1 has three tokens after "5": both cut to 3
+    assert index.drafts(active, 4) == [[3, 4, 1, 2], [6, 7, 5, 6]]  # row 1: "7 5" then the repeat of "5 6 7"
     assert index.drafts([True, False], 4) == [[3, 4, 1, 2], []]  # a finished row does not count
     none = NgramIndex(max_n=2)
     none.update(torch.tensor([[1, 2, 3, 1], [4, 5, 6, 7]]))

@@ -92,7 +92,7 @@ class EarlyExit:
         >>> from deltaexit.testing import ConstantScore, tiny_model
         >>> ee = EarlyExit(tiny_model("llama", num_layers=4), ConstantScore(), 0.5, Verify(num_draft=2))
         >>> ee.kv, ee.policy
-        ('verify', Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=4, ngram_min=1))
+        ('verify', Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=16, ngram_min=1))
         >>> ee.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0).shape
         torch.Size([1, 6])
     """
