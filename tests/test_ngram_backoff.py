@@ -316,3 +316,27 @@ def test_plain_step_times_carry_over_calls_per_batch_size():
     assert torch.equal(again.sequences, ref.sequences)
     assert generate_both(model, ee, ids.repeat(2, 1), max_new_tokens=12)[1].stats.probe_steps == 2
     assert sorted(ee.plain_times) == [1, 2] and all(p.times for p in ee.plain_times.values())
+
+
+class RecordingVerify(Verify):
+    """Verify that notes every round's draft tokens (row 0)."""
+
+    def _verify(self, run, scan, start, chunk, ids, kwargs):
+        self.drafts.append([int(t[0]) for t in chunk.tokens])  # type: ignore[attr-defined]
+        return super()._verify(run, scan, start, chunk, ids, kwargs)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), threshold=st.sampled_from([0.5, math.inf]), eos_share=st.integers(5, 40))
+def test_drafting_stops_at_an_end_of_sequence_token(seed, threshold, eos_share):
+    """No round drafts past an end-of-sequence draft (its output would stop there), from either source; the
+    output stays model.generate's."""
+    model = model_of()
+    ids = repetitive(1, 10, seed, period=3)
+    eos = torch.randperm(128, generator=torch.Generator().manual_seed(seed))[:eos_share].tolist()
+    policy = RecordingVerify(num_draft=4, ngram=2, ngram_draft=8)
+    object.__setattr__(policy, "drafts", [])
+    ee = EarlyExit(model, ConstantScore(1.0), threshold, policy, min_exit_layer=1, backoff=False)
+    ref, out = generate_both(model, ee, ids, max_new_tokens=16, eos_token_id=eos)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(t not in eos for drafts in policy.drafts for t in drafts[:-1])  # type: ignore[attr-defined]

@@ -205,16 +205,15 @@ class Verify(KVPolicy):
         if found is None:
             return None
         n = len(next(f for f in found if f))
+        if run.eos_ids:  # the round's output stops at an end-of-sequence token if it is accepted: draft no further
+            n = min(next((i + 1 for i, t in enumerate(f) if t in run.eos_ids), n) for f, on in zip(found, active) if on)
         pad = int(run.pad) if run.pad is not None else 0
-        columns = torch.tensor([f if f else [pad] * n for f in found], device=run.input_ids.device).T
-        chunk = _Chunk(depth=0)
-        ids, kwargs = run.input_ids, run.model_kwargs
+        columns = torch.tensor([f[:n] if f else [pad] * n for f in found], device=run.input_ids.device).T
         full = torch.full_like(run.unfinished, run.num_layers)
-        for token in columns:
-            chunk.tokens.append(token)
-            chunk.exits.append(full)
-            chunk.probs.append(None)  # one-hot: made in _accept when sampling
-            ids, kwargs = run.extended(ids, kwargs, token)
+        chunk = _Chunk(
+            tokens=list(columns), exits=[full] * n, probs=[None] * n, depth=0
+        )  # probs: one-hot when sampling
+        ids, kwargs = run.extended(run.input_ids, run.model_kwargs, columns.T)
         return chunk, ids, kwargs
 
     def _draft(self, run: Run, scan: ExitScan, start: int, k_max: int):
@@ -246,6 +245,8 @@ class Verify(KVPolicy):
             chunk.probs.append(probs)
             ids, kwargs = run.extended(ids, kwargs, token)
             chunk.depth = min(chunk.depth, res.depth)
+            if run.ends_a_row(token):  # the round's output stops there if it is accepted: draft no further
+                k_max = j + 1
 
     def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs) -> torch.Tensor:
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
