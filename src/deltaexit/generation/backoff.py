@@ -8,11 +8,11 @@ retries early exit; each failed retry doubles the hold (up to ``max_hold``), a s
 
 The cost is, with ``signal="time"`` (the default), the wall-clock seconds per token (clipped sums over a window;
 a full-depth step's time is the median of the latest plain steps, a few of them run as a probe when none is
-recent), and with ``signal="cost"`` the deterministic block count per token (blocks run, measure calls and
-``propagate``'s K/V-only calls in block equivalents) against ``L`` per token, so a run backs off at the same token
-on every machine. Every policy keeps all layers' caches at one length after each step and ``recompute``'s
-held-back tokens are the ones beyond the cache, so a plain step needs no settling: it runs the model over every
-token not yet in the cache.
+recent; :class:`PlainTimes` keeps them across the ``generate`` calls of one ``EarlyExit``), and with
+``signal="cost"`` the deterministic block count per token (blocks run, measure calls and ``propagate``'s K/V-only
+calls in block equivalents) against ``L`` per token, so a run backs off at the same token on every machine.
+Every policy keeps all layers' caches at one length after each step and ``recompute``'s held-back tokens are the
+ones beyond the cache, so a plain step needs no settling: it runs the model over every token not yet in the cache.
 
 Greedy ``verify`` output is unchanged (a plain step is ``model.generate``'s); for ``propagate``/``recompute`` the
 backed-off tokens are the full model's. Backed-off and probe steps count ``L`` blocks in the stats.

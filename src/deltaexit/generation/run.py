@@ -135,11 +135,12 @@ class Run:
         done, changed = torch.stack(((self.unfinished.max() == 0), (before != self.unfinished).any())).tolist()
         self.done, self.just_finished = bool(done), bool(changed)
 
-    def ends_a_row(self, tokens: torch.Tensor) -> bool:
-        """Whether ``tokens`` (``[B]``) is an end-of-sequence token in an unfinished row (one host sync)."""
+    def ends_a_row(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Whether ``tokens`` (``[B]``) is an end-of-sequence token in an unfinished row: a 0-d bool tensor (not
+        read here), None without end-of-sequence ids."""
         if self.eos is None:
-            return False
-        return bool((torch.isin(tokens, self.eos) & self.unfinished.bool()).any())
+            return None
+        return (torch.isin(tokens, self.eos) & self.unfinished.bool()).any()
 
     def scores(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` through the logits processors, given the ``prefix`` ids."""

@@ -220,6 +220,7 @@ class Verify(KVPolicy):
         """Draft up to ``k_max`` tokens; the last scan (one that did not draft) runs to the shallowest exit."""
         ids, kwargs = run.input_ids, run.model_kwargs
         chunk = _Chunk(depth=scan.num_layers)
+        ended: torch.Tensor | None = None  # whether the latest draft ends a row, read with the next scan's decision
         while True:
             j = len(chunk.tokens)
             res = scan.forward(
@@ -232,9 +233,13 @@ class Verify(KVPolicy):
                 freeze=False,
                 keep_states=True,
                 step=run.step + j,
+                read_with=ended if j < k_max else None,
             )
             assert res.states is not None
             chunk.states.append(res.states)
+            if res.read:  # the latest draft ends a row: if accepted, the round's output stops there; this scan
+                chunk.depth = min(chunk.depth, res.depth)  # is the last one (its states reach the verify depth)
+                return chunk, ids, kwargs
             if j >= k_max or not res.all_exited:
                 return chunk, ids, kwargs
             token, probs, _ = run.choose(ids, res.logits_fn())
@@ -245,8 +250,7 @@ class Verify(KVPolicy):
             chunk.probs.append(probs)
             ids, kwargs = run.extended(ids, kwargs, token)
             chunk.depth = min(chunk.depth, res.depth)
-            if run.ends_a_row(token):  # the round's output stops there if it is accepted: draft no further
-                k_max = j + 1
+            ended = run.ends_a_row(token)
 
     def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs) -> torch.Tensor:
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
