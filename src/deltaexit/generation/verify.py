@@ -210,9 +210,9 @@ class Verify(KVPolicy):
         pad = int(run.pad) if run.pad is not None else 0
         columns = torch.tensor([f[:n] if f else [pad] * n for f in found], device=run.input_ids.device).T
         full = torch.full_like(run.unfinished, run.num_layers)
-        chunk = _Chunk(
-            tokens=list(columns), exits=[full] * n, probs=[None] * n, depth=0
-        )  # probs: one-hot when sampling
+        # depth 0: the verify pass runs every layer over the n-gram drafts; their draft probabilities are one-hot
+        # (made in _accept when sampling)
+        chunk = _Chunk(tokens=list(columns), exits=[full] * n, probs=[None] * n, depth=0)
         ids, kwargs = run.extended(run.input_ids, run.model_kwargs, columns.T)
         return chunk, ids, kwargs
 
