@@ -5,9 +5,9 @@ Rows, timed in the same run and alternated (``deltaexit.timing.alternated``: one
 setting ``E:k`` ``dx`` ``verify`` drafting ``k`` tokens from block ``E`` (threshold -inf) and transformers' own
 LayerSkip, ``model.generate(..., assistant_early_exit=E, num_assistant_tokens=k)`` (its error text is recorded
 where it does not run, e.g. ``IndexError`` on GPT-NeoX caches); and prompt-lookup decoding
-(``prompt_lookup_num_tokens``). Each speed is ``model.generate`` time / row time summed over the prompts, as the
-median over rounds with its spread (min, max, IQR); agreement and identity are checked against
-``model.generate``'s greedy output.
+(``prompt_lookup_num_tokens``, 3 and 10 by default: ``--prompt-lookup``, ``--more-prompt-lookup``). Each speed
+is ``model.generate`` time / row time summed over the prompts, as the median over rounds with its spread (min,
+max, IQR); agreement and identity are checked against ``model.generate``'s greedy output.
 
 Usage:
     python benchmarks/verify_speed.py --model v2 --data ../shared/data/wikitext-2/test.txt \\
@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> dict:
     kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id or 0}
     layerskip = [] if args.no_layerskip else [(layer, budget) for layer, budget, _, _ in args.settings]
     rows = peer_rows(model, kw, layerskip=list(dict.fromkeys(layerskip)), prompt_lookup=args.prompt_lookup or None)
+    for tokens in args.more_prompt_lookup:  # e.g. 10, the other value transformers' docs use
+        rows[f"prompt_lookup {tokens}"] = generate_row(model, {**kw, "prompt_lookup_num_tokens": tokens})
     names = {}
     for setting in args.settings:
         name = "verify " + ":".join(str(x) for x in setting[:2]) + (":adaptive" if setting[2] else "")
@@ -90,6 +92,13 @@ def main() -> None:
     ap.add_argument("--model", default="v2", help="HF directory, or a shipped reference name (v1, v2, ...)")
     ap.add_argument("--settings", type=parse_setting, nargs="+", default=[parse_setting("2:4")])
     ap.add_argument("--no-layerskip", action="store_true", help="no assistant_early_exit rows")
+    ap.add_argument(
+        "--more-prompt-lookup",
+        type=int,
+        nargs="*",
+        default=[10],
+        help="further prompt_lookup_num_tokens rows besides --prompt-lookup (default: 10; none: no values)",
+    )
     add_common_args(ap)
     args = ap.parse_args()
     result = json_clean(run(args))

@@ -79,11 +79,51 @@ def test_ngram_index_longest_latest_match_first():
     assert short.lookup(0, 3) == []  # only the unigram "5" occurred before
 
 
+def naive_lookup(row: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """The latest earlier occurrence of the longest suffix; its continuation, the row extended by its drafts."""
+    size = len(row)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        ends = [e for e in range(n - 1, size - 1) if row[e - n + 1 : e + 1] == row[size - n :]]
+        if ends:
+            seq = list(row)
+            for i in range(k):
+                seq.append(seq[ends[-1] + 1 + i])
+            return seq[size:]
+    return []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    row=st.lists(st.integers(0, 4), min_size=1, max_size=30),
+    k=st.integers(1, 40),
+    max_n=st.integers(1, 4),
+    split=st.integers(0, 30),
+)
+def test_ngram_lookup_matches_naive_search_and_repeats_past_the_end(row, k, max_n, split):
+    index = NgramIndex(max_n=max_n)
+    index.update(torch.tensor([row[: max(1, min(split, len(row)))]]))  # indexed in two updates
+    index.update(torch.tensor([row]))
+    found = index.lookup(0, k)
+    assert found == naive_lookup(row, k, max_n, 1)
+    assert len(found) in (0, k)  # a match drafts as many tokens as asked
+
+
+@given(budget=st.integers(1, 16), drafted=st.integers(1, 16), accepted=st.integers(0, 16), most=st.integers(1, 16))
+def test_ngram_budget_doubles_on_full_acceptance_else_halves(budget, drafted, accepted, most):
+    accepted = min(accepted, drafted)
+    nxt = Verify(ngram_draft=most).next_ngram_budget(budget, drafted, accepted)
+    assert 1 <= nxt <= most
+    if accepted == drafted:
+        assert nxt == min(2 * budget, most)
+    else:
+        assert nxt == max(1, min(max(accepted + 1, budget // 2), most))
+
+
 def test_ngram_drafts_same_length_for_every_active_row():
     index = NgramIndex(max_n=2)
     active = index.update(torch.tensor([[1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 7, 5]]), torch.tensor([1, 1]))
     assert active == [True, True]
-    assert index.drafts(active, 4) == [[3, 4, 1], [6, 7, 5]]  # row 1 has three tokens after "5": both cut to 3
+    assert index.drafts(active, 4) == [[3, 4, 1, 2], [6, 7, 5, 6]]  # row 1: "7 5" then the repeat of "5 6 7"
     assert index.drafts([True, False], 4) == [[3, 4, 1, 2], []]  # a finished row does not count
     none = NgramIndex(max_n=2)
     none.update(torch.tensor([[1, 2, 3, 1], [4, 5, 6, 7]]))
@@ -261,3 +301,42 @@ def test_never_exit_with_ngram_drafts_matches_generate():
     ref, out = generate_both(model, ee, ids, max_new_tokens=16)
     assert torch.equal(out.sequences, ref.sequences)
     assert out.stats.blocks_run <= out.stats.full_depth_blocks
+
+
+def test_plain_step_times_carry_over_calls_per_batch_size():
+    """signal="time": the first call probes a plain step's time; a later call of the same batch size reuses it
+    (no probe), one of another batch size probes its own; output stays model.generate's."""
+    model = model_of()
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(10))
+    settings_ = Backoff("time", warmup=4, window=1000, probe=2)
+    ee = EarlyExit(model, ConstantScore(1.0), 0.5, Verify(num_draft=2, ngram=0), backoff=settings_)
+    first = generate_both(model, ee, ids, max_new_tokens=12)[1].stats
+    ref, again = generate_both(model, ee, ids, max_new_tokens=12)
+    assert first.probe_steps == 2 and again.stats.probe_steps == 0
+    assert torch.equal(again.sequences, ref.sequences)
+    assert generate_both(model, ee, ids.repeat(2, 1), max_new_tokens=12)[1].stats.probe_steps == 2
+    assert sorted(ee.plain_times) == [1, 2] and all(p.times for p in ee.plain_times.values())
+
+
+class RecordingVerify(Verify):
+    """Verify that notes every round's draft tokens (row 0)."""
+
+    def _verify(self, run, scan, start, chunk, ids, kwargs):
+        self.drafts.append([int(t[0]) for t in chunk.tokens])  # type: ignore[attr-defined]
+        return super()._verify(run, scan, start, chunk, ids, kwargs)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), threshold=st.sampled_from([0.5, math.inf]), eos_share=st.integers(5, 40))
+def test_drafting_stops_at_an_end_of_sequence_token(seed, threshold, eos_share):
+    """No round drafts past an end-of-sequence draft (its output would stop there), from either source; the
+    output stays model.generate's."""
+    model = model_of()
+    ids = repetitive(1, 10, seed, period=3)
+    eos = torch.randperm(128, generator=torch.Generator().manual_seed(seed))[:eos_share].tolist()
+    policy = RecordingVerify(num_draft=4, ngram=2, ngram_draft=8)
+    object.__setattr__(policy, "drafts", [])
+    ee = EarlyExit(model, ConstantScore(1.0), threshold, policy, min_exit_layer=1, backoff=False)
+    ref, out = generate_both(model, ee, ids, max_new_tokens=16, eos_token_id=eos)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(t not in eos for drafts in policy.drafts for t in drafts[:-1])  # type: ignore[attr-defined]

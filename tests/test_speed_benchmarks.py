@@ -109,7 +109,7 @@ def test_verify_speed_json(neox_dir, tmp_path, monkeypatch, capsys):
     result = _run_script("verify_speed", [*argv, "--settings", "1:2", "--json", str(path)], monkeypatch, capsys)
     assert json.loads(path.read_text()) == result
     names = [row["row"] for row in result["rows"]]
-    assert names == ["model.generate", "assistant_early_exit 1:2", "prompt_lookup 3", "verify 1:2"]
+    assert names == ["model.generate", "assistant_early_exit 1:2", "prompt_lookup 3", "prompt_lookup 10", "verify 1:2"]
     _check_rows(result["rows"])
     verify = result["rows"][-1]
     assert verify["identical"] and verify["drafted"] >= verify["accepted"] >= 0

@@ -8,11 +8,11 @@ retries early exit; each failed retry doubles the hold (up to ``max_hold``), a s
 
 The cost is, with ``signal="time"`` (the default), the wall-clock seconds per token (clipped sums over a window;
 a full-depth step's time is the median of the latest plain steps, a few of them run as a probe when none is
-recent), and with ``signal="cost"`` the deterministic block count per token (blocks run, measure calls and
-``propagate``'s K/V-only calls in block equivalents) against ``L`` per token, so a run backs off at the same token
-on every machine. Every policy keeps all layers' caches at one length after each step and ``recompute``'s
-held-back tokens are the ones beyond the cache, so a plain step needs no settling: it runs the model over every
-token not yet in the cache.
+recent; :class:`PlainTimes` keeps them across the ``generate`` calls of one ``EarlyExit``), and with
+``signal="cost"`` the deterministic block count per token (blocks run, measure calls and ``propagate``'s K/V-only
+calls in block equivalents) against ``L`` per token, so a run backs off at the same token on every machine.
+Every policy keeps all layers' caches at one length after each step and ``recompute``'s held-back tokens are the
+ones beyond the cache, so a plain step needs no settling: it runs the model over every token not yet in the cache.
 
 Greedy ``verify`` output is unchanged (a plain step is ``model.generate``'s); for ``propagate``/``recompute`` the
 backed-off tokens are the full model's. Backed-off and probe steps count ``L`` blocks in the stats.
@@ -48,7 +48,7 @@ from deltaexit.measures.base import ConfidenceMeasure
 if TYPE_CHECKING:
     from deltaexit.generation.scan import ExitScan
 
-__all__ = ["Backoff", "PayoffMonitor", "as_backoff", "block_cost", "full_depth_step"]
+__all__ = ["Backoff", "PayoffMonitor", "PlainTimes", "as_backoff", "block_cost", "full_depth_step"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,35 @@ def full_depth_step(run: Run, scan: ExitScan) -> None:
 
 
 @dataclass
+class PlainTimes:
+    """What is known of a plain full-depth step's wall-clock time per token (``signal="time"``).
+
+    :class:`~deltaexit.generation.early_exit.EarlyExit` keeps one per batch size across its ``generate`` calls, so
+    a later call reuses the latest plain steps' times instead of probing again (4 plain steps per call were 6% of
+    a 64-token call on ``v3``); they are re-timed when older than ``refresh`` early-exit tokens, which doubles
+    while early exit keeps winning, up to ``Backoff.max_hold``.
+
+    Attributes:
+        times: The latest plain steps' seconds per token (at most 8).
+        age: Early-exit tokens since the latest plain step.
+        refresh: Re-time plain steps when ``age`` exceeds this.
+    """
+
+    times: list[float] = field(default_factory=list)
+    age: int = 0
+    refresh: int = 32
+
+    def add(self, per_token: float) -> None:
+        """Note a plain step's seconds per token."""
+        self.times = (self.times + [per_token])[-8:]
+        self.age = 0
+
+    def per_token(self) -> float | None:
+        """The median of the latest plain steps' times; None when there are none or they are too old."""
+        return median(self.times) if self.times and self.age <= self.refresh else None
+
+
+@dataclass
 class _Window:
     """Costs and tokens of the steps of one kind since the last judgement."""
 
@@ -167,9 +196,17 @@ class PayoffMonitor:
         settings: The :class:`Backoff` settings.
         scan: The exit scan (its ``num_layers``).
         cost: For ``signal="cost"``, a function of the run giving its cost so far in block equivalents.
+        plain: For ``signal="time"``, the plain-step times known from earlier calls (updated in place; default:
+            none known).
     """
 
-    def __init__(self, settings: Backoff, scan: ExitScan, cost: Callable[[Run], float] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Backoff,
+        scan: ExitScan,
+        cost: Callable[[Run], float] | None = None,
+        plain: PlainTimes | None = None,
+    ) -> None:
         if settings.signal == "cost" and cost is None:
             raise ValueError("signal='cost' needs a cost function")
         self.settings = settings
@@ -177,9 +214,7 @@ class PayoffMonitor:
         self.cost = cost
         self.early = _Window()
         self.due = settings.warmup  # early-exit tokens in the window before the next judgement
-        self.plain: list[float] = []  # latest plain steps' cost per token (signal="time")
-        self.plain_age = 0  # early-exit tokens since the latest plain step
-        self.refresh = settings.window  # re-time plain steps when they are older than this (doubles while winning)
+        self.plain = plain if plain is not None else PlainTimes(refresh=settings.window)  # signal="time"
         self.probing = 0  # probe steps still to run
         self.holding = 0  # backed-off tokens still to run
         self.hold = settings.hold
@@ -201,14 +236,13 @@ class PayoffMonitor:
             self._after_plain(run, cost / max(tokens, 1))
         else:
             self.early.add(cost, tokens)
-            self.plain_age += tokens
+            self.plain.age += tokens
             if self.early.tokens >= self.due:
                 self._judge(run)
 
     def _after_plain(self, run: Run, per_token: float) -> None:
         run.stats.backoff_steps += 1
-        self.plain = (self.plain + [per_token])[-8:]
-        self.plain_age = 0
+        self.plain.add(per_token)
         if self.probing:
             run.stats.probe_steps += 1
             self.probing -= 1
@@ -225,7 +259,7 @@ class PayoffMonitor:
         """A plain step's cost per token; None when it must be timed again first."""
         if self.cost is not None:
             return float(self.scan.num_layers)
-        return median(self.plain) if self.plain and self.plain_age <= self.refresh else None
+        return self.plain.per_token()
 
     def _judge(self, run: Run) -> None:
         plain = self._plain_per_token()
@@ -239,6 +273,6 @@ class PayoffMonitor:
             self.holding = self.hold
         else:  # early exit pays: keep it, re-time plain steps less and less often (the context grows)
             self.hold = self.settings.hold
-            self.refresh = min(2 * self.refresh, self.settings.max_hold)
+            self.plain.refresh = min(2 * self.plain.refresh, self.settings.max_hold)
         self.retrying = False
         self.early, self.due = _Window(), self.settings.window

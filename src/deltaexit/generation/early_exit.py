@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from deltaexit.exits import ThresholdSchedule, as_schedule
-from deltaexit.generation.backoff import Backoff, PayoffMonitor, as_backoff, block_cost
+from deltaexit.generation.backoff import Backoff, PayoffMonitor, PlainTimes, as_backoff, block_cost
 from deltaexit.generation.checks import (
     cache_on_for_loop,
     check_cache_support,
@@ -94,7 +94,7 @@ class EarlyExit:
         >>> from deltaexit.testing import ConstantScore, tiny_model
         >>> ee = EarlyExit(tiny_model("llama", num_layers=4), ConstantScore(), 0.5, Verify(num_draft=2))
         >>> ee.kv, ee.policy
-        ('verify', Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=4, ngram_min=1))
+        ('verify', Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=16, ngram_min=1))
         >>> ee.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0).shape
         torch.Size([1, 6])
     """
@@ -117,6 +117,7 @@ class EarlyExit:
         self.num_layers = self.structure.num_layers
         self.policy = get_policy(kv)
         self.backoff = as_backoff(backoff, self.policy.name)
+        self.plain_times: dict[int, PlainTimes] = {}  # per batch size, across calls (the back-off's clock)
         self.runner = BlockRunner(model, self.structure)
         measure = resolve_measure(measure)
         threshold = default_threshold(measure, self.policy.name) if threshold is None else threshold
@@ -240,8 +241,10 @@ class EarlyExit:
         """The call's pay-off monitor (None with ``backoff=False``)."""
         if self.backoff is None:
             return None
-        cost = block_cost(self.model, self.measure, run.input_ids.shape[1]) if self.backoff.signal == "cost" else None
-        return PayoffMonitor(self.backoff, self.scan, cost)
+        if self.backoff.signal == "cost":
+            return PayoffMonitor(self.backoff, self.scan, block_cost(self.model, self.measure, run.input_ids.shape[1]))
+        plain = self.plain_times.setdefault(run.input_ids.shape[0], PlainTimes(refresh=self.backoff.window))
+        return PayoffMonitor(self.backoff, self.scan, plain=plain)
 
     def _prefill(self, run: Run, generation_config: Any) -> None:
         """The prompt: the model's own full-depth forward (also tells the runner the blocks' output type)."""

@@ -1,7 +1,10 @@
 """N-gram drafts for ``verify``: continuations of the latest earlier occurrence of the last tokens (no compute).
 
 As prompt-lookup decoding does, the last ``n`` tokens of a row (prompt and output so far) are looked up among its
-earlier tokens, longest ``n`` first; the tokens that followed the match are the drafts. :class:`NgramIndex` keeps
+earlier tokens, longest ``n`` first; the tokens that followed the match are the drafts. Where they run into the
+row's end, the drafts continue the repeat: the match recurs every ``p`` tokens (``p`` = the distance between the two
+occurrences), so draft ``i`` is the token ``p`` before it (a loop drafts as far as asked, where prompt-lookup
+decoding takes the earliest occurrence instead, so as to have tokens after it). :class:`NgramIndex` keeps
 a per-row dictionary from every n-gram to the end of its latest occurrence, updated with the new tokens after
 each round, so a lookup is a few dictionary reads instead of a scan of the whole sequence.
 
@@ -12,6 +15,8 @@ Example:
     [True]
     >>> index.lookup(0, 3)  # "1 2" occurred before, followed by 3 4 1
     [3, 4, 1]
+    >>> index.lookup(0, 6)  # past the row's end: the repeat of period 4 goes on
+    [3, 4, 1, 2, 3, 4]
     >>> index.update(torch.tensor([[1, 2, 3, 4, 1, 2, 9]]))
     [True]
     >>> index.lookup(0, 3)  # "2 9" and "9" never occurred before
@@ -67,22 +72,23 @@ class NgramIndex:
         return [bool(r[-1]) for r in read]
 
     def lookup(self, row: int, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the latest earlier occurrence of row ``row``'s longest matching
-        suffix (empty if no suffix of ``min_n`` or more tokens occurred before)."""
+        """``k`` tokens that followed the latest earlier occurrence of row ``row``'s longest matching suffix,
+        continued past the row's end as a repeat (empty if no suffix of ``min_n`` or more tokens occurred before)."""
         tokens, ends = self.rows[row], self.ends[row]
         size = len(tokens)
         for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
             end = ends.get(tuple(tokens[size - n :]))
             if end is not None:
-                return tokens[end + 1 : end + 1 + k]
+                drafts = tokens[end + 1 : end + 1 + k]
+                while len(drafts) < k:  # past the end of the row: the match repeats, so copy the drafts themselves
+                    drafts.append(drafts[len(drafts) - (size - 1 - end)])
+                return drafts
         return []
 
     def drafts(self, active: list[bool], k: int) -> list[list[int]] | None:
-        """The same number (at most ``k``) of drafts for every row: each active row's lookup cut to the shortest
-        among them; None if an active row has no match (finished rows get an empty list: the caller pads)."""
+        """``k`` drafts for every active row (finished rows get an empty list: the caller pads); None if an
+        active row has no match."""
         found = [self.lookup(i, k) if on else [] for i, on in enumerate(active)]
-        lengths = [len(f) for f, on in zip(found, active) if on]
-        if not lengths or min(lengths) == 0:
+        if not any(active) or any(on and not f for f, on in zip(found, active)):
             return None
-        n = min(lengths)
-        return [f[:n] for f in found]
+        return found

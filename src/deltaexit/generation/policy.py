@@ -22,7 +22,7 @@ A new policy is a new module: subclass :class:`KVPolicy`, give it a ``name`` and
 
 Example:
     >>> get_policy("verify")
-    Verify(num_draft=4, adaptive=False, ngram=3, ngram_draft=4, ngram_min=1)
+    Verify(num_draft=4, adaptive=False, ngram=3, ngram_draft=16, ngram_min=1)
     >>> get_policy("recompute").name
     'recompute'
     >>> sorted(KV_POLICIES)

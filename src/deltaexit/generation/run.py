@@ -67,6 +67,10 @@ class Run:
             raise ValueError("eos_token_id is set but pad_token_id is not; pass pad_token_id=... to generate")
         if self.pad is not None:
             self.pad = self.pad.to(input_ids.device)
+        eos = [torch.as_tensor(c.eos_token_id).flatten() for c in stopping_criteria if hasattr(c, "eos_token_id")]
+        #: The end-of-sequence ids (None without any): drafting stops at one, as the round's output would.
+        self.eos: torch.Tensor | None = torch.cat(eos).to(input_ids.device) if eos else None
+        self.eos_ids: frozenset[int] = frozenset(self.eos.tolist()) if self.eos is not None else frozenset()
         self.streamer = streamer
         self.model_kwargs = model_kwargs
         self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
@@ -97,9 +101,13 @@ class Run:
     def extended(
         self, ids: torch.Tensor, kwargs: dict[str, Any], tokens: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``ids`` and model kwargs with one more token per row (attention mask, positions), as generate does."""
-        ids = torch.cat([ids, tokens[:, None]], dim=-1)
-        kwargs = self.model._update_model_kwargs_for_generation({"cache": self.cache}, dict(kwargs), num_new_tokens=1)
+        """``ids`` and model kwargs with one more token per row (``tokens`` ``[B]``), or ``n`` more (``[B, n]``):
+        attention mask and positions extended as generate does."""
+        new = tokens[:, None] if tokens.dim() == 1 else tokens
+        ids = torch.cat([ids, new], dim=-1)
+        kwargs = self.model._update_model_kwargs_for_generation(
+            {"cache": self.cache}, dict(kwargs), num_new_tokens=new.shape[1]
+        )
         return ids, kwargs
 
     def append(
@@ -126,6 +134,13 @@ class Run:
         self.unfinished = self.unfinished & ~self.stopping(self.input_ids, None)
         done, changed = torch.stack(((self.unfinished.max() == 0), (before != self.unfinished).any())).tolist()
         self.done, self.just_finished = bool(done), bool(changed)
+
+    def ends_a_row(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Whether ``tokens`` (``[B]``) is an end-of-sequence token in an unfinished row: a 0-d bool tensor (not
+        read here), None without end-of-sequence ids."""
+        if self.eos is None:
+            return None
+        return (torch.isin(tokens, self.eos) & self.unfinished.bool()).any()
 
     def scores(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` through the logits processors, given the ``prefix`` ids."""

@@ -47,6 +47,8 @@ class ScanResult:
         all_exited: Every active row exited before ``max_depth``.
         states: ``states[l]`` = output after ``l`` blocks (``[B, T, H]``; ``states[0]`` = embeddings), if kept.
         calls: The recorded arguments of every block.
+        read: The value of ``forward``'s ``read_with`` flag, read with the first exit decision (None if no block
+            was scored).
     """
 
     depth: int
@@ -55,6 +57,7 @@ class ScanResult:
     all_exited: bool
     states: list[torch.Tensor] | None
     calls: list[BlockCall]
+    read: bool | None = None
 
 
 class _RowExits:
@@ -69,6 +72,8 @@ class _RowExits:
         self.cached: torch.Tensor | None = None
         self.have = torch.zeros(active.shape[0], dtype=torch.bool, device=last.device)
         self.any_exited = False  # whether an active row has exited (tracked on the host: no sync per block)
+        self.pending: torch.Tensor | None = None  # a caller's flag to read with the next decision's transfer
+        self.read: bool | None = None
 
     def add(self, new: torch.Tensor, depth: int, last: torch.Tensor, logits: torch.Tensor | None) -> None:
         """Rows ``new`` exit after ``depth`` blocks at state ``last`` (with the lens ``logits`` if known)."""
@@ -166,6 +171,7 @@ class ExitScan:
         freeze: bool,
         keep_states: bool,
         step: int,
+        read_with: torch.Tensor | None = None,
     ) -> ScanResult:
         """Run tokens ``ids[:, start:]`` block by block; rows exit on their last position's score.
 
@@ -178,10 +184,13 @@ class ExitScan:
             freeze: Keep exited rows at their exit state in the later blocks (``propagate``).
             keep_states: Keep every block's output in :attr:`ScanResult.states`.
             step: Decode step of the last position (for the threshold schedule).
+            read_with: A 0-d bool tensor to bring to the host in the first exit decision's transfer (no read of
+                its own; :attr:`ScanResult.read`).
         """
         hidden, calls = self.runner.record(**self.model_inputs(ids, kwargs, start, ids.shape[1]))
         n_tok = hidden.shape[1]
         rows = _RowExits(run.unfinished.bool(), hidden[:, -1], self.lens)
+        rows.pending = read_with
         thresholds = self.schedule.values(step, self.num_layers)
         states = [hidden] if keep_states else None
         depth, h, all_exited = 0, hidden, False
@@ -202,7 +211,7 @@ class ExitScan:
                 if all_exited:
                     break
         rows.finish(depth, h[:, -1])
-        return ScanResult(depth, rows.layer, rows.logits, all_exited, states, calls)
+        return ScanResult(depth, rows.layer, rows.logits, all_exited, states, calls, rows.read)
 
     def _decide(
         self,
@@ -223,9 +232,12 @@ class ExitScan:
         run.stats.measure_calls += 1
         new = passes(score, threshold) & ~rows.exited
         # One device-to-host transfer per scored block (the exit decision needs one; a GPU pays per sync).
-        has_nan, any_new, now_all = torch.stack(
-            (torch.isnan(score).any(), new.any(), (rows.exited | new).all())
-        ).tolist()
+        flags = [torch.isnan(score).any(), new.any(), (rows.exited | new).all()]
+        if rows.pending is not None:
+            flags.append(rows.pending.reshape(()).bool())
+        has_nan, any_new, now_all, *read = torch.stack(flags).tolist()
+        if read:
+            rows.pending, rows.read = None, bool(read[0])
         if has_nan:
             raise ValueError(f"the measure {self.measure!r} returned NaN at layer {layer + 1}")
         if not any_new:

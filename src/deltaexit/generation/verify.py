@@ -79,6 +79,7 @@ class VerifyState:
 
     tracker: AcceptanceTracker
     index: NgramIndex | None = None
+    ngram_budget: int = 1  # the next n-gram round's most drafts (Verify.next_ngram_budget)
 
 
 @register_policy
@@ -96,7 +97,9 @@ class Verify(KVPolicy):
             0 turns n-gram drafts off. A round whose last tokens matched earlier ones in every unfinished row
             drafts the tokens that followed (:mod:`deltaexit.generation.ngram`); otherwise it drafts with early
             exits.
-        ngram_draft: Most n-gram draft tokens per round.
+        ngram_draft: Most n-gram draft tokens per round. A call's first n-gram round drafts this many; later
+            rounds double the count after every draft was accepted and halve it otherwise
+            (:meth:`next_ngram_budget`).
         ngram_min: Shortest n-gram looked up.
     """
 
@@ -109,7 +112,7 @@ class Verify(KVPolicy):
     num_draft: int = 4
     adaptive: bool = False
     ngram: int = 3
-    ngram_draft: int = 4
+    ngram_draft: int = 16
     ngram_min: int = 1
 
     def __post_init__(self) -> None:
@@ -123,7 +126,7 @@ class Verify(KVPolicy):
     def start(self, scan: ExitScan) -> VerifyState:
         """Fresh per-call state: an acceptance tracker (drafts start at ``min_exit_layer``), an empty n-gram index."""
         index = NgramIndex(self.ngram, self.ngram_min) if self.ngram else None
-        return VerifyState(AcceptanceTracker(depth=float(scan.min_exit_layer)), index)
+        return VerifyState(AcceptanceTracker(depth=float(scan.min_exit_layer)), index, self.ngram_draft)
 
     def draft_budget(self, tracker: AcceptanceTracker, num_layers: int) -> int:
         """Drafts to allow this round: argmax over k of expected tokens per block-equivalent of cost."""
@@ -139,6 +142,18 @@ class Verify(KVPolicy):
                 best_k, best = k, tokens / cost
         return best_k
 
+    def next_ngram_budget(self, budget: int, drafted: int, accepted: int) -> int:
+        """The next n-gram round's most drafts: doubled (up to ``ngram_draft``) after a round that accepted every
+        n-gram draft, else halved but not below one more than the accepted ones. N-gram drafts cost no compute,
+        only positions in the verify pass (a few percent of a pass each at batch 1 on CPU).
+
+        Example:
+            >>> Verify(ngram_draft=16).next_ngram_budget(4, 4, 4), Verify().next_ngram_budget(16, 16, 3)
+            (8, 8)
+        """
+        grown = 2 * budget if accepted == drafted else max(accepted + 1, budget // 2)
+        return max(1, min(grown, self.ngram_draft))
+
     def step(self, run: Run, scan: ExitScan, state: VerifyState) -> None:
         """One draft/verify round: emits between 1 and ``max(num_draft, ngram_draft) + 1`` tokens per row."""
         start = cache_length(run.cache)  # x0 (the last token) is in input_ids, not yet in the cache
@@ -147,7 +162,7 @@ class Verify(KVPolicy):
         room = run.max_length - run.input_ids.shape[1] - 1 if run.max_length is not None else self.num_draft
         found = None
         if state.index is not None:
-            k_ngram = min(self.ngram_draft, room) if run.max_length is not None else self.ngram_draft
+            k_ngram = min(state.ngram_budget, room) if run.max_length is not None else state.ngram_budget
             found = self._ngram_chunk(run, state.index, k_ngram)
         if found is not None:
             chunk, ids, kwargs = found
@@ -178,6 +193,7 @@ class Verify(KVPolicy):
         if ngram:
             run.stats.ngram_drafted += drafted
             run.stats.ngram_accepted += accepted
+            state.ngram_budget = self.next_ngram_budget(state.ngram_budget, drafted, accepted)
         elif self.adaptive:
             state.tracker.learn(drafted, accepted, chunk.depth, self.ACCEPT_PRIOR)
         run.stats.drafted += drafted
@@ -194,22 +210,22 @@ class Verify(KVPolicy):
         if found is None:
             return None
         n = len(next(f for f in found if f))
+        if run.eos_ids:  # the round's output stops at an end-of-sequence token if it is accepted: draft no further
+            n = min(next((i + 1 for i, t in enumerate(f) if t in run.eos_ids), n) for f, on in zip(found, active) if on)
         pad = int(run.pad) if run.pad is not None else 0
-        columns = torch.tensor([f if f else [pad] * n for f in found], device=run.input_ids.device).T
-        chunk = _Chunk(depth=0)
-        ids, kwargs = run.input_ids, run.model_kwargs
+        columns = torch.tensor([f[:n] if f else [pad] * n for f in found], device=run.input_ids.device).T
         full = torch.full_like(run.unfinished, run.num_layers)
-        for token in columns:
-            chunk.tokens.append(token)
-            chunk.exits.append(full)
-            chunk.probs.append(None)  # one-hot: made in _accept when sampling
-            ids, kwargs = run.extended(ids, kwargs, token)
+        # depth 0: the verify pass runs every layer over the n-gram drafts; their draft probabilities are one-hot
+        # (made in _accept when sampling)
+        chunk = _Chunk(tokens=list(columns), exits=[full] * n, probs=[None] * n, depth=0)
+        ids, kwargs = run.extended(run.input_ids, run.model_kwargs, columns.T)
         return chunk, ids, kwargs
 
     def _draft(self, run: Run, scan: ExitScan, start: int, k_max: int):
         """Draft up to ``k_max`` tokens; the last scan (one that did not draft) runs to the shallowest exit."""
         ids, kwargs = run.input_ids, run.model_kwargs
         chunk = _Chunk(depth=scan.num_layers)
+        ended: torch.Tensor | None = None  # whether the latest draft ends a row, read with the next scan's decision
         while True:
             j = len(chunk.tokens)
             res = scan.forward(
@@ -222,9 +238,13 @@ class Verify(KVPolicy):
                 freeze=False,
                 keep_states=True,
                 step=run.step + j,
+                read_with=ended if j < k_max else None,
             )
             assert res.states is not None
             chunk.states.append(res.states)
+            if res.read:  # the latest draft ends a row: if accepted, the round's output stops there; this scan
+                chunk.depth = min(chunk.depth, res.depth)  # is the last one (its states reach the verify depth)
+                return chunk, ids, kwargs
             if j >= k_max or not res.all_exited:
                 return chunk, ids, kwargs
             token, probs, _ = run.choose(ids, res.logits_fn())
@@ -235,6 +255,7 @@ class Verify(KVPolicy):
             chunk.probs.append(probs)
             ids, kwargs = run.extended(ids, kwargs, token)
             chunk.depth = min(chunk.depth, res.depth)
+            ended = run.ends_a_row(token)
 
     def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs, rounds=None) -> torch.Tensor:
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the

@@ -13,7 +13,7 @@ Example:
     ['verify E=1 num_draft=2', 'verify E=2 num_draft=2', 'verify softmax-max>=0.9 num_draft=4']
     >>> ee = grid[1].early_exit(tiny_model("llama", num_layers=4))
     >>> ee.policy, ee.min_exit_layer
-    (Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=4, ngram_min=1), 2)
+    (Verify(num_draft=2, adaptive=False, ngram=3, ngram_draft=16, ngram_min=1), 2)
 """
 
 from __future__ import annotations
