@@ -321,9 +321,9 @@ def test_plain_step_times_carry_over_calls_per_batch_size():
 class RecordingVerify(Verify):
     """Verify that notes every round's draft tokens (row 0)."""
 
-    def _verify(self, run, scan, start, chunk, ids, kwargs):
+    def _verify(self, run, scan, start, chunk, ids, kwargs, *args):
         self.drafts.append([int(t[0]) for t in chunk.tokens])  # type: ignore[attr-defined]
-        return super()._verify(run, scan, start, chunk, ids, kwargs)
+        return super()._verify(run, scan, start, chunk, ids, kwargs, *args)
 
 
 @settings(max_examples=10, deadline=None)
