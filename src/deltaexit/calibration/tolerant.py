@@ -181,7 +181,7 @@ def calibrate_tolerant(
     layers = None if exit_layers is None else list(exit_layers)
     result = calibrate(
         losses=lambda r: table.losses(r, layers), thresholds=ordered, delta=delta, epsilon=epsilon, bound=bound,
-        kv="tolerant", measure="delta-norm", progress=progress,
+        kv="tolerant", measure="delta-norm", progress=progress, test_all=True,
     )  # fmt: skip
     result.backend = "offline upper bound"
     result.info = {**result.info, "exit_layers": layers, "parameter": "ratio"}

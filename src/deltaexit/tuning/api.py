@@ -209,6 +209,7 @@ def _tolerant(
                 "threshold": res.threshold, "parameter": "ratio", "certified": res.certified, "usable": usable,
                 "empirical_risk": res.empirical_risk, "n": res.n, "min_examples": res.min_examples,
                 "delta": res.delta, "epsilon": res.epsilon, "summary": res.summary(),
+                "ratios": res.candidates, "risks": res.risks, "pvalues": res.pvalues,
             }
         )  # fmt: skip
         if usable:
