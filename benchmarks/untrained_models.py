@@ -8,7 +8,10 @@ under ``verify`` and the measure's example threshold under the lossy policies, b
 ``--policies``; and the lossless setting ``dx.tune(model, calibration_prompts, tolerance=0)`` chooses on separate
 calibration prompts (``model.generate`` itself when nothing beat it). Per row: speed (``model.generate`` time / row
 time over the prompts: median over rounds, min, max, IQR), agreement with ``model.generate``'s output, mean exit
-layer, and the back-off counters (``backoffs``, ``backoff_steps``, ``probe_steps``, ``retries``).
+layer, new tokens per prompt, and the back-off counters (``backoffs``, ``backoff_steps``, ``probe_steps``,
+``retries``). ``--backoff-warmup N ...`` adds, for each lossy policy, rows with the default settings but a back-off
+that judges after ``N`` tokens (``Backoff(signal="cost", warmup=N, window=2N)``), to see what the default warm-up
+(32 tokens) costs on short outputs.
 
 Usage:
     python benchmarks/untrained_models.py --model v1 --data ../shared/data/wikitext-2/test.txt \\
@@ -28,6 +31,7 @@ import torch
 from bench_timing import add_common_args, load_model, read_prompts, row_entry
 
 import deltaexit as dx
+from deltaexit.generation.backoff import Backoff
 from deltaexit.io import atomic_write_json
 from deltaexit.jsonable import json_clean
 from deltaexit.threads import torch_threads
@@ -47,6 +51,7 @@ def stats_entry(outputs: list[Any]) -> dict[str, Any]:
     stats = [o.stats for o in outputs]
     tokens = sum(s.tokens for s in stats)
     entry: dict[str, Any] = {"mean_exit_layer": sum(s.mean_exit_layer * s.tokens for s in stats) / max(tokens, 1)}
+    entry["new_tokens_per_prompt"] = [s.tokens for s in stats]
     for name in COUNTERS:
         entry[name] = sum(getattr(s, name) for s in stats)
     return entry
@@ -66,6 +71,12 @@ def run(args: argparse.Namespace) -> dict:
         tune_s = time.perf_counter() - started
         rows = {"model.generate": generate_row(model, kw)}
         early: dict[str, Any] = {f"{k} (defaults)": dx.EarlyExit(model, kv=k) for k in args.policies}
+        for k in (k for k in args.policies if k != "verify"):
+            for n in args.backoff_warmup:
+                backoff = Backoff(signal="cost", warmup=n, window=2 * n)
+                early[f"{k} (defaults but backoff warmup={n} window={2 * n})"] = dx.EarlyExit(
+                    model, kv=k, backoff=backoff
+                )
         if tuned.chosen is not None:
             early[f"tuned: {tuned.chosen.name}"] = tuned.early_exit(model)
         for name, ee in early.items():
@@ -104,6 +115,7 @@ def main() -> None:
         "--calibration-data", type=Path, default=None, help="text the tuner's prompts come from (default: --data)"
     )
     ap.add_argument("--tune-prompts", type=int, default=8, help="calibration prompts dx.tune times")
+    ap.add_argument("--backoff-warmup", type=int, nargs="*", default=[], help="extra back-off warm-up rows")
     ap.add_argument("--tune-budget", type=float, default=None, help="dx.tune's budget_s (default: none)")
     add_common_args(ap)
     args = ap.parse_args()
