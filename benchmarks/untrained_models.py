@@ -11,7 +11,8 @@ time over the prompts: median over rounds, min, max, IQR), agreement with ``mode
 layer, new tokens per prompt, and the back-off counters (``backoffs``, ``backoff_steps``, ``probe_steps``,
 ``retries``). ``--backoff-warmup N ...`` adds, for each lossy policy, rows with the default settings but a back-off
 that judges after ``N`` tokens (``Backoff(signal="cost", warmup=N, window=2N)``), to see what the default warm-up
-(32 tokens) costs on short outputs.
+(32 tokens) costs on short outputs; ``--min-new-tokens 64`` makes every timed call generate 64 tokens (the models
+often stop at EOS after a few; ``dx.tune`` still times natural lengths).
 
 Usage:
     python benchmarks/untrained_models.py --model v1 --data ../shared/data/wikitext-2/test.txt \\
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> dict:
     model, tok = load_model(args.model)
     prompts, label = read_prompts(tok, args.data, args.prompts, args.prompt_len)
     kw = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id or 0}
+    if args.min_new_tokens:  # every timed call makes this many tokens (EOS held back), as model.generate does
+        kw["min_new_tokens"] = args.min_new_tokens
     with torch_threads(args.threads):
         started = time.perf_counter()
         tuned = dx.tune(
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": label,
         "calibration_prompts": f"{args.tune_prompts} prompts from {args.calibration_data}",
         "new_tokens": args.new_tokens,
+        "min_new_tokens": args.min_new_tokens,
         "threads": args.threads,
         "torch": torch.__version__,
         "tune": {
@@ -115,6 +119,7 @@ def main() -> None:
         "--calibration-data", type=Path, default=None, help="text the tuner's prompts come from (default: --data)"
     )
     ap.add_argument("--tune-prompts", type=int, default=8, help="calibration prompts dx.tune times")
+    ap.add_argument("--min-new-tokens", type=int, default=0, help="min_new_tokens of the timed calls (0: none)")
     ap.add_argument("--backoff-warmup", type=int, nargs="*", default=[], help="extra back-off warm-up rows")
     ap.add_argument("--tune-budget", type=float, default=None, help="dx.tune's budget_s (default: none)")
     add_common_args(ap)
