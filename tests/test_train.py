@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from deltaexit.cli import main
 from deltaexit.threads import torch_threads
 from deltaexit.training import (
+    PRESETS,
     TrainConfig,
     WindowSampler,
     encode_stream,
@@ -143,6 +144,12 @@ def test_reference_config_validation():
         reference_config(hidden=30, heads=4)
     with pytest.raises(ValueError, match="positive"):
         reference_config(layers=0)
+    with pytest.raises(ValueError, match="unknown --arch"):
+        reference_config(arch="gpt2")
+    neox = reference_config(arch="gpt_neox", hidden=32, heads=4, ffn=64, layers=3)
+    assert (neox.model_type, neox.hidden_size, neox.num_hidden_layers, neox.tie_word_embeddings) == (
+        "gpt_neox", 32, 3, False,
+    )  # fmt: skip
 
 
 def test_saved_directory_loads_with_auto_classes(corpus_file, tmp_path):
@@ -251,6 +258,21 @@ def test_cli_trains_and_prints_json(tmp_path, capsys, corpus_file):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and len(summary["layer_perplexity"]) == 2
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_cli_trains_a_gpt_neox_that_the_library_finds(tmp_path, capsys, corpus_file):
+    from transformers import AutoModelForCausalLM
+
+    from deltaexit.structure import find_structure
+
+    out = tmp_path / "neox"
+    args = ["train", "--data", str(corpus_file), "--out", str(out), "--steps", "2", "--quiet", "--arch", "gpt_neox"]
+    args += ["--vocab", "300", "--hidden", "16", "--heads", "2", "--ffn", "32", "--layers", "2", "--context", "16"]
+    assert main(args + ["--batch-size", "2", "--no-eval"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "gpt_neox" and find_structure(model).num_layers == 2
+    assert PRESETS["neox-plain"]["arch"] == "gpt_neox" and PRESETS["neox-plain"]["recipe"] == "plain"
 
 
 def test_train_without_data_is_a_clear_error(capsys):

@@ -161,7 +161,8 @@ def test_calibrated_path_uses_ltt_and_reports_disagreement(model, monkeypatch):
 
     monkeypatch.setattr(api, "calibrate", spy)
     cfg = TuneConfig(tolerance=0.3, epsilon=0.3, max_new_tokens=4, repeats=1, progress=False, exit_layers=(1,),
-                     draft_settings=({"num_draft": 2},), verify_thresholds=(), num_thresholds=8)  # fmt: skip
+                     draft_settings=({"num_draft": 2},), verify_thresholds=(), num_thresholds=8,
+                     tolerant_exit_layers=())  # fmt: skip
     prompts = _prompts(prompts_required(cfg))
     result = tune(model, prompts, config=cfg)
     assert calls and calls[0]["delta"] == 0.3 and calls[0]["kv"] == "recompute" and calls[0]["backend"] == "offline"

@@ -158,6 +158,7 @@ def build_preset(
             eval_data=None,
             progress=progress,
             save_dtype=s.get("save_dtype", "float32"),
+            arch=s.get("arch", "llama"),
             **shape,
         )
     return out

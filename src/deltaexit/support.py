@@ -5,7 +5,7 @@ Each cell is *measured* on a tiny random model of that type, not looked up.
 Example:
     >>> rows = support_matrix(["llama"])
     >>> rows[0]["collect"], rows[0]["lens_exact"], rows[0]["generate"]
-    ('ok', 'ok', 'verify:ok, propagate:ok, recompute:ok')
+    ('ok', 'ok', 'verify:ok, propagate:ok, recompute:ok, tolerant:ok')
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@
 * :mod:`~deltaexit.calibration.losses`: the per-example losses (``"textual"``, ``"sequence"``, ``"risk"``).
 * :mod:`~deltaexit.calibration.risk`: the generation adapter (real early-exit generation's losses).
 * :mod:`~deltaexit.calibration.simulate`: the offline exit simulator (one forward per sweep).
+* :mod:`~deltaexit.calibration.tolerant`: Learn-then-Test of ``kv="tolerant"``'s acceptance ratio
+  (:func:`calibrate_tolerant` on a :func:`tolerance_table`).
 
 Example:
     >>> import torch
@@ -48,6 +50,7 @@ from deltaexit.calibration.simulate import (
     exit_table,
     greedy_continuations,
 )
+from deltaexit.calibration.tolerant import ToleranceTable, calibrate_tolerant, tolerance_table
 
 __all__ = [
     "LOSSES",
@@ -59,8 +62,10 @@ __all__ = [
     "GenerationLosses",
     "InsufficientCalibrationData",
     "LTTOutcome",
+    "ToleranceTable",
     "bentkus_pvalue",
     "calibrate",
+    "calibrate_tolerant",
     "candidate_thresholds",
     "continuation_table",
     "exit_table",
@@ -76,5 +81,6 @@ __all__ = [
     "risk_consistency",
     "sequence_disagreement",
     "token_disagreement",
+    "tolerance_table",
     "upper_confidence_bound",
 ]

@@ -27,12 +27,13 @@ _DEFAULTS = {
     "recipe": "plain",
     "threads": 1,
     "save_dtype": "float32",
+    "arch": "llama",
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from deltaexit.training.layerskip import CURRICULA, EXIT_LOSSES
-    from deltaexit.training.model_config import PRESETS
+    from deltaexit.training.model_config import ARCHS, PRESETS
 
     parser = subparsers.add_parser(
         "train",
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings; explicit flags override")
     parser.add_argument("--init", type=Path, help="continue from this HF model directory (keeps its tokenizer)")
     shape = parser.add_argument_group("model shape (ignored with --init)")
+    shape.add_argument("--arch", choices=ARCHS, help="model architecture (default llama)")
     shape.add_argument("--vocab", type=int, help="tokenizer vocabulary size (default 4096)")
     shape.add_argument("--hidden", type=int, help="hidden size (default 64)")
     shape.add_argument("--heads", type=int, help="attention heads (default 4)")
@@ -160,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             eval_tokens=args.eval_tokens,
             progress=not args.quiet,
             save_dtype=s["save_dtype"],
+            arch=s["arch"],
         )
     summary = {
         "out": str(args.out),

@@ -10,6 +10,7 @@ Example:
 from deltaexit.generation.verify import Verify  # isort: skip
 from deltaexit.generation.propagate import Propagate  # isort: skip
 from deltaexit.generation.recompute import Recompute  # isort: skip
+from deltaexit.generation.tolerant import Tolerant  # isort: skip
 
 # isort: split
 from deltaexit.exits import (
@@ -38,6 +39,7 @@ __all__ = [
     "Propagate",
     "Recompute",
     "ThresholdSchedule",
+    "Tolerant",
     "UnsupportedCacheError",
     "Verify",
     "as_schedule",

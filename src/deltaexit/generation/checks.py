@@ -34,6 +34,7 @@ from deltaexit.generation.kv import (
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 
 __all__ = [
+    "DRAFTING_POLICIES",
     "UNSUPPORTED_SETTINGS",
     "cache_on_for_loop",
     "check_cache_support",
@@ -46,6 +47,9 @@ __all__ = [
     "start_cache",
     "stop_strings_to_criteria",
 ]
+
+#: Policies whose exits only draft (the full model verifies): ``-inf`` (draft every token) is their default threshold.
+DRAFTING_POLICIES = ("verify", "tolerant")
 
 #: GenerationConfig fields whose non-default values the early-exit loop cannot honour, with what to do instead.
 UNSUPPORTED_SETTINGS: dict[str, tuple[Any, str]] = {
@@ -115,7 +119,7 @@ def resolve_measure(measure: str | ConfidenceMeasure) -> ConfidenceMeasure:
 
 
 def default_threshold(measure: ConfidenceMeasure, policy: str) -> float:
-    """``EarlyExit``'s threshold when none is given: ``-inf`` under ``verify`` (draft every token, lossless), the
+    """``EarlyExit``'s threshold when none is given: ``-inf`` under ``verify``/``tolerant`` (draft every token), the
     measure's ``example_threshold`` under the lossy policies.
 
     Raises:
@@ -127,7 +131,7 @@ def default_threshold(measure: ConfidenceMeasure, policy: str) -> float:
         >>> default_threshold(m, "verify"), default_threshold(m, "propagate")
         (-inf, 0.9)
     """
-    if policy == "verify":
+    if policy in DRAFTING_POLICIES:
         return -math.inf
     example = getattr(measure, "example_threshold", None)
     if example is None:
@@ -157,7 +161,8 @@ def warn_threshold(measure: ConfidenceMeasure, threshold: Any, policy: str) -> s
     import warnings
 
     message = threshold_problem(measure, threshold)
-    if message is None and policy != "verify" and isinstance(threshold, (int, float)) and threshold == -math.inf:
+    drafting = policy in DRAFTING_POLICIES
+    if message is None and not drafting and isinstance(threshold, (int, float)) and threshold == -math.inf:
         message = (
             f"threshold -inf under kv={policy!r} makes every token exit at min_exit_layer (lossy); pass a threshold "
             f"inside the measure's range (e.g. softmax-max 0.9), use kv='verify', or let dx.tune choose"

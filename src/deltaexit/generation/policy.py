@@ -16,6 +16,8 @@ The policies shipped, one module each, registered by name:
   computed from the exit state.
 * ``"recompute"`` (:class:`~deltaexit.generation.recompute.Recompute`, EE-LLM / FREE): the exited token is held
   back from the cache and re-run with the next token that goes to full depth.
+* ``"tolerant"`` (:class:`~deltaexit.generation.tolerant.Tolerant`): ``verify`` that also accepts an early-exit
+  draft whose full-model probability is within a calibrated factor of the top-1 (lossy below ``ratio=1``).
 
 A new policy is a new module: subclass :class:`KVPolicy`, give it a ``name`` and decorate it with
 :func:`register_policy`.
@@ -26,7 +28,7 @@ Example:
     >>> get_policy("recompute").name
     'recompute'
     >>> sorted(KV_POLICIES)
-    ['propagate', 'recompute', 'verify']
+    ['propagate', 'recompute', 'tolerant', 'verify']
 """
 
 from __future__ import annotations

@@ -119,6 +119,13 @@ def _load_init(init: str | os.PathLike[str], context: int) -> tuple[Any, nn.Modu
     return tokenizer, model, min(context, limit) if limit else context
 
 
+def _new_model(config: Any) -> nn.Module:
+    """A freshly initialised causal LM of ``config`` (Llama or GPT-NeoX)."""
+    from transformers import GPTNeoXForCausalLM, LlamaForCausalLM
+
+    return GPTNeoXForCausalLM(config) if config.model_type == "gpt_neox" else LlamaForCausalLM(config)
+
+
 def train_reference(
     data: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
@@ -136,8 +143,9 @@ def train_reference(
     eval_tokens: int | None = 65536,
     progress: bool = True,
     save_dtype: str = "float32",
+    arch: str = "llama",
 ) -> dict[str, Any]:
-    """Fit a tokenizer and a Llama model on ``data`` (or continue ``init``), evaluate, save to ``out``.
+    """Fit a tokenizer and a Llama (or GPT-NeoX) model on ``data`` (or continue ``init``), evaluate, save to ``out``.
 
     Args:
         data: Training text, one paragraph a line.
@@ -152,12 +160,11 @@ def train_reference(
         progress: tqdm bars.
         save_dtype: Storage dtype of the saved weights (``"bfloat16"`` halves the file); the weights are rounded
             to it before the evaluation, so the reported perplexity is the saved model's.
+        arch: ``"llama"`` or ``"gpt_neox"`` (ignored with ``init``).
 
     Returns:
         The report written to ``out/training.json``.
     """
-    from transformers import LlamaForCausalLM
-
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {save_dtype!r}")
 
@@ -180,11 +187,12 @@ def train_reference(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            arch=arch,
         )
     stream = encode_stream(tokenizer, paragraphs)
     sampler = WindowSampler(stream, context=context, batch_size=train.batch_size, seed=train.seed)
     with deterministic(train.seed):
-        model: nn.Module = initial if init is not None else LlamaForCausalLM(config)
+        model: nn.Module = initial if init is not None else _new_model(config)
         history = train_loop(model, sampler, train, recipe, progress=progress)
         report: dict[str, Any] = {
             "format_version": TRAINING_FORMAT_VERSION,

@@ -8,8 +8,9 @@ The choice is the highest median ratio above 1.0; if none is above 1.0, plain ``
 * ``tolerance=0``: lossless ``verify`` only (fixed exit layers with ``threshold=-inf`` and thresholded drafts);
   a candidate whose output is not identical to ``model.generate``'s on the timed prompts is rejected.
 * ``tolerance > 0``: also ``recompute`` (and any pair in ``calibrated``) at the Learn-then-Test threshold of
-  :func:`deltaexit.calibration.calibrate` for ``delta=tolerance``; its realised disagreement on the timed prompts
-  is reported.
+  :func:`deltaexit.calibration.calibrate` for ``delta=tolerance``, and ``tolerant`` self-speculation at the
+  Learn-then-Test ratio of :func:`deltaexit.calibration.tolerant.calibrate_tolerant` for each of
+  ``tolerant_exit_layers``; their realised disagreement on the timed prompts is reported.
 
 Every input is checked before anything is timed.
 
@@ -40,9 +41,10 @@ from deltaexit.aliases import CONTEXT_LENGTH_ATTRS
 from deltaexit.calibration.api import calibrate, prompts_needed
 from deltaexit.calibration.bounds import min_examples
 from deltaexit.calibration.ltt import InsufficientCalibrationData
+from deltaexit.calibration.tolerant import calibrate_tolerant, tolerance_table
 from deltaexit.prompts import as_prompts
 from deltaexit.structure import config_int, find_structure
-from deltaexit.tuning.grid import Candidate, TuneConfig, calibrated_candidate, lossless_grid
+from deltaexit.tuning.grid import Candidate, TuneConfig, calibrated_candidate, lossless_grid, tolerant_candidates
 from deltaexit.tuning.result import CandidateResult, TuneResult
 from deltaexit.tuning.timing import PromptRuns, Timing
 
@@ -182,6 +184,36 @@ def _calibrated(
         )  # fmt: skip
         if usable:
             candidates += [calibrated_candidate(measure, kv, threshold, cfg, opts) for opts in cfg.exit_options]
+    tolerant_records, tolerant = _tolerant(model, prompts, cfg)
+    return records + tolerant_records, candidates + tolerant
+
+
+def _tolerant(
+    model: nn.Module, prompts: list[torch.Tensor], cfg: TuneConfig
+) -> tuple[list[dict[str, Any]], list[Candidate]]:
+    """Learn-then-Test ratios of ``kv="tolerant"`` at each of ``cfg.tolerant_exit_layers`` (one table, all prompts)."""
+    records: list[dict[str, Any]] = []
+    candidates: list[Candidate] = []
+    if not cfg.tolerant_exit_layers:
+        return records, candidates
+    table = tolerance_table(model, prompts, max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
+    for exit_layer in cfg.tolerant_exit_layers:
+        res = calibrate_tolerant(
+            table, delta=float(cfg.tolerance), epsilon=cfg.epsilon, exit_layers=(exit_layer,), bound=cfg.bound,
+            progress=cfg.progress,
+        )  # fmt: skip
+        usable = res.certified and res.threshold is not None and float(res.threshold) < 1.0
+        records.append(
+            {
+                "measure": "delta-norm", "kv": "tolerant", "backend": res.backend, "exit_layer": exit_layer,
+                "threshold": res.threshold, "parameter": "ratio", "certified": res.certified, "usable": usable,
+                "empirical_risk": res.empirical_risk, "n": res.n, "min_examples": res.min_examples,
+                "delta": res.delta, "epsilon": res.epsilon, "summary": res.summary(),
+                "ratios": res.candidates, "risks": res.risks, "pvalues": res.pvalues,
+            }
+        )  # fmt: skip
+        if usable:
+            candidates += tolerant_candidates(float(res.threshold), exit_layer, cfg)
     return records, candidates
 
 

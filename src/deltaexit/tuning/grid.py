@@ -35,6 +35,7 @@ __all__ = [
     "calibrated_candidate",
     "check_training_free",
     "lossless_grid",
+    "tolerant_candidates",
 ]
 
 #: The cheapest measure, used where the threshold is ``-inf`` (every row exits at ``min_exit_layer``).
@@ -151,6 +152,10 @@ class TuneConfig:
         exit_options: ``EarlyExit`` keyword sets tried with every candidate (``({},)``: the defaults).
         calibrated: ``(measure, kv)`` pairs calibrated by Learn-then-Test when ``tolerance > 0``.
         calibrated_min_exit_layer: ``min_exit_layer`` of the calibrated candidates.
+        tolerant_exit_layers: Fixed exit layers of the ``kv="tolerant"`` candidates (``verify`` that also accepts
+            drafts within a Learn-then-Test calibrated ``ratio`` of the full model's top-1) when ``tolerance > 0``;
+            ``()``: none.
+        tolerant_draft: ``Tolerant`` settings tried at each of those layers (with the certified ``ratio``).
         epsilon: Learn-then-Test error level (the guarantee holds with probability ``1 - epsilon``).
         bound: Learn-then-Test bound (``"hb"``, ``"hoeffding"``, ``"bentkus"``).
         grid_fraction: Share of the prompts that builds the calibration's threshold grid.
@@ -179,6 +184,8 @@ class TuneConfig:
     exit_options: tuple[dict[str, Any], ...] = ({},)
     calibrated: tuple[tuple[str, str], ...] = (("softmax-max", "recompute"),)
     calibrated_min_exit_layer: int = 1
+    tolerant_exit_layers: tuple[int, ...] = (1, 2)
+    tolerant_draft: tuple[dict[str, Any], ...] = ({"num_draft": 4}, {"num_draft": 6})
     epsilon: float = 0.1
     bound: str = "hb"
     grid_fraction: float = 0.2
@@ -209,9 +216,10 @@ class TuneConfig:
             raise ValueError(f"budget_s must be > 0 seconds (or None for no budget), got {self.budget_s!r}")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1 (or None for the whole grid), got {self.max_candidates}")
-        bad = [e for e in self.exit_layers or () if not 1 <= e < num_layers]
-        if bad:
-            raise ValueError(f"exit_layers {bad} outside 1..{num_layers - 1} (the model has {num_layers} layers)")
+        for name in ("exit_layers", "tolerant_exit_layers"):
+            bad = [e for e in getattr(self, name) or () if not 1 <= e < num_layers]
+            if bad:
+                raise ValueError(f"{name} {bad} outside 1..{num_layers - 1} (the model has {num_layers} layers)")
         for measure in {self.verify_measure, *(m for m, _ in self.calibrated)}:
             check_training_free(measure)
 
@@ -251,3 +259,14 @@ def calibrated_candidate(
     """The candidate of a certified threshold (a float or a per-layer list)."""
     value: float | list[float] = [float(v) for v in threshold] if isinstance(threshold, list) else float(threshold)
     return Candidate(measure, kv, value, config.calibrated_min_exit_layer, {}, dict(options), calibrated=True)
+
+
+def tolerant_candidates(ratio: float, exit_layer: int, config: TuneConfig) -> list[Candidate]:
+    """The ``kv="tolerant"`` candidates of a certified ``ratio`` drafting from ``exit_layer``: one per
+    ``tolerant_draft`` setting and exit option."""
+    out: list[Candidate] = []
+    for options in config.exit_options:
+        for draft in config.tolerant_draft:
+            policy = {**draft, "ratio": float(ratio)}
+            out.append(Candidate(FIXED_EXIT_MEASURE, "tolerant", -math.inf, exit_layer, policy, dict(options), True))
+    return out
