@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from deltaexit.exits import ThresholdSchedule, as_schedule
-from deltaexit.generation.backoff import Backoff, PayoffMonitor, PlainTimes, as_backoff, block_cost
+from deltaexit.generation.backoff import Backoff, PayoffMonitor, PlainTimes, as_backoff, block_cost, prior_cost
 from deltaexit.generation.checks import (
     cache_on_for_loop,
     check_cache_support,
@@ -242,7 +242,9 @@ class EarlyExit:
         if self.backoff is None:
             return None
         if self.backoff.signal == "cost":
-            return PayoffMonitor(self.backoff, self.scan, block_cost(self.model, self.measure, run.input_ids.shape[1]))
+            context = run.input_ids.shape[1]
+            prior = prior_cost(self.model, self.scan, self.policy.kv_only_per_skipped_block, context)
+            return PayoffMonitor(self.backoff, self.scan, block_cost(self.model, self.measure, context), prior=prior)
         plain = self.plain_times.setdefault(run.input_ids.shape[0], PlainTimes(refresh=self.backoff.window))
         return PayoffMonitor(self.backoff, self.scan, plain=plain)
 
