@@ -342,6 +342,22 @@ def test_cost_signal_tokens_do_not_depend_on_the_run(seed, kv, threshold, prior)
 def test_lossy_defaults_judge_the_cost_signal_early():
     assert (as_backoff(True, "propagate").warmup, as_backoff(True, "propagate").window) == (4, 8)
     assert as_backoff(True, "recompute").signal == "cost" and as_backoff(True, "recompute").prior
+    assert as_backoff(True, "tolerant") == Backoff(signal="cost")  # rounds of drafts: its own warm-up
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_prior_of_an_always_exit_threshold_is_its_first_exit(kv):
+    """Threshold -inf: every token exits at the first scored layer, so the prior is that exit's cost (below L for a
+    free measure: no back-off from the start); a costly measure is priced above L."""
+    model = model_of()
+    ee = EarlyExit(model, ConstantScore(), -math.inf, kv, min_exit_layer=2)
+    first = prior_cost(model, ee.scan, ee.policy.kv_only_per_skipped_block, 6)
+    assert 2 <= first < 3
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    out = ee.generate(ids, max_new_tokens=6, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert out.stats.backoffs == 0 and out.exit_layers[0, 1:].tolist() == [2] * 5
+    costly = EarlyExit(model, CostlyConstant(), -math.inf, kv, min_exit_layer=2)
+    assert prior_cost(model, costly.scan, costly.policy.kv_only_per_skipped_block, 6) > 3
 
 
 def test_never_exit_with_ngram_drafts_matches_generate():

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,19 @@ from deltaexit.measures.base import ConfidenceMeasure
 if TYPE_CHECKING:
     from deltaexit.generation.scan import ExitScan
 
-__all__ = ["Backoff", "PayoffMonitor", "PlainTimes", "as_backoff", "block_cost", "full_depth_step", "prior_cost"]
+__all__ = [
+    "PRIOR_POLICIES",
+    "Backoff",
+    "PayoffMonitor",
+    "PlainTimes",
+    "as_backoff",
+    "block_cost",
+    "full_depth_step",
+    "prior_cost",
+]
+
+#: The KV policies whose tokens each come from one exit scan, so :func:`prior_cost` prices them (``Backoff.prior``).
+PRIOR_POLICIES: tuple[str, ...] = ("propagate", "recompute")
 
 
 @dataclass(frozen=True)
@@ -71,8 +84,9 @@ class Backoff:
         hold: Plain tokens after backing off before early exit is retried (doubled after each failed retry).
         max_hold: Longest hold.
         margin: Back off when early exit costs more than ``1 + margin`` times a plain step per token.
-        prior: With ``signal="cost"``, start backed off (for ``4 * hold`` tokens) when :func:`prior_cost` says an
-            early-exit token costs more than a plain one before any token is made.
+        prior: With ``signal="cost"`` under ``propagate``/``recompute`` (:data:`PRIOR_POLICIES`), start backed off
+            (for ``4 * hold`` tokens) when :func:`prior_cost` says an early-exit token costs more than a plain one
+            before any token is made.
     """
 
     SIGNALS: ClassVar[tuple[str, ...]] = ("time", "cost")
@@ -103,9 +117,10 @@ def as_backoff(backoff: bool | Backoff | None, policy: str = "verify") -> Backof
     """``True`` = the default :class:`Backoff`, ``False``/None = off, or the settings given.
 
     The default watches wall-clock time under ``verify`` (lossless: only the speed depends on it) and the
-    deterministic cost count under ``propagate``/``recompute``, whose tokens would otherwise depend on how fast
-    the machine ran. The count has no noise to average out, so it judges after 4 tokens and then every 8 (a
-    32-token warm-up was half of a 64-token call, and most of a call that stops at EOS).
+    deterministic cost count under the lossy policies, whose tokens would otherwise depend on how fast the machine
+    ran. Under ``propagate``/``recompute`` the count, which has no noise to average out, judges after 4 tokens and
+    then every 8 (a 32-token warm-up was half of a 64-token call, and most of a call that stops at EOS); other
+    lossy policies (``tolerant``, which drafts and verifies in rounds) keep 32 and 32.
 
     Example:
         >>> as_backoff(True).signal, as_backoff(True, "propagate").signal, as_backoff(False)
@@ -118,7 +133,9 @@ def as_backoff(backoff: bool | Backoff | None, policy: str = "verify") -> Backof
     if backoff is None or backoff is False:
         return None
     if backoff is True:
-        return Backoff() if policy == "verify" else Backoff(signal="cost", warmup=4, window=8)
+        if policy in PRIOR_POLICIES:
+            return Backoff(signal="cost", warmup=4, window=8)
+        return Backoff() if policy == "verify" else Backoff(signal="cost")
     raise TypeError(f"backoff must be a bool or a Backoff(...), got {backoff!r}")
 
 
@@ -142,7 +159,8 @@ def prior_cost(model: nn.Module, scan: ExitScan, kv_per_skipped: float, context:
 
     An exit after the ``i``-th scored layer, at depth ``d``, costs ``d`` blocks, ``i`` measure calls and
     ``kv_per_skipped`` K/V-only calls per skipped block (``propagate``: 1; ``recompute``'s catch-up runs the skipped
-    blocks with the next step's, priced 0); no exit costs ``L`` blocks and a measure call per scored layer.
+    blocks with the next step's, priced 0); no exit costs ``L`` blocks and a measure call per scored layer. A
+    threshold of ``-inf`` makes every token exit at that layer.
 
     Example:
         >>> from deltaexit.generation.early_exit import EarlyExit
@@ -160,7 +178,12 @@ def prior_cost(model: nn.Module, scan: ExitScan, kv_per_skipped: float, context:
     ]
     decision = measure_block_fraction(model, scan.measure, context)
     kv_only = CostModel.from_model(model, context=context).skipped_call_blocks * kv_per_skipped
-    costs = [d + i * decision + (num_layers - d) * kv_only for i, d in enumerate(depths, start=1)]
+    costs = []
+    for i, d in enumerate(depths, start=1):
+        cost = d + i * decision + (num_layers - d) * kv_only
+        if thresholds[d - 1] == -math.inf:  # every token exits here
+            return cost
+        costs.append(cost)
     costs.append(num_layers + len(depths) * decision)
     return sum(costs) / len(costs)
 

@@ -34,7 +34,15 @@ import torch
 from torch import nn
 
 from deltaexit.exits import ThresholdSchedule, as_schedule
-from deltaexit.generation.backoff import Backoff, PayoffMonitor, PlainTimes, as_backoff, block_cost, prior_cost
+from deltaexit.generation.backoff import (
+    PRIOR_POLICIES,
+    Backoff,
+    PayoffMonitor,
+    PlainTimes,
+    as_backoff,
+    block_cost,
+    prior_cost,
+)
 from deltaexit.generation.checks import (
     cache_on_for_loop,
     check_cache_support,
@@ -118,7 +126,7 @@ class EarlyExit:
         self.policy = get_policy(kv)
         self.backoff = as_backoff(backoff, self.policy.name)
         self.plain_times: dict[int, PlainTimes] = {}  # per batch size, across calls (the back-off's clock)
-        self.cost_terms: dict[int, tuple[Callable[[Run], float], float]] = {}  # per context: signal="cost"
+        self.cost_terms: dict[int, tuple[Callable[[Run], float], float | None]] = {}  # per context: signal="cost"
         self.fractions: dict[int, float] = {}  # per context: the stats' measure cost (FLOPs counted once)
         self.runner = BlockRunner(model, self.structure)
         measure = resolve_measure(measure)
@@ -256,7 +264,9 @@ class EarlyExit:
             if context not in self.cost_terms:  # counting FLOPs from the weights is 0.7 ms: once per prompt length
                 if len(self.cost_terms) >= 256:
                     self.cost_terms.clear()
-                prior = prior_cost(self.model, self.scan, self.policy.kv_only_per_skipped_block, context)
+                prior = None  # the prior prices one exit scan per token: not a policy that drafts in rounds
+                if self.policy.name in PRIOR_POLICIES:
+                    prior = prior_cost(self.model, self.scan, self.policy.kv_only_per_skipped_block, context)
                 self.cost_terms[context] = (block_cost(self.model, self.measure, context), prior)
             cost, prior = self.cost_terms[context]
             return PayoffMonitor(self.backoff, self.scan, cost, prior=prior)
