@@ -13,7 +13,9 @@ layer, new tokens per prompt, and the back-off counters (``backoffs``, ``backoff
 that judges after ``N`` tokens (``Backoff(signal="cost", warmup=N, window=2N)``); ``--previous-backoff`` adds, for
 each lossy policy, a row with the back-off that was its default before the cost model's prior
 (``Backoff(signal="cost", warmup=32, window=32, prior=False)``: 32 tokens before the first judgement, half of a
-64-token call); ``--min-new-tokens 64`` makes every timed call generate 64 tokens (the models often stop at EOS
+64-token call); ``--fixed-exit E ...`` adds, for each lossy policy, rows that exit every token after block ``E``
+(``threshold=-inf, min_exit_layer=E``, default back-off; with the previous one too under ``--previous-backoff``);
+``--min-new-tokens 64`` makes every timed call generate 64 tokens (the models often stop at EOS
 after a few; ``dx.tune`` still times natural lengths); ``--no-tune`` skips ``dx.tune``.
 
 Usage:
@@ -84,6 +86,13 @@ def run(args: argparse.Namespace) -> dict:
                 early[f"{k} (defaults but backoff warmup={n} window={2 * n})"] = dx.EarlyExit(
                     model, kv=k, backoff=backoff
                 )
+            for e in args.fixed_exit:  # exits that pay where the head is light (v3): the back-off must keep them
+                fixed = {"threshold": float("-inf"), "min_exit_layer": e, "kv": k}
+                early[f"{k} E={e} threshold=-inf"] = dx.EarlyExit(model, **fixed)
+                if args.previous_backoff:
+                    early[f"{k} E={e} threshold=-inf, previous backoff"] = dx.EarlyExit(
+                        model, **fixed, backoff=Backoff(signal="cost", warmup=32, window=32, prior=False)
+                    )
             if args.previous_backoff:  # what the lossy default was before the prior and the short warm-up
                 early[f"{k} (defaults but previous backoff warmup=32 window=32 prior=False)"] = dx.EarlyExit(
                     model, kv=k, backoff=Backoff(signal="cost", warmup=32, window=32, prior=False)
@@ -133,6 +142,9 @@ def main() -> None:
     ap.add_argument("--backoff-warmup", type=int, nargs="*", default=[], help="extra back-off warm-up rows")
     ap.add_argument(
         "--previous-backoff", action="store_true", help="add rows with the lossy policies' earlier default back-off"
+    )
+    ap.add_argument(
+        "--fixed-exit", type=int, nargs="*", default=[], help="add lossy rows exiting every token after block E"
     )
     ap.add_argument("--no-tune", action="store_true", help="skip dx.tune (no tuned row)")
     ap.add_argument("--tune-budget", type=float, default=None, help="dx.tune's budget_s (default: none)")

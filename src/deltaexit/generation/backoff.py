@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from deltaexit.exits import is_scored
-from deltaexit.generation.cost import CostModel, measure_block_fraction
+from deltaexit.generation.cost import CostModel, measure_block_fraction, measure_setup_block_fraction
 from deltaexit.generation.kv import cache_length, set_cache_length
 from deltaexit.generation.recurrent import continues_chunks
 from deltaexit.generation.run import Run
@@ -160,7 +160,7 @@ def prior_cost(model: nn.Module, scan: ExitScan, kv_per_skipped: float, context:
     An exit after the ``i``-th scored layer, at depth ``d``, costs ``d`` blocks, ``i`` measure calls and
     ``kv_per_skipped`` K/V-only calls per skipped block (``propagate``: 1; ``recompute``'s catch-up runs the skipped
     blocks with the next step's, priced 0); no exit costs ``L`` blocks and a measure call per scored layer. A
-    threshold of ``-inf`` makes every token exit at that layer.
+    candidate-set measure adds its setup once per token; a threshold of ``-inf`` makes every token exit there.
 
     Example:
         >>> from deltaexit.generation.early_exit import EarlyExit
@@ -177,14 +177,15 @@ def prior_cost(model: nn.Module, scan: ExitScan, kv_per_skipped: float, context:
         if is_scored(d, thresholds[d - 1], min_exit_layer=scan.min_exit_layer, num_layers=num_layers)
     ]
     decision = measure_block_fraction(model, scan.measure, context)
+    setup = measure_setup_block_fraction(model, scan.measure, context) if depths else 0.0  # candidate sets
     kv_only = CostModel.from_model(model, context=context).skipped_call_blocks * kv_per_skipped
     costs = []
     for i, d in enumerate(depths, start=1):
-        cost = d + i * decision + (num_layers - d) * kv_only
+        cost = d + setup + i * decision + (num_layers - d) * kv_only
         if thresholds[d - 1] == -math.inf:  # every token exits here
             return cost
         costs.append(cost)
-    costs.append(num_layers + len(depths) * decision)
+    costs.append(num_layers + setup + len(depths) * decision)
     return sum(costs) / len(costs)
 
 
