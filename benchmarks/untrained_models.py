@@ -10,9 +10,13 @@ calibration prompts (``model.generate`` itself when nothing beat it). Per row: s
 time over the prompts: median over rounds, min, max, IQR), agreement with ``model.generate``'s output, mean exit
 layer, new tokens per prompt, and the back-off counters (``backoffs``, ``backoff_steps``, ``probe_steps``,
 ``retries``). ``--backoff-warmup N ...`` adds, for each lossy policy, rows with the default settings but a back-off
-that judges after ``N`` tokens (``Backoff(signal="cost", warmup=N, window=2N)``), to see what the default warm-up
-(32 tokens) costs on short outputs; ``--min-new-tokens 64`` makes every timed call generate 64 tokens (the models
-often stop at EOS after a few; ``dx.tune`` still times natural lengths).
+that judges after ``N`` tokens (``Backoff(signal="cost", warmup=N, window=2N)``); ``--previous-backoff`` adds, for
+each lossy policy, a row with the back-off that was its default before the cost model's prior
+(``Backoff(signal="cost", warmup=32, window=32, prior=False)``: 32 tokens before the first judgement, half of a
+64-token call); ``--fixed-exit E ...`` adds, for each lossy policy, rows that exit every token after block ``E``
+(``threshold=-inf, min_exit_layer=E``, default back-off; with the previous one too under ``--previous-backoff``);
+``--min-new-tokens 64`` makes every timed call generate 64 tokens (the models often stop at EOS
+after a few; ``dx.tune`` still times natural lengths); ``--no-tune`` skips ``dx.tune``.
 
 Usage:
     python benchmarks/untrained_models.py --model v1 --data ../shared/data/wikitext-2/test.txt \\
@@ -67,10 +71,12 @@ def run(args: argparse.Namespace) -> dict:
         kw["min_new_tokens"] = args.min_new_tokens
     with torch_threads(args.threads):
         started = time.perf_counter()
-        tuned = dx.tune(
-            model, calibration_prompts(tok, args), tolerance=0.0, max_new_tokens=args.new_tokens,
-            timing_prompts=args.tune_prompts, budget_s=args.tune_budget, progress=False,
-        )  # fmt: skip
+        tuned = None
+        if not args.no_tune:
+            tuned = dx.tune(
+                model, calibration_prompts(tok, args), tolerance=0.0, max_new_tokens=args.new_tokens,
+                timing_prompts=args.tune_prompts, budget_s=args.tune_budget, progress=False,
+            )  # fmt: skip
         tune_s = time.perf_counter() - started
         rows = {"model.generate": generate_row(model, kw)}
         early: dict[str, Any] = {f"{k} (defaults)": dx.EarlyExit(model, kv=k) for k in args.policies}
@@ -80,7 +86,18 @@ def run(args: argparse.Namespace) -> dict:
                 early[f"{k} (defaults but backoff warmup={n} window={2 * n})"] = dx.EarlyExit(
                     model, kv=k, backoff=backoff
                 )
-        if tuned.chosen is not None:
+            for e in args.fixed_exit:  # exits that pay where the head is light (v3): the back-off must keep them
+                fixed = {"threshold": float("-inf"), "min_exit_layer": e, "kv": k}
+                early[f"{k} E={e} threshold=-inf"] = dx.EarlyExit(model, **fixed)
+                if args.previous_backoff:
+                    early[f"{k} E={e} threshold=-inf, previous backoff"] = dx.EarlyExit(
+                        model, **fixed, backoff=Backoff(signal="cost", warmup=32, window=32, prior=False)
+                    )
+            if args.previous_backoff:  # what the lossy default was before the prior and the short warm-up
+                early[f"{k} (defaults but previous backoff warmup=32 window=32 prior=False)"] = dx.EarlyExit(
+                    model, kv=k, backoff=Backoff(signal="cost", warmup=32, window=32, prior=False)
+                )
+        if tuned is not None and tuned.chosen is not None:
             early[f"tuned: {tuned.chosen.name}"] = tuned.early_exit(model)
         for name, ee in early.items():
             rows[name] = generate_row(ee, {**kw, "return_dict_in_generate": True})
@@ -100,7 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         "min_new_tokens": args.min_new_tokens,
         "threads": args.threads,
         "torch": torch.__version__,
-        "tune": {
+        "tune": None
+        if tuned is None
+        else {
             "chosen": tuned.chosen.name if tuned.chosen else "model.generate",
             "seconds": tune_s,
             "result": tuned.to_dict(),
@@ -121,6 +140,13 @@ def main() -> None:
     ap.add_argument("--tune-prompts", type=int, default=8, help="calibration prompts dx.tune times")
     ap.add_argument("--min-new-tokens", type=int, default=0, help="min_new_tokens of the timed calls (0: none)")
     ap.add_argument("--backoff-warmup", type=int, nargs="*", default=[], help="extra back-off warm-up rows")
+    ap.add_argument(
+        "--previous-backoff", action="store_true", help="add rows with the lossy policies' earlier default back-off"
+    )
+    ap.add_argument(
+        "--fixed-exit", type=int, nargs="*", default=[], help="add lossy rows exiting every token after block E"
+    )
+    ap.add_argument("--no-tune", action="store_true", help="skip dx.tune (no tuned row)")
     ap.add_argument("--tune-budget", type=float, default=None, help="dx.tune's budget_s (default: none)")
     add_common_args(ap)
     args = ap.parse_args()

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from deltaexit.generation import EarlyExit, Verify
-from deltaexit.generation.backoff import Backoff, as_backoff
+from deltaexit.generation.backoff import Backoff, as_backoff, prior_cost
 from deltaexit.generation.kv import cache_lengths
 from deltaexit.generation.ngram import NgramIndex
 from deltaexit.testing import ConstantScore, tiny_model
@@ -274,7 +274,8 @@ def test_backed_off_steps_are_full_depth_steps(kv):
     the prefix, with exit layer L, every layer's cache stays one length, and the blocks counted match."""
     model = model_of()
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(8))
-    ee = EarlyExit(model, CostlyConstant(), 0.5, kv, backoff=Backoff("cost", warmup=4, window=4, hold=6))
+    settings_ = Backoff("cost", warmup=4, window=4, hold=6, prior=False)  # no prior: it would start backed off
+    ee = EarlyExit(model, CostlyConstant(), 0.5, kv, backoff=settings_)
     kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     checker_cache = DynamicCache()
     checker = FullDepthChecker(checker_cache)
@@ -292,6 +293,71 @@ def test_backed_off_steps_are_full_depth_steps(kv):
         for i, layer in enumerate(exits):
             if layer == 3:
                 assert int(model(seq[None, : p + i]).logits[0, -1].argmax()) == int(seq[p + i])
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1000), kv=st.sampled_from(["propagate", "recompute"]), hold=st.integers(2, 5))
+def test_early_exit_that_cannot_pay_starts_backed_off(seed, kv, hold):
+    """The cost model says a costly measure cannot pay: the call is backed off from its first token for 4 * hold
+    tokens (exit layer L, the full model's tokens: model.generate's output), then retries early exit."""
+    model = model_of()
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(seed))
+    settings_ = Backoff("cost", warmup=2, window=2, hold=hold)
+    ee = EarlyExit(model, CostlyConstant(), 0.5, kv, backoff=settings_)
+    assert prior_cost(model, ee.scan, ee.policy.kv_only_per_skipped_block, 5) > ee.num_layers
+    ref, out = generate_both(model, ee, ids, max_new_tokens=4 * hold + 1, eos_token_id=None)  # prompt's + held
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.exit_layers[0].tolist() == [3] * (4 * hold + 1)
+    assert out.stats.backoffs == 1 and out.stats.backoff_steps == 4 * hold and out.stats.retries == 1
+    longer = ee.generate(ids, max_new_tokens=4 * hold + 3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert longer.exit_layers[0].tolist()[-2:] == [1, 1] and longer.stats.retries == 1  # the retry exits again
+    free = EarlyExit(model, ConstantScore(), 0.5, kv, backoff=settings_)  # free decisions: exits from the start
+    assert free.generate(ids, max_new_tokens=2, pad_token_id=0, return_dict_in_generate=True).stats.backoffs == 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    kv=st.sampled_from(["propagate", "recompute"]),
+    threshold=st.sampled_from([0.02, 0.05, 0.2]),
+    prior=st.booleans(),
+)
+def test_cost_signal_tokens_do_not_depend_on_the_run(seed, kv, threshold, prior):
+    """The lossy defaults' cost signal is deterministic: two EarlyExit objects, and two calls of one, give the same
+    tokens, exits and back-off counters (whatever the machine's speed)."""
+    model = model_of(vocab=128, seed=1)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(seed))
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    backoff = Backoff("cost", warmup=4, window=8, hold=4, prior=prior)
+    a = EarlyExit(model, "softmax-max", threshold, kv, backoff=backoff)
+    b = EarlyExit(model, "softmax-max", threshold, kv, backoff=backoff)
+    outs = [a.generate(ids, **kw), b.generate(ids, **kw), a.generate(ids, **kw)]
+    for other in outs[1:]:
+        assert torch.equal(other.sequences, outs[0].sequences)
+        assert torch.equal(other.exit_layers, outs[0].exit_layers)
+        assert (other.stats.backoffs, other.stats.retries) == (outs[0].stats.backoffs, outs[0].stats.retries)
+
+
+def test_lossy_defaults_judge_the_cost_signal_early():
+    assert (as_backoff(True, "propagate").warmup, as_backoff(True, "propagate").window) == (4, 8)
+    assert as_backoff(True, "recompute").signal == "cost" and as_backoff(True, "recompute").prior
+    assert as_backoff(True, "tolerant") == Backoff(signal="cost")  # rounds of drafts: its own warm-up
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_prior_of_an_always_exit_threshold_is_its_first_exit(kv):
+    """Threshold -inf: every token exits at the first scored layer, so the prior is that exit's cost (below L for a
+    free measure: no back-off from the start); a costly measure is priced above L."""
+    model = model_of()
+    ee = EarlyExit(model, ConstantScore(), -math.inf, kv, min_exit_layer=2)
+    first = prior_cost(model, ee.scan, ee.policy.kv_only_per_skipped_block, 6)
+    assert 2 <= first < 3
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    out = ee.generate(ids, max_new_tokens=6, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert out.stats.backoffs == 0 and out.exit_layers[0, 1:].tolist() == [2] * 5
+    costly = EarlyExit(model, CostlyConstant(), -math.inf, kv, min_exit_layer=2)
+    assert prior_cost(model, costly.scan, costly.policy.kv_only_per_skipped_block, 6) > 3
 
 
 def test_never_exit_with_ngram_drafts_matches_generate():

@@ -11,6 +11,12 @@ a full-depth step's time is the median of the latest plain steps, a few of them 
 recent; :class:`PlainTimes` keeps them across the ``generate`` calls of one ``EarlyExit``), and with
 ``signal="cost"`` the deterministic block count per token (blocks run, measure calls and ``propagate``'s K/V-only
 calls in block equivalents) against ``L`` per token, so a run backs off at the same token on every machine.
+
+With ``signal="cost"`` the monitor also decides before the first token (``Backoff.prior``): :func:`prior_cost` prices
+an early-exit token from the cost model with its exits spread evenly over the scored layers (no knowledge of the
+model's exits); when that costs more than a plain step (a measure that reads the whole vocabulary at every layer
+of a model whose LM head weighs several blocks, as on ``v1``), the call starts backed off and first retries early
+exit after ``4 * hold`` tokens.
 Every policy keeps all layers' caches at one length after each step and ``recompute``'s held-back tokens are the
 ones beyond the cache, so a plain step needs no settling: it runs the model over every token not yet in the cache.
 
@@ -30,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +46,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from deltaexit.generation.cost import CostModel, measure_block_fraction
+from deltaexit.exits import is_scored
+from deltaexit.generation.cost import CostModel, measure_block_fraction, measure_setup_block_fraction
 from deltaexit.generation.kv import cache_length, set_cache_length
 from deltaexit.generation.recurrent import continues_chunks
 from deltaexit.generation.run import Run
@@ -48,7 +56,19 @@ from deltaexit.measures.base import ConfidenceMeasure
 if TYPE_CHECKING:
     from deltaexit.generation.scan import ExitScan
 
-__all__ = ["Backoff", "PayoffMonitor", "PlainTimes", "as_backoff", "block_cost", "full_depth_step"]
+__all__ = [
+    "PRIOR_POLICIES",
+    "Backoff",
+    "PayoffMonitor",
+    "PlainTimes",
+    "as_backoff",
+    "block_cost",
+    "full_depth_step",
+    "prior_cost",
+]
+
+#: The KV policies whose tokens each come from one exit scan, so :func:`prior_cost` prices them (``Backoff.prior``).
+PRIOR_POLICIES: tuple[str, ...] = ("propagate", "recompute")
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,9 @@ class Backoff:
         hold: Plain tokens after backing off before early exit is retried (doubled after each failed retry).
         max_hold: Longest hold.
         margin: Back off when early exit costs more than ``1 + margin`` times a plain step per token.
+        prior: With ``signal="cost"`` under ``propagate``/``recompute`` (:data:`PRIOR_POLICIES`), start backed off
+            (for ``4 * hold`` tokens) when :func:`prior_cost` says an early-exit token costs more than a plain one
+            before any token is made.
     """
 
     SIGNALS: ClassVar[tuple[str, ...]] = ("time", "cost")
@@ -75,6 +98,7 @@ class Backoff:
     hold: int = 64
     max_hold: int = 1024
     margin: float = 0.0
+    prior: bool = True
 
     def __post_init__(self) -> None:
         if self.signal not in self.SIGNALS:
@@ -93,18 +117,24 @@ def as_backoff(backoff: bool | Backoff | None, policy: str = "verify") -> Backof
     """``True`` = the default :class:`Backoff`, ``False``/None = off, or the settings given.
 
     The default watches wall-clock time under ``verify`` (lossless: only the speed depends on it) and the
-    deterministic cost count under ``propagate``/``recompute``, whose tokens would otherwise depend on how fast
-    the machine ran.
+    deterministic cost count under the lossy policies, whose tokens would otherwise depend on how fast the machine
+    ran. Under ``propagate``/``recompute`` the count, which has no noise to average out, judges after 4 tokens and
+    then every 8 (a 32-token warm-up was half of a 64-token call, and most of a call that stops at EOS); other
+    lossy policies (``tolerant``, which drafts and verifies in rounds) keep 32 and 32.
 
     Example:
         >>> as_backoff(True).signal, as_backoff(True, "propagate").signal, as_backoff(False)
         ('time', 'cost', None)
+        >>> as_backoff(True, "recompute").warmup, as_backoff(True, "recompute").window
+        (4, 8)
     """
     if isinstance(backoff, Backoff):
         return backoff
     if backoff is None or backoff is False:
         return None
     if backoff is True:
+        if policy in PRIOR_POLICIES:
+            return Backoff(signal="cost", warmup=4, window=8)
         return Backoff() if policy == "verify" else Backoff(signal="cost")
     raise TypeError(f"backoff must be a bool or a Backoff(...), got {backoff!r}")
 
@@ -121,6 +151,42 @@ def block_cost(model: nn.Module, measure: ConfidenceMeasure, context: int) -> Ca
         return stats.blocks_run + stats.measure_calls * fraction + stats.kv_only_calls * kv_only + state
 
     return cost
+
+
+def prior_cost(model: nn.Module, scan: ExitScan, kv_per_skipped: float, context: int) -> float:
+    """An early-exit token's cost in ``signal="cost"``'s block equivalents, before any token is made: the mean over
+    its exit after each scored layer and no exit at all, equally likely (a plain step costs ``L``).
+
+    An exit after the ``i``-th scored layer, at depth ``d``, costs ``d`` blocks, ``i`` measure calls and
+    ``kv_per_skipped`` K/V-only calls per skipped block (``propagate``: 1; ``recompute``'s catch-up runs the skipped
+    blocks with the next step's, priced 0); no exit costs ``L`` blocks and a measure call per scored layer. A
+    candidate-set measure adds its setup once per token; a threshold of ``-inf`` makes every token exit there.
+
+    Example:
+        >>> from deltaexit.generation.early_exit import EarlyExit
+        >>> from deltaexit.testing import ConstantScore, tiny_model
+        >>> model = tiny_model("llama", num_layers=4)
+        >>> round(prior_cost(model, EarlyExit(model, ConstantScore(), 0.5).scan, 0.0, 16), 2)  # (1+2+3+4)/4
+        2.51
+    """
+    num_layers = scan.num_layers
+    thresholds = scan.schedule.values(0, num_layers)
+    depths = [
+        d
+        for d in range(1, num_layers + 1)
+        if is_scored(d, thresholds[d - 1], min_exit_layer=scan.min_exit_layer, num_layers=num_layers)
+    ]
+    decision = measure_block_fraction(model, scan.measure, context)
+    setup = measure_setup_block_fraction(model, scan.measure, context) if depths else 0.0  # candidate sets
+    kv_only = CostModel.from_model(model, context=context).skipped_call_blocks * kv_per_skipped
+    costs = []
+    for i, d in enumerate(depths, start=1):
+        cost = d + setup + i * decision + (num_layers - d) * kv_only
+        if thresholds[d - 1] == -math.inf:  # every token exits here
+            return cost
+        costs.append(cost)
+    costs.append(num_layers + setup + len(depths) * decision)
+    return sum(costs) / len(costs)
 
 
 def full_depth_step(run: Run, scan: ExitScan) -> None:
@@ -198,6 +264,8 @@ class PayoffMonitor:
         cost: For ``signal="cost"``, a function of the run giving its cost so far in block equivalents.
         plain: For ``signal="time"``, the plain-step times known from earlier calls (updated in place; default:
             none known).
+        prior: For ``signal="cost"``, :func:`prior_cost`: with ``settings.prior``, the call starts backed off for
+            ``4 * settings.hold`` tokens when it exceeds a plain step's ``L`` (times ``1 + margin``).
     """
 
     def __init__(
@@ -206,6 +274,7 @@ class PayoffMonitor:
         scan: ExitScan,
         cost: Callable[[Run], float] | None = None,
         plain: PlainTimes | None = None,
+        prior: float | None = None,
     ) -> None:
         if settings.signal == "cost" and cost is None:
             raise ValueError("signal='cost' needs a cost function")
@@ -219,6 +288,15 @@ class PayoffMonitor:
         self.holding = 0  # backed-off tokens still to run
         self.hold = settings.hold
         self.retrying = False
+        self.held_from_start = (
+            cost is not None
+            and settings.prior
+            and prior is not None
+            and prior > scan.num_layers * (1.0 + settings.margin)
+        )
+        if self.held_from_start:  # early exit cannot pay here on the cost model: probe it rarely
+            self.hold = min(4 * settings.hold, settings.max_hold)
+            self.holding = self.hold
 
     def _clock(self, run: Run) -> float:
         return time.perf_counter() if self.cost is None else self.cost(run)
@@ -226,6 +304,9 @@ class PayoffMonitor:
     def step(self, run: Run, early_step: Callable[[], None]) -> None:
         """Run one step, early exit (``early_step``) or plain, and update the judgement."""
         plain = self.probing > 0 or self.holding > 0
+        if self.held_from_start:  # counted once, in the first step's stats
+            run.stats.backoffs += 1
+            self.held_from_start = False
         n0, c0 = run.step, self._clock(run)
         if plain:
             full_depth_step(run, self.scan)

@@ -34,7 +34,15 @@ import torch
 from torch import nn
 
 from deltaexit.exits import ThresholdSchedule, as_schedule
-from deltaexit.generation.backoff import Backoff, PayoffMonitor, PlainTimes, as_backoff, block_cost
+from deltaexit.generation.backoff import (
+    PRIOR_POLICIES,
+    Backoff,
+    PayoffMonitor,
+    PlainTimes,
+    as_backoff,
+    block_cost,
+    prior_cost,
+)
 from deltaexit.generation.checks import (
     cache_on_for_loop,
     check_cache_support,
@@ -118,6 +126,8 @@ class EarlyExit:
         self.policy = get_policy(kv)
         self.backoff = as_backoff(backoff, self.policy.name)
         self.plain_times: dict[int, PlainTimes] = {}  # per batch size, across calls (the back-off's clock)
+        self.cost_terms: dict[int, tuple[Callable[[Run], float], float | None]] = {}  # per context: signal="cost"
+        self.fractions: dict[int, float] = {}  # per context: the stats' measure cost (FLOPs counted once)
         self.runner = BlockRunner(model, self.structure)
         measure = resolve_measure(measure)
         threshold = default_threshold(measure, self.policy.name) if threshold is None else threshold
@@ -234,15 +244,32 @@ class EarlyExit:
                 monitor.step(run, partial(self.policy.step, run, self.scan, state))
         if run.streamer is not None:
             run.streamer.end()
-        out = run.output(measure_block_fraction(self.model, self.measure, run.mean_context))
+        out = run.output(self._measure_fraction(run.mean_context))
         return out if run.returns_dict else cast(torch.LongTensor, run.input_ids)
+
+    def _measure_fraction(self, context: int) -> float:
+        """:func:`~deltaexit.generation.cost.measure_block_fraction` at ``context``, counted once per context."""
+        if context not in self.fractions:
+            if len(self.fractions) >= 256:
+                self.fractions.clear()
+            self.fractions[context] = measure_block_fraction(self.model, self.measure, context)
+        return self.fractions[context]
 
     def _monitor(self, run: Run) -> PayoffMonitor | None:
         """The call's pay-off monitor (None with ``backoff=False``)."""
         if self.backoff is None:
             return None
         if self.backoff.signal == "cost":
-            return PayoffMonitor(self.backoff, self.scan, block_cost(self.model, self.measure, run.input_ids.shape[1]))
+            context = run.input_ids.shape[1]
+            if context not in self.cost_terms:  # counting FLOPs from the weights is 0.7 ms: once per prompt length
+                if len(self.cost_terms) >= 256:
+                    self.cost_terms.clear()
+                prior = None  # the prior prices one exit scan per token: not a policy that drafts in rounds
+                if self.policy.name in PRIOR_POLICIES:
+                    prior = prior_cost(self.model, self.scan, self.policy.kv_only_per_skipped_block, context)
+                self.cost_terms[context] = (block_cost(self.model, self.measure, context), prior)
+            cost, prior = self.cost_terms[context]
+            return PayoffMonitor(self.backoff, self.scan, cost, prior=prior)
         plain = self.plain_times.setdefault(run.input_ids.shape[0], PlainTimes(refresh=self.backoff.window))
         return PayoffMonitor(self.backoff, self.scan, plain=plain)
 
