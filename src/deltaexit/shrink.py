@@ -23,8 +23,10 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    same cut; run-length patterns (``[[kinds, repeat]]``) are re-encoded; layer periods/intervals/steps -> 2 (their
    offsets modulo 2); other ints naming layers (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) scale
    with the layer count (at least 1 if non-zero, an end index stays the last layer).
-5. Head sizes, KV-head counts and expert counts a default leaves ``None`` get the tiny value; ``is_decoder`` is
-   set (every type here is a causal LM).
+5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
+   shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
+   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts and expert counts a default
+   leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
 6. Int lists that sum to the hidden size (``axial_pos_embds_dim``) or to half the head size (rope's
    ``mrope_section``) at default are rescaled to sum to the tiny one.
 
@@ -275,10 +277,10 @@ def _shrink_layer_field(name: str, v: Any, layers0: int, n: int) -> Any:
         return [[[x], 1] for x in flat]
     if not _is_int(v):
         return v
-    if name.endswith(_PERIOD_SUFFIXES) and v > 2:
-        return 2
-    if name.endswith("_offset") and v > 1:
-        return v % 2
+    if name.endswith(_PERIOD_SUFFIXES):
+        return min(v, 2)
+    if name.endswith("_offset"):
+        return v % 2 if v > 1 else v
     if "layer" in name and 0 < v <= layers0:
         if v == layers0:
             return n
@@ -454,12 +456,41 @@ def _plan(config: Any, key: str, tiny: TinySizes) -> tuple[dict[str, Any], dict[
     return changes, subs  # type: ignore[return-value]
 
 
-def _as_dict(config: Any, plan: Any) -> dict[str, Any]:
+def _per_layer_config(config: Any, d: dict[str, Any], tiny: TinySizes) -> None:
+    """Map a heterogeneous config's ``per_layer_config`` (layer index -> overrides) through the layer cut: tiny
+    layer ``i`` takes the (shrunk) overrides of default layer ``i``, or of the first default layer of its kind."""
+    overrides = {int(k): v for k, v in (d.get("per_layer_config") or {}).items()}
+    if not overrides:
+        return
+    kinds0, kinds = getattr(config, "layer_types", None), d.get("layer_types")
+    n = _first(d, sorted(_LAYERS)) or tiny.layers
+    own = {k: v for k, v in vars(config).items() if k not in _sub_configs(config)}
+    new = {}
+    for i in range(n):
+        src = i
+        if kinds0 is not None and kinds is not None and i < len(kinds) and (i >= len(kinds0) or kinds0[i] != kinds[i]):
+            src = next((j for j, kind in enumerate(kinds0) if kind == kinds[i]), i)
+        if src in overrides:
+            shrunk = _shrink_fields({**own, **overrides[src]}, text=True, tiny=tiny)
+            new[i] = {k: _still_different(k, shrunk.get(k, v), v, own, d) for k, v in overrides[src].items()}
+    d["per_layer_config"] = new
+
+
+def _still_different(key: str, tiny_value: Any, value: Any, own: dict[str, Any], d: dict[str, Any]) -> Any:
+    """A per-layer override that differed from the global value at default still differs (in the same ratio)."""
+    global0, global_tiny = own.get(key), d.get(key)
+    if _is_int(value) and _is_int(global0) and _is_int(global_tiny) and value != global0 and tiny_value == global_tiny:
+        return max(1, round(global_tiny * value / global0))
+    return tiny_value
+
+
+def _as_dict(config: Any, plan: Any, tiny: TinySizes) -> dict[str, Any]:
     changes, subs = plan
     d = config.to_dict()
     d.update(changes)
+    _per_layer_config(config, d, tiny)
     for k, sub_plan in subs.items():
-        d[k] = _as_dict(getattr(config, k), sub_plan)
+        d[k] = _as_dict(getattr(config, k), sub_plan, tiny)
     return d
 
 
@@ -490,7 +521,7 @@ def shrink_config(model_type: str, tiny: TinySizes = TINY, **overrides: Any) -> 
     top.update(overrides)
     plan = (top, plan[1])
     try:
-        fields = _as_dict(default, plan)
+        fields = _as_dict(default, plan, tiny)
         fields.pop("model_type", None)
         return type(default)(**{k: v for k, v in fields.items() if k != "transformers_version"})
     except Exception:  # the rebuild refused (a validator, a derived field): set the fields on a copy instead
