@@ -8,8 +8,9 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    multiple of 16 (so 4096 -> 64, 11008 -> 176).
 2. **Heads and head sizes are fixed**: attention/linear-attention/SSM head counts -> ``TINY.heads``; KV-head counts
    keep the default's kind (as many as the heads, one, or a group: -> ``heads``, 1 or 2); head sizes ->
-   ``TINY.head_dim`` (MLA's rotary and no-rope parts too); a head count whose product with a head size equals a
-   width at default (``num_heads * head_dim == expand * hidden_size`` in Mamba2) is re-solved to keep the product.
+   ``TINY.head_dim`` (MLA's rotary and no-rope parts too; a partial ``rotary_dim`` keeps its share of the head);
+   a head count whose product with a head size equals a named width other than the hidden size at default
+   (``num_heads * head_dim == expand * hidden_size`` in Mamba2) is re-solved to keep the product.
 3. **Counts capped**: experts -> at most 4, experts per token 2, shared experts 1, expert groups 2 (1 chosen);
    low ranks (``*_rank``: MLA q/kv, LoRA-like adapters) -> at most 16; SSM state sizes -> 8; vocabulary ->
    ``TINY.vocab`` (and every other int equal to the default vocabulary); positions -> at most 256; attention windows
@@ -25,10 +26,11 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    with the layer count (at least 1 if non-zero, an end index stays the last layer).
 5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
    shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
-   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts and expert counts a default
-   leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
+   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per token
+   a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
 6. Int lists that sum to the hidden size (``axial_pos_embds_dim``) or to half the head size (rope's
-   ``mrope_section``) at default are rescaled to sum to the tiny one.
+   ``mrope_section``) at default are rescaled to sum to the tiny one; a rope ``original_max_position_embeddings``
+   keeps its ratio (the YaRN/LongRoPE ``factor``) to the tiny position count.
 
 The shrunk config is rebuilt from the default's class with the new fields (sub-configs passed as dicts), so
 whatever its ``__init__`` derives (e.g. ``layer_types`` from a pattern) is derived again; when that rebuild is
@@ -184,7 +186,12 @@ _WINDOWS = {
 }
 _PERIOD_SUFFIXES = ("_period", "_interval", "_step", "every_n_layers", "sliding_window_pattern", "layer_group_size")
 #: Size fields a default config may leave ``None`` although its model needs them: given the tiny value.
-_NONE_FILLS = {"head_dim": "head_dim", "num_key_value_heads": "heads", "n_routed_experts": "experts"}
+_NONE_FILLS = {
+    "head_dim": "head_dim",
+    "num_key_value_heads": "heads",
+    "n_routed_experts": "experts",
+    "num_experts_per_tok": "experts_per_token",
+}
 _TEXT_KEYS = {"", "text_config", "decoder", "decoder_config", "global_config", "llm_config", "language_config"}
 #: Fields left as they are whatever their value (not sizes, or read only at training time).
 _KEEP = {"seed", "chunk_size_feed_forward", "torch_dtype", "initializer_range", "patching_batch_size"}
@@ -324,8 +331,15 @@ def _rescale(v: list[int], total: int) -> list[int]:
     return scaled
 
 
-def _shrink_rope(v: dict[str, Any], head_dim0: int | None, head_dim: int) -> dict[str, Any]:
+def _shrink_rope(v: dict[str, Any], head_dim0: int | None, head_dim: int, positions: int) -> dict[str, Any]:
     out = dict(v)
+    for k, x in v.items():  # one rope dict per layer kind (Gemma 3/4)
+        if isinstance(x, dict):
+            out[k] = _shrink_rope(x, head_dim0, head_dim, positions)
+    original = v.get("original_max_position_embeddings")
+    if isinstance(original, int) and original > positions:  # YaRN/LongRoPE: keep max / original equal to the factor
+        factor = v.get("factor")
+        out["original_max_position_embeddings"] = max(1, int(positions / factor)) if factor else positions
     for k, x in v.items():
         if head_dim0 and _sums_to(x, head_dim0 // 2):
             out[k] = _rescale(list(x), head_dim // 2)
@@ -350,6 +364,9 @@ def _shrink_int(name: str, v: int, fields: dict[str, Any], ctx: dict[str, Any], 
         return tiny.head_dim
     if name == "qk_head_dim":
         return 2 * tiny.head_dim
+    if name in ("rotary_dim", "rotary_emb_base_dim"):
+        head0 = fields.get("head_dim") or (hidden0 and hidden0 // (_first(fields, sorted(_HEADS)) or 1))
+        return max(2, 2 * round(tiny.head_dim * v / head0 / 2)) if head0 else min(v, tiny.head_dim)
     if name in _HIDDEN or (hidden0 and v == hidden0 and v >= 256) or (_is_width(name) and v >= 64):
         return _ceil16(v * tiny.hidden / hidden0) if hidden0 else min(v, tiny.hidden)
     if name in _EXPERTS:
@@ -379,7 +396,7 @@ def _shrink_int(name: str, v: int, fields: dict[str, Any], ctx: dict[str, Any], 
 
 def _resolve_products(fields: dict[str, Any], out: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Re-solve head counts whose product with a head size equalled a width at default."""
-    widths0 = {k: v for k, v in fields.items() if _is_int(v) and v >= 64 and _is_width(k)}
+    widths0 = {k: v for k, v in fields.items() if _is_int(v) and v >= 64 and k in _HIDDEN}
     for e in ("expand", "mamba_expand"):
         if _is_int(fields.get(e)) and ctx["hidden0"]:
             widths0[f"{e}*hidden"] = fields[e] * ctx["hidden0"]
@@ -397,12 +414,15 @@ def _resolve_products(fields: dict[str, Any], out: dict[str, Any], ctx: dict[str
                     out[count] = tiny_w[w] // out[dim]
 
 
-def _shrink_fields(fields: dict[str, Any], *, text: bool, tiny: TinySizes) -> dict[str, Any]:
-    """The tiny values of one (sub-)config's own fields (sub-configs excluded)."""
+def _shrink_fields(
+    fields: dict[str, Any], *, text: bool, tiny: TinySizes, derived: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The tiny values of one (sub-)config's own fields (sub-configs excluded); ``derived``: per-layer lists the
+    config computes (properties), counted for the layer count only."""
     hidden0 = _first(fields, ("hidden_size", "d_model", "n_embd", "emb_dim", "embedding_dim", "dim_model"))
     ctx = {"hidden0": hidden0, "vocab0": fields.get("vocab_size"), "text": text, "hidden": tiny.hidden}
     layers0 = _first(fields, sorted(_LAYERS))
-    n = _layer_count_needed(fields, layers0, tiny) if layers0 else tiny.layers
+    n = _layer_count_needed({**(derived or {}), **fields}, layers0, tiny) if layers0 else tiny.layers
     out: dict[str, Any] = {}
     for name, v in fields.items():
         if name.startswith("_") or name in _KEEP:
@@ -432,12 +452,9 @@ def _shrink_fields(fields: dict[str, Any], *, text: bool, tiny: TinySizes) -> di
         elif name == "is_decoder" and v is False:
             out[name] = True  # every type here is a causal LM
         elif isinstance(v, dict) and name.startswith("rope"):
-            out[name] = _shrink_rope(
-                v,
-                fields.get("head_dim")
-                or (hidden0 and fields.get("num_attention_heads") and hidden0 // fields["num_attention_heads"]),
-                tiny.head_dim,
-            )
+            heads0 = _first(fields, ("num_attention_heads",))
+            head_dim0 = fields.get("head_dim") or (hidden0 // heads0 if hidden0 and heads0 else None)
+            out[name] = _shrink_rope(v, head_dim0, tiny.head_dim, out.get("max_position_embeddings", tiny.positions))
     _resolve_products(fields, out, ctx)
     _remap_token_ids(fields, out, out.get("vocab_size", tiny.vocab))
     return {k: v for k, v in out.items() if fields.get(k) != v}
@@ -449,9 +466,24 @@ def _sub_configs(config: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(config).items() if isinstance(v, PretrainedConfig)}
 
 
+def _derived_layer_lists(config: Any, own: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer lists a config computes rather than stores (Jamba's ``layers_block_type`` from periods)."""
+    out = {}
+    for name in ("layer_types", "layers_block_type", "block_types", "attention_layers"):
+        if name in own:
+            continue
+        try:
+            value = getattr(config, name, None)
+        except Exception:  # a heterogeneous config may refuse a global read
+            continue
+        if isinstance(value, (list, tuple)):
+            out["_derived_" + name] = list(value)
+    return out
+
+
 def _plan(config: Any, key: str, tiny: TinySizes) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     own = {k: v for k, v in vars(config).items() if k not in _sub_configs(config)}
-    changes = _shrink_fields(own, text=key in _TEXT_KEYS, tiny=tiny)
+    changes = _shrink_fields(own, text=key in _TEXT_KEYS, tiny=tiny, derived=_derived_layer_lists(config, own))
     subs = {k: _plan(sub, k, tiny) for k, sub in _sub_configs(config).items()}
     return changes, subs  # type: ignore[return-value]
 

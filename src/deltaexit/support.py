@@ -55,12 +55,17 @@ def causal_lm_types() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _message(exc: BaseException) -> str:
+    """``Class: message`` on one line, cut to a readable length."""
+    msg = " ".join(str(exc).split())
+    msg = msg if len(msg) <= _MSG else msg[: _MSG - 3] + "..."
+    return f"{type(exc).__name__}: {msg}"
+
+
 def _describe(exc: BaseException) -> str:
     """``refused (Class: message)`` for a deltaexit error class, else ``FAIL (Class: message)``."""
     kind = "refused" if type(exc).__module__.startswith("deltaexit") else "FAIL"
-    msg = " ".join(str(exc).split())
-    msg = msg if len(msg) <= _MSG else msg[: _MSG - 3] + "..."
-    return f"{kind} ({type(exc).__name__}: {msg})"
+    return f"{kind} ({_message(exc)})"
 
 
 def cell_status(cell: Any) -> str:
@@ -155,7 +160,7 @@ def _default_builds(model_type: str) -> str:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(config)
     except Exception as exc:
-        return "the default config fails too: " + _describe(exc).replace("refused (", "FAIL (", 1)
+        return f"the default config fails too: {_message(exc)}"
     return "the default config builds: a shrink problem"
 
 
@@ -167,8 +172,14 @@ def check_architecture(model_type: str) -> dict[str, Any]:
         try:
             model = tiny_model_for(model_type)
         except Exception as exc:
-            row["build"] = _describe(exc).replace("refused (", "FAIL (", 1)
+            row["build"] = f"FAIL ({_message(exc)})"
             row["default_build"] = _default_builds(model_type)
+            return row
+        try:  # a model that does not run on input ids alone (a drafter needing its target's states) is not built
+            with torch.no_grad():
+                _forward(model, *random_batch(TINY.vocab, 1, _PROMPT))
+        except Exception as exc:
+            row["build"] = f"FAIL (its own forward on input ids fails: {_message(exc)})"
             return row
         row["build"] = "ok"
         row["params"] = sum(p.numel() for p in model.parameters())
@@ -213,7 +224,7 @@ def _isolated(model_type: str, timeout: float | None) -> dict[str, Any]:
         with _time_limit(timeout):
             return check_architecture(model_type)
     except Exception as exc:
-        return {"model_type": model_type, "build": _describe(exc).replace("refused (", "FAIL (", 1)}
+        return {"model_type": model_type, "build": f"FAIL ({_message(exc)})"}
 
 
 def support_matrix(
@@ -401,7 +412,8 @@ def support_matrix_markdown(
         f"tiny random model shrunk from its default config (below), prompt of {_PROMPT} tokens in a left-padded "
         f"batch of two, {_NEW_TOKENS} new greedy tokens.",
         "",
-        "- **build**: the shrunk config builds with `AutoModelForCausalLM.from_config`, offline.",
+        "- **build**: the shrunk config builds with `AutoModelForCausalLM.from_config`, offline, and the model's own "
+        "forward runs on input ids alone.",
         "- **blocks / final norm**: what structure discovery found (or its `StructureError`).",
         "- **collect**: hooks capture `h_in`, `h_out`, `delta`; the deltas telescope "
         "(`h_in[0] + sum(delta) == h_out[-1]`).",
