@@ -543,7 +543,8 @@ def shrink_config(model_type: str, tiny: TinySizes = TINY, **overrides: Any) -> 
         **overrides: Top-level fields set after shrinking.
 
     Raises:
-        Whatever ``AutoConfig.for_model`` raises for a type whose default config does not build.
+        ValueError: From ``AutoConfig.for_model`` for a name that is no model type (its default config's own
+            errors pass through too).
     """
     from transformers import AutoConfig
 
