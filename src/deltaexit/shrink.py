@@ -4,8 +4,10 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
 (``text_config``, ``vision_config``, ...) and rewrites its fields by **role**, recognised by field name:
 
 1. **Widths scale with the hidden size** (``hidden_size``/``d_model``/``n_embd``/..., FFN and intermediate sizes,
-   any other int equal to the hidden size): ``tiny = default * TINY.hidden / default_hidden``, rounded up to a
-   multiple of 16 (so 4096 -> 64, 11008 -> 176).
+   any other int equal to the hidden size): ``tiny = default * TINY.hidden / main_hidden``, rounded up to a
+   multiple of 16 (so 4096 -> 64, 11008 -> 176). One factor for the whole config tree (``main_hidden``: the
+   config's own hidden size, else its text config's, else its largest sub-config's), so widths that are equal
+   across sub-configs (a vision tower's output and the text hidden size) stay equal.
 2. **Heads and head sizes are fixed**: attention/linear-attention/SSM head counts -> ``TINY.heads``; KV-head counts
    keep the default's kind (as many as the heads, one, or a group: -> ``heads``, 1 or 2); head sizes ->
    ``TINY.head_dim`` (MLA's rotary and no-rope parts too; a partial ``rotary_dim`` keeps its share of the head);
@@ -20,17 +22,18 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    ``no_rope_layers``, ...: any list as long as the default layer count) is cut to the tiny count *keeping at least
    one layer of each kind* the default has, two where it has two or more (missing kinds replace the last entries;
    the count grows when there are more kinds than layers); a list of layer indices (``moe_layers``,
-   ``full_attn_idxs``, ...) is mapped through the
-   same cut; run-length patterns (``[[kinds, repeat]]``) are re-encoded; layer periods/intervals/steps -> 2 (their
-   offsets modulo 2); other ints naming layers (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) scale
-   with the layer count (at least 1 if non-zero, an end index stays the last layer).
+   ``full_attn_idxs``, ...) is mapped through the same cut; run-length patterns (``[[kinds, repeat]]``) are
+   re-encoded; layer periods/intervals/steps -> 2 (their offsets modulo 2); other ints naming layers
+   (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) scale with the layer count (at least 1 if non-zero,
+   an end index stays the last layer).
 5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
    shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
-   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per token
-   a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
-6. Int lists that sum to the hidden size (``axial_pos_embds_dim``) or to half the head size (rope's
-   ``mrope_section``) at default are rescaled to sum to the tiny one; a rope ``original_max_position_embeddings``
-   keeps its ratio (the YaRN/LongRoPE ``factor``) to the tiny position count.
+   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per
+   token a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
+6. A ``head_dim`` equal to hidden / heads at default stays so; int lists that sum to the hidden size
+   (``axial_pos_embds_dim``) or to half the head size (rope's ``mrope_section``) at default are rescaled to sum to
+   the tiny one; a rope ``original_max_position_embeddings`` keeps its ratio (the YaRN/LongRoPE ``factor``) to
+   the tiny position count.
 
 The shrunk config is rebuilt from the default's class with the new fields (sub-configs passed as dicts), so
 whatever its ``__init__`` derives (e.g. ``layer_types`` from a pattern) is derived again; when that rebuild is
@@ -93,6 +96,7 @@ _HIDDEN = {
     "mamba_d_ssm",
     "dim_model",
 }
+_HIDDEN_NAMES = ("hidden_size", "d_model", "n_embd", "emb_dim", "embedding_dim", "dim_model")
 _WIDTH_WORDS = ("intermediate", "ffn", "inner", "dim_ff", "d_ff", "dff", "feed_forward", "mlp_dim", "hidden_size")
 _HEADS = {
     "num_attention_heads",
@@ -368,7 +372,7 @@ def _shrink_int(name: str, v: int, fields: dict[str, Any], ctx: dict[str, Any], 
         head0 = fields.get("head_dim") or (hidden0 and hidden0 // (_first(fields, sorted(_HEADS)) or 1))
         return max(2, 2 * round(tiny.head_dim * v / head0 / 2)) if head0 else min(v, tiny.head_dim)
     if name in _HIDDEN or (hidden0 and v == hidden0 and v >= 256) or (_is_width(name) and v >= 64):
-        return _ceil16(v * tiny.hidden / hidden0) if hidden0 else min(v, tiny.hidden)
+        return _ceil16(v * ctx["scale"])
     if name in _EXPERTS:
         return min(v, tiny.experts)
     if name in _TOP_K:
@@ -414,13 +418,30 @@ def _resolve_products(fields: dict[str, Any], out: dict[str, Any], ctx: dict[str
                     out[count] = tiny_w[w] // out[dim]
 
 
+def _keep_head_split(fields: dict[str, Any], out: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """A ``head_dim`` that was ``hidden / heads`` at default stays so (in configs narrower than the main one)."""
+    heads0, head_dim0, hidden0 = fields.get("num_attention_heads"), fields.get("head_dim"), ctx["hidden0"]
+    if not (isinstance(heads0, int) and isinstance(head_dim0, int) and hidden0) or heads0 * head_dim0 != hidden0:
+        return
+    heads = out.get("num_attention_heads", heads0)
+    if ctx["hidden"] % heads == 0:
+        out["head_dim"] = ctx["hidden"] // heads
+
+
 def _shrink_fields(
-    fields: dict[str, Any], *, text: bool, tiny: TinySizes, derived: dict[str, Any] | None = None
+    fields: dict[str, Any],
+    *,
+    text: bool,
+    tiny: TinySizes,
+    derived: dict[str, Any] | None = None,
+    scale: float | None = None,
 ) -> dict[str, Any]:
     """The tiny values of one (sub-)config's own fields (sub-configs excluded); ``derived``: per-layer lists the
     config computes (properties), counted for the layer count only."""
-    hidden0 = _first(fields, ("hidden_size", "d_model", "n_embd", "emb_dim", "embedding_dim", "dim_model"))
-    ctx = {"hidden0": hidden0, "vocab0": fields.get("vocab_size"), "text": text, "hidden": tiny.hidden}
+    hidden0 = _first(fields, _HIDDEN_NAMES)
+    scale = scale or (tiny.hidden / hidden0 if hidden0 else 1.0)
+    hidden = _ceil16(hidden0 * scale) if hidden0 else tiny.hidden
+    ctx = {"hidden0": hidden0, "vocab0": fields.get("vocab_size"), "text": text, "hidden": hidden, "scale": scale}
     layers0 = _first(fields, sorted(_LAYERS))
     n = _layer_count_needed({**(derived or {}), **fields}, layers0, tiny) if layers0 else tiny.layers
     out: dict[str, Any] = {}
@@ -428,7 +449,7 @@ def _shrink_fields(
         if name.startswith("_") or name in _KEEP:
             continue
         if _sums_to(v, hidden0):
-            out[name] = _rescale(list(v), tiny.hidden)
+            out[name] = _rescale(list(v), hidden)
             continue
         if name in _LAYERS and _is_int(v) and v > 0:
             out[name] = n if v == layers0 else min(v, n)
@@ -456,6 +477,7 @@ def _shrink_fields(
             head_dim0 = fields.get("head_dim") or (hidden0 // heads0 if hidden0 and heads0 else None)
             out[name] = _shrink_rope(v, head_dim0, tiny.head_dim, out.get("max_position_embeddings", tiny.positions))
     _resolve_products(fields, out, ctx)
+    _keep_head_split(fields, out, ctx)
     _remap_token_ids(fields, out, out.get("vocab_size", tiny.vocab))
     return {k: v for k, v in out.items() if fields.get(k) != v}
 
@@ -481,10 +503,26 @@ def _derived_layer_lists(config: Any, own: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plan(config: Any, key: str, tiny: TinySizes) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _main_hidden(config: Any) -> int | None:
+    """The hidden size every width scales by: the config's own, its text config's, else its largest sub-config's."""
+    own = _first(vars(config), _HIDDEN_NAMES)
+    if own:
+        return own
+    subs = _sub_configs(config)
+    text = next((subs[k] for k in _TEXT_KEYS if k in subs), None)
+    if text is not None and _main_hidden(text):
+        return _main_hidden(text)
+    return max((h for h in map(_main_hidden, subs.values()) if h), default=None)
+
+
+def _plan(config: Any, key: str, tiny: TinySizes, scale: float | None = None) -> tuple[dict[str, Any], Any]:
+    if scale is None:
+        main = _main_hidden(config)
+        scale = tiny.hidden / main if main else 1.0
     own = {k: v for k, v in vars(config).items() if k not in _sub_configs(config)}
-    changes = _shrink_fields(own, text=key in _TEXT_KEYS, tiny=tiny, derived=_derived_layer_lists(config, own))
-    subs = {k: _plan(sub, k, tiny) for k, sub in _sub_configs(config).items()}
+    derived = _derived_layer_lists(config, own)
+    changes = _shrink_fields(own, text=key in _TEXT_KEYS, tiny=tiny, derived=derived, scale=scale)
+    subs = {k: _plan(sub, k, tiny, scale) for k, sub in _sub_configs(config).items()}
     return changes, subs  # type: ignore[return-value]
 
 
