@@ -15,9 +15,9 @@ from deltaexit.shrink import TinySizes, shrink_config, tiny_model_for
 from deltaexit.structure import StructureError
 from deltaexit.support import GENERATE_CELLS, cell_status, check_architecture, support_matrix, support_summary
 
-# One dense model of each family shape that works today: Llama, GPT-2 (no rotary, fused QKV), Mixtral (MoE),
-# Gemma 3 and Cohere 2 (sliding-window and global layers interleaved).
-SAMPLE = ("llama", "gpt2", "mixtral", "gemma3_text", "cohere2")
+# One model of each shape that works today: Llama, GPT-2 (no rotary, fused QKV), Mixtral (MoE), DeepSeek-V3 (MLA,
+# shared + routed experts), Gemma 3 and Cohere 2 (sliding-window and global layers interleaved).
+SAMPLE = ("llama", "gpt2", "mixtral", "deepseek_v3", "gemma3_text", "cohere2")
 ALL_CELLS = ("build", "structure", "collect", "lens_exact", *GENERATE_CELLS)
 
 

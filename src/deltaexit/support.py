@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import warnings
@@ -318,6 +319,23 @@ def _procedure() -> list[str]:
     return ["## How each model is shrunk", "", *[line.rstrip() for line in doc[1:]][1:], ""]
 
 
+def _grouped(items: list[dict[str, Any]]) -> list[str]:
+    """One bullet per kind of error (its text up to the first number, list, dict or repr: the part that names the
+    problem, not the instance), the types it hits with their cells, most types first; full texts are in the table
+    and the JSON."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for item in items:
+        error = item["error"]
+        head = re.split(r"[\d\[{<]", error, maxsplit=1)[0]
+        key = error if head == error else head.rstrip(" (=:,") + " ...)"
+        groups.setdefault(key, {}).setdefault(item["model_type"], []).append(item["cell"])
+    order = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    return [
+        f"- {_cell(error, 300)}: " + ", ".join(f"`{t}` ({', '.join(cells)})" for t, cells in types.items())
+        for error, types in order
+    ]
+
+
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
     def fig(key: str) -> str:
         s = summary[key]
@@ -338,10 +356,13 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         "",
     ]
     for title, key in (("Failures (not a named refusal)", "failures"), ("Named refusals", "refusals")):
-        lines += [f"## {title}", ""] + [
-            f"- `{f['model_type']}` / {f['cell']}: {_cell(f['error'], 400)}" for f in summary[key]
+        lines += [
+            f"## {title}",
+            "",
+            "By kind of error; each type with its cells (full messages: the matrix).",
+            "",
         ]
-        lines += ["- none"] if not summary[key] else []
+        lines += _grouped(summary[key]) or ["- none"]
         lines.append("")
     lines += ["## Not built tiny", ""]
     lines += [f"- `{t}`: {_cell(why, 500)}" for t, why in summary["not_built"].items()] or ["- none"]
