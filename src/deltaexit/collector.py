@@ -308,6 +308,7 @@ class Collector:
         self._inputs: dict[int, torch.Tensor] = {}
         self._call_mask: torch.Tensor | None = None
         self._call_positions: str = "all" if positions == "auto" else positions
+        self._prefix = 0
         self._current: Record | None = None
         self._used = False
 
@@ -355,11 +356,22 @@ class Collector:
             raise ValueError(f"empty batch: input of shape {tuple(ref.shape)}; pass at least one row with one token.")
         mask = kwargs.get("attention_mask")
         self._call_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if self.positions == "auto":
             # A KV cache passed in means incremental decoding (model.generate): keep the last token.
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             self._call_positions = "last" if cache is not None else "all"
+        # Prompt positions a model prepends on a fresh forward (structure.prefix_positions) are not tokens.
+        self._prefix = self.structure.prefix_positions and self._fresh(cache) and self.structure.prefix_positions
         self._current = None
+
+    @staticmethod
+    def _fresh(cache: object) -> bool:
+        """Whether a forward given ``cache`` starts a sequence (no cache, or one holding no tokens yet)."""
+        seen = getattr(cache, "get_seq_length", None)
+        try:
+            return cache is None or not callable(seen) or seen() == 0
+        except Exception:  # a cache that cannot tell its length (only recurrent layers) is not fresh
+            return False
 
     def _make_pre_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -377,9 +389,10 @@ class Collector:
         return hook
 
     def _start_record(self, h: torch.Tensor) -> Record:
-        if h.dim() != 3:
+        if h.dim() < 3:
             raise StructureError(
-                f"a decoder block produced hidden states of shape {tuple(h.shape)}; expected [batch, seq, hidden]."
+                f"a decoder block produced hidden states of shape {tuple(h.shape)}; expected [batch, seq, hidden] "
+                "(or [batch, seq, streams, hidden] for hyper-connections)."
             )
         batch, seq = h.shape[0], h.shape[1]
         mask = self._call_mask
@@ -430,12 +443,16 @@ class Collector:
         return buf[row]
 
     def _record(self, layer: int, row: int, h_out: torch.Tensor) -> None:
+        if self._prefix and h_out.shape[1] > self._prefix:
+            h_out = h_out[:, self._prefix :]
         record = self._current
         if record is None or row in record.filled:
             record = self._start_record(h_out)
             self._current = record
         store_dtype = self.dtype if self.dtype is not None else h_out.dtype
         h_in = self._inputs.pop(layer, None)
+        if h_in is not None and self._prefix and h_in.shape[1] > self._prefix:
+            h_in = h_in[:, self._prefix :]
         if ("h_in" in self.capture or "delta" in self.capture) and h_in is None:
             raise StructureError(f"block {layer} was called without a hidden-state input to observe.")
         if "delta" in self.capture:

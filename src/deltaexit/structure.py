@@ -40,6 +40,7 @@ from deltaexit.aliases import (
     QKV_NAMES,
     VOCAB_SIZE_ATTRS,
 )
+from deltaexit.headpath import trace_head_path
 
 __all__ = [
     "ModelStructure",
@@ -325,6 +326,14 @@ class ModelStructure:
         logit_divisor: Divisor of the logits (Granite's ``logits_scaling``), or None.
         final_softcap: Soft-cap ``c * tanh(logits / c)`` (Gemma-2), or None.
         logit_transform: Extra user-given callable applied last, or None.
+        pre_norm: Modules applied to the last block's output before the final norm (e.g. a hyper-connection
+            merge of several residual streams into one).
+        hidden_scale: Multiplier on the normalised state just before the head (a width multiplier), or None.
+        vocab_limit: The logits are the head's first ``vocab_limit`` outputs (a padded vocabulary), or None.
+        prefix_positions: Leading positions the blocks see on a fresh (uncached) forward but the head does not
+            (soft-prompt tokens the model prepends); :func:`deltaexit.collect` drops them. 0 if none.
+        state_dims: Trailing dims of one position's residual state: 1 (``[hidden]``), 2 for several residual
+            streams (``[streams, hidden]``, hyper-connections).
     """
 
     model: nn.Module
@@ -336,6 +345,11 @@ class ModelStructure:
     logit_divisor: float | None = None
     final_softcap: float | None = None
     logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    pre_norm: tuple[nn.Module, ...] = ()
+    hidden_scale: float | None = None
+    vocab_limit: int | None = None
+    prefix_positions: int = 0
+    state_dims: int = 1
     validated: bool = field(default=False, compare=False)
 
     @property
@@ -360,6 +374,11 @@ class ModelStructure:
             "logit_divisor": self.logit_divisor,
             "final_softcap": self.final_softcap,
             "logit_transform": None if self.logit_transform is None else repr(self.logit_transform),
+            "pre_norm": [_path_of(self.model, m) for m in self.pre_norm],
+            "hidden_scale": self.hidden_scale,
+            "vocab_limit": self.vocab_limit,
+            "prefix_positions": self.prefix_positions,
+            "state_dims": self.state_dims,
         }
 
     # -- architecture facts: everything else asks the structure ---------------------------------------
@@ -380,7 +399,9 @@ class ModelStructure:
 
     @property
     def vocab_size(self) -> int:
-        """Number of logits the head produces (the head's output width, else the config's vocab)."""
+        """Number of logits the lens produces (the head's output width, else the config's vocab)."""
+        if self.vocab_limit is not None:
+            return self.vocab_limit
         out = getattr(self.lm_head, "out_features", None)
         weight = getattr(self.lm_head, "weight", None)
         if out is None and isinstance(weight, torch.Tensor):
@@ -434,16 +455,28 @@ class ModelStructure:
 
     # -- the unembedding: final norm -> post-norm modules -> head -> logit steps ------------------------
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
-        """Apply the final norm and post-norm modules (the state the head reads)."""
+        """Apply the pre-norm modules, final norm, post-norm modules and hidden scale (the state the head reads)."""
+        if self.pre_norm:
+            # Pre-norm modules (a merge of residual streams) take [batch, seq, *state]: any leading dims become seq.
+            lead, k = h.shape[: h.dim() - self.state_dims], self.state_dims
+            h = h.reshape(1, -1, *h.shape[h.dim() - k :])
+            for module in self.pre_norm:
+                h = module(h)
+            h = h.reshape(*lead, *h.shape[2:])
         if self.final_norm is not None:
             h = self.final_norm(h)
         for module in self.post_norm:
             h = module(h)
+        if self.hidden_scale is not None:
+            h = h * self.hidden_scale
         return h
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Head and logit steps applied to an already normalised state."""
-        logits = self._logit_steps(self.lm_head(h))
+        logits = self.lm_head(h)
+        if self.vocab_limit is not None:
+            logits = logits[..., : self.vocab_limit]
+        logits = self._logit_steps(logits)
         if self.logit_transform is not None:
             logits = self.logit_transform(logits)
         return logits
@@ -460,7 +493,7 @@ class ModelStructure:
 
     def _head_input(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` moved to the device and dtype of the final norm (else the head), unless those are on ``meta``."""
-        first = self.final_norm if self.final_norm is not None else self.lm_head
+        first = self.pre_norm[0] if self.pre_norm else self.final_norm if self.final_norm is not None else self.lm_head
         param = next(first.parameters(), None)
         if param is None:
             param = next(self.lm_head.parameters(), None)
@@ -495,7 +528,8 @@ class ModelStructure:
             >>> torch.allclose(s.candidate_logits(h, ids), s.unembed(h).gather(-1, ids), atol=1e-5)
             True
         """
-        if ids.dim() != h.dim() or ids.shape[:-1] != h.shape[:-1]:
+        lead = h.shape[: h.dim() - self.state_dims]
+        if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead:
             raise ValueError(
                 f"candidate ids {tuple(ids.shape)} must have the leading dims of the states {tuple(h.shape)}, "
                 "plus one dim of K candidates"
@@ -534,54 +568,26 @@ class ModelStructure:
             raise IndexError(f"layer {layer} is out of range: this model has {n} blocks (0..{n - 1}).")
         return layer % n
 
-    def validate(self, *, atol: float = 1e-4, rtol: float = 1e-4) -> ModelStructure:
+    def validate(self, *, atol: float = 1e-4, rtol: float = 1e-4, repair: bool = False) -> ModelStructure:
         """Check with a dummy forward that the lens on the last block reproduces the logits.
+
+        Args:
+            atol: Absolute tolerance on the logits.
+            rtol: Relative tolerance on the logits.
+            repair: On a mismatch, read the path from the last block to the logits off a traced forward
+                (:func:`deltaexit.headpath.trace_head_path`: modules between the last block and the head,
+                a scale on the state, dropped prompt positions, a vocabulary slice), adopt it and check again.
+                :func:`find_structure` repairs when no override is given.
 
         Returns ``self``; raises :class:`StructureError` naming the mismatch otherwise.
         """
-        model = self.model
-        vocab = _vocab_size(model)
-        device = input_device(model)
-        ids = (torch.arange(6, device=device) * 7 + 1).remainder(vocab).unsqueeze(0)
-        captured: list[torch.Tensor] = []
-
-        def grab(_module: nn.Module, _args: object, output: object) -> None:
-            captured.append(block_output(output))
-
-        handle = self.blocks[-1].register_forward_hook(grab)
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                logits = model(input_ids=ids, use_cache=False).logits
-        except Exception as exc:
-            raise StructureError(f"dummy forward for the structure check failed: {exc}") from exc
-        finally:
-            handle.remove()
-            model.train(was_training)
-        if torch.isnan(logits.float()).any():
-            raise StructureError(
-                "the model produced NaN logits on a dummy forward (NaN or inf weights?); check the checkpoint "
-                "and its dtype: no structure override can fix this."
-            )
-        if not captured:
-            raise StructureError(f"the block list {self.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}")
-        try:
-            with torch.no_grad():
-                lens_logits = self.unembed(captured[-1])
-        except Exception as exc:
-            raise StructureError(
-                f"the lens (final norm -> head -> logit steps) failed on the last block's output: {exc}; "
-                f"found {self.describe()}. {_OVERRIDE_HINT}"
-            ) from exc
-        if lens_logits.shape != logits.shape or not torch.allclose(
-            lens_logits.float(), logits.float(), atol=atol, rtol=rtol
-        ):
-            diff = (
-                (lens_logits.float() - logits.float()).abs().max().item()
-                if lens_logits.shape == logits.shape
-                else f"shape {tuple(lens_logits.shape)} vs {tuple(logits.shape)}"
-            )
+        ids = (torch.arange(6, device=input_device(self.model)) * 7 + 1).remainder(_vocab_size(self.model))
+        ids = ids.unsqueeze(0)
+        logits, last_out = self._dummy_forward(ids)
+        diff = self._mismatch(last_out, logits, atol, rtol)
+        if diff is not None and repair and self._repair(ids, atol, rtol):
+            diff = None
+        if diff is not None:
             raise StructureError(
                 "the lens (final norm -> head -> logit steps) on the last block's output does not "
                 f"reproduce the model's logits (max abs diff {diff}); found {self.describe()}. "
@@ -590,44 +596,236 @@ class ModelStructure:
         self.validated = True
         return self
 
+    def _dummy_forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of a cacheless forward on ``ids`` and the last block's output; every block must run."""
+        model = self.model
+        outputs: dict[int, torch.Tensor] = {}
+        calls: dict[int, int] = {}
 
-def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
-    n_layers = config_int(text_config(model), NUM_LAYERS_ATTRS)
-    candidates = [
-        (name, module) for name, module in root.named_modules() if isinstance(module, nn.ModuleList) and len(module) > 0
-    ]
-    if n_layers is not None:
-        matching = [(n, m) for n, m in candidates if len(m) == n_layers]
-    else:
-        matching = candidates
-    # Blocks of one list share a class; prefer the shallowest such list.
-    homogeneous = [(n, m) for n, m in matching if len({type(b) for b in m}) == 1]
-    if homogeneous:
-        homogeneous.sort(key=lambda nm: nm[0].count("."))
-        shallowest = [nm for nm in homogeneous if nm[0].count(".") == homogeneous[0][0].count(".")]
-        if len(shallowest) == 1:
-            return shallowest[0][1]
-        names = [n for n, _ in shallowest]
-        raise StructureError(
-            f"found several candidate block lists {names} of length {n_layers}; cannot tell which "
-            f"is the decoder's. {_OVERRIDE_HINT}"
+        def grabber(index: int) -> Callable[[nn.Module, object, object], None]:
+            def grab(_module: nn.Module, _args: object, output: object) -> None:
+                outputs[index] = block_output(output)
+                calls[index] = calls.get(index, 0) + 1
+
+            return grab
+
+        handles = [block.register_forward_hook(grabber(i)) for i, block in enumerate(self.blocks)]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits
+        except Exception as exc:
+            raise StructureError(
+                f"the dummy forward for the structure check (input_ids only, {tuple(ids.shape)}) failed: "
+                f"{type(exc).__name__}: {exc}. deltaexit runs the text decoder on token ids: give it a causal "
+                "LM whose forward takes input_ids alone (for a multimodal model, the text model it wraps, e.g. "
+                "AutoModelForCausalLM.from_config(config.get_text_config())), or pass validate=False and give "
+                "every forward the other inputs it needs."
+            ) from exc
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        if torch.isnan(logits.float()).any():
+            raise StructureError(
+                "the model produced NaN logits on a dummy forward (NaN or inf weights?); check the checkpoint "
+                "and its dtype: no structure override can fix this."
+            )
+        _check_each_ran_once(self, calls)
+        return logits, outputs[len(self.blocks) - 1]
+
+    def _mismatch(self, h: torch.Tensor, logits: torch.Tensor, atol: float, rtol: float) -> str | None:
+        """None when the lens on ``h`` (prompt positions dropped) gives ``logits``, else the max diff or shapes."""
+        if self.prefix_positions and h.dim() >= 2:
+            h = h[:, self.prefix_positions :]
+        try:
+            with torch.no_grad():
+                lens_logits = self.unembed(h)
+        except Exception as exc:
+            return f"n/a: the lens failed on the last block's output ({type(exc).__name__}: {exc})"
+        if lens_logits.shape != logits.shape:
+            return f"n/a: shape {tuple(lens_logits.shape)} vs {tuple(logits.shape)}"
+        if torch.allclose(lens_logits.float(), logits.float(), atol=atol, rtol=rtol):
+            return None
+        return str((lens_logits.float() - logits.float()).abs().max().item())
+
+    def _repair(self, ids: torch.Tensor, atol: float, rtol: float) -> bool:
+        """Adopt the path a traced forward shows between the last block and the logits, if it reproduces them."""
+        try:
+            path = trace_head_path(self.model, self.blocks, self.lm_head, ids, self._logit_steps, atol=atol, rtol=rtol)
+        except Exception:  # the plain forward ran; a trace failing leaves the first mismatch to report
+            return False
+        if path is None:
+            return False
+        before = (self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit)
+        scale, prefix, head, dims, cap = (
+            self.logit_scale,
+            self.prefix_positions,
+            self.lm_head,
+            self.state_dims,
+            self.final_softcap,
         )
+        if path.head is not None:
+            self.lm_head = path.head
+        norms = [i for i, m in enumerate(path.modules) if m is self.final_norm]
+        if not norms:
+            norms = [i for i, m in enumerate(path.modules) if "norm" in type(m).__name__.lower()]
+        cut = norms[0] if norms else None
+        self.pre_norm = path.modules[:cut] if cut is not None else ()
+        self.final_norm = path.modules[cut] if cut is not None else None
+        self.post_norm = path.modules[cut + 1 :] if cut is not None else path.modules
+        self.hidden_scale, self.vocab_limit = path.hidden_scale, path.vocab_limit
+        self.prefix_positions, self.state_dims = path.prefix_positions, max(1, path.block_out.dim() - 2)
+        if path.logit_scale is not None:
+            self.logit_scale = path.logit_scale * (self.logit_scale or 1.0)
+        if path.final_softcap is not None and self.final_softcap is None:
+            self.final_softcap = path.final_softcap
+        if self._mismatch(path.block_out, path.logits, atol, rtol) is None:
+            return True
+        self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit = before
+        self.logit_scale, self.prefix_positions, self.lm_head, self.state_dims = scale, prefix, head, dims
+        self.final_softcap = cap
+        return False
+
+
+def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> None:
+    """Raise when some block did not run in the text-only dummy forward (e.g. cross-attention without images)
+    or ran more than once (a looped model)."""
+    again = {i: n for i, n in calls.items() if n > 1}
+    if again:
+        raise StructureError(
+            f"blocks {sorted(again)} of {structure.block_path!r} ran {max(again.values())} times in one forward: the "
+            "model loops over part of its block list (recurrent depth), so its residual stream is not one pass "
+            "through the blocks and deltaexit cannot collect it or exit early in it (no override changes that)."
+        )
+    missing = [i for i in range(structure.num_layers) if i not in calls]
+    if not missing:
+        return
+    if len(missing) == structure.num_layers:
+        raise StructureError(f"the block list {structure.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}")
+    kinds = sorted({type(structure.blocks[i]).__name__ for i in missing})
     raise StructureError(
-        "found no nn.ModuleList of decoder blocks"
-        + (f" with num_hidden_layers={n_layers} entries" if n_layers is not None else "")
-        + f" in {type(model).__name__}. {_OVERRIDE_HINT}"
+        f"blocks {missing} of {structure.block_path!r} ({', '.join(kinds)}) did not run in a forward on input_ids "
+        "alone: the model skips them without their other inputs (e.g. cross-attention blocks without image "
+        "features, cross_attention_states / pixel_values). deltaexit needs every block of the residual stream "
+        "to run on each forward: use the text-only model (a config without these blocks), or pass "
+        "validate=False and give every forward the inputs those blocks need."
     )
 
 
-def _find_final_norm(root: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
-    for name in FINAL_NORM_NAMES:
-        module = getattr(root, name, None)
-        if isinstance(module, nn.Module) and module is not blocks:
+def _module_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every non-empty ``nn.ModuleList`` under ``root``, with its dotted path."""
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+
+
+def _describe_list(name: str, blocks: nn.ModuleList) -> str:
+    """``'model.layers' (4: 2 x MambaLayer, 2 x AttentionLayer)`` for an error message."""
+    counts: dict[str, int] = {}
+    for block in blocks:
+        counts[type(block).__name__] = counts.get(type(block).__name__, 0) + 1
+    kinds = ", ".join(f"{n} x {cls}" for cls, n in counts.items())
+    return f"{name!r} ({len(blocks)}: {kinds})"
+
+
+def _embedding_scope(model: nn.Module, candidates: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    """The candidates under the smallest ancestor of the input embedding that holds any (the text decoder).
+
+    In a multimodal wrapper the token embedding sits in the text decoder, so this keeps a vision tower's
+    layer list out; without an input embedding every candidate stays.
+    """
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except Exception:  # some wrappers raise instead of returning None
+        embeddings = None
+    path = _path_of(model, embeddings) if isinstance(embeddings, nn.Module) else None
+    if path is None:
+        return candidates
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:depth])
+        scoped = [(n, m) for n, m in candidates if not prefix or n.startswith(prefix + ".")]
+        if scoped:
+            return scoped
+    return candidates
+
+
+def _outermost(lists: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    """Drop lists inside another one's blocks (the experts of an MoE layer are part of a block, not the blocks)."""
+    return [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists)]
+
+
+def _shallowest(lists: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    depth = min(n.count(".") for n, _ in lists)
+    return [(n, m) for n, m in lists if n.count(".") == depth]
+
+
+def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
+    """The decoder's block list, found by structure.
+
+    Candidates are the non-empty ``nn.ModuleList``s under ``root`` (the whole model when ``root`` holds none)
+    inside the text decoder (see :func:`_embedding_scope`), of the config's ``num_hidden_layers`` length when
+    it says (lists inside another candidate are part of a block). One list whose blocks share a class wins at
+    the shallowest depth; else one list of mixed block classes (hybrid models interleave e.g. Mamba and
+    attention blocks in one list); else, when no list has the config's length, the one list of one block
+    class. Anything else is a :class:`StructureError` naming the lists found and the override to pass.
+    """
+    n_layers = config_int(text_config(model), NUM_LAYERS_ATTRS)
+    everything = _module_lists(model)
+    under_root = _module_lists(root) if root is not model else []
+    prefix = _path_of(model, root) if under_root else None
+    candidates = [(f"{prefix}.{n}" if prefix else n, m) for n, m in under_root] or everything
+    candidates = _embedding_scope(model, candidates)
+    matching = [(n, m) for n, m in candidates if n_layers is None or len(m) == n_layers]
+    matching = _outermost(matching)
+    homogeneous = [(n, m) for n, m in matching if len({type(b) for b in m}) == 1]
+    # The config's count may be another stack's (BART's num_hidden_layers is its encoder's): then the one
+    # list of one block class in the decoder is the blocks.
+    other_count = [(n, m) for n, m in _outermost(candidates) if len({type(b) for b in m}) == 1]
+    other_count = other_count if not matching else []
+    for group in (homogeneous, matching, other_count):
+        if not group:
+            continue
+        shallowest = _shallowest(group)
+        if len(shallowest) == 1:
+            return shallowest[0][1]
+        raise StructureError(
+            f"found several candidate block lists {', '.join(_describe_list(n, m) for n, m in shallowest)}"
+            + (f" (the config says num_hidden_layers={n_layers})" if n_layers is not None else "")
+            + "; cannot tell which is the decoder's. Pass the block list explicitly, e.g. dx.find_structure(model, "
+            f"blocks={shallowest[0][0]!r}); the same keyword works for dx.collect(...) and dx.Lens.from_model(...)."
+        )
+    found = ", ".join(_describe_list(n, m) for n, m in everything) or "none"
+    example = everything[0][0] if everything else "model.layers"
+    raise StructureError(
+        "found no nn.ModuleList of decoder blocks"
+        + (f" with num_hidden_layers={n_layers} entries" if n_layers is not None else "")
+        + f" in {type(model).__name__}; the module lists it holds: {found}. Pass the block list explicitly: "
+        f"dx.find_structure(model, blocks={example!r}) (a dotted path, an nn.ModuleList, or a sequence of the "
+        f"block modules in order); the same keyword works for dx.collect(...) and dx.Lens.from_model(...)."
+    )
+
+
+def _blocks_parent(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The module that holds ``blocks`` as a direct child, or None (a list built from an override)."""
+    for module in model.modules():
+        if any(child is blocks for child in module.children()):
             return module
-    # Fall back to a direct child whose class name says it is a norm, registered after the blocks.
-    children = list(root.named_children())
+    return None
+
+
+def _find_final_norm(model: nn.Module, root: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The final norm: a common name on the decoder root or on the blocks' parent, else a norm class after them."""
+    parent = _blocks_parent(model, blocks)
+    for holder in dict.fromkeys(h for h in (root, parent) if h is not None):
+        for name in FINAL_NORM_NAMES:
+            module = getattr(holder, name, None)
+            if isinstance(module, nn.Module) and module is not blocks:
+                return module
+    # Fall back to a direct child of the blocks' parent whose class name says it is a norm, registered after them.
     seen_blocks = False
-    for _name, child in children:
+    for _name, child in (parent or root).named_children():
         if child is blocks:
             seen_blocks = True
             continue
@@ -671,7 +869,8 @@ def _decoder_root(model: nn.Module) -> nn.Module:
             decoder = get_decoder()
         except Exception:  # some wrappers raise instead of returning None
             decoder = None
-        if isinstance(decoder, nn.Module):
+        # A decoder is a module holding the blocks (ModernBERT-decoder's get_decoder() returns its head).
+        if isinstance(decoder, nn.Module) and any(isinstance(m, nn.ModuleList) for m in decoder.modules()):
             return decoder
     return model
 
@@ -788,7 +987,7 @@ def find_structure(
 
     root = _decoder_root(model)
     block_list = _resolve_blocks(model, root, blocks)
-    norm = _find_final_norm(root, block_list) if final_norm is _UNSET else _resolve_optional(model, final_norm)
+    norm = _find_final_norm(model, root, block_list) if final_norm is _UNSET else _resolve_optional(model, final_norm)
     posts = _find_post_norm(root) if post_norm is None else tuple(_resolve_required(model, p) for p in post_norm)
     if lm_head is None:
         head = output_embeddings(model)
@@ -810,7 +1009,7 @@ def find_structure(
         logit_transform=logit_transform,
     )
     if validate:
-        structure.validate()
+        structure.validate(repair=not overrides)
     if not overrides:
         _CACHE[model] = (fingerprint, structure)
     return structure

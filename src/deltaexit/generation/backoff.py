@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from deltaexit.generation.cost import CostModel, measure_block_fraction
+from deltaexit.generation.kv import cache_length, set_cache_length
+from deltaexit.generation.recurrent import continues_chunks
 from deltaexit.generation.run import Run
 from deltaexit.measures.base import ConfidenceMeasure
 
@@ -115,7 +117,8 @@ def block_cost(model: nn.Module, measure: ConfidenceMeasure, context: int) -> Ca
 
     def cost(run: Run) -> float:
         stats = run.stats
-        return stats.blocks_run + stats.measure_calls * fraction + stats.kv_only_calls * kv_only
+        state = stats.state_calls * CostModel.state_call_blocks
+        return stats.blocks_run + stats.measure_calls * fraction + stats.kv_only_calls * kv_only + state
 
     return cost
 
@@ -123,13 +126,19 @@ def block_cost(model: nn.Module, measure: ConfidenceMeasure, context: int) -> Ca
 def full_depth_step(run: Run, scan: ExitScan) -> None:
     """One plain step: the model's own forward over every token not yet in the cache (``model.generate``'s step;
     ``recompute``'s held-back tokens included), its last position's logits choose the next token."""
-    start = run.cache.get_seq_length()
+    start = cache_length(run.cache)
     ids = run.input_ids
-    outputs = run.model(**scan.model_inputs(ids, run.model_kwargs, start, ids.shape[1]), return_dict=True)
+    first = start
+    if ids.shape[1] - start > 1 and not continues_chunks(run.model):  # recurrent layers: one token at a time
+        for pos in range(start, ids.shape[1] - 1):
+            run.model(**scan.model_inputs(ids[:, : pos + 1], run.model_kwargs, pos, pos + 1), return_dict=True)
+        first = ids.shape[1] - 1
+    outputs = run.model(**scan.model_inputs(ids, run.model_kwargs, first, ids.shape[1]), return_dict=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=ids.device)
     del outputs
     run.stats.blocks_run += scan.num_layers
     run.stats.token_blocks_run += scan.num_layers * (ids.shape[1] - start)
+    set_cache_length(run.cache, ids.shape[1])
     token, _, scores = run.choose(ids, logits)
     run.append(token, torch.full_like(token, scan.num_layers), scores, logits)
 

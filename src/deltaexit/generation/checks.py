@@ -20,13 +20,23 @@ from typing import Any
 
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from deltaexit.generation.kv import UnsupportedCacheError, fresh_cache
+from deltaexit.generation.kv import (
+    SUPPORTED_LAYER_TYPES,
+    SUPPORTED_LAYERS,
+    UnsupportedCacheError,
+    config_layer_types,
+    fresh_cache,
+    has_kv,
+    has_state,
+    layers_of,
+)
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 
 __all__ = [
     "UNSUPPORTED_SETTINGS",
+    "cache_on_for_loop",
+    "check_cache_support",
     "check_generate_kwargs",
     "check_generation_config",
     "check_min_exit_layer",
@@ -59,6 +69,38 @@ def check_model(model: Any) -> None:
     """Raise ``TypeError`` unless ``model`` is a causal LM with ``.generate``."""
     if not hasattr(model, "generate"):
         raise TypeError(f"expected a transformers causal LM with .generate, got {type(model).__name__}")
+
+
+def check_cache_support(model: Any) -> None:
+    """Raise :class:`UnsupportedCacheError` for a model whose cache no KV policy can keep consistent, from the model
+    alone (before any block runs): one whose forward takes no cache at all, one that ``transformers`` cannot give a
+    ``DynamicCache`` (a cache class of its own), or one whose config names cache layer types early exit does not
+    know.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> check_cache_support(tiny_model("llama"))  # nothing to say
+    """
+    name = type(model).__name__
+    forward = getattr(model, "forward", None)
+    params = inspect.signature(forward).parameters if callable(forward) else {}
+    if "input_ids" in params and not {"cache", "past_key_values"}.intersection(params):  # a model's own forward
+        raise UnsupportedCacheError(
+            f"{name}'s forward takes no cache (no cache= or past_key_values= argument): every KV policy (verify, "
+            "propagate, recompute) keeps the skipped layers' cache, so early exit cannot run on it. Use model.generate."
+        )
+    supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
+    if callable(supports_dynamic) and not supports_dynamic():
+        raise UnsupportedCacheError(
+            f"{name} keeps its cache in a class of its own (transformers gives it no DynamicCache); none of the KV "
+            "policies (verify, propagate, recompute) can keep it consistent under early exit. Use model.generate."
+        )
+    unknown = sorted(set(config_layer_types(getattr(model, "config", None))) - SUPPORTED_LAYER_TYPES)
+    if unknown:
+        raise UnsupportedCacheError(
+            f"{name}'s cache has layers of type {unknown}; none of the KV policies (verify, propagate, recompute) "
+            f"supports them (supported layer types: {sorted(SUPPORTED_LAYER_TYPES)}). Use model.generate."
+        )
 
 
 def resolve_measure(measure: str | ConfidenceMeasure) -> ConfidenceMeasure:
@@ -143,6 +185,19 @@ def check_generate_kwargs(kwargs: dict[str, Any]) -> None:
         )
 
 
+def cache_on_for_loop(kwargs: dict[str, Any]) -> None:
+    """Ask ``model.generate`` for the cache unless the user turned it off (in place).
+
+    A ``use_cache=False`` in the model's config or generation config (e.g. ``mpt``) is the model's default for its
+    own decoding, not the user's request: early exit needs the cache for its loop and turns it on. ``use_cache=False``
+    passed by the user (as a keyword or in the ``generation_config`` they pass) still gets the clear error of
+    :func:`check_generation_config`.
+    """
+    config = kwargs.get("generation_config")
+    if "use_cache" not in kwargs and getattr(config, "use_cache", True) is not False:
+        kwargs["use_cache"] = True
+
+
 def stop_strings_to_criteria(model: nn.Module, kwargs: dict[str, Any]) -> None:
     """Turn ``stop_strings`` + ``tokenizer`` into a stopping criterion, in place.
 
@@ -174,7 +229,11 @@ def check_generation_config(generation_config: Any, synced_gpus: bool, model_kwa
     if synced_gpus:
         raise ValueError("EarlyExit: synced_gpus is not supported")
     if generation_config.use_cache is False or "cache" not in model_kwargs:
-        raise ValueError("EarlyExit needs the KV cache; do not pass use_cache=False")
+        raise ValueError(
+            "EarlyExit needs the KV cache; do not pass use_cache=False (where the model's own generation config "
+            "sets it, as on mpt, ee.generate turns it on; with model.generate(custom_generate=...) pass "
+            "use_cache=True)"
+        )
     impl = getattr(generation_config, "cache_implementation", None)
     if impl not in (None, "dynamic"):
         raise ValueError(f"EarlyExit supports the dynamic cache only, got cache_implementation={impl!r}")
@@ -182,13 +241,30 @@ def check_generation_config(generation_config: Any, synced_gpus: bool, model_kwa
         raise ValueError("EarlyExit takes input_ids, not inputs_embeds")
 
 
-def start_cache(model_kwargs: dict[str, Any]) -> None:
-    """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place)."""
+def _is_empty(cache: DynamicCache) -> bool:
+    """Whether no layer of ``cache`` holds a token or a state yet."""
+    for layer in layers_of(cache):
+        if has_kv(layer) and layer.get_seq_length() > 0:
+            return False
+        if has_state(layer) and any(layer.has_previous_state.values()):
+            return False
+    return True
+
+
+def start_cache(model_kwargs: dict[str, Any], config: Any = None) -> None:
+    """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
+
+    ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states.
+    """
     cache = model_kwargs.get("cache")
-    if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            model_kwargs["cache"] = fresh_cache()  # croppable full-length layers; masks keep sliding windows
-    elif cache is None or cache.get_seq_length() != 0:
+    if isinstance(cache, DynamicCache) and _is_empty(cache):
+        if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
+            model_kwargs["cache"] = fresh_cache(config)  # croppable full-length layers; masks keep sliding windows
+        elif not layers_of(cache):  # created lazily: fine unless the model has recurrent layers
+            fresh = fresh_cache(config)
+            if fresh.layers:
+                model_kwargs["cache"] = fresh
+    else:
         raise UnsupportedCacheError(
             "early-exit generation starts from an empty DynamicCache; do not pass a filled cache"
         )

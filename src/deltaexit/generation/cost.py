@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from deltaexit.aliases import FUSED_QKV_NAMES, QKV_NAMES
+from deltaexit.generation.kv import fresh_cache, has_state, layers_of
 from deltaexit.generation.outputs import GenerationStats
 from deltaexit.generation.policy import KVPolicy, get_policy
 from deltaexit.measures.base import ConfidenceMeasure
@@ -67,6 +68,8 @@ class CostModel:
         head_flops: The LM head for one token (paid once per token by early exit and by the full model).
         kv_only_flops: One K/V-only call of ``propagate`` (see :func:`kv_only_flops`).
         context: Context length the attention FLOPs were counted at.
+        recurrent_share: Share of the blocks whose cache is a recurrent state (linear attention, Mamba): a skipped
+            one costs ``propagate`` a state call (:attr:`state_call_blocks`) instead of a K/V-only call.
     """
 
     num_layers: int
@@ -74,6 +77,7 @@ class CostModel:
     head_flops: float
     kv_only_flops: float
     context: int
+    recurrent_share: float = 0.0
 
     @classmethod
     def from_model(cls, model: nn.Module, *, context: int = 256, query_skip: bool = True) -> CostModel:
@@ -92,12 +96,14 @@ class CostModel:
         head_params = sum(p.numel() for p in head.parameters() if p.dim() == 2)
         if head_params == 0:
             raise ValueError(f"the LM head {type(head).__name__} has no weight matrix to count")
+        layers = layers_of(fresh_cache(getattr(model, "config", None)))
         return cls(
             num_layers=structure.num_layers,
             block_flops=block_flops_per_token(model, context=context),
             head_flops=2.0 * head_params,
             kv_only_flops=kv_only_flops(structure.blocks[0], query_skip=query_skip),
             context=int(context),
+            recurrent_share=sum(has_state(layer) for layer in layers) / len(layers) if layers else 0.0,
         )
 
     @property
@@ -109,6 +115,18 @@ class CostModel:
     def kv_only_blocks(self) -> float:
         """One K/V-only call in block equivalents."""
         return self.kv_only_flops / self.block_flops
+
+    #: ``propagate``'s update of a skipped recurrent layer's state from the exit state
+    #: (:func:`deltaexit.generation.recurrent.advance_state`), in block equivalents: it runs the block's mixer up to
+    #: its state update (the input projections, convolution and scan), priced as the whole block (an upper bound).
+    state_call_blocks: ClassVar[float] = 1.0
+
+    @property
+    def skipped_call_blocks(self) -> float:
+        """``propagate``'s call for one skipped block in block equivalents: a K/V-only call, or a state call for the
+        :attr:`recurrent_share` of recurrent blocks."""
+        share = self.recurrent_share
+        return (1.0 - share) * self.kv_only_blocks + share * self.state_call_blocks
 
     def _check(self, blocks_per_token: float) -> None:
         if not 0 < blocks_per_token <= self.num_layers:
@@ -129,14 +147,20 @@ class CostModel:
             kv: The KV policy (name or instance); ``propagate`` pays a K/V-only call per skipped block unless
                 ``kv_only_per_token`` says otherwise, the others none (``KVPolicy.kv_only_per_skipped_block``).
             measure_blocks_per_token: The exit decisions' cost in block equivalents per token.
-            kv_only_per_token: K/V-only calls per token (default: ``L - blocks_per_token`` for ``propagate``).
+            kv_only_per_token: K/V-only (or, in recurrent blocks, state) calls per token (default:
+                ``L - blocks_per_token`` for ``propagate``), each priced :attr:`skipped_call_blocks`.
         """
         self._check(blocks_per_token)
         per_skipped = get_policy(kv).kv_only_per_skipped_block
         if kv_only_per_token is None:
             kv_only_per_token = (self.num_layers - blocks_per_token) * per_skipped if per_skipped else 0.0
         full = self.num_layers + self.head_blocks
-        ours = blocks_per_token + measure_blocks_per_token + kv_only_per_token * self.kv_only_blocks + self.head_blocks
+        ours = (
+            blocks_per_token
+            + measure_blocks_per_token
+            + kv_only_per_token * self.skipped_call_blocks
+            + self.head_blocks
+        )
         return full / ours
 
     def share_ceiling(self, blocks_per_token: float, **kwargs: Any) -> float:
@@ -147,18 +171,21 @@ class CostModel:
 
     def speedup_of(self, stats: GenerationStats) -> float:
         """The FLOP speed-up of one early-exit ``generate`` call's decode steps, from its :class:`GenerationStats`
-        (blocks, measure calls, K/V-only calls and one head per decode step on both sides)."""
+        (blocks, measure calls, K/V-only calls, ``propagate``'s recurrent-state calls priced as whole blocks, and one
+        head per decode step on both sides)."""
         if stats.num_layers != self.num_layers:
             raise ValueError(f"stats are for {stats.num_layers} layers, this cost model for {self.num_layers}")
         head = stats.decode_steps * self.head_blocks
         full = stats.full_depth_blocks + head
-        ours = stats.blocks_run + stats.measure_block_equivalents + stats.kv_only_calls * self.kv_only_blocks + head
+        kv_only = stats.kv_only_calls * self.kv_only_blocks + stats.state_calls * self.state_call_blocks
+        ours = stats.blocks_run + stats.measure_block_equivalents + kv_only + head
         return full / ours if ours else float("nan")
 
     def to_dict(self) -> dict[str, float]:
         """JSON-friendly dict, block equivalents included."""
         d: dict[str, float] = dict(asdict(self))
         d.update(head_blocks=self.head_blocks, kv_only_blocks=self.kv_only_blocks)
+        d.update(state_call_blocks=self.state_call_blocks)
         return d
 
 

@@ -36,6 +36,8 @@ from torch import nn
 from deltaexit.exits import ThresholdSchedule, as_schedule
 from deltaexit.generation.backoff import Backoff, PayoffMonitor, as_backoff, block_cost
 from deltaexit.generation.checks import (
+    cache_on_for_loop,
+    check_cache_support,
     check_generate_kwargs,
     check_generation_config,
     check_min_exit_layer,
@@ -109,6 +111,7 @@ class EarlyExit:
         backoff: bool | Backoff = True,
     ) -> None:
         check_model(model)
+        check_cache_support(model)
         self.model: Any = model  # a transformers causal LM (generate, _prefill are not typed on nn.Module)
         self.structure = find_structure(model)
         self.num_layers = self.structure.num_layers
@@ -176,8 +179,9 @@ class EarlyExit:
         """
         check_generate_kwargs(kwargs)
         stop_strings_to_criteria(self.model, kwargs)
+        cache_on_for_loop(kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = fresh_cache()
+            kwargs["cache"] = fresh_cache(self.model.config)
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
 
@@ -207,7 +211,7 @@ class EarlyExit:
         if model is not self.model:
             raise ValueError("this EarlyExit was built for another model")
         check_generation_config(generation_config, synced_gpus, model_kwargs)
-        start_cache(model_kwargs)
+        start_cache(model_kwargs, model.config)
         run = Run(
             model,
             input_ids,
@@ -247,6 +251,7 @@ class EarlyExit:
         finally:
             if handle is not None:
                 handle.remove()
+        self.runner.check_called_once()  # a looped (recurrent-depth) model is refused here, after the prompt
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
         check_cache(run.cache, self.num_layers, run.input_ids.shape[1])

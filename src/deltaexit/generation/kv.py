@@ -4,8 +4,12 @@ The policies themselves are classes in :mod:`deltaexit.generation.policy` (one m
 all layers' caches at the same length after every step. The only thing a policy needs from an architecture is
 that each attention block stores its keys/values with ``cache.update(k, v, layer_idx)`` in a full-length
 :class:`transformers.DynamicCache` layer, which holds for every architecture in
-:data:`deltaexit.testing.ARCHITECTURES`; anything else (linear attention, static or quantised caches, KV shared
-between layers) is detected after the prompt by :func:`check_cache` and refused with a clear error.
+:data:`deltaexit.testing.ARCHITECTURES`. Layers whose cache is a recurrent state (linear attention, Mamba SSM and
+conv states, short convolutions: ``transformers``' ``LinearAttentionLayer`` family) and layers with no cache at
+all (``DummyLayer``: MLP/MoE-only blocks) are kept consistent by :mod:`deltaexit.generation.recurrent`; they have
+no length, so :func:`cache_lengths` and :func:`crop_cache` see the key/value layers only. Anything else (static or
+quantised caches, KV shared between layers) is detected after the prompt by :func:`check_cache` and refused with a
+clear error.
 
 :func:`store_kv_only` (``propagate``'s K/V-only calls) can skip the query projection where the block's attention
 has a separate one (:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,21 +38,49 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+    get_layer_types_and_kwargs,
+)
 
 from deltaexit.structure import query_projection
 
 __all__ = [
+    "RECURRENT_LAYER_TYPES",
+    "SUPPORTED_LAYERS",
+    "SUPPORTED_LAYER_TYPES",
     "KVStored",
     "UnsupportedCacheError",
     "cache_layers",
+    "cache_length",
     "cache_lengths",
     "cache_view",
     "check_cache",
+    "config_layer_types",
     "crop_cache",
     "fresh_cache",
+    "has_kv",
+    "has_state",
+    "layers_of",
+    "set_cache_length",
     "store_kv_only",
 ]
+
+#: The layer types of ``transformers``' configs whose cache layer holds a recurrent state.
+RECURRENT_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+#: The config layer types whose cache layers early exit keeps consistent (``dummy``: no cache, e.g. MLP-only blocks).
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "dummy"}).union(
+    RECURRENT_LAYER_TYPES
+)
+#: Cache layer classes early exit keeps consistent (the sliding ones are replaced by full-length ones first).
+SUPPORTED_LAYERS = (DynamicLayer, LinearAttentionLayer, LinearAttentionAndFullAttentionLayer, DummyLayer)
 
 
 class UnsupportedCacheError(ValueError):
@@ -59,61 +91,139 @@ class KVStored(Exception):
     """Raised right after a block's attention stored its keys/values, to skip the rest of the block."""
 
 
-def fresh_cache() -> DynamicCache:
+def config_layer_types(config: Any) -> list[str]:
+    """The cache layer types ``transformers`` derives from a model config (``[]`` where it cannot)."""
+    if config is None:
+        return []
+    try:
+        return list(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+        return []
+
+
+def _full_length(layer: Any) -> Any:
+    """A croppable full-length stand-in for a sliding-window cache layer (the mask keeps the window)."""
+    if type(layer) is DynamicSlidingWindowLayer:
+        return DynamicLayer()
+    if type(layer) is LinearAttentionAndSlidingWindowAttentionLayer:
+        return LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
+    return layer
+
+
+def fresh_cache(config: Any = None) -> DynamicCache:
     """A :class:`DynamicCache` whose layers all keep every position (croppable).
 
-    Sliding-window layers still attend only within their window: the window is applied by the model's mask.
+    Sliding-window layers still attend only within their window: the window is applied by the model's mask. Given
+    the model's ``config``, a model with recurrent layers (linear attention, Mamba, short convolutions) gets the
+    cache layers ``transformers`` would give it (recurrent-state layers, no-cache layers for MLP/MoE-only blocks),
+    sliding ones made full-length; any other model gets lazily created full-length layers.
+
+    Example:
+        >>> from deltaexit.testing import tiny_config
+        >>> [type(layer).__name__ for layer in fresh_cache(tiny_config("llama")).layers]  # created lazily
+        []
     """
-    return DynamicCache()
+    types = config_layer_types(config)
+    shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
+    needs_layers = RECURRENT_LAYER_TYPES.intersection(types) or ("dummy" in types and not shared)
+    if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
+        return DynamicCache()
+    cache = DynamicCache(config=config)
+    cache.layers = [_full_length(layer) for layer in layers_of(cache)]
+    return cache
+
+
+def has_kv(layer: Any) -> bool:
+    """Whether a cache layer stores keys/values (a length along the sequence)."""
+    return isinstance(layer, DynamicLayer)
+
+
+def has_state(layer: Any) -> bool:
+    """Whether a cache layer holds a recurrent state (conv and/or recurrent tensors, no length)."""
+    return isinstance(layer, LinearAttentionCacheLayerMixin)
+
+
+def _layer_summary(layers: Iterable[Any]) -> list[str]:
+    return sorted({type(layer).__name__ for layer in layers})
 
 
 def check_cache(cache: Any, num_layers: int, length: int) -> None:
-    """Raise :class:`UnsupportedCacheError` unless ``cache`` has ``num_layers`` full layers of ``length`` tokens."""
+    """Raise :class:`UnsupportedCacheError` unless ``cache`` has ``num_layers`` supported layers and every key/value
+    layer holds ``length`` tokens; remember ``length`` (:func:`cache_length`)."""
     if not isinstance(cache, DynamicCache):
         raise UnsupportedCacheError(
             f"early-exit generation needs a transformers DynamicCache; got {type(cache).__name__}. "
             "Do not pass cache_implementation=... or a static/quantised cache."
         )
     layers = getattr(cache, "layers", [])
-    if len(layers) != num_layers or any(type(layer) is not DynamicLayer for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers})
+    if len(layers) != num_layers or any(type(layer) not in SUPPORTED_LAYERS for layer in layers):
         raise UnsupportedCacheError(
-            f"this model's cache has {len(layers)} layers of kinds {kinds} for {num_layers} blocks; early exit "
-            "needs one full-length DynamicLayer per block (models with linear attention, KV shared between "
-            "layers or custom caches are not supported)."
+            f"this model's cache has {len(layers)} layers of kinds {_layer_summary(layers)} for {num_layers} "
+            "blocks; early exit needs one cache layer per block, each a full-length DynamicLayer, a recurrent "
+            "LinearAttentionLayer (or LinearAttentionAndFullAttentionLayer) or a DummyLayer (models with KV shared "
+            "between layers or custom caches are not supported)."
         )
     lengths = cache_lengths(cache)
     if any(n != length for n in lengths):
         raise UnsupportedCacheError(f"cache lengths {lengths} after the prompt; expected {length} in every layer")
+    set_cache_length(cache, length)
+
+
+#: Tokens in a cache with no key/value layer (pure SSM models): recurrent states have no length to read.
+_LENGTHS: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
+
+
+def set_cache_length(cache: DynamicCache, length: int) -> None:
+    """Note that ``cache`` now holds ``length`` tokens (read back by :func:`cache_length`)."""
+    _LENGTHS[cache] = length
+
+
+def cache_length(cache: DynamicCache) -> int:
+    """Tokens in the cache: its first key/value layer's length, else (recurrent layers only) the one last noted
+    with :func:`set_cache_length`."""
+    for layer in layers_of(cache):
+        if has_kv(layer):
+            return int(layer.get_seq_length())
+    if cache in _LENGTHS:
+        return _LENGTHS[cache]
+    raise UnsupportedCacheError("internal: the length of a cache with recurrent layers only was never noted")
+
+
+def layers_of(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, of any kind (key/value, recurrent, no-cache)."""
+    return cast(list[Any], cache.layers)
 
 
 def cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers (full-length ``DynamicLayer`` objects once :func:`check_cache` passed)."""
-    return cast(list[DynamicLayer], cache.layers)
+    """The cache's key/value layers (full-length ``DynamicLayer`` objects once :func:`check_cache` passed)."""
+    return [layer for layer in layers_of(cache) if has_kv(layer)]
 
 
 def cache_lengths(cache: DynamicCache) -> list[int]:
-    """The number of cached positions in each layer."""
+    """The number of cached positions in each key/value layer (recurrent and no-cache layers have none)."""
     return [layer.get_seq_length() for layer in cache_layers(cache)]
 
 
 def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) -> None:
-    """Keep the first ``length`` positions of the given layers (all by default)."""
-    all_layers = cache_layers(cache)
+    """Keep the first ``length`` positions of the given key/value layers (all by default); recurrent states are
+    rolled back by :mod:`deltaexit.generation.recurrent`."""
+    all_layers = layers_of(cache)
     for idx in layers if layers is not None else range(len(all_layers)):
         layer = all_layers[idx]
+        if not has_kv(layer):
+            continue
         extra = layer.get_seq_length() - length
         if extra > 0:
-            layer.crop(-extra)
+            DynamicLayer.crop(layer, -extra)  # the key/value part only (a hybrid layer's state is not croppable)
 
 
 @contextmanager
 def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
     """Make ``cache`` look ``length`` positions long (read-only views) inside the block; restore after."""
-    real = cache.layers
+    real = layers_of(cache)
     view: list[Any] = []
-    for layer in cache_layers(cache):
-        if layer.get_seq_length() > length:
+    for layer in real:
+        if has_kv(layer) and layer.get_seq_length() > length:
             shallow = copy.copy(layer)
             shallow.keys = cast(torch.Tensor, layer.keys)[..., :length, :]
             shallow.values = cast(torch.Tensor, layer.values)[..., :length, :]

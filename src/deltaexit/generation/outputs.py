@@ -33,6 +33,8 @@ class GenerationStats:
         full_depth_blocks: ``decode_steps * L``: block calls a full-depth decode makes.
         token_blocks_run: Sum over forwards of block calls times the tokens in that forward.
         kv_only_calls: Blocks run only up to their key/value projections (``propagate``).
+        state_calls: Skipped recurrent blocks (linear attention, Mamba) run until their mixer stored its state from
+            the exit state (``propagate``); priced as whole blocks by ``CostModel`` (an upper bound).
         measure_calls: Calls of the confidence measure.
         measure_block_fraction: FLOPs of one measure call as a fraction of one block's FLOPs
             (``measure.flops_per_token(hidden, vocab)`` over :func:`deltaexit.measures.cost.block_flops_per_token`
@@ -60,6 +62,7 @@ class GenerationStats:
     full_depth_blocks: int = 0
     token_blocks_run: int = 0
     kv_only_calls: int = 0
+    state_calls: int = 0
     measure_calls: int = 0
     measure_block_fraction: float = 0.0
     prompt_blocks: int = 0

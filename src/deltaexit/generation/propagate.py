@@ -4,7 +4,10 @@ Exited rows are frozen at their exit state in the blocks that still run for othe
 block it did not reach runs only up to its attention's ``cache.update`` (a K/V-only call,
 :func:`deltaexit.generation.kv.store_kv_only`) on the exit state. With ``query_skip`` (the default) those calls
 replace a separate query projection by zeros, as the queries are never used: the keys/values stored are
-bit-for-bit the same and the model is restored after every call.
+bit-for-bit the same and the model is restored after every call. A skipped block whose cache is a recurrent state
+(linear attention, Mamba) has its state advanced from the exit state instead
+(:func:`deltaexit.generation.recurrent.advance_state`: the block runs until its mixer stored the state; counted in
+``GenerationStats.state_calls``); a block with no cache at all (an MLP/MoE-only block) is not run.
 
 Example:
     >>> import torch
@@ -23,8 +26,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from deltaexit.generation.kv import store_kv_only
+from deltaexit.generation.kv import cache_length, has_kv, has_state, set_cache_length, store_kv_only
 from deltaexit.generation.policy import KVPolicy, register_policy
+from deltaexit.generation.recurrent import advance_state
 from deltaexit.generation.run import Run
 from deltaexit.generation.scan import ExitScan
 
@@ -48,7 +52,7 @@ class Propagate(KVPolicy):
 
     def step(self, run: Run, scan: ExitScan, state: Any) -> None:
         """One token per row: the scan with frozen exits, then K/V-only calls for the blocks it skipped."""
-        start = run.cache.get_seq_length()
+        start = cache_length(run.cache)
         res = scan.forward(
             run,
             run.input_ids,
@@ -65,14 +69,15 @@ class Propagate(KVPolicy):
             h_exit = res.states[-1]  # every active row is frozen at its exit state
             runner = scan.runner
             for layer in range(res.depth, scan.num_layers):
-                store_kv_only(
-                    run.cache,
-                    layer,
-                    partial(runner.run_block, layer, h_exit, res.calls[layer]),
-                    block=runner.blocks[layer],
-                    query_skip=self.query_skip,
-                )
-                run.stats.kv_only_calls += 1
+                cached = run.cache.layers[layer]
+                call = partial(runner.run_block, layer, h_exit, res.calls[layer])
+                if has_state(cached):  # a recurrent state (and the keys/values of a hybrid layer)
+                    advance_state(run.cache, layer, call)
+                    run.stats.state_calls += 1
+                elif has_kv(cached):
+                    store_kv_only(run.cache, layer, call, block=runner.blocks[layer], query_skip=self.query_skip)
+                    run.stats.kv_only_calls += 1
+        set_cache_length(run.cache, start + 1)
         logits = res.logits_fn()
         token, _, scores = run.choose(run.input_ids, logits)
         run.append(token, res.exit_layer, scores, logits)

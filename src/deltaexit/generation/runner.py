@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -46,6 +47,17 @@ from deltaexit.structure import (
 __all__ = ["BlockCall", "BlockRunner"]
 
 
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @dataclass
 class BlockCall:
     """The positional and keyword arguments the model passes one block in one forward."""
@@ -61,8 +73,17 @@ class _Recorded(Exception):
 class _Recorder(nn.Module):
     """Stands in for one block during a recording pass; unknown attributes come from the block."""
 
-    def __init__(self, block: nn.Module, index: int, sink: list[BlockCall | None], last: bool, returns_tuple: bool):
+    def __init__(
+        self,
+        block: nn.Module,
+        index: int,
+        sink: list[BlockCall | None],
+        last: bool,
+        returns_tuple: bool,
+        arity: int = 1,
+    ):
         super().__init__()
+        object.__setattr__(self, "_padding", (None,) * max(arity - 1, 0))  # the block's other outputs (unused)
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_sink", sink)
@@ -80,7 +101,7 @@ class _Recorder(nn.Module):
         if self._last:
             raise _Recorded
         hidden = block_input(args, kwargs)
-        return (hidden,) if self._returns_tuple else hidden
+        return (hidden, *self._padding) if self._returns_tuple else hidden
 
 
 class BlockRunner:
@@ -98,6 +119,9 @@ class BlockRunner:
         self.num_layers = self.structure.num_layers
         self._parent, self._attr = self._locate_block_list()
         self.returns_tuple: bool | None = None
+        self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
+        self.call_counts: list[int] | None = None
+        self.carried: list[int] = []  # blocks whose input takes a previous block's extra output (unsupported)
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
 
@@ -112,12 +136,53 @@ class BlockRunner:
         )
 
     def probe_output_type(self) -> Any:
-        """A forward hook (returned handle) that notes whether block 0 returns a tuple; remove after one forward."""
+        """Forward hooks (one returned handle) that note block 0's output type and tuple length, how often each block
+        runs and whether a block's extra outputs feed the next block (:meth:`check_called_once`); remove after one
+        forward."""
+        self.call_counts = [0] * self.num_layers
+        self.carried = []
+        extras: dict[int, set[int]] = {}
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
+            self.output_arity = len(output) if isinstance(output, tuple) else 1
 
-        return self.blocks[0].register_forward_hook(note)
+        def after(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
+            self.call_counts[index] += 1  # type: ignore[index]
+            rest = output[1:] if isinstance(output, tuple) else ()
+            extras[index] = {id(x) for x in rest if isinstance(x, torch.Tensor)}
+
+        def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
+            fed = extras.get(index - 1, set())
+            if fed and any(id(x) in fed for x in (*args, *kwargs.values())):
+                self.carried.append(index)
+
+        handles = [self.blocks[0].register_forward_hook(note)]
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_hook(partial(after, i)))
+            handles.append(block.register_forward_pre_hook(partial(before, i), with_kwargs=True))
+        return _Handles(handles)
+
+    def check_called_once(self) -> None:
+        """Raise :class:`~deltaexit.structure.StructureError` unless the probed forward ran every block once, in a
+        chain that passes only the hidden state (a looped, recurrent-depth model runs some blocks several times per
+        forward; some models pass a block's extra outputs, e.g. router states, to the next block)."""
+        counts = self.call_counts
+        name = type(self.model).__name__
+        if counts is not None and any(n != 1 for n in counts):
+            again = [i for i, n in enumerate(counts) if n != 1]
+            times = "/".join(str(n) for n in sorted({counts[i] for i in again}))
+            raise StructureError(
+                f"{name}'s forward ran blocks {again} {times} times (a looped, recurrent-depth model): early exit runs "
+                "each block of the list once, in order, so none of the KV policies (verify, propagate, recompute) "
+                "supports it. Use model.generate."
+            )
+        if self.carried:
+            raise StructureError(
+                f"{name}'s blocks {self.carried} take an extra output of the block before them besides the hidden "
+                "state: early exit runs blocks on the residual stream alone, so none of the KV policies (verify, "
+                "propagate, recompute) supports it. Use model.generate."
+            )
 
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
         """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
@@ -130,7 +195,10 @@ class BlockRunner:
         if recorders is None or recorders[0]._returns_tuple != bool(self.returns_tuple):
             n = self.num_layers
             recorders = nn.ModuleList(
-                [_Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple)) for i, block in enumerate(self.blocks)]
+                [
+                    _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple), self.output_arity)
+                    for i, block in enumerate(self.blocks)
+                ]
             )
             self._recorders = recorders
         setattr(self._parent, self._attr, recorders)

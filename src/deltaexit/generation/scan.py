@@ -136,9 +136,19 @@ class ExitScan:
                 kw[key] = value[..., :end]
         return self.model.prepare_inputs_for_generation(ids[:, :end], next_sequence_length=end - start, **kw)
 
-    def run_blocks(self, h: torch.Tensor, calls: list[BlockCall], layers: range, stats: GenerationStats):
-        """Run ``layers`` on ``h`` with no exits (counted in ``stats``); the last block's output."""
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        calls: list[BlockCall],
+        layers: range,
+        stats: GenerationStats,
+        inputs: dict[int, torch.Tensor] | None = None,
+    ):
+        """Run ``layers`` on ``h`` with no exits (counted in ``stats``); the last block's output. With ``inputs``,
+        each block's input is kept there by layer."""
         for layer in layers:
+            if inputs is not None:
+                inputs[layer] = h
             h = self.runner.run_block(layer, h, calls[layer])
             stats.blocks_run += 1
             stats.token_blocks_run += h.shape[1]

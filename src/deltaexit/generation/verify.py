@@ -28,9 +28,10 @@ from typing import ClassVar
 
 import torch
 
-from deltaexit.generation.kv import cache_view, crop_cache
+from deltaexit.generation.kv import cache_length, cache_view, crop_cache, set_cache_length
 from deltaexit.generation.ngram import NgramIndex
 from deltaexit.generation.policy import KVPolicy, register_policy
+from deltaexit.generation.recurrent import RecurrentRound
 from deltaexit.generation.run import Run
 from deltaexit.generation.scan import ExitScan
 from deltaexit.generation.speculative import speculative_token
@@ -140,7 +141,8 @@ class Verify(KVPolicy):
 
     def step(self, run: Run, scan: ExitScan, state: VerifyState) -> None:
         """One draft/verify round: emits between 1 and ``max(num_draft, ngram_draft) + 1`` tokens per row."""
-        start = run.cache.get_seq_length()  # x0 (the last token) is in input_ids, not yet in the cache
+        start = cache_length(run.cache)  # x0 (the last token) is in input_ids, not yet in the cache
+        rounds = RecurrentRound.begin(run.cache, start, run.model)  # recurrent states: snapshot before the drafts
         # drafts that fit before max_length (the round also emits the full model's token after them)
         room = run.max_length - run.input_ids.shape[1] - 1 if run.max_length is not None else self.num_draft
         found = None
@@ -154,7 +156,7 @@ class Verify(KVPolicy):
             if self.adaptive:
                 k_max = min(k_max, self.draft_budget(state.tracker, scan.num_layers))
             chunk, ids, kwargs = self._draft(run, scan, start, k_max)
-        target = self._verify(run, scan, start, chunk, ids, kwargs)
+        target = self._verify(run, scan, start, chunk, ids, kwargs, rounds)
         emitted, exits, scores = self._accept(run, chunk, target)
         self._count(run, state, chunk, len(emitted) - 1, ngram=found is not None)
         appended = 0
@@ -166,6 +168,9 @@ class Verify(KVPolicy):
             if run.done or run.just_finished:
                 break
         crop_cache(run.cache, start + appended)
+        if rounds is not None:  # rejected drafts: the recurrent blocks re-run on the kept tokens
+            rounds.keep(scan, run.stats, chunk.states, chunk.depth, ids, kwargs, appended)
+        set_cache_length(run.cache, start + appended)
 
     def _count(self, run: Run, state: VerifyState, chunk: _Chunk, accepted: int, *, ngram: bool) -> None:
         """Record a round in the stats (and in the tracker, for early-exit drafts)."""
@@ -231,19 +236,23 @@ class Verify(KVPolicy):
             ids, kwargs = run.extended(ids, kwargs, token)
             chunk.depth = min(chunk.depth, res.depth)
 
-    def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs) -> torch.Tensor:
+    def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs, rounds=None) -> torch.Tensor:
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
         shallow layers' cache (below the shallowest exit) is the drafts'. N-gram chunks (depth 0) have run no
         block yet: every layer runs over them here."""
         m, L, n_chunk = chunk.depth, scan.num_layers, len(chunk.tokens) + 1
         crop_cache(run.cache, start, range(m, L))
+        if rounds is not None:
+            rounds.reset(range(m, L))
         if m == L:
             h = torch.cat([states[m] for states in chunk.states], dim=1)
+        elif rounds is not None and rounds.stepwise:  # recurrent layers that take one token at a time
+            h = rounds.run_deep(scan, run.stats, ids, kwargs, chunk.states, m)
         else:
             with cache_view(run.cache, start):
                 hidden, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, start, start + n_chunk))
             h = hidden if m == 0 else torch.cat([states[m] for states in chunk.states], dim=1)
-            h = scan.run_blocks(h, calls, range(m, L), run.stats)
+            h = scan.run_blocks(h, calls, range(m, L), run.stats, rounds.inputs if rounds is not None else None)
         return scan.lens(h).float()
 
     def _accept(self, run: Run, chunk: _Chunk, target: torch.Tensor):

@@ -1,0 +1,276 @@
+"""Recurrent cache layers under early exit: snapshot, restore and advance their states.
+
+Linear attention (Gated DeltaNet, Lightning), Mamba/Mamba2 SSMs and short convolutions keep a *state* per layer in
+``transformers``' ``LinearAttentionLayer`` cache layers (conv states and recurrent states), not keys/values per
+position: such a state cannot be cropped back to an earlier length. The KV policies keep these layers consistent as
+follows:
+
+* ``verify``: :class:`RecurrentRound` snapshots every recurrent state before the drafts, restores the deep layers'
+  before the verify pass and, when drafts are rejected, restores every layer's and re-runs the recurrent blocks on
+  the accepted tokens (their inputs are the round's own block inputs, so the rest of the model does not run again).
+* ``recompute``: the states are snapshot where the held-back tokens start and restored when a token exits; the
+  held-back tokens then run through every layer, in order, with the next token that goes to full depth.
+* Some implementations cannot continue a state over several tokens at once (``transformers``' Mamba v1 mixer
+  restarts its scan from zero when given more than one token): :func:`continues_chunks` finds out once per model
+  with a probe, and ``verify``'s verify pass and rollback and ``recompute``'s held-back tokens then run one token
+  at a time.
+* ``propagate``: a skipped recurrent layer's state is advanced from the exit state
+  (:func:`advance_state`, the analogue of a K/V-only call): the block runs until its mixer stored the new
+  recurrent state, and is stopped there.
+
+Example:
+    >>> import torch
+    >>> from transformers import DynamicCache
+    >>> from transformers.cache_utils import LinearAttentionLayer
+    >>> cache = DynamicCache()
+    >>> cache.layers = [LinearAttentionLayer()]
+    >>> _ = cache.update_recurrent_state(torch.zeros(1, 2), 0)
+    >>> snap = take_snapshot(cache, 5)
+    >>> _ = cache.update_recurrent_state(torch.ones(1, 2), 0)
+    >>> restore(cache, snap)
+    >>> cache.layers[0].recurrent_states[0].tolist(), snap.length
+    ([[0.0, 0.0]], 5)
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from deltaexit.generation.kv import cache_view, fresh_cache, has_kv, has_state, layers_of
+
+__all__ = [
+    "RecurrentRound",
+    "Snapshot",
+    "StateStored",
+    "advance_state",
+    "continues_chunks",
+    "recurrent_layers",
+    "restore",
+    "take_snapshot",
+]
+
+
+class StateStored(Exception):
+    """Raised right after a block's mixer stored its recurrent state, to skip the rest of the block."""
+
+
+def recurrent_layers(cache: DynamicCache) -> list[int]:
+    """Indices of the cache layers that hold a recurrent state."""
+    return [i for i, layer in enumerate(layers_of(cache)) if has_state(layer)]
+
+
+def _copy(states: dict[int, torch.Tensor | None]) -> dict[int, torch.Tensor | None]:
+    return {i: None if t is None else t.clone() for i, t in states.items()}
+
+
+@dataclass
+class _Saved:
+    """One layer's states and flags."""
+
+    conv: dict[int, torch.Tensor | None]
+    recurrent: dict[int, torch.Tensor | None]
+    flags: dict[str, dict[int, Any]]
+
+
+_FLAGS = ("has_previous_state", "is_conv_states_initialized", "is_recurrent_states_initialized", "conv_kernel_size")
+
+
+@dataclass
+class Snapshot:
+    """Copies of the recurrent layers' states when the cache held ``length`` tokens."""
+
+    length: int
+    layers: dict[int, _Saved] = field(default_factory=dict)
+
+
+def take_snapshot(cache: DynamicCache, length: int, layers: Iterable[int] | None = None) -> Snapshot:
+    """Copy the recurrent states of ``layers`` (every recurrent layer by default); the cache holds ``length``."""
+    snap = Snapshot(length)
+    for idx in layers if layers is not None else recurrent_layers(cache):
+        layer = layers_of(cache)[idx]
+        flags = {name: dict(getattr(layer, name)) for name in _FLAGS}
+        snap.layers[idx] = _Saved(_copy(layer.conv_states), _copy(layer.recurrent_states), flags)
+    return snap
+
+
+def _put(current: dict[int, torch.Tensor | None], saved: dict[int, torch.Tensor | None]) -> None:
+    for i, t in saved.items():
+        now = current.get(i)
+        if t is None:
+            current[i] = None
+        elif now is not None and now.shape == t.shape:
+            now.copy_(t)  # in place: keeps the tensor the layer (and any static address) uses
+        else:
+            current[i] = t.clone()
+
+
+def restore(cache: DynamicCache, snapshot: Snapshot, layers: Iterable[int] | None = None) -> None:
+    """Put the snapshot's states back in ``layers`` (every layer it holds by default); the snapshot stays valid."""
+    wanted = snapshot.layers.keys() if layers is None else [i for i in layers if i in snapshot.layers]
+    for idx in wanted:
+        layer, saved = layers_of(cache)[idx], snapshot.layers[idx]
+        _put(layer.conv_states, saved.conv)
+        _put(layer.recurrent_states, saved.recurrent)
+        for name, values in saved.flags.items():
+            getattr(layer, name).update(values)
+
+
+def advance_state(cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any]) -> bool:
+    """Run ``run_block`` until its mixer stored the recurrent state of ``layer_idx`` (``propagate``'s analogue of a
+    K/V-only call); the rest of the block (its output projection, MLP and residual) is skipped. A layer that also
+    stores keys/values, or has conv states only (short convolutions), runs the whole block. Returns whether the
+    block was stopped early."""
+    layer = layers_of(cache)[layer_idx]
+    if has_kv(layer) or not any(layer.is_recurrent_states_initialized.values()):
+        run_block()
+        return False
+    original = cache.update_recurrent_state
+
+    def update_then_stop(states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
+        out = original(states, idx, *args, **kwargs)
+        if idx == layer_idx:
+            raise StateStored
+        return out
+
+    cache.update_recurrent_state = update_then_stop  # type: ignore[method-assign, assignment]
+    try:
+        run_block()
+    except StateStored:
+        return True
+    finally:
+        del cache.update_recurrent_state
+    return False
+
+
+_CONTINUES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _state_tensors(cache: DynamicCache) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for idx in recurrent_layers(cache):
+        layer = layers_of(cache)[idx]
+        found += [t.float() for t in layer.recurrent_states.values() if t is not None]
+        found += [t[..., -layer.conv_kernel_size[i] :].float() for i, t in layer.conv_states.items() if t is not None]
+    return found
+
+
+def continues_chunks(model: Any) -> bool:
+    """Whether ``model``'s recurrent layers continue their states over several tokens in one forward as they do one
+    token at a time (True for a model with no recurrent layer). Found once per model: two tokens after a 4-token
+    prompt, in one forward and in two, must leave the same states (within float tolerance)."""
+    if model in _CONTINUES:
+        return _CONTINUES[model]
+    caches = fresh_cache(model.config), fresh_cache(model.config)
+    if not recurrent_layers(caches[0]):
+        _CONTINUES[model] = True
+        return True
+    vocab = int(model.config.get_text_config(decoder=True).vocab_size)
+    param = next(model.parameters())
+    ids = (torch.arange(6, device=param.device)[None] * 7 + 3) % vocab
+    with torch.no_grad():
+        model(ids[:, :4], cache=caches[0], use_cache=True)
+        model(ids[:, 4:], cache=caches[0], use_cache=True)
+        model(ids[:, :4], cache=caches[1], use_cache=True)
+        for i in (4, 5):
+            model(ids[:, i : i + 1], cache=caches[1], use_cache=True)
+    tolerance = 1e-3 if param.dtype == torch.float32 else 3e-2
+    ok = all(
+        bool((a - b).abs().max() <= tolerance * (b.abs().max() + 1e-6))
+        for a, b in zip(_state_tensors(caches[0]), _state_tensors(caches[1]), strict=True)
+    )
+    _CONTINUES[model] = ok
+    return ok
+
+
+class RecurrentRound:
+    """``verify``'s recurrent-state bookkeeping for one draft/verify round (see the module docstring).
+
+    Args:
+        cache: The call's cache (its recurrent layers are snapshot now, before the drafts).
+        start: Tokens in the cache.
+        stepwise: Run several tokens one at a time (the model does not :func:`continues_chunks`).
+    """
+
+    def __init__(self, cache: DynamicCache, start: int, stepwise: bool = False) -> None:
+        self.cache = cache
+        self.start = start
+        self.stepwise = stepwise
+        self.snapshot = take_snapshot(cache, start)
+        self.inputs: dict[int, torch.Tensor] = {}  # the verify pass's block inputs, [B, n_chunk, H], by layer
+
+    @classmethod
+    def begin(cls, cache: DynamicCache, start: int, model: Any = None) -> RecurrentRound | None:
+        """A round for ``cache``; None when it has no recurrent layer (nothing to do)."""
+        if not recurrent_layers(cache):
+            return None
+        return cls(cache, start, stepwise=model is not None and not continues_chunks(model))
+
+    def segments(self, n: int) -> list[tuple[int, int]]:
+        """The pieces ``n`` chunk tokens run in: one, or one per token (:attr:`stepwise`)."""
+        return [(i, i + 1) for i in range(n)] if self.stepwise else [(0, n)]
+
+    def run_deep(self, scan: Any, stats: Any, ids, kwargs, draft_states, depth: int) -> torch.Tensor:
+        """``verify``'s pass over the chunk from block ``depth`` on, one token at a time (:attr:`stepwise`): the
+        chunk's last-block outputs ``[B, n_chunk, H]``; each block's input is kept in :attr:`inputs`."""
+        n_chunk = ids.shape[1] - self.start
+        outs: list[torch.Tensor] = []
+        pieces: dict[int, list[torch.Tensor]] = {}
+        for i, _ in self.segments(n_chunk):
+            with cache_view(self.cache, self.start + i):
+                hidden, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, self.start + i, self.start + i + 1))
+            inputs: dict[int, torch.Tensor] = {}
+            h = hidden if depth == 0 else draft_states[i][depth]
+            outs.append(scan.run_blocks(h, calls, range(depth, scan.num_layers), stats, inputs))
+            for layer, x in inputs.items():
+                pieces.setdefault(layer, []).append(x)
+        self.inputs = {layer: torch.cat(xs, dim=1) for layer, xs in pieces.items()}
+        return torch.cat(outs, dim=1)
+
+    def reset(self, layers: Iterable[int]) -> None:
+        """Put ``layers``' states back to the round's start (before the verify pass runs them on the chunk)."""
+        restore(self.cache, self.snapshot, layers)
+
+    def keep(
+        self, scan: Any, stats: Any, draft_states: list[list[torch.Tensor]], depth: int, ids, kwargs, kept: int
+    ) -> None:
+        """Leave the recurrent states after the first ``kept`` chunk tokens (the rest were rejected).
+
+        Args:
+            scan: The exit scan (its runner and recording).
+            stats: The call's stats (the re-run blocks are counted in ``blocks_run``).
+            draft_states: Each draft scan's block outputs (``states[l]`` = input of block ``l``).
+            depth: The shallowest draft exit (blocks below it have the drafts' inputs; the others the verify
+                pass's, in :attr:`inputs`).
+            ids: The chunk's ids; ``kwargs``: the model kwargs that go with them.
+            kept: Chunk tokens that stay in the cache.
+        """
+        n_chunk = ids.shape[1] - self.start
+        if kept >= n_chunk:
+            return
+        restore(self.cache, self.snapshot)
+        layers = list(self.snapshot.layers)
+        for idx in layers:
+            layer = layers_of(self.cache)[idx]
+            if has_kv(layer):  # a hybrid layer: its keys/values are stored again with the state
+                extra = layer.get_seq_length() - self.start
+                if extra > 0:
+                    DynamicLayer.crop(layer, -extra)
+        for a, b in self.segments(kept):
+            with cache_view(self.cache, self.start + a):
+                _, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, self.start + a, self.start + b))
+            for idx in layers:
+                if idx < depth:
+                    h = torch.cat([states[idx] for states in draft_states[a:b]], dim=1)
+                else:
+                    h = self.inputs[idx][:, a:b]
+                scan.runner.run_block(idx, h, calls[idx])
+                stats.blocks_run += 1
+                stats.token_blocks_run += b - a
