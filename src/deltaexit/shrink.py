@@ -18,14 +18,14 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    ``TINY.vocab`` (and every other int equal to the default vocabulary); positions -> at most 256; attention windows
    and chunks of text configs -> at most 8 (so a 14-token test crosses them); any other unnamed int above 512 -> 64.
    Special token ids that fall outside the tiny vocabulary are remapped to distinct ids at its top.
-4. **Layers**: the layer count -> ``TINY.layers``; a per-layer list (``layer_types``, ``mlp_layer_types``,
-   ``no_rope_layers``, ...: any list as long as the default layer count) is cut to the tiny count *keeping at least
-   one layer of each kind* the default has, two where it has two or more (missing kinds replace the last entries;
-   the count grows when there are more kinds than layers); a list of layer indices (``moe_layers``,
-   ``full_attn_idxs``, ...) is mapped through the same cut; run-length patterns (``[[kinds, repeat]]``) are
-   re-encoded; layer periods/intervals/steps -> 2 (their offsets modulo 2); other ints naming layers
-   (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) scale with the layer count (at least 1 if non-zero,
-   an end index stays the last layer).
+4. **Layers**: the layer count -> ``TINY.layers`` (never more than the default's where a per-layer list is there); a
+   per-layer list (``layer_types``, ``mlp_layer_types``, ``no_rope_layers``, ...: any list as long as the default
+   layer count) is cut to the tiny count *keeping at least one layer of each kind* the default has, two where it has
+   two or more (missing kinds replace the last entries; the count grows when there are more kinds than layers); a
+   list of layer indices (``moe_layers``, ``full_attn_idxs``, ...) is mapped through the same cut; run-length
+   patterns (``[[kinds, repeat]]``) are re-encoded; layer periods/intervals/steps -> 2 (their offsets modulo 2);
+   other ints naming layers (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) scale with the layer count (at
+   least 1 if non-zero, an end index stays the last layer).
 5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
    shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
    (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per
@@ -239,15 +239,19 @@ def _cut_kinds(seq: list[Any], n: int) -> list[Any]:
 
 
 def _layer_count_needed(fields: dict[str, Any], layers0: int, tiny: TinySizes) -> int:
-    """The tiny layer count: ``tiny.layers``, more when a per-layer list has more kinds."""
-    need = tiny.layers
+    """The tiny layer count: ``tiny.layers``, more when a per-layer list has more kinds, never more than the default
+    when a per-layer list (which cannot grow) is there."""
+    need, lists = tiny.layers, False
     for v in fields.values():
-        if isinstance(v, (list, tuple)) and len(v) == layers0 and not _is_index_list(v, layers0):
+        if _is_index_list(v, layers0):
+            lists = True
+        elif isinstance(v, (list, tuple)) and len(v) == layers0:
+            lists = True
             counts: dict[str, int] = {}
             for x in v:
                 counts[repr(x)] = min(2, counts.get(repr(x), 0) + 1)
             need = max(need, sum(counts.values()))
-    return need
+    return min(need, layers0) if lists else need
 
 
 def _is_index_list(v: Any, layers0: int) -> bool:
