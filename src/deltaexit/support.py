@@ -137,11 +137,14 @@ def _check_collect(model: Any, structure: Any, vocab: int) -> dict[str, Any]:
         with torch.no_grad(), collect(model, ("h_in", "h_out", "delta")) as trace:
             logits = _forward(model, ids, mask)
         telescope = (trace.h_in[0] + trace.delta.sum(0) - trace.h_out[-1]).abs().max().item()
+        # float32 rounding of each delta grows with the states' size: the tolerance is relative to it
+        scale = max(1.0, trace.h_in.abs().max().item(), trace.h_out.abs().max().item())
     except Exception as exc:
         row["collect"] = _describe(exc)
         return row
     row["telescope_err"] = telescope
-    row["collect"] = "ok" if telescope < _TOL else f"MISMATCH (telescope error {telescope:.1e})"
+    ok = telescope < _TOL * scale
+    row["collect"] = "ok" if ok else f"MISMATCH (telescope error {telescope:.1e} at |h| {scale:.0f})"
     try:
         lens_err = (Lens(structure)(trace.h_out[-1]) - logits).abs().max().item()
     except Exception as exc:
@@ -436,7 +439,7 @@ def support_matrix_markdown(
         "- **build**: the shrunk config builds with `AutoModelForCausalLM.from_config`, offline, and the model's own "
         "forward runs on input ids alone.",
         "- **blocks / final norm**: what structure discovery found (or its `StructureError`).",
-        "- **collect**: hooks capture `h_in`, `h_out`, `delta`; the deltas telescope "
+        "- **collect**: hooks capture `h_in`, `h_out`, `delta`; the deltas telescope (to 1e-4 of max(1, |h|)) "
         "(`h_in[0] + sum(delta) == h_out[-1]`).",
         "- **lens exact**: the lens on the last block's output reproduces the model's logits (max abs error).",
         "- **verify / propagate / recompute**: `EarlyExit(..., threshold=inf, kv=...)` (never exit) reproduces "
