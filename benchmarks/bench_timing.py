@@ -95,3 +95,16 @@ def row_entry(timing: Timing, name: str, prompts: list[torch.Tensor]) -> dict[st
         "agreement": sum(token_agreement(o, r, p.shape[-1]) for o, r, p in pairs) / len(pairs),
         "identical": all(torch.equal(o, r) for o, r, _ in pairs),
     }
+
+
+def emit(result: dict[str, Any], path: str | Path | None) -> None:
+    """Print a benchmark's JSON result and, with ``path``, write it there atomically."""
+    import json
+
+    from deltaexit.io import atomic_write_json
+    from deltaexit.jsonable import json_clean
+
+    result = json_clean(result)
+    if path:
+        atomic_write_json(path, result)
+    print(json.dumps(result, indent=1))

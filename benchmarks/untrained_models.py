@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_timing import add_common_args, load_model, read_prompts, row_entry
+from bench_timing import add_common_args, emit, load_model, read_prompts, row_entry
 
 import deltaexit as dx
 from deltaexit.generation.backoff import Backoff
-from deltaexit.io import atomic_write_json
 from deltaexit.jsonable import json_clean
 from deltaexit.threads import torch_threads
 from deltaexit.timing import alternated, generate_row
@@ -152,10 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.calibration_data is None:
         args.calibration_data = args.data
-    result = json_clean(run(args))
-    if args.json:
-        atomic_write_json(args.json, result)
-    print(json.dumps(result, indent=1))
+    emit(run(args), args.json)
 
 
 if __name__ == "__main__":

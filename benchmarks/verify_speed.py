@@ -21,10 +21,9 @@ import json
 import sys
 
 import torch
-from bench_timing import add_common_args, load_model, read_prompts, row_entry
+from bench_timing import add_common_args, emit, load_model, read_prompts, row_entry
 
 from deltaexit.generation import EarlyExit, Verify
-from deltaexit.io import atomic_write_json
 from deltaexit.jsonable import json_clean
 from deltaexit.threads import torch_threads
 from deltaexit.timing import Row, alternated, generate_row, peer_rows
@@ -101,10 +100,7 @@ def main() -> None:
     )
     add_common_args(ap)
     args = ap.parse_args()
-    result = json_clean(run(args))
-    if args.json:
-        atomic_write_json(args.json, result)
-    print(json.dumps(result, indent=1))
+    emit(run(args), args.json)
 
 
 if __name__ == "__main__":
