@@ -14,11 +14,11 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import re
 import sys
+import weakref
 from typing import Any
 
 from torch import nn
@@ -174,14 +174,19 @@ def _check_window_masked(model: Any) -> None:
     )
 
 
-@functools.lru_cache(maxsize=1024)
-def _selects_cached_keys(cls: Any) -> bool:
+#: Per module class: whether its source updates a cache and picks entries by ``topk`` (read once per class).
+_SELECTS_KEYS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _selects_cached_keys(cls: type) -> bool:
     """Whether class ``cls``'s source both updates a cache and picks entries by ``topk``."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # built-in or dynamically made classes
-        return False
-    return bool(re.search(r"\.topk\(", source) and re.search(r"cache\w*\.update\(", source))
+    if cls not in _SELECTS_KEYS:
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # built-in or dynamically made classes
+            source = ""
+        _SELECTS_KEYS[cls] = bool(re.search(r"\.topk\(", source) and re.search(r"cache\w*\.update\(", source))
+    return _SELECTS_KEYS[cls]
 
 
 def _key_selecting_attention(model: nn.Module) -> str | None:
