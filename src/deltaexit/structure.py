@@ -219,8 +219,34 @@ def text_config(model: nn.Module) -> Any:
     return get_text() if callable(get_text) else config
 
 
-def config_int(config: Any, names: Sequence[str]) -> int | None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_attr(config: Any, name: str, layer: int | None) -> Any:
+    """``config.<name>``; on a heterogeneous config (``per_layer_config``), layer ``layer``'s value.
+
+    A per-layer attribute of a heterogeneous ``transformers`` config refuses global reads (it may differ
+    across layers, e.g. Gemma 4's head size): it is read from layer ``layer``'s config, or without a layer
+    as the largest value over the layers.
+    """
+    if layer is not None and getattr(config, "is_heterogeneous", False) and 0 <= layer < len(config.per_layer_config):
+        return getattr(config.per_layer_config[layer], name, None)
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        if not getattr(config, "is_heterogeneous", False):
+            raise
+        values: list[Any] = [getattr(layer_config, name, None) for layer_config in config.per_layer_config]
+        ints = [int(v) for v in values if _is_int(v)]
+        return max(ints) if ints else None
+
+
+def config_int(config: Any, names: Sequence[str], layer: int | None = None) -> int | None:
     """The first positive integer among ``config``'s attributes ``names`` (None if none is set).
+
+    On a heterogeneous config (``transformers``' ``per_layer_config``) a per-layer attribute is read from
+    layer ``layer``'s config; without ``layer``, as its largest value over the layers.
 
     Example:
         >>> class C: n_embd = 64
@@ -228,9 +254,9 @@ def config_int(config: Any, names: Sequence[str]) -> int | None:
         64
     """
     for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        value = _config_attr(config, name, layer)
+        if _is_int(value):
+            return int(value)
     return None
 
 
@@ -411,7 +437,7 @@ class ModelStructure:
     @property
     def num_attention_heads(self) -> int:
         """Query heads per attention block (0 if the config does not say)."""
-        return config_int(self.text_config, NUM_HEADS_ATTRS) or 0
+        return self.attention_heads()
 
     @property
     def num_key_value_heads(self) -> int:
@@ -421,10 +447,18 @@ class ModelStructure:
     @property
     def head_dim(self) -> int:
         """Width of one attention head (``head_dim``, else ``hidden_size // heads``; 0 if unknown)."""
-        value = config_int(self.text_config, HEAD_DIM_ATTRS)
+        return self.attention_head_dim()
+
+    def attention_heads(self, layer: int | None = None) -> int:
+        """Query heads of block ``layer`` (any block if None; the largest where they differ; 0 if unknown)."""
+        return config_int(self.text_config, NUM_HEADS_ATTRS, layer) or 0
+
+    def attention_head_dim(self, layer: int | None = None) -> int:
+        """Head width of block ``layer`` (any block if None; the largest where they differ; 0 if unknown)."""
+        value = config_int(self.text_config, HEAD_DIM_ATTRS, layer)
         if value is not None:
             return value
-        heads = self.num_attention_heads
+        heads = self.attention_heads(layer)
         return self.hidden_size // heads if heads else 0
 
     def context_length(self, default: int = 512) -> int:

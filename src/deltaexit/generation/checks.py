@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import sys
+import weakref
 from typing import Any
 
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, masking_utils
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from deltaexit.aliases import CONTEXT_LENGTH_ATTRS
 from deltaexit.generation.kv import (
     SUPPORTED_LAYER_TYPES,
     SUPPORTED_LAYERS,
@@ -32,6 +37,7 @@ from deltaexit.generation.kv import (
     layers_of,
 )
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
+from deltaexit.structure import config_int
 
 __all__ = [
     "DRAFTING_POLICIES",
@@ -42,6 +48,7 @@ __all__ = [
     "check_generation_config",
     "check_min_exit_layer",
     "check_model",
+    "check_policy_support",
     "plain_processors",
     "resolve_measure",
     "start_cache",
@@ -99,11 +106,122 @@ def check_cache_support(model: Any) -> None:
             f"{name} keeps its cache in a class of its own (transformers gives it no DynamicCache); none of the KV "
             "policies (verify, propagate, recompute) can keep it consistent under early exit. Use model.generate."
         )
+    _check_window_masked(model)
     unknown = sorted(set(config_layer_types(getattr(model, "config", None))) - SUPPORTED_LAYER_TYPES)
     if unknown:
         raise UnsupportedCacheError(
             f"{name}'s cache has layers of type {unknown}; none of the KV policies (verify, propagate, recompute) "
             f"supports them (supported layer types: {sorted(SUPPORTED_LAYER_TYPES)}). Use model.generate."
+        )
+
+
+#: ``transformers.masking_utils`` functions that build a windowed (sliding or chunked) attention mask.
+_WINDOW_MASKS = tuple(
+    getattr(masking_utils, name)
+    for name in (
+        "create_sliding_window_causal_mask",
+        "create_chunked_causal_mask",
+        "create_masks_for_generate",
+        "sliding_window_overlay",
+        "sliding_window_causal_mask_function",
+        "chunked_overlay",
+        "chunked_causal_mask_function",
+    )
+    if hasattr(masking_utils, name)
+)
+
+
+def _builds_window_mask(model: nn.Module) -> bool:
+    """Whether a modeling module of ``model``'s classes holds one of ``masking_utils``' windowed-mask builders."""
+    modules = {type(module).__module__ for module in model.modules()}
+    for name in modules:
+        namespace = vars(sys.modules[name]) if name in sys.modules else {}
+        if any(any(value is mask for mask in _WINDOW_MASKS) for value in namespace.values()):
+            return True
+    return False
+
+
+def _check_window_masked(model: Any) -> None:
+    """Refuse a model whose sliding window only the cache applies (its cache drops old keys, its mask is causal).
+
+    Early exit keeps full-length, croppable cache layers and leaves the window to the model's mask; a model that
+    builds no windowed mask (e.g. ``moshi``, whose config has a ``sliding_window`` but whose forward makes a plain
+    causal mask) attends to a window under ``model.generate`` only because ``transformers``' sliding cache layer
+    drops keys, so early exit would see further back and could not reproduce it.
+    """
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    config = get_text() if callable(get_text) else config
+    if config is None or not isinstance(model, nn.Module):
+        return
+    try:
+        layers = layers_of(DynamicCache(config=config))
+    except Exception:  # a config DynamicCache cannot read: the other checks speak for it
+        return
+    if not any(type(layer) is DynamicSlidingWindowLayer for layer in layers) or _builds_window_mask(model):
+        return
+    window = getattr(config, "sliding_window", None)
+    positions = config_int(config, CONTEXT_LENGTH_ATTRS)
+    if isinstance(window, int) and positions is not None and window >= positions:
+        return  # no sequence the model takes is longer than the window: the cache never drops a key
+    raise UnsupportedCacheError(
+        f"{type(model).__name__}'s sliding window (sliding_window={window}) is applied only by transformers' "
+        "sliding cache layer, which drops keys older than the window, while its attention mask is plain causal: "
+        "model.generate's output depends on that truncation, and early exit (which keeps full-length, croppable "
+        "cache layers and leaves windows to the mask) cannot reproduce it under any KV policy. Use model.generate "
+        f"(or a config whose sliding_window is at least its max_position_embeddings, {positions}: then no key is "
+        "dropped)."
+    )
+
+
+#: Per module class: whether its source updates a cache and picks entries by ``topk`` (read once per class).
+_SELECTS_KEYS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _selects_cached_keys(cls: type) -> bool:
+    """Whether class ``cls``'s source both updates a cache and picks entries by ``topk``."""
+    if cls not in _SELECTS_KEYS:
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # built-in or dynamically made classes
+            source = ""
+        _SELECTS_KEYS[cls] = bool(re.search(r"\.topk\(", source) and re.search(r"cache\w*\.update\(", source))
+    return _SELECTS_KEYS[cls]
+
+
+def _key_selecting_attention(model: nn.Module) -> str | None:
+    """The name of a module class of ``model`` that updates the cache and picks keys by ``topk`` (else None).
+
+    Such attention (e.g. Doge's dynamic mask attention, keeping the ``keep_window_size`` best-scored keys) selects
+    keys by a score over the whole cache, so one multi-token pass is not the same computation as one-token steps.
+    """
+    for cls in {type(module) for module in model.modules()}:
+        if _selects_cached_keys(cls):
+            return cls.__name__
+    return None
+
+
+def check_policy_support(model: Any, policy: str) -> None:
+    """Raise :class:`UnsupportedCacheError` for a drafting policy (``verify``, ``tolerant``) on a model whose
+    attention selects cached keys by a score (``topk`` over the cache), before any block runs.
+
+    Drafting checks several tokens in one forward pass; on such attention ``transformers``' own multi-token pass
+    differs from its one-token steps (which ``model.generate`` takes) once the cache is longer than the selection,
+    so the output could not be promised identical to ``model.generate``.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> check_policy_support(tiny_model("llama"), "verify")  # nothing to say
+    """
+    if policy not in DRAFTING_POLICIES or not isinstance(model, nn.Module):
+        return
+    selecting = _key_selecting_attention(model)
+    if selecting is not None:
+        raise UnsupportedCacheError(
+            f"{type(model).__name__}'s {selecting} picks cached keys by a score (topk over the whole cache), so a "
+            f"multi-token pass is not the same computation as one-token steps, even in transformers itself: kv="
+            f"{policy!r}'s drafts cannot be verified to match model.generate. Use kv='propagate' or kv='recompute' "
+            "(no drafting), or model.generate."
         )
 
 

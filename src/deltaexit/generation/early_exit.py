@@ -50,6 +50,7 @@ from deltaexit.generation.checks import (
     check_generation_config,
     check_min_exit_layer,
     check_model,
+    check_policy_support,
     default_threshold,
     resolve_measure,
     start_cache,
@@ -124,6 +125,7 @@ class EarlyExit:
         self.structure = find_structure(model)
         self.num_layers = self.structure.num_layers
         self.policy = get_policy(kv)
+        check_policy_support(model, self.policy.name)
         self.backoff = as_backoff(backoff, self.policy.name)
         self.plain_times: dict[int, PlainTimes] = {}  # per batch size, across calls (the back-off's clock)
         self.cost_terms: dict[int, tuple[Callable[[Run], float], float | None]] = {}  # per context: signal="cost"

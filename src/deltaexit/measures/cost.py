@@ -38,7 +38,8 @@ def block_flops_per_token(model: nn.Module, *, context: int = 256, layer: int = 
     """
     structure = find_structure(model, validate=False)  # counting weights needs no forward
     matmul = sum(2.0 * p.numel() for p in structure.blocks[layer].parameters() if p.dim() == 2)
-    return matmul + 4.0 * context * structure.num_attention_heads * structure.head_dim
+    heads, head_dim = structure.attention_heads(layer), structure.attention_head_dim(layer)
+    return matmul + 4.0 * context * heads * head_dim
 
 
 def measure_cost(measure: ConfidenceMeasure, model: nn.Module, *, context: int = 256) -> dict[str, float]:
