@@ -34,6 +34,7 @@ from deltaexit.generation.kv import (
     fresh_cache,
     has_kv,
     has_state,
+    is_fresh,
     layers_of,
 )
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
@@ -383,7 +384,7 @@ def start_cache(model_kwargs: dict[str, Any], config: Any = None) -> None:
     if isinstance(cache, DynamicCache) and _is_empty(cache):
         if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
             model_kwargs["cache"] = fresh_cache(config)  # croppable full-length layers; masks keep sliding windows
-        elif not layers_of(cache):  # created lazily: fine unless the model has recurrent layers
+        elif not layers_of(cache) and not is_fresh(cache):  # created lazily: fine unless the model has recurrent layers
             fresh = fresh_cache(config)
             if fresh.layers:
                 model_kwargs["cache"] = fresh

@@ -58,7 +58,7 @@ from deltaexit.generation.checks import (
     warn_threshold,
 )
 from deltaexit.generation.cost import measure_block_fraction
-from deltaexit.generation.kv import check_cache, fresh_cache
+from deltaexit.generation.kv import check_cache, config_layer_types, fresh_cache
 from deltaexit.generation.outputs import EarlyExitOutput
 from deltaexit.generation.policy import KVPolicy, get_policy
 from deltaexit.generation.run import Run
@@ -128,6 +128,7 @@ class EarlyExit:
         check_policy_support(model, self.policy.name)
         self.backoff = as_backoff(backoff, self.policy.name)
         self.plain_times: dict[int, PlainTimes] = {}  # per batch size, across calls (the back-off's clock)
+        self.cache_layer_types = config_layer_types(getattr(model, "config", None))  # derived once, not per call
         self.cost_terms: dict[int, tuple[Callable[[Run], float], float | None]] = {}  # per context: signal="cost"
         self.fractions: dict[int, float] = {}  # per context: the stats' measure cost (FLOPs counted once)
         self.runner = BlockRunner(model, self.structure)
@@ -194,7 +195,7 @@ class EarlyExit:
         stop_strings_to_criteria(self.model, kwargs)
         cache_on_for_loop(kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = fresh_cache(self.model.config)
+            kwargs["cache"] = fresh_cache(self.model.config, self.cache_layer_types)
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
 

@@ -68,6 +68,7 @@ __all__ = [
     "fresh_cache",
     "has_kv",
     "has_state",
+    "is_fresh",
     "layers_of",
     "set_cache_length",
     "store_kv_only",
@@ -110,7 +111,7 @@ def _full_length(layer: Any) -> Any:
     return layer
 
 
-def fresh_cache(config: Any = None) -> DynamicCache:
+def fresh_cache(config: Any = None, types: list[str] | None = None) -> DynamicCache:
     """A :class:`DynamicCache` whose layers all keep every position (croppable).
 
     Sliding-window layers still attend only within their window: the window is applied by the model's mask. Given
@@ -122,15 +123,36 @@ def fresh_cache(config: Any = None) -> DynamicCache:
         >>> from deltaexit.testing import tiny_config
         >>> [type(layer).__name__ for layer in fresh_cache(tiny_config("llama")).layers]  # created lazily
         []
+
+    ``types`` (:func:`config_layer_types` of ``config``, when the caller keeps them) saves deriving them again.
     """
-    types = config_layer_types(config)
+    types = config_layer_types(config) if types is None else types
     shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
     needs_layers = RECURRENT_LAYER_TYPES.intersection(types) or ("dummy" in types and not shared)
     if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
-        return DynamicCache()
-    cache = DynamicCache(config=config)
-    cache.layers = [_full_length(layer) for layer in layers_of(cache)]
+        cache = DynamicCache()
+    else:
+        cache = DynamicCache(config=config)
+        cache.layers = [_full_length(layer) for layer in layers_of(cache)]
+    _FRESH.add(cache)
     return cache
+
+
+#: The caches :func:`fresh_cache` made (weakly held), so a loop handed one does not build it again.
+_FRESH: weakref.WeakSet[DynamicCache] = weakref.WeakSet()
+
+
+def is_fresh(cache: Any) -> bool:
+    """Whether ``cache`` was made by :func:`fresh_cache` (and so has the layers the model's config asks for).
+
+    Example:
+        >>> is_fresh(fresh_cache()), is_fresh(DynamicCache())
+        (True, False)
+    """
+    try:
+        return cache in _FRESH
+    except TypeError:  # an unhashable cache object
+        return False
 
 
 def has_kv(layer: Any) -> bool:
