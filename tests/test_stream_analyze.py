@@ -17,7 +17,14 @@ from deltaexit.cli import main
 from deltaexit.evaluation import auroc, average_precision, best_f1_threshold, binary_metrics
 from deltaexit.features import collect_states, tokenize_text
 from deltaexit.histogram import ScoreHistogram, bin_edge, score_bins
-from deltaexit.stream_analysis import analyze_shards, collection_dataset, evaluate_collection, split_codes
+from deltaexit.stream_analysis import (
+    TRAIN,
+    SplitBatches,
+    analyze_shards,
+    collection_dataset,
+    evaluate_collection,
+    split_codes,
+)
 from deltaexit.stream_evaluation import LabelEvaluator, window_counts
 from deltaexit.streaming import ManifestError, collect_to_disk
 from deltaexit.testing import tiny_model
@@ -25,8 +32,8 @@ from deltaexit.testing import tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WINDOW, TEST_TOKENS, FIT_TOKENS = 16, 96, 160
-MEASURES = ["softmax-max", "softmax-gap", "state-cosine", "delta-norm", "delta-ratio", "linear", "softmax-max@8"]
-TRAINABLE = ("linear",)
+MEASURES = ["softmax-max", "softmax-gap", "state-cosine", "delta-norm", "delta-ratio", "linear", "delta-mlp",
+            "softmax-max@8"]  # fmt: skip
 
 
 # -- histograms ------------------------------------------------------------------------------------------
@@ -137,8 +144,6 @@ def test_streamed_analyze_agrees_with_the_in_memory_analyze(corpus, bits):
             for key in ("r_delta_change", "r_next_delta_change"):
                 assert tg[key] == pytest.approx(tm[key], rel=1e-5, nan_ok=True)
             for name, m in tm["measures"].items():
-                if name in TRAINABLE:  # fitted out of core (held-out batches, not the tail tokens): other weights
-                    continue
                 m, g = _nan(m), _nan(tg["measures"][name])  # json_clean wrote NaN as None
                 for key in ("auroc", "auprc"):
                     slack = g[f"{key}_error_bound"] + 1e-9
@@ -146,6 +151,38 @@ def test_streamed_analyze_agrees_with_the_in_memory_analyze(corpus, bits):
                 assert g["selection_f1"] <= m["selection_f1"] + 1e-12
                 if bits == 23:  # one bin per float32 score: the in-memory figures (lens top-k probs differ by ulps)
                     assert {k: g[k] for k in m} == pytest.approx(m, rel=1e-6, abs=1e-8, nan_ok=True), (kind, name)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "params", "batch"),
+    [
+        ("delta-mlp", "final", {"hidden_units": 8}, 40),
+        ("hdelta-mlp", "kept", {"hidden_units": 8, "per_layer": True}, 23),
+        ("lens-mlp", "next", {"hidden_units": 8, "val_fraction": 0.3}, 64),
+    ],
+)
+def test_split_batches_fit_equals_the_in_memory_analyze_fit(corpus, name, kind, params, batch):
+    """analyze_shards' fit reads SplitBatches: the held-out tail tokens and the weights are the in-memory fit's."""
+    model, tokenizer, text, out, _ = corpus
+    ids = tokenize_text(tokenizer, text, max_tokens=TEST_TOKENS + FIT_TOKENS)
+    lens = dx.Lens.from_model(model)
+    train, _ = collect_states(model, ids[TEST_TOKENS:], window=WINDOW, batch_size=2).split_windows([0.8, 0.2])
+    make = lambda: dx.get_measure(name, label=kind, max_epochs=2, **params)  # noqa: E731
+    memory = make().fit(train.decision_states(kind), list(train.labels(kind)))
+    manifest = dx.Manifest.load(out)
+    codes = split_codes(window_counts(manifest), TEST_TOKENS)
+    streamed = make()
+    batches = SplitBatches(collection_dataset(manifest, batch), codes, TRAIN, streamed, kind, lens)
+    streamed.fit(batches)
+    held = batches.held_out_batches(params.get("val_fraction", 0.15))
+    n_val = max(1, round(params.get("val_fraction", 0.15) * train.num_tokens))
+    pieces = list(batches)
+    assert sum(int(labels[0].shape[0]) for i, (_, labels) in enumerate(pieces) if i in held) == n_val
+    assert held == list(range(held[0], len(pieces)))  # the tail, in corpus order
+    assert torch.equal(streamed.mean_, memory.mean_) and torch.equal(streamed.std_, memory.std_)
+    for p, q in zip(streamed.net_.state_dict().values(), memory.net_.state_dict().values()):
+        assert torch.equal(p, q)
+    assert streamed.best_epoch_ == memory.best_epoch_
 
 
 @pytest.mark.parametrize("kind", ["next", "kept"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -125,6 +126,35 @@ def test_a_list_of_batches_fits_as_the_in_memory_fit(full_dir):
         make().fit([batches[0], (poisoned, labels1), *batches[2:]])
     with pytest.raises(TypeError, match="without y"):
         make().fit(ShardDataset(full_dir), labels)
+
+
+class _Declared(list):
+    """A list of batches that names its own held-out batches (BatchSource.split reads them)."""
+
+    def __init__(self, batches, held):
+        super().__init__(batches)
+        self.held = held
+
+    def held_out_batches(self, val_fraction):
+        return self.held
+
+
+def test_batches_that_declare_their_held_out_batches(full_dir):
+    states = _in_memory(full_dir)
+    layers, labels, n = states.decision_states("next"), list(states.labels("next")), states.num_tokens
+    cut = n - 30  # the in-memory tail: the last 30 tokens, as two batches of 20 + 10
+    bounds = [0, 48, 96, cut - 20, cut, n - 10, n]
+    batches = [
+        ([LayerState(layer=s.layer, h_in=s.h_in[a:b], h_out=s.h_out[a:b]) for s in layers], [y[a:b] for y in labels])
+        for a, b in itertools.pairwise(bounds)
+    ]  # fmt: skip
+    make = lambda: get_measure("delta-mlp", hidden_units=8, val_fraction=30 / n, **FAST)  # noqa: E731
+    memory = make().fit(layers, labels)
+    assert _same_weights(make().fit(_Declared(batches, [4, 5])), memory)
+    assert not _same_weights(make().fit(_Declared(batches, [5])), memory)  # 10 held out, not 30: another fit
+    for bad in ([], list(range(6)), [6]):
+        with pytest.raises(ValueError, match="held_out_batches gave"):
+            make().fit(_Declared(batches, bad))
 
 
 def test_shuffled_buffers_and_streams_still_fit(full_dir):

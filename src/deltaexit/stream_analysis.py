@@ -212,6 +212,11 @@ class SplitBatches:
     """The ``(states, labels)`` batches of one split's windows for one measure: what ``measure.fit`` reads out of
     core (a re-iterable, one pass per epoch; each batch one unit of the streamed fit).
 
+    The held-out part is the in-memory fit's (:func:`deltaexit.measures.fit.fit_exit_net`): the last
+    ``max(1, round(val_fraction * N))`` of the split's ``N`` tokens in corpus order. :meth:`held_out_batches`
+    (which the streamed fit calls first) counts ``N`` in one pass and fixes that boundary; every later pass cuts
+    the batch holding it in two, so the held-out batches hold exactly those tokens.
+
     Args:
         dataset: The collection's :class:`~deltaexit.streaming.ShardDataset` (with ``topk_ids``).
         codes: Split code per window id (:func:`split_codes`).
@@ -228,13 +233,53 @@ class SplitBatches:
         self.dataset, self.codes, self.code = dataset, codes, code
         self.measure, self.kind, self.lens = measure, kind, lens
         self.layers = decision_layers(kind, dataset.manifest.num_layers)
+        self._cut: int | None = None  # split-token index where the held-out tail starts (held_out_batches)
+        self._count = 0  # batches one pass yields with that cut
 
-    def __iter__(self) -> Iterator[tuple[list[Any], list[torch.Tensor]]]:
+    def held_out_batches(self, val_fraction: float) -> list[int]:
+        """Indices of the batches holding the last ``max(1, round(val_fraction * N))`` tokens; fixes the cut.
+
+        Raises:
+            ValueError: The split holds fewer than 2 tokens.
+        """
+        sizes = [int((self.codes[b["window"].long()] == self.code).sum()) for b in self.dataset]
+        total = sum(sizes)
+        if total < 2:
+            raise ValueError(f"the fit split holds {total} token(s); it needs at least 2: collect more")
+        cut = total - min(total - 1, max(1, round(val_fraction * total)))
+        index, seen, held = 0, 0, []
+        for size in (s for s in sizes if s):
+            if seen < cut < seen + size:  # the boundary batch: its head trains, its tail is held out
+                index += 1
+            if seen + size > cut:
+                held.append(index)
+            index, seen = index + 1, seen + size
+        self._cut, self._count = cut, index
+        return held
+
+    def __len__(self) -> int:
+        if self._cut is None:
+            return sum(1 for _ in self)
+        return self._count
+
+    def _pieces(self) -> Iterator[dict[str, torch.Tensor]]:
+        seen = 0
         for batch in self.dataset:
             keep = self.codes[batch["window"].long()] == self.code
             if not bool(keep.any()):
                 continue
             part = _subset(batch, keep)
+            size = int(keep.sum())
+            if self._cut is not None and seen < self._cut < seen + size:
+                head = self._cut - seen
+                yield {k: v[:head] for k, v in part.items()}
+                yield {k: v[head:] for k, v in part.items()}
+            else:
+                yield part
+            seen += size
+
+    def __iter__(self) -> Iterator[tuple[list[Any], list[torch.Tensor]]]:
+        for part in self._pieces():
             states = BatchStates(part, self.dataset.manifest, self.lens)
             labels = batch_labels(part["topk_ids"], self.kind)
             yield [states.state(layer, self.measure) for layer in self.layers], list(labels)
@@ -346,8 +391,8 @@ def analyze_shards(
     tokens = {"test": test, "fit": train + select, "train": train, "select": select}
     timing["split_s"] = time.perf_counter() - start
     dataset = collection_dataset(manifest, batch_size)
-    # The streamed fit holds out whole batches (the last ~15%): at least ~8 of them, however small the corpus.
-    fit_data = collection_dataset(manifest, max(64, min(batch_size, tokens["train"] // 8)))
+    # The streamed fit holds out the in-memory fit's tail tokens (SplitBatches.held_out_batches cuts the batch).
+    fit_data = dataset
     timing["fit_s"], saved = {}, {}
     for kind, (measures, _) in chosen.items():
         timing["fit_s"][kind] = _fit_trainable(measures, fit_data, codes, kind, lens, shuffle_rows, cfg.progress)

@@ -41,7 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -171,8 +171,12 @@ class BatchSource:
     """A :class:`FitSource` over a re-iterable of ``(states, labels)`` batches, as ``fit(states, labels)`` takes them.
 
     Each batch is one unit: the last ``max(1, round(val_fraction * batches))`` batches are held out (the batches
-    are counted in a first pass). ``features`` turns a batch's states into raw features (the measure's
-    ``fit_features``). Under ``torch.distributed`` every rank passes its own batches (``distributed = False``).
+    are counted in a first pass), unless the iterable declares its own: an optional method
+    ``held_out_batches(val_fraction) -> list[int]`` names the held-out batch indices (called once, before any
+    other pass; the batch count is ``len(batches)`` where it has one);
+    :class:`deltaexit.stream_analysis.SplitBatches` uses it to hold out the in-memory fit's tail tokens.
+    ``features`` turns a batch's states into raw features (the measure's ``fit_features``). Under
+    ``torch.distributed`` every rank passes its own batches (``distributed = False``).
     """
 
     distributed = False
@@ -210,7 +214,17 @@ class BatchSource:
         return states, labels
 
     def split(self, val_fraction: float) -> tuple[list[int], list[int]]:
-        return held_out_units(sum(1 for _ in self.batches), val_fraction, "batches")
+        declared = getattr(self.batches, "held_out_batches", None)
+        if declared is None:
+            return held_out_units(sum(1 for _ in self.batches), val_fraction, "batches")
+        held = sorted({int(i) for i in declared(val_fraction)})
+        count = len(self.batches) if isinstance(self.batches, Sized) else sum(1 for _ in self.batches)
+        if not held or held[0] < 0 or held[-1] >= count or len(held) == count:
+            raise ValueError(
+                f"held_out_batches gave {held} of {count} batches: it must name at least one and not every batch"
+            )
+        held_set = frozenset(held)
+        return [i for i in range(count) if i not in held_set], held
 
     def epoch_units(self, units: Sequence[int], epoch: int) -> list[int]:
         return list(units)
