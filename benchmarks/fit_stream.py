@@ -32,50 +32,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_memory import REPO, build_model, byte_documents, current_rss_mib, default_data, peak_rss_mib, reset_peak_rss
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-if not DEFAULT_DATA.is_file():  # a user's clone: the sample the package ships (cycled, so any size works)
-    from deltaexit.samples import sample_path
-
-    DEFAULT_DATA = sample_path()
+DEFAULT_DATA = default_data()
 FEATURES = ("delta", "delta_norm", "lens_topk")
 ANALYZE_MEASURES = ("delta-norm", "softmax-max", "softmax-gap", "delta-mlp")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def build_model(args):
-    from deltaexit.testing import tiny_model
-
-    return tiny_model("llama", num_layers=args.layers, hidden=args.hidden, heads=4, vocab=256, seed=0,
-                      max_position_embeddings=max(256, args.context))  # fmt: skip
-
-
-def byte_documents(path: Path):
-    """One document a non-empty line, its UTF-8 bytes as token ids (vocab 256), cycled forever."""
-    while True:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                text = line.strip()
-                if text:
-                    yield list(text.encode("utf-8"))
 
 
 def collect(args, tokens: int, out: Path, shard_tokens: int | None = None) -> None:
