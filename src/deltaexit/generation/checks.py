@@ -34,7 +34,6 @@ from deltaexit.generation.kv import (
     fresh_cache,
     has_kv,
     has_state,
-    is_fresh,
     layers_of,
 )
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
@@ -375,17 +374,19 @@ def _is_empty(cache: DynamicCache) -> bool:
     return True
 
 
-def start_cache(model_kwargs: dict[str, Any], config: Any = None) -> None:
+def start_cache(model_kwargs: dict[str, Any], config: Any = None, types: list[str] | None = None) -> None:
     """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
 
-    ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states.
+    ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states;
+    ``types``, its :func:`~deltaexit.generation.kv.config_layer_types` when the caller keeps them, saves deriving
+    them on every call.
     """
     cache = model_kwargs.get("cache")
     if isinstance(cache, DynamicCache) and _is_empty(cache):
         if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
-            model_kwargs["cache"] = fresh_cache(config)  # croppable full-length layers; masks keep sliding windows
-        elif not layers_of(cache) and not is_fresh(cache):  # created lazily: fine unless the model has recurrent layers
-            fresh = fresh_cache(config)
+            model_kwargs["cache"] = fresh_cache(config, types)  # croppable full-length layers; masks keep windows
+        elif not layers_of(cache):  # created lazily: fine unless the model has recurrent layers
+            fresh = fresh_cache(config, types)
             if fresh.layers:
                 model_kwargs["cache"] = fresh
     else:

@@ -225,7 +225,7 @@ class EarlyExit:
         if model is not self.model:
             raise ValueError("this EarlyExit was built for another model")
         check_generation_config(generation_config, synced_gpus, model_kwargs)
-        start_cache(model_kwargs, model.config)
+        start_cache(model_kwargs, model.config, self.cache_layer_types)
         run = Run(
             model,
             input_ids,

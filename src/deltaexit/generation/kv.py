@@ -68,7 +68,6 @@ __all__ = [
     "fresh_cache",
     "has_kv",
     "has_state",
-    "is_fresh",
     "layers_of",
     "set_cache_length",
     "store_kv_only",
@@ -130,29 +129,10 @@ def fresh_cache(config: Any = None, types: list[str] | None = None) -> DynamicCa
     shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
     needs_layers = RECURRENT_LAYER_TYPES.intersection(types) or ("dummy" in types and not shared)
     if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
-        cache = DynamicCache()
-    else:
-        cache = DynamicCache(config=config)
-        cache.layers = [_full_length(layer) for layer in layers_of(cache)]
-    _FRESH.add(cache)
+        return DynamicCache()
+    cache = DynamicCache(config=config)
+    cache.layers = [_full_length(layer) for layer in layers_of(cache)]
     return cache
-
-
-#: The caches :func:`fresh_cache` made (weakly held), so a loop handed one does not build it again.
-_FRESH: weakref.WeakSet[DynamicCache] = weakref.WeakSet()
-
-
-def is_fresh(cache: Any) -> bool:
-    """Whether ``cache`` was made by :func:`fresh_cache` (and so has the layers the model's config asks for).
-
-    Example:
-        >>> is_fresh(fresh_cache()), is_fresh(DynamicCache())
-        (True, False)
-    """
-    try:
-        return cache in _FRESH
-    except TypeError:  # an unhashable cache object
-        return False
 
 
 def has_kv(layer: Any) -> bool:
