@@ -40,7 +40,13 @@ from deltaexit.histogram import RunningPearson, ScoreHistogram
 from deltaexit.jsonable import json_clean
 from deltaexit.measures.base import ConfidenceMeasure, LayerState
 from deltaexit.streaming.manifest import Manifest, ManifestError
-from deltaexit.streaming.states import check_collection, decision_layers, labels_from_topk, read_shard
+from deltaexit.streaming.states import (
+    check_collection,
+    decision_labels,
+    decision_layers,
+    labels_from_topk,
+    read_shard,
+)
 
 __all__ = [
     "BatchStates",
@@ -93,8 +99,7 @@ def window_counts(manifest: Manifest) -> torch.Tensor:
 
 def batch_labels(topk_ids: torch.Tensor, kind: str) -> torch.Tensor:
     """``[L-1, tokens]`` bool labels of a batch's ``[tokens, L, k]`` top-k ids (rows as ``StateSet.labels``)."""
-    labels = labels_from_topk(topk_ids, (kind,))[f"label_{kind}"].T
-    return labels[:-1] if kind == "final" else labels
+    return torch.stack(decision_labels(labels_from_topk(topk_ids, (kind,)), kind))
 
 
 class BatchStates:
