@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -69,6 +69,8 @@ from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.structure import find_structure
 
 __all__ = ["EarlyExit"]
+
+T = TypeVar("T")
 
 
 class EarlyExit:
@@ -250,13 +252,16 @@ class EarlyExit:
         out = run.output(self._measure_fraction(run.mean_context))
         return out if run.returns_dict else cast(torch.LongTensor, run.input_ids)
 
+    def _cost_terms(self, context: int) -> tuple[Callable[[Run], float], float | None]:
+        """The cost signal's count and (under :data:`PRIOR_POLICIES`) its prior at ``context``."""
+        prior = None  # the prior prices one exit scan per token: not a policy that drafts in rounds
+        if self.policy.name in PRIOR_POLICIES:
+            prior = prior_cost(self.model, self.scan, self.policy.kv_only_per_skipped_block, context)
+        return block_cost(self.model, self.measure, context), prior
+
     def _measure_fraction(self, context: int) -> float:
         """:func:`~deltaexit.generation.cost.measure_block_fraction` at ``context``, counted once per context."""
-        if context not in self.fractions:
-            if len(self.fractions) >= 256:
-                self.fractions.clear()
-            self.fractions[context] = measure_block_fraction(self.model, self.measure, context)
-        return self.fractions[context]
+        return _per_context(self.fractions, context, lambda: measure_block_fraction(self.model, self.measure, context))
 
     def _monitor(self, run: Run) -> PayoffMonitor | None:
         """The call's pay-off monitor (None with ``backoff=False``)."""
@@ -264,14 +269,8 @@ class EarlyExit:
             return None
         if self.backoff.signal == "cost":
             context = run.input_ids.shape[1]
-            if context not in self.cost_terms:  # counting FLOPs from the weights is 0.7 ms: once per prompt length
-                if len(self.cost_terms) >= 256:
-                    self.cost_terms.clear()
-                prior = None  # the prior prices one exit scan per token: not a policy that drafts in rounds
-                if self.policy.name in PRIOR_POLICIES:
-                    prior = prior_cost(self.model, self.scan, self.policy.kv_only_per_skipped_block, context)
-                self.cost_terms[context] = (block_cost(self.model, self.measure, context), prior)
-            cost, prior = self.cost_terms[context]
+            # counting FLOPs from the weights is 0.7 ms: once per prompt length
+            cost, prior = _per_context(self.cost_terms, context, lambda: self._cost_terms(context))
             return PayoffMonitor(self.backoff, self.scan, cost, prior=prior)
         plain = self.plain_times.setdefault(run.input_ids.shape[0], PlainTimes(refresh=self.backoff.window))
         return PayoffMonitor(self.backoff, self.scan, plain=plain)
@@ -293,3 +292,12 @@ class EarlyExit:
         del outputs
         token, _, scores = run.choose(run.input_ids, logits)
         run.append(token, torch.full_like(token, self.num_layers), scores, logits)
+
+
+def _per_context(table: dict[int, T], context: int, make: Callable[[], T]) -> T:
+    """``table[context]``, made on first use; the table is emptied past 256 contexts, so it stays small."""
+    if context not in table:
+        if len(table) >= 256:
+            table.clear()
+        table[context] = make()
+    return table[context]
