@@ -692,14 +692,7 @@ class ModelStructure:
             return False
         if path is None:
             return False
-        before = (self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit)
-        scale, prefix, head, dims, cap = (
-            self.logit_scale,
-            self.prefix_positions,
-            self.lm_head,
-            self.state_dims,
-            self.final_softcap,
-        )
+        before = {name: getattr(self, name) for name in _REPAIRED}
         if path.head is not None:
             self.lm_head = path.head
         norms = [i for i, m in enumerate(path.modules) if m is self.final_norm]
@@ -717,10 +710,24 @@ class ModelStructure:
             self.final_softcap = path.final_softcap
         if self._mismatch(path.block_out, path.logits, atol, rtol) is None:
             return True
-        self.pre_norm, self.final_norm, self.post_norm, self.hidden_scale, self.vocab_limit = before
-        self.logit_scale, self.prefix_positions, self.lm_head, self.state_dims = scale, prefix, head, dims
-        self.final_softcap = cap
+        for name, value in before.items():
+            setattr(self, name, value)
         return False
+
+
+#: The :class:`ModelStructure` fields :meth:`ModelStructure._repair` may change (put back if the repair fails).
+_REPAIRED = (
+    "pre_norm",
+    "final_norm",
+    "post_norm",
+    "hidden_scale",
+    "vocab_limit",
+    "logit_scale",
+    "prefix_positions",
+    "lm_head",
+    "state_dims",
+    "final_softcap",
+)
 
 
 def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> None:
