@@ -39,6 +39,7 @@ from torch import nn
 
 from deltaexit.calibration.api import calibrate
 from deltaexit.calibration.result import CalibrationResult
+from deltaexit.collector import collect
 from deltaexit.lens import Lens
 from deltaexit.prompts import as_prompts, continuation_mask, eos_token_id, full_continuations
 from deltaexit.structure import find_structure
@@ -98,14 +99,16 @@ def _margins(model: nn.Module, lens: Lens, prompt: torch.Tensor, cont: torch.Ten
     """``[L-1, width]`` margins of one example (``cont``: its compared continuation tokens)."""
     device = lens.structure.input_device
     seq = torch.cat([prompt, cont]).to(device)[None]
-    out: Any = model(input_ids=seq, output_hidden_states=True)
+    with collect(model, ("h_out",), structure=lens.structure, positions="all") as trace:
+        out: Any = model(input_ids=seq)
     p, t = prompt.numel(), cont.numel()
     full = out.logits[0, p - 1 : p - 1 + t].float()
     greedy = cont.to(full.device)
     g = full.gather(-1, greedy[:, None]).squeeze(-1)
-    rows = torch.full((len(out.hidden_states) - 2, width), -math.inf, dtype=torch.float64)
-    for layer in range(1, len(out.hidden_states) - 1):
-        draft = lens(out.hidden_states[layer][0, p - 1 : p - 1 + t]).argmax(dim=-1)
+    num_layers = lens.structure.num_layers
+    rows = torch.full((num_layers - 1, width), -math.inf, dtype=torch.float64)
+    for layer in range(1, num_layers):  # an exit after block ``layer`` (1-based): that block's output
+        draft = lens(trace.h_out[layer - 1][0, p - 1 : p - 1 + t].to(full.device)).argmax(dim=-1)
         margin = (full.gather(-1, draft[:, None]).squeeze(-1) - g).double().cpu()
         rows[layer - 1, :t] = torch.where((draft != greedy).cpu(), margin, torch.tensor(-math.inf, dtype=torch.float64))
     return rows
