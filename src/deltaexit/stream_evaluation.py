@@ -87,7 +87,7 @@ def check_measures(measures: Mapping[str, ConfidenceMeasure], manifest: Manifest
 
 def window_counts(manifest: Manifest) -> torch.Tensor:
     """``[windows]`` int64 tokens per global window id (reads only the ``window`` metadata of each shard)."""
-    size = max((stop for s in manifest.shards for _, stop in s["windows"]), default=0)
+    size = manifest.window_id_end()
     counts = torch.zeros(size, dtype=torch.int64)
     for path in manifest.shard_paths():
         if not path.is_file():

@@ -78,7 +78,7 @@ def _shard_tables(
     manifest: Manifest, measure: ConfidenceMeasure, lens: Lens | None, windows: torch.Tensor
 ) -> Iterator[tuple[ExitTable, torch.Tensor]]:
     """Per shard holding some of ``windows``: its exit table (examples renumbered), their positions in ``windows``."""
-    size = max((stop for s in manifest.shards for _, stop in s["windows"]), default=0)
+    size = manifest.window_id_end()
     position = torch.full((size,), -1, dtype=torch.int64)
     position[windows] = torch.arange(windows.numel())
     context = int(manifest.settings["context"])

@@ -97,6 +97,10 @@ class Manifest:
         """Absolute paths of the shards, in manifest order."""
         return [self.root / s["file"] for s in self.shards]
 
+    def window_id_end(self) -> int:
+        """One past the largest global window id the shards cover (0 for none): the size of a per-window table."""
+        return max((stop for s in self.shards for _, stop in s["windows"]), default=0)
+
     def window_ids(self) -> list[int]:
         """Every global window id the shards cover, sorted (each exactly once in a sound collection)."""
         ids = [w for s in self.shards for start, stop in s["windows"] for w in range(start, stop)]
