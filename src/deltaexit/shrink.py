@@ -17,7 +17,8 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    low ranks (``*_rank``: MLA q/kv, LoRA-like adapters) -> at most 16; SSM state sizes -> 8; vocabulary ->
    ``TINY.vocab`` (and every other int equal to the default vocabulary); positions -> at most 256; attention windows
    and chunks of text configs -> at most 8 (so a 14-token test crosses them); any other unnamed int above 512 -> 64.
-   Special token ids that fall outside the tiny vocabulary are remapped to distinct ids at its top.
+   Special token ids that fall outside the tiny vocabulary are remapped to distinct ids at its top. A ``default_x``
+   left ``None`` whose config lists its choices (``xs``: Xmod's ``languages``) gets the first.
 4. **Layers**: the layer count -> ``TINY.layers`` (never more than the default's where a per-layer list is there); a
    per-layer list (``layer_types``, ``mlp_layer_types``, ``no_rope_layers``, ...: any list as long as the default
    layer count) is cut to the tiny count *keeping at least one layer of each kind* the default has, two where it has
@@ -25,7 +26,12 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    list of layer indices (``moe_layers``, ``full_attn_idxs``, ...) is mapped through the same cut; run-length
    patterns (``[[kinds, repeat]]``) are re-encoded; layer periods/intervals/steps -> 2 (their offsets modulo 2);
    other ints naming layers (``first_k_dense_replace``, ``num_kv_shared_layers``, ...) scale with the layer count (at
-   least 1 if non-zero, an end index stays the last layer).
+   least 1 if non-zero, an end index stays the last layer). The field ``num_hidden_layers`` reads (an
+   encoder-decoder config's ``encoder_layers``, which sizes its causal LM's cache) gets the tiny count whatever its
+   default. A hybrid config whose default layers are all recurrent (``linear_attention``) although it defines
+   attention heads gets its last layer as ``full_attention`` (through ``layer_types`` or a ``None`` attention-layer
+   index list such as ``attn_layer_indices``): ``transformers``' ``generate`` needs one attention layer in such a
+   cache, and the released checkpoints of these types have them.
 5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
    shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
    (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per
@@ -33,7 +39,8 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
 6. A ``head_dim`` equal to hidden / heads at default stays so; int lists that sum to the hidden size
    (``axial_pos_embds_dim``) or to half the head size (rope's ``mrope_section``) at default are rescaled to sum to
    the tiny one; a rope ``original_max_position_embeddings`` keeps its ratio (the YaRN/LongRoPE ``factor``) to
-   the tiny position count.
+   the tiny position count. A width the config derives (a property with its own rounding, xLSTM's ``qk_dim``) that
+   equalled hidden x a ``*_factor`` field at default is kept equal by re-solving the factor.
 
 The shrunk config is rebuilt from the default's class with the new fields (sub-configs passed as dicts), so
 whatever its ``__init__`` derives (e.g. ``layer_types`` from a pattern) is derived again; when that rebuild is
@@ -159,6 +166,7 @@ _LAYERS = {
     "num_encoder_layers",
     "conf_num_hidden_layers",
     "num_layers_per_stack",
+    "num_blocks",
     "depth",
 }
 _EXPERTS = {"num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "zero_expert_num"}
@@ -189,6 +197,9 @@ _WINDOWS = {
     "local_attention_window_len",
 }
 _PERIOD_SUFFIXES = ("_period", "_interval", "_step", "every_n_layers", "sliding_window_pattern", "layer_group_size")
+#: The per-layer kinds of recurrent (SSM, linear-attention) layers.
+_RECURRENT_KINDS = {"linear_attention", "mamba", "mamba2"}
+_INDEX_ENDS = ("indices", "idxs", "idx", "ids")
 #: Size fields a default config may leave ``None`` although its model needs them: given the tiny value.
 _NONE_FILLS = {
     "head_dim": "head_dim",
@@ -326,6 +337,12 @@ def _remap_token_ids(fields: dict[str, Any], out: dict[str, Any], vocab: int) ->
             out[k] = [fresh() if _is_int(x) and x >= vocab else x for x in v]
 
 
+def _choices(fields: dict[str, Any], name: str) -> list[Any]:
+    """The choices a ``default_x`` field picks from: a non-empty ``xs`` list of strings (``languages``)."""
+    v = fields.get(name.removeprefix("default_") + "s")
+    return list(v) if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v) else []
+
+
 def _sums_to(v: Any, total: int | None) -> bool:
     return (
         bool(total) and isinstance(v, (list, tuple)) and len(v) > 1 and all(_is_int(i) for i in v) and sum(v) == total
@@ -439,9 +456,11 @@ def _shrink_fields(
     tiny: TinySizes,
     derived: dict[str, Any] | None = None,
     scale: float | None = None,
+    counted: str | None = None,
 ) -> dict[str, Any]:
     """The tiny values of one (sub-)config's own fields (sub-configs excluded); ``derived``: per-layer lists the
-    config computes (properties), counted for the layer count only."""
+    config computes (properties), counted for the layer count only; ``counted``: the field ``num_hidden_layers``
+    reads (an encoder-decoder config's ``encoder_layers``), which gets the tiny count whatever its default."""
     hidden0 = _first(fields, _HIDDEN_NAMES)
     scale = scale or (tiny.hidden / hidden0 if hidden0 else 1.0)
     hidden = _ceil16(hidden0 * scale) if hidden0 else tiny.hidden
@@ -456,7 +475,7 @@ def _shrink_fields(
             out[name] = _rescale(list(v), hidden)
             continue
         if name in _LAYERS and _is_int(v) and v > 0:
-            out[name] = n if v == layers0 else min(v, n)
+            out[name] = n if v == layers0 or name == counted else min(v, n)
         elif layers0 and (
             isinstance(v, (list, tuple))
             or name.endswith(_PERIOD_SUFFIXES + ("_offset",))
@@ -474,6 +493,8 @@ def _shrink_fields(
             out[name] = _shrink_int(name, v, fields, ctx, tiny)
         elif v is None and name in _NONE_FILLS:
             out[name] = getattr(tiny, _NONE_FILLS[name])
+        elif v is None and name.startswith("default_") and _choices(fields, name):
+            out[name] = _choices(fields, name)[0]  # Xmod's default_language: the first of its languages
         elif name == "is_decoder" and v is False:
             out[name] = True  # every type here is a causal LM
         elif isinstance(v, dict) and name.startswith("rope"):
@@ -525,7 +546,8 @@ def _plan(config: Any, key: str, tiny: TinySizes, scale: float | None = None) ->
         scale = tiny.hidden / main if main else 1.0
     own = {k: v for k, v in vars(config).items() if k not in _sub_configs(config)}
     derived = _derived_layer_lists(config, own)
-    changes = _shrink_fields(own, text=key in _TEXT_KEYS, tiny=tiny, derived=derived, scale=scale)
+    counted = (getattr(type(config), "attribute_map", None) or {}).get("num_hidden_layers")
+    changes = _shrink_fields(own, text=key in _TEXT_KEYS, tiny=tiny, derived=derived, scale=scale, counted=counted)
     subs = {k: _plan(sub, k, tiny, scale) for k, sub in _sub_configs(config).items()}
     return changes, subs  # type: ignore[return-value]
 
@@ -576,6 +598,75 @@ def _apply_in_place(config: Any, plan: Any) -> None:
         _apply_in_place(getattr(config, k), sub_plan)
 
 
+def _build(default: Any, plan: Any, tiny: TinySizes) -> Any:
+    try:
+        fields = _as_dict(default, plan, tiny)
+        fields.pop("model_type", None)
+        return type(default)(**{k: v for k, v in fields.items() if k != "transformers_version"})
+    except Exception:  # the rebuild refused (a validator, a derived field): set the fields on a copy instead
+        config = copy.deepcopy(default)
+        _apply_in_place(config, plan)
+        return config
+
+
+def _layer_kinds(config: Any) -> list[Any]:
+    for name in ("layer_types", "layers_block_type"):
+        try:
+            kinds = getattr(config, name, None)
+        except Exception:  # a heterogeneous config may refuse a global read
+            continue
+        if isinstance(kinds, (list, tuple)) and kinds:
+            return list(kinds)
+    return []
+
+
+def _attention_layer(config: Any) -> dict[str, Any]:
+    """Fields that make the last layer an attention layer, for a hybrid config whose layers are all recurrent
+    although it defines attention heads (``transformers``' ``generate`` needs one attention layer in such a cache)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kinds = _layer_kinds(config)
+    if not (isinstance(heads, int) and heads > 0 and kinds and set(kinds) <= _RECURRENT_KINDS):
+        return {}
+    own = vars(config)
+    if isinstance(own.get("layer_types"), list):
+        return {"layer_types": [*kinds[:-1], "full_attention"]}
+    for name, v in own.items():  # the layers named attention ones by index (Bamba's attn_layer_indices)
+        if v is None and "layer" in name and ("attn" in name or "attention" in name) and name.endswith(_INDEX_ENDS):
+            return {name: [len(kinds) - 1]}
+    return {}
+
+
+def _own_properties(cls: type) -> list[str]:
+    """The properties a config class defines itself (not ``PretrainedConfig``'s, some of which warn when read)."""
+    from transformers import PretrainedConfig
+
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is PretrainedConfig or not issubclass(klass, PretrainedConfig):
+            break
+        names += [name for name, attr in vars(klass).items() if isinstance(attr, property)]
+    return names
+
+
+def _derived_factors(default: Any, config: Any) -> None:
+    """A width the config derives (a property, with its own rounding) that equalled hidden x a ``*_factor`` field
+    at default is made so again by re-solving the factor (xLSTM's ``qk_dim``, which its layers compute unrounded)."""
+    hidden0, hidden = _first(vars(default), _HIDDEN_NAMES), _first(vars(config), _HIDDEN_NAMES)
+    props = _own_properties(type(default))
+    for name, f0 in vars(default).items():
+        if not (hidden0 and hidden and name.endswith("_factor") and isinstance(f0, float) and f0 > 0):
+            continue
+        for prop in props:
+            try:
+                w0, w = getattr(default, prop), getattr(config, prop)
+            except Exception:  # a property that needs something the config lacks
+                continue
+            if _is_int(w0) and _is_int(w) and w0 == hidden0 * f0 and w != hidden * getattr(config, name):
+                setattr(config, name, w / hidden)
+    for key, sub in _sub_configs(default).items():
+        _derived_factors(sub, getattr(config, key))
+
+
 def shrink_config(model_type: str, tiny: TinySizes = TINY, **overrides: Any) -> Any:
     """The default config of ``model_type`` shrunk to ``tiny`` sizes (see the module docstring).
 
@@ -594,15 +685,12 @@ def shrink_config(model_type: str, tiny: TinySizes = TINY, **overrides: Any) -> 
     plan = _plan(default, "", tiny)
     top = dict(plan[0])
     top.update(overrides)
-    plan = (top, plan[1])
-    try:
-        fields = _as_dict(default, plan, tiny)
-        fields.pop("model_type", None)
-        return type(default)(**{k: v for k, v in fields.items() if k != "transformers_version"})
-    except Exception:  # the rebuild refused (a validator, a derived field): set the fields on a copy instead
-        config = copy.deepcopy(default)
-        _apply_in_place(config, plan)
-        return config
+    config = _build(default, (top, plan[1]), tiny)
+    extra = {k: v for k, v in _attention_layer(config).items() if k not in overrides}
+    if extra:
+        config = _build(default, ({**top, **extra}, plan[1]), tiny)
+    _derived_factors(default, config)
+    return config
 
 
 def tiny_model_for(model_type: str, *, seed: int = 0, tiny: TinySizes = TINY, **overrides: Any) -> Any:

@@ -1,0 +1,83 @@
+"""The shrinker's general rules for hybrid, encoder-decoder and derived-width configs, and the cache bookkeeping
+for models whose cache holds a constant offset more positions than the prompt (CPM-Ant's prompt tokens) or
+several cache layers per block (LongCat-Flash's two attention sublayers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltaexit import EarlyExit
+from deltaexit.shrink import shrink_config, tiny_model_for
+
+NEW = 6
+
+
+def _batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _same_as_generate(model, kv: str, threshold: float, *, pad: bool = True) -> bool:
+    ids, mask = _batch(model.config.get_text_config().vocab_size)
+    if not pad:
+        ids, mask = ids[:1], torch.ones_like(ids[:1])
+    kwargs = {"attention_mask": mask, "max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
+    ref = model.generate(ids, **kwargs)
+    ee = EarlyExit(model, "softmax-max", threshold, kv, min_exit_layer=1, backoff=False)
+    out = ee.generate(ids, **kwargs)
+    return torch.equal(getattr(out, "sequences", out), ref)
+
+
+def test_all_recurrent_hybrid_default_gets_one_attention_layer():
+    # both defaults name Mamba layers only (transformers' generate then fails: no attention layer to read a length
+    # from); the tiny config makes its last layer an attention layer, through the field the config reads
+    granite = shrink_config("granitemoehybrid")
+    assert granite.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    bamba = shrink_config("bamba")
+    assert bamba.attn_layer_indices == [3]
+    assert bamba.layers_block_type[-1] == "full_attention"
+    # a pure SSM config (no attention heads) stays as it is
+    assert set(shrink_config("mamba2").layer_types) == {"linear_attention"}
+    model = tiny_model_for("granitemoehybrid")
+    assert _same_as_generate(model, "verify", float("-inf"))
+
+
+def test_encoder_decoder_layer_count_that_sizes_the_cache():
+    # Blenderbot's num_hidden_layers reads encoder_layers (2 at default, 24 decoder layers): the cache of its causal
+    # LM was sized 2 for 4 blocks. That field gets the tiny count too.
+    config = shrink_config("blenderbot")
+    assert config.encoder_layers == config.decoder_layers == 4
+    model = tiny_model_for("blenderbot")
+    assert _same_as_generate(model, "propagate", float("inf"))
+
+
+def test_derived_width_factor_re_solved_and_block_count_shrunk():
+    config = shrink_config("xlstm")
+    assert config.num_blocks == config.num_hidden_layers == 4
+    # qk_dim rounds hidden * qk_dim_factor up to 64; the layers use it unrounded: the factor keeps them equal
+    assert config.qk_dim == int(config.hidden_size * config.qk_dim_factor)
+    assert config.v_dim == int(config.hidden_size * config.v_dim_factor)
+    model = tiny_model_for("xlstm")
+    ids = torch.randint(0, 256, (1, 8))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+
+
+def test_default_choice_filled_from_its_list():
+    config = shrink_config("xmod")
+    assert config.default_language == config.languages[0]
+    model = tiny_model_for("xmod")
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 5))).logits.shape == (1, 5, 256)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3_next"])
+def test_rules_leave_other_configs_alone(model_type):
+    from transformers import AutoConfig
+
+    config, default = shrink_config(model_type), AutoConfig.for_model(model_type)
+    assert getattr(config, "layer_types", None) is None or set(config.layer_types) == set(default.layer_types)
