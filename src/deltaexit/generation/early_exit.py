@@ -58,7 +58,7 @@ from deltaexit.generation.checks import (
     warn_threshold,
 )
 from deltaexit.generation.cost import measure_block_fraction
-from deltaexit.generation.kv import check_cache, config_layer_types, fresh_cache
+from deltaexit.generation.kv import check_cache, config_layer_types, fresh_cache, noting_writes
 from deltaexit.generation.outputs import EarlyExitOutput
 from deltaexit.generation.policy import KVPolicy, get_policy
 from deltaexit.generation.run import Run
@@ -279,7 +279,8 @@ class EarlyExit:
         """The prompt: the model's own full-depth forward (also tells the runner the blocks' output type)."""
         handle = self.runner.probe_output_type() if self.runner.returns_tuple is None else None
         try:
-            outputs = self.model._prefill(run.input_ids, generation_config, run.model_kwargs)
+            with noting_writes(run.model_kwargs.get("cache")):  # which cache writes each block makes (propagate)
+                outputs = self.model._prefill(run.input_ids, generation_config, run.model_kwargs)
         finally:
             if handle is not None:
                 handle.remove()

@@ -7,7 +7,10 @@ that each attention block stores its keys/values with ``cache.update(k, v, layer
 :data:`deltaexit.testing.ARCHITECTURES`. Layers whose cache is a recurrent state (linear attention, Mamba SSM and
 conv states, short convolutions: ``transformers``' ``LinearAttentionLayer`` family) and layers with no cache at
 all (``DummyLayer``: MLP/MoE-only blocks) are kept consistent by :mod:`deltaexit.generation.recurrent`; they have
-no length, so :func:`cache_lengths` and :func:`crop_cache` see the key/value layers only. Anything else (static or
+no length, so :func:`cache_lengths` and :func:`crop_cache` see the key/value layers only. Indexed layers
+(DeepSeek Sparse Attention's ``DynamicIndexedLayer``: keys/values plus the lightning indexer's keys, one per
+position) are key/value layers whose indexer keys :func:`crop_cache` and :func:`cache_view` crop and view with them,
+and which :func:`store_kv_only` lets the block write before stopping it. Anything else (static or
 quantised caches, KV shared between layers) is detected after the prompt by :func:`check_cache` and refused with a
 clear error.
 
@@ -41,6 +44,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     DummyLayer,
+    DynamicIndexedLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
     LinearAttentionAndFullAttentionLayer,
@@ -53,6 +57,7 @@ from transformers.cache_utils import (
 from deltaexit.structure import query_projection
 
 __all__ = [
+    "INDEXED_LAYER_TYPES",
     "RECURRENT_LAYER_TYPES",
     "SUPPORTED_LAYERS",
     "SUPPORTED_LAYER_TYPES",
@@ -69,18 +74,30 @@ __all__ = [
     "has_kv",
     "has_state",
     "layers_of",
+    "noting_writes",
     "set_cache_length",
     "store_kv_only",
 ]
 
 #: The layer types of ``transformers``' configs whose cache layer holds a recurrent state.
 RECURRENT_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+#: The layer types whose cache layer keeps, besides keys/values, an indexer's keys per position (DeepSeek Sparse
+#: Attention's lightning indexer: ``transformers``' ``DynamicIndexedLayer``, written by ``cache.update_indexer``).
+INDEXED_LAYER_TYPES = frozenset({"indexed_attention"})
 #: The config layer types whose cache layers early exit keeps consistent (``dummy``: no cache, e.g. MLP-only blocks).
-SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "dummy"}).union(
-    RECURRENT_LAYER_TYPES
+SUPPORTED_LAYER_TYPES = (
+    frozenset({"full_attention", "sliding_attention", "chunked_attention", "dummy"})
+    .union(RECURRENT_LAYER_TYPES)
+    .union(INDEXED_LAYER_TYPES)
 )
 #: Cache layer classes early exit keeps consistent (the sliding ones are replaced by full-length ones first).
-SUPPORTED_LAYERS = (DynamicLayer, LinearAttentionLayer, LinearAttentionAndFullAttentionLayer, DummyLayer)
+SUPPORTED_LAYERS = (
+    DynamicLayer,
+    DynamicIndexedLayer,
+    LinearAttentionLayer,
+    LinearAttentionAndFullAttentionLayer,
+    DummyLayer,
+)
 
 
 class UnsupportedCacheError(ValueError):
@@ -114,9 +131,10 @@ def fresh_cache(config: Any = None, types: list[str] | None = None) -> DynamicCa
     """A :class:`DynamicCache` whose layers all keep every position (croppable).
 
     Sliding-window layers still attend only within their window: the window is applied by the model's mask. Given
-    the model's ``config``, a model with recurrent layers (linear attention, Mamba, short convolutions) gets the
-    cache layers ``transformers`` would give it (recurrent-state layers, no-cache layers for MLP/MoE-only blocks),
-    sliding ones made full-length; any other model gets lazily created full-length layers.
+    the model's ``config``, a model with recurrent layers (linear attention, Mamba, short convolutions) or indexed
+    ones (DeepSeek Sparse Attention) gets the cache layers ``transformers`` would give it (recurrent-state layers,
+    indexer-key layers, no-cache layers for MLP/MoE-only blocks), sliding ones made full-length; any other model gets
+    lazily created full-length layers.
 
     Example:
         >>> from deltaexit.testing import tiny_config
@@ -127,7 +145,9 @@ def fresh_cache(config: Any = None, types: list[str] | None = None) -> DynamicCa
     """
     types = config_layer_types(config) if types is None else types
     shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
-    needs_layers = RECURRENT_LAYER_TYPES.intersection(types) or ("dummy" in types and not shared)
+    needs_layers = RECURRENT_LAYER_TYPES.union(INDEXED_LAYER_TYPES).intersection(types) or (
+        "dummy" in types and not shared
+    )
     if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
         return DynamicCache()
     cache = DynamicCache(config=config)
@@ -161,9 +181,9 @@ def check_cache(cache: Any, num_layers: int, length: int) -> None:
     if len(layers) != num_layers or any(type(layer) not in SUPPORTED_LAYERS for layer in layers):
         raise UnsupportedCacheError(
             f"this model's cache has {len(layers)} layers of kinds {_layer_summary(layers)} for {num_layers} "
-            "blocks; early exit needs one cache layer per block, each a full-length DynamicLayer, a recurrent "
-            "LinearAttentionLayer (or LinearAttentionAndFullAttentionLayer) or a DummyLayer (models with KV shared "
-            "between layers or custom caches are not supported)."
+            "blocks; early exit needs one cache layer per block, each a full-length DynamicLayer (or "
+            "DynamicIndexedLayer), a recurrent LinearAttentionLayer (or LinearAttentionAndFullAttentionLayer) or a "
+            "DummyLayer (models with KV shared between layers or custom caches are not supported)."
         )
     lengths = cache_lengths(cache)
     if any(n != length for n in lengths):
@@ -217,6 +237,18 @@ def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) ->
         extra = layer.get_seq_length() - length
         if extra > 0:
             DynamicLayer.crop(layer, -extra)  # the key/value part only (a hybrid layer's state is not croppable)
+        if isinstance(layer, DynamicIndexedLayer):
+            _crop_indexer(layer, length)
+
+
+def _crop_indexer(layer: DynamicIndexedLayer, length: int) -> None:
+    """Keep the first ``length`` positions of an indexed layer's indexer keys (and indexer positions, if kept)."""
+    keys = layer.indexer_keys
+    if keys is not None and keys.dim() == 3 and keys.shape[1] > length:
+        layer.indexer_keys = keys[:, :length]
+    positions = layer.indexer_position_ids
+    if positions is not None and positions.shape[-1] > length:
+        layer.indexer_position_ids = positions[..., :length]
 
 
 @contextmanager
@@ -229,6 +261,8 @@ def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
             shallow = copy.copy(layer)
             shallow.keys = cast(torch.Tensor, layer.keys)[..., :length, :]
             shallow.values = cast(torch.Tensor, layer.values)[..., :length, :]
+            if isinstance(shallow, DynamicIndexedLayer):
+                _crop_indexer(shallow, length)  # slices: the real layer keeps its indexer keys
             view.append(shallow)
         else:
             view.append(layer)
@@ -282,6 +316,62 @@ def _query_slot(block: nn.Module) -> _QuerySlot | None:
     return slot
 
 
+#: The ``Cache`` methods through which a block writes its own cache layer, with the position of their ``layer_idx``
+#: argument (``update_indexer``: a DeepSeek-Sparse-Attention indexer's keys, stored after the attention's K/V).
+_CACHE_WRITES = {"update": 2, "update_indexer": 1}
+
+#: Per cache: the writes each layer's block made in the prompt's full forward (:func:`noting_writes`).
+_LAYER_WRITES: weakref.WeakKeyDictionary[DynamicCache, dict[int, frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+def _expected_writes(cache: DynamicCache, layer_idx: int) -> frozenset[str]:
+    """The cache writes block ``layer_idx`` makes for its layer: those it made in the prompt's forward, else those
+    its layer's kind takes (keys/values, and indexer keys on an indexed layer)."""
+    noted = _LAYER_WRITES.get(cache, {}).get(layer_idx)
+    if noted:
+        return noted
+    layers = layers_of(cache)
+    indexed = layer_idx < len(layers) and isinstance(layers[layer_idx], DynamicIndexedLayer)
+    return frozenset({"update", "update_indexer"}) if indexed else frozenset({"update"})
+
+
+def _wrap_writes(cache: DynamicCache, seen: Callable[[str, Any], None]) -> None:
+    """Make ``cache``'s write methods call ``seen(name, layer_idx)`` after each write (undone by
+    :func:`_unwrap_writes`)."""
+    for name, position in _CACHE_WRITES.items():
+        original = getattr(cache, name)
+
+        def write(*args: Any, _original: Any = original, _name: str = name, _pos: int = position, **kwargs: Any) -> Any:
+            out = _original(*args, **kwargs)
+            seen(_name, args[_pos] if len(args) > _pos else kwargs.get("layer_idx"))
+            return out
+
+        setattr(cache, name, write)
+
+
+def _unwrap_writes(cache: DynamicCache) -> None:
+    for name in _CACHE_WRITES:
+        if name in vars(cache):
+            delattr(cache, name)
+
+
+@contextmanager
+def noting_writes(cache: Any) -> Iterator[None]:
+    """Note, per layer, which cache writes the blocks make inside the block (the prompt's full forward), so that
+    :func:`store_kv_only` stops a block after the last write it really makes (an indexed layer may reuse another
+    layer's selection and never write indexer keys)."""
+    if not isinstance(cache, DynamicCache):
+        yield
+        return
+    writes: dict[int, set[str]] = {}
+    _wrap_writes(cache, lambda name, idx: writes.setdefault(idx, set()).add(name))
+    try:
+        yield
+    finally:
+        _unwrap_writes(cache)
+    _LAYER_WRITES[cache] = {idx: frozenset(names) for idx, names in writes.items()}
+
+
 def store_kv_only(
     cache: DynamicCache,
     layer_idx: int,
@@ -293,20 +383,26 @@ def store_kv_only(
     """Run ``run_block`` only until its attention has stored keys/values for ``layer_idx`` (CALM propagation).
 
     The block computes its input norm and key/value projections (and rotary embedding) exactly as usual; the
-    attention itself, the MLP and the residual update are skipped. Given the ``block`` module that ``run_block``
-    runs, and with ``query_skip`` on, its separate query projection (if it has one) is replaced by zeros for
-    the duration of the call, as the queries are never used; the original module is put back in every case.
+    attention itself, the MLP and the residual update are skipped. The block is stopped after the last cache write
+    of its layer's kind: ``cache.update`` (keys/values) and, on an indexed layer (DeepSeek Sparse Attention),
+    ``cache.update_indexer`` (the indexer's keys, written after the keys/values), or the writes the block made in
+    the prompt's forward where :func:`noting_writes` noted them (an indexed layer that reuses another layer's
+    selection writes no indexer keys).
+    Given the ``block`` module that ``run_block`` runs, and with ``query_skip`` on, its separate query projection
+    (if it has one) is replaced by zeros for the duration of the call, as the queries are never used; the original
+    module is put back in every case.
     """
     slot = _query_slot(block) if query_skip and block is not None else None
-    original = cache.update
+    expected = _expected_writes(cache, layer_idx)
+    seen: set[str] = set()
 
-    def update_then_stop(key_states: Any, value_states: Any, idx: int, *args: Any, **kwargs: Any) -> Any:
-        out = original(key_states, value_states, idx, *args, **kwargs)
+    def stop_after_last(name: str, idx: Any) -> None:
         if idx == layer_idx:
-            raise KVStored
-        return out
+            seen.add(name)
+            if expected <= seen:
+                raise KVStored
 
-    cache.update = update_then_stop  # type: ignore[method-assign, assignment]
+    _wrap_writes(cache, stop_after_last)
     if slot is not None:
         slot.parent._modules[slot.name] = slot.stand_in
     try:
@@ -314,10 +410,11 @@ def store_kv_only(
     except KVStored:
         return
     finally:
-        del cache.update
+        _unwrap_writes(cache)
         if slot is not None:
             slot.parent._modules[slot.name] = slot.original
-    raise UnsupportedCacheError(
-        f"block {layer_idx} finished without storing keys/values through cache.update(..., layer_idx={layer_idx}); "
-        "kv='propagate' is not supported for this architecture. Use kv='verify' or kv='recompute'."
-    )
+    if "update" not in seen:  # (a block that stored its keys/values but not all expected writes ran whole: fine)
+        raise UnsupportedCacheError(
+            f"block {layer_idx} finished without storing keys/values through cache.update(..., layer_idx="
+            f"{layer_idx}); kv='propagate' is not supported for this architecture. Use kv='verify' or kv='recompute'."
+        )
