@@ -288,17 +288,6 @@ def test_unsupported_caches_are_refused_before_any_block_runs(model_type, fields
 @pytest.mark.parametrize(
     ("model_type", "fields", "pattern"),
     [
-        (  # router states handed from block to block
-            "zaya",
-            {
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "head_dim": 8,
-                "moe_intermediate_size": 16,
-                "router_hidden_size": 16,
-            },
-            "extra output",
-        ),
         (  # a looped, recurrent-depth block list
             "dory",
             {

@@ -1,5 +1,5 @@
-"""The support matrix's last non-refusal cells: Gemma 4's per-layer head size, Moshi's cache-only window, Doge's
-key-selecting attention (each on the tiny model the matrix builds)."""
+"""The support matrix's last non-refusal cells: Gemma 4's per-layer head size (on the tiny model the matrix
+builds)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from deltaexit import EarlyExit
-from deltaexit.generation import UnsupportedCacheError
 from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.shrink import tiny_model_for
 from deltaexit.structure import config_int, find_structure
@@ -30,10 +29,6 @@ def _same_as_generate(model, kv: str, threshold: float, seed: int = 0) -> bool:
     ee = EarlyExit(model, "softmax-max", threshold, kv, min_exit_layer=1, backoff=False)
     out = ee.generate(ids, **kwargs)
     return torch.equal(getattr(out, "sequences", out), ref)
-
-
-def _hooks(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -66,31 +61,5 @@ def test_gemma4_generation_reproduces_generate(gemma4, kv, threshold):
     assert _same_as_generate(gemma4, kv, threshold)
 
 
-def test_cache_only_window_refused_before_any_block_runs():
-    model = tiny_model_for("moshi").eval()
-    assert model.config.sliding_window is not None
-    for kv in ("verify", "propagate", "recompute"):
-        with pytest.raises(UnsupportedCacheError, match="sliding_window"):
-            EarlyExit(model, "softmax-max", float("inf"), kv)
-        assert _hooks(model) == 0
-    # the refusal's way out: a window no sequence exceeds drops no key, and then early exit reproduces generate
-    model.config.sliding_window = model.config.max_position_embeddings
-    assert _same_as_generate(model, "verify", float("-inf"))
-
-
-def test_key_selecting_attention_refuses_drafting_only():
-    model = tiny_model_for("doge").eval()
-    with torch.no_grad():  # why: transformers' own multi-token pass differs from its one-token steps past the window
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(3, model.config.vocab_size, (1, model.config.keep_window_size + 4), generator=gen)
-        prompt, chunk = ids[:, :-4], ids[:, -4:]
-        cache_a = model(prompt, use_cache=True).cache
-        cache_b = model(prompt, use_cache=True).cache
-        together = model(chunk, cache=cache_a, use_cache=True).logits
-        steps = torch.cat([model(chunk[:, i : i + 1], cache=cache_b).logits for i in range(4)], 1)
-        assert not torch.allclose(together, steps, atol=1e-4)
-    for kv in ("verify", "tolerant"):
-        with pytest.raises(UnsupportedCacheError, match="topk"):
-            EarlyExit(model, "softmax-max", float("-inf"), kv)
-        assert _hooks(model) == 0
-    assert _same_as_generate(model, "propagate", float("inf"))
+# Moshi's cache-only window and Doge's key-selecting attention, refused here before, are reproduced now: see
+# tests/test_odd_caches.py.

@@ -43,12 +43,13 @@ __all__ = [
     "DRAFTING_POLICIES",
     "UNSUPPORTED_SETTINGS",
     "cache_on_for_loop",
+    "cache_window",
     "check_cache_support",
     "check_generate_kwargs",
     "check_generation_config",
     "check_min_exit_layer",
     "check_model",
-    "check_policy_support",
+    "key_selecting_attention",
     "plain_processors",
     "resolve_measure",
     "start_cache",
@@ -106,7 +107,6 @@ def check_cache_support(model: Any) -> None:
             f"{name} keeps its cache in a class of its own (transformers gives it no DynamicCache); none of the KV "
             "policies (verify, propagate, recompute) can keep it consistent under early exit. Use model.generate."
         )
-    _check_window_masked(model)
     unknown = sorted(set(config_layer_types(getattr(model, "config", None))) - SUPPORTED_LAYER_TYPES)
     if unknown:
         raise UnsupportedCacheError(
@@ -141,37 +141,38 @@ def _builds_window_mask(model: nn.Module) -> bool:
     return False
 
 
-def _check_window_masked(model: Any) -> None:
-    """Refuse a model whose sliding window only the cache applies (its cache drops old keys, its mask is causal).
+def cache_window(model: Any) -> int | None:
+    """The sliding window of a model that only its cache applies (its cache drops old keys, its mask is causal);
+    None where the model's mask applies its windows, or it has none.
 
-    Early exit keeps full-length, croppable cache layers and leaves the window to the model's mask; a model that
-    builds no windowed mask (e.g. ``moshi``, whose config has a ``sliding_window`` but whose forward makes a plain
-    causal mask) attends to a window under ``model.generate`` only because ``transformers``' sliding cache layer
-    drops keys, so early exit would see further back and could not reproduce it.
+    Early exit keeps full-length, croppable cache layers. Where the model's mask keeps the window, a plain
+    full-length layer does; a model that builds no windowed mask (e.g. ``moshi``, whose config has a
+    ``sliding_window`` but whose forward makes a plain causal mask) attends to a window under ``model.generate``
+    only because ``transformers``' sliding cache layer drops keys: its cache layers become
+    :class:`~deltaexit.generation.windowed.CacheWindowLayer` (full length, each block shown the keys the sliding
+    layer would return), and drafts are verified one token at a time.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> cache_window(tiny_model("llama")) is None
+        True
     """
     config = getattr(model, "config", None)
     get_text = getattr(config, "get_text_config", None)
     config = get_text() if callable(get_text) else config
     if config is None or not isinstance(model, nn.Module):
-        return
+        return None
     try:
         layers = layers_of(DynamicCache(config=config))
     except Exception:  # a config DynamicCache cannot read: the other checks speak for it
-        return
+        return None
     if not any(type(layer) is DynamicSlidingWindowLayer for layer in layers) or _builds_window_mask(model):
-        return
+        return None
     window = getattr(config, "sliding_window", None)
     positions = config_int(config, CONTEXT_LENGTH_ATTRS)
-    if isinstance(window, int) and positions is not None and window >= positions:
-        return  # no sequence the model takes is longer than the window: the cache never drops a key
-    raise UnsupportedCacheError(
-        f"{type(model).__name__}'s sliding window (sliding_window={window}) is applied only by transformers' "
-        "sliding cache layer, which drops keys older than the window, while its attention mask is plain causal: "
-        "model.generate's output depends on that truncation, and early exit (which keeps full-length, croppable "
-        "cache layers and leaves windows to the mask) cannot reproduce it under any KV policy. Use model.generate "
-        f"(or a config whose sliding_window is at least its max_position_embeddings, {positions}: then no key is "
-        "dropped)."
-    )
+    if not isinstance(window, int) or (positions is not None and window >= positions):
+        return None  # no sequence the model takes is longer than the window: the cache never drops a key
+    return window
 
 
 #: Per module class: whether its source updates a cache and picks entries by ``topk`` (read once per class).
@@ -189,40 +190,23 @@ def _selects_cached_keys(cls: type) -> bool:
     return _SELECTS_KEYS[cls]
 
 
-def _key_selecting_attention(model: nn.Module) -> str | None:
+def key_selecting_attention(model: nn.Module) -> str | None:
     """The name of a module class of ``model`` that updates the cache and picks keys by ``topk`` (else None).
 
     Such attention (e.g. Doge's dynamic mask attention, keeping the ``keep_window_size`` best-scored keys) selects
-    keys by a score over the whole cache, so one multi-token pass is not the same computation as one-token steps.
+    keys by a score over the whole cache, so one multi-token pass is not the same computation as one-token steps
+    (even in ``transformers`` itself): ``verify`` then checks its drafts one token at a time
+    (:func:`deltaexit.generation.recurrent.steps_one_at_a_time`), as ``model.generate`` steps.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> key_selecting_attention(tiny_model("llama")) is None
+        True
     """
     for cls in {type(module) for module in model.modules()}:
         if _selects_cached_keys(cls):
             return cls.__name__
     return None
-
-
-def check_policy_support(model: Any, policy: str) -> None:
-    """Raise :class:`UnsupportedCacheError` for a drafting policy (``verify``, ``tolerant``) on a model whose
-    attention selects cached keys by a score (``topk`` over the cache), before any block runs.
-
-    Drafting checks several tokens in one forward pass; on such attention ``transformers``' own multi-token pass
-    differs from its one-token steps (which ``model.generate`` takes) once the cache is longer than the selection,
-    so the output could not be promised identical to ``model.generate``.
-
-    Example:
-        >>> from deltaexit.testing import tiny_model
-        >>> check_policy_support(tiny_model("llama"), "verify")  # nothing to say
-    """
-    if policy not in DRAFTING_POLICIES or not isinstance(model, nn.Module):
-        return
-    selecting = _key_selecting_attention(model)
-    if selecting is not None:
-        raise UnsupportedCacheError(
-            f"{type(model).__name__}'s {selecting} picks cached keys by a score (topk over the whole cache), so a "
-            f"multi-token pass is not the same computation as one-token steps, even in transformers itself: kv="
-            f"{policy!r}'s drafts cannot be verified to match model.generate. Use kv='propagate' or kv='recompute' "
-            "(no drafting), or model.generate."
-        )
 
 
 def resolve_measure(measure: str | ConfidenceMeasure) -> ConfidenceMeasure:
@@ -374,19 +358,21 @@ def _is_empty(cache: DynamicCache) -> bool:
     return True
 
 
-def start_cache(model_kwargs: dict[str, Any], config: Any = None, types: list[str] | None = None) -> None:
+def start_cache(
+    model_kwargs: dict[str, Any], config: Any = None, types: list[str] | None = None, window: int | None = None
+) -> None:
     """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
 
     ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states;
     ``types``, its :func:`~deltaexit.generation.kv.config_layer_types` when the caller keeps them, saves deriving
-    them on every call.
+    them on every call; ``window``, the model's :func:`cache_window`.
     """
     cache = model_kwargs.get("cache")
     if isinstance(cache, DynamicCache) and _is_empty(cache):
         if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
-            model_kwargs["cache"] = fresh_cache(config, types)  # croppable full-length layers; masks keep windows
-        elif not layers_of(cache):  # created lazily: fine unless the model has recurrent layers
-            fresh = fresh_cache(config, types)
+            model_kwargs["cache"] = fresh_cache(config, types, window)  # croppable full-length layers
+        elif not layers_of(cache):  # created lazily: fine unless the model has recurrent or cache-window layers
+            fresh = fresh_cache(config, types, window)
             if fresh.layers:
                 model_kwargs["cache"] = fresh
     else:

@@ -45,12 +45,12 @@ from deltaexit.generation.backoff import (
 )
 from deltaexit.generation.checks import (
     cache_on_for_loop,
+    cache_window,
     check_cache_support,
     check_generate_kwargs,
     check_generation_config,
     check_min_exit_layer,
     check_model,
-    check_policy_support,
     default_threshold,
     resolve_measure,
     start_cache,
@@ -127,10 +127,10 @@ class EarlyExit:
         self.structure = find_structure(model)
         self.num_layers = self.structure.num_layers
         self.policy = get_policy(kv)
-        check_policy_support(model, self.policy.name)
         self.backoff = as_backoff(backoff, self.policy.name)
         self.plain_times: dict[int, PlainTimes] = {}  # per batch size, across calls (the back-off's clock)
         self.cache_layer_types = config_layer_types(getattr(model, "config", None))  # derived once, not per call
+        self.cache_window = cache_window(model)  # a sliding window only the model's cache applies (e.g. moshi)
         self.cost_terms: dict[int, tuple[Callable[[Run], float], float | None]] = {}  # per context: signal="cost"
         self.fractions: dict[int, float] = {}  # per context: the stats' measure cost (FLOPs counted once)
         self.runner = BlockRunner(model, self.structure)
@@ -197,7 +197,7 @@ class EarlyExit:
         stop_strings_to_criteria(self.model, kwargs)
         cache_on_for_loop(kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = fresh_cache(self.model.config, self.cache_layer_types)
+            kwargs["cache"] = fresh_cache(self.model.config, self.cache_layer_types, self.cache_window)
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
 
@@ -227,7 +227,7 @@ class EarlyExit:
         if model is not self.model:
             raise ValueError("this EarlyExit was built for another model")
         check_generation_config(generation_config, synced_gpus, model_kwargs)
-        start_cache(model_kwargs, model.config, self.cache_layer_types)
+        start_cache(model_kwargs, model.config, self.cache_layer_types, self.cache_window)
         run = Run(
             model,
             input_ids,

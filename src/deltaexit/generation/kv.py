@@ -54,6 +54,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from deltaexit.generation.windowed import CacheWindowLayer
 from deltaexit.structure import query_projection
 
 __all__ = [
@@ -94,6 +95,7 @@ SUPPORTED_LAYER_TYPES = (
 SUPPORTED_LAYERS = (
     DynamicLayer,
     DynamicIndexedLayer,
+    CacheWindowLayer,
     LinearAttentionLayer,
     LinearAttentionAndFullAttentionLayer,
     DummyLayer,
@@ -118,16 +120,17 @@ def config_layer_types(config: Any) -> list[str]:
         return []
 
 
-def _full_length(layer: Any) -> Any:
-    """A croppable full-length stand-in for a sliding-window cache layer (the mask keeps the window)."""
+def _full_length(layer: Any, window: int | None = None) -> Any:
+    """A croppable full-length stand-in for a sliding-window cache layer (the mask keeps the window; with the
+    ``window`` only the cache applies, a :class:`~deltaexit.generation.windowed.CacheWindowLayer`)."""
     if type(layer) is DynamicSlidingWindowLayer:
-        return DynamicLayer()
+        return DynamicLayer() if window is None else CacheWindowLayer(layer.sliding_window)
     if type(layer) is LinearAttentionAndSlidingWindowAttentionLayer:
         return LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
     return layer
 
 
-def fresh_cache(config: Any = None, types: list[str] | None = None) -> DynamicCache:
+def fresh_cache(config: Any = None, types: list[str] | None = None, window: int | None = None) -> DynamicCache:
     """A :class:`DynamicCache` whose layers all keep every position (croppable).
 
     Sliding-window layers still attend only within their window: the window is applied by the model's mask. Given
@@ -142,16 +145,18 @@ def fresh_cache(config: Any = None, types: list[str] | None = None) -> DynamicCa
         []
 
     ``types`` (:func:`config_layer_types` of ``config``, when the caller keeps them) saves deriving them again.
+    ``window`` (:func:`deltaexit.generation.checks.cache_window`: a window only the cache applies) makes the
+    sliding layers :class:`~deltaexit.generation.windowed.CacheWindowLayer` objects.
     """
     types = config_layer_types(config) if types is None else types
     shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
     needs_layers = RECURRENT_LAYER_TYPES.union(INDEXED_LAYER_TYPES).intersection(types) or (
         "dummy" in types and not shared
     )
-    if not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING):
+    if window is None and (not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING)):
         return DynamicCache()
     cache = DynamicCache(config=config)
-    cache.layers = [_full_length(layer) for layer in layers_of(cache)]
+    cache.layers = [_full_length(layer, window) for layer in layers_of(cache)]
     return cache
 
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from deltaexit.generation.kv import cache_length, crop_cache, set_cache_length
 from deltaexit.generation.policy import KVPolicy, register_policy
-from deltaexit.generation.recurrent import Snapshot, continues_chunks, recurrent_layers, restore, take_snapshot
+from deltaexit.generation.recurrent import Snapshot, recurrent_layers, restore, steps_one_at_a_time, take_snapshot
 from deltaexit.generation.run import Run
 from deltaexit.generation.scan import ExitScan
 
@@ -69,7 +69,7 @@ class Recompute(KVPolicy):
         if may_exit and recurrent and (state.snapshot is None or state.snapshot.length != start):
             state.snapshot = take_snapshot(run.cache, start)
         first = start
-        if held_back > 1 and recurrent and not continues_chunks(run.model):  # one token at a time, in order
+        if held_back > 1 and steps_one_at_a_time(run.model, run.cache):  # one token at a time, in order
             for pos in range(start, run.input_ids.shape[1] - 1):
                 scan.forward(
                     run,

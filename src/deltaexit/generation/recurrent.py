@@ -44,7 +44,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from deltaexit.generation.checks import key_selecting_attention
 from deltaexit.generation.kv import cache_view, fresh_cache, has_kv, has_state, layers_of
+from deltaexit.generation.windowed import CacheWindowLayer
 
 __all__ = [
     "RecurrentRound",
@@ -54,6 +56,7 @@ __all__ = [
     "continues_chunks",
     "recurrent_layers",
     "restore",
+    "steps_one_at_a_time",
     "take_snapshot",
 ]
 
@@ -190,6 +193,24 @@ def continues_chunks(model: Any) -> bool:
     return ok
 
 
+_SELECTING: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def steps_one_at_a_time(model: Any, cache: DynamicCache) -> bool:
+    """Whether several new tokens must run one at a time for the model to compute what its one-token steps
+    (``model.generate``'s) compute: recurrent layers that do not :func:`continues_chunks`, attention that picks
+    cached keys by a score (:func:`deltaexit.generation.checks.key_selecting_attention`, e.g. Doge's), or a
+    window only the cache applies (:class:`~deltaexit.generation.windowed.CacheWindowLayer`, e.g. moshi's)."""
+    if any(isinstance(layer, CacheWindowLayer) for layer in layers_of(cache)):
+        return True
+    if isinstance(model, nn.Module):
+        if model not in _SELECTING:
+            _SELECTING[model] = key_selecting_attention(model) is not None
+        if _SELECTING[model]:
+            return True
+    return bool(recurrent_layers(cache)) and model is not None and not continues_chunks(model)
+
+
 class RecurrentRound:
     """``verify``'s recurrent-state bookkeeping for one draft/verify round (see the module docstring).
 
@@ -208,10 +229,12 @@ class RecurrentRound:
 
     @classmethod
     def begin(cls, cache: DynamicCache, start: int, model: Any = None) -> RecurrentRound | None:
-        """A round for ``cache``; None when it has no recurrent layer (nothing to do)."""
-        if not recurrent_layers(cache):
+        """A round for ``cache``; None when it has no recurrent layer and its tokens need not run one at a time
+        (:func:`steps_one_at_a_time`): nothing to do."""
+        stepwise = model is not None and steps_one_at_a_time(model, cache)
+        if not recurrent_layers(cache) and not stepwise:
             return None
-        return cls(cache, start, stepwise=model is not None and not continues_chunks(model))
+        return cls(cache, start, stepwise=stepwise)
 
     def segments(self, n: int) -> list[tuple[int, int]]:
         """The pieces ``n`` chunk tokens run in: one, or one per token (:attr:`stepwise`)."""
@@ -253,13 +276,15 @@ class RecurrentRound:
             kept: Chunk tokens that stay in the cache.
         """
         n_chunk = ids.shape[1] - self.start
-        if kept >= n_chunk:
+        if kept >= n_chunk or not self.snapshot.layers:
             return
         restore(self.cache, self.snapshot)
         layers = list(self.snapshot.layers)
+        if scan.runner.carried:  # blocks that take the block before's extra output: every block up to them, in order
+            layers = list(range(max(layers) + 1))
         for idx in layers:
             layer = layers_of(self.cache)[idx]
-            if has_kv(layer):  # a hybrid layer: its keys/values are stored again with the state
+            if has_kv(layer):  # a hybrid (or re-run key/value) layer: its keys/values are stored again
                 extra = layer.get_seq_length() - self.start
                 if extra > 0:
                     DynamicLayer.crop(layer, -extra)

@@ -44,7 +44,7 @@ from deltaexit.structure import (
     with_block_input,
 )
 
-__all__ = ["BlockCall", "BlockRunner"]
+__all__ = ["BlockCall", "BlockRunner", "Carry"]
 
 
 class _Handles:
@@ -64,6 +64,42 @@ class BlockCall:
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Carry:
+    """Where a block takes an extra output of the block before it besides the hidden state (e.g. Zaya's router
+    states): item ``output`` of that block's output tuple goes in as positional argument ``arg`` or keyword ``key``.
+
+    Example:
+        >>> Carry(output=1, arg=1).into((0, None, 2), {}, ("h", "router"))
+        ((0, 'router', 2), {})
+    """
+
+    output: int
+    arg: int | None = None
+    key: str | None = None
+
+    def into(self, args: tuple[Any, ...], kwargs: dict[str, Any], previous: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with the carried value taken from ``previous`` (the block before's output tuple)."""
+        if not isinstance(previous, tuple) or len(previous) <= self.output:
+            raise RuntimeError("internal: a carried block ran before the block whose output it takes")
+        value = previous[self.output]
+        if self.arg is not None:
+            return (*args[: self.arg], value, *args[self.arg + 1 :]), kwargs
+        return args, {**kwargs, str(self.key): value}
+
+
+def _carry_in(fed: dict[int, int], args: Any, kwargs: Any) -> Carry | None:
+    """Which argument of a block call (other than its hidden states) is one of the tensors in ``fed`` (``id`` ->
+    index in the block before's output tuple)."""
+    for i, x in enumerate(args):
+        if i > 0 and id(x) in fed:
+            return Carry(fed[id(x)], arg=i)
+    for key, x in kwargs.items():
+        if (args or key != "hidden_states") and id(x) in fed:
+            return Carry(fed[id(x)], key=key)
+    return None
 
 
 class _Recorded(Exception):
@@ -121,7 +157,8 @@ class BlockRunner:
         self.returns_tuple: bool | None = None
         self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
         self.call_counts: list[int] | None = None
-        self.carried: list[int] = []  # blocks whose input takes a previous block's extra output (unsupported)
+        self.carried: dict[int, Carry] = {}  # blocks whose input takes the block before's extra output
+        self._previous: Any = None  # the output of the last block run (what a carried block takes)
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
 
@@ -137,11 +174,11 @@ class BlockRunner:
 
     def probe_output_type(self) -> Any:
         """Forward hooks (one returned handle) that note block 0's output type and tuple length, how often each block
-        runs and whether a block's extra outputs feed the next block (:meth:`check_called_once`); remove after one
-        forward."""
+        runs and whether a block's extra outputs feed the next block (:attr:`carried`, handed on by
+        :meth:`run_block`); remove after one forward."""
         self.call_counts = [0] * self.num_layers
-        self.carried = []
-        extras: dict[int, set[int]] = {}
+        self.carried = {}
+        extras: dict[int, dict[int, int]] = {}
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
@@ -150,12 +187,13 @@ class BlockRunner:
         def after(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
             self.call_counts[index] += 1  # type: ignore[index]
             rest = output[1:] if isinstance(output, tuple) else ()
-            extras[index] = {id(x) for x in rest if isinstance(x, torch.Tensor)}
+            extras[index] = {id(x): i for i, x in enumerate(rest, 1) if isinstance(x, torch.Tensor)}
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
-            fed = extras.get(index - 1, set())
-            if fed and any(id(x) in fed for x in (*args, *kwargs.values())):
-                self.carried.append(index)
+            fed = extras.get(index - 1)
+            carry = _carry_in(fed, args, kwargs) if fed else None
+            if carry is not None:
+                self.carried[index] = carry
 
         handles = [self.blocks[0].register_forward_hook(note)]
         for i, block in enumerate(self.blocks):
@@ -164,9 +202,9 @@ class BlockRunner:
         return _Handles(handles)
 
     def check_called_once(self) -> None:
-        """Raise :class:`~deltaexit.structure.StructureError` unless the probed forward ran every block once, in a
-        chain that passes only the hidden state (a looped, recurrent-depth model runs some blocks several times per
-        forward; some models pass a block's extra outputs, e.g. router states, to the next block)."""
+        """Raise :class:`~deltaexit.structure.StructureError` unless the probed forward ran every block once (a
+        looped, recurrent-depth model runs some blocks several times per forward). A block that takes the block
+        before's extra output (e.g. router states) is fine: :meth:`run_block` hands it on."""
         counts = self.call_counts
         name = type(self.model).__name__
         if counts is not None and any(n != 1 for n in counts):
@@ -176,12 +214,6 @@ class BlockRunner:
                 f"{name}'s forward ran blocks {again} {times} times (a looped, recurrent-depth model): early exit runs "
                 "each block of the list once, in order, so none of the KV policies (verify, propagate, recompute) "
                 "supports it. Use model.generate."
-            )
-        if self.carried:
-            raise StructureError(
-                f"{name}'s blocks {self.carried} take an extra output of the block before them besides the hidden "
-                "state: early exit runs blocks on the residual stream alone, so none of the KV policies (verify, "
-                "propagate, recompute) supports it. Use model.generate."
             )
 
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
@@ -220,6 +252,16 @@ class BlockRunner:
         return block_input(calls[0].args, calls[0].kwargs), calls
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it."""
+        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it.
+
+        A :attr:`carried` block gets the extra output of the last block run (the block before it, on the same
+        tokens, wherever the policies run blocks in order; a K/V-only call after an exit gets the exit block's).
+        """
         args, kwargs = with_block_input(call.args, call.kwargs, hidden)
-        return block_output(self.blocks[layer](*args, **kwargs))
+        carry = self.carried.get(layer)
+        if carry is not None:
+            args, kwargs = carry.into(args, kwargs, self._previous)
+        output = self.blocks[layer](*args, **kwargs)
+        if self.carried:
+            self._previous = output
+        return block_output(output)

@@ -82,6 +82,13 @@ class VerifyState:
     ngram_budget: int = 1  # the next n-gram round's most drafts (Verify.next_ngram_budget)
 
 
+def _verify_depth(scan: ExitScan, chunk: _Chunk) -> int:
+    """The first block the verify pass runs: the shallowest draft exit, or 0 where a block takes the block before's
+    extra output (:attr:`~deltaexit.generation.runner.BlockRunner.carried`), which the drafts' scans made one token
+    at a time: the pass then runs every block over the chunk, in order."""
+    return 0 if scan.runner.carried else chunk.depth
+
+
 @register_policy
 @dataclass(frozen=True)
 class Verify(KVPolicy):
@@ -184,7 +191,7 @@ class Verify(KVPolicy):
                 break
         crop_cache(run.cache, start + appended)
         if rounds is not None:  # rejected drafts: the recurrent blocks re-run on the kept tokens
-            rounds.keep(scan, run.stats, chunk.states, chunk.depth, ids, kwargs, appended)
+            rounds.keep(scan, run.stats, chunk.states, _verify_depth(scan, chunk), ids, kwargs, appended)
         set_cache_length(run.cache, start + appended)
 
     def _count(self, run: Run, state: VerifyState, chunk: _Chunk, accepted: int, *, ngram: bool) -> None:
@@ -261,7 +268,7 @@ class Verify(KVPolicy):
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
         shallow layers' cache (below the shallowest exit) is the drafts'. N-gram chunks (depth 0) have run no
         block yet: every layer runs over them here."""
-        m, L, n_chunk = chunk.depth, scan.num_layers, len(chunk.tokens) + 1
+        m, L, n_chunk = _verify_depth(scan, chunk), scan.num_layers, len(chunk.tokens) + 1
         crop_cache(run.cache, start, range(m, L))
         if rounds is not None:
             rounds.reset(range(m, L))
