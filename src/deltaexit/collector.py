@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltaexit.lens import Lens
-from deltaexit.structure import ModelStructure, StructureError, block_input, block_output, find_structure
+from deltaexit.structure import ModelStructure, StructureError, find_structure
 
 __all__ = [
     "FEATURES",
@@ -375,7 +375,7 @@ class Collector:
 
     def _make_pre_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            h = block_input(args, kwargs)
+            h = self.structure.stream_input(args, kwargs)
             if isinstance(h, torch.Tensor):
                 self._inputs[layer] = h
 
@@ -384,7 +384,7 @@ class Collector:
     def _make_post_hook(self, layer: int, row: int):
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
             with torch.no_grad():
-                self._record(layer, row, block_output(output))
+                self._record(layer, row, self.structure.stream_output(output))
 
         return hook
 

@@ -109,11 +109,17 @@ def fit_scalar(x: torch.Tensor, y: torch.Tensor, atol: float = 1e-4, rtol: float
 
 
 class _Recorder:
-    """Observing hooks on every module outside the blocks: call order, first tensor in, tensor out."""
+    """Observing hooks on every module outside the blocks: call order, first tensor in, tensor out.
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+    A block's output is recorded as ``state_of(output)`` when given (the residual state a readout takes from it).
+    """
+
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, state_of: Callable[[object], torch.Tensor | None] | None = None
+    ) -> None:
         inside = {id(m) for block in blocks for m in block.modules()}
         self.blocks = {id(b) for b in blocks}
+        self.state_of = state_of
         self.events: list[tuple[str, nn.Module, torch.Tensor | None]] = []
         self.handles: list[RemovableHandle] = []
         seen: set[int] = set()
@@ -129,7 +135,8 @@ class _Recorder:
         self.events.append(("in", module, None if x is None else x.detach().clone()))
 
     def _exit(self, module: nn.Module, _args: tuple, output: object) -> None:
-        y = _output_tensor(output)
+        block = self.state_of is not None and id(module) in self.blocks
+        y = self.state_of(output) if self.state_of is not None and block else _output_tensor(output)
         self.events.append(("out", module, None if y is None else y.detach().clone()))
 
     def remove(self) -> None:
@@ -260,6 +267,31 @@ def _match_logits(
     return limit, scale, cap
 
 
+def _follow(
+    calls: list[tuple[int, nn.Module, Any, Any]],
+    start: tuple[int, torch.Tensor],
+    view: Callable[[torch.Tensor], torch.Tensor | None] | None,
+    atol: float,
+    rtol: float,
+) -> tuple[list[nn.Module], list[tuple[int, torch.Tensor]]]:
+    """The calls that take the running state (as is, or in the blocks' layout that ``view`` turns into the token
+    layout), and the running states: ``(path modules, [(event index it holds from, state)])``."""
+    states: list[tuple[int, torch.Tensor]] = [start]
+    path: list[nn.Module] = []
+    for entered, module, x, y in calls:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            continue
+        if _close(x, states[-1][1], atol, rtol):
+            path.append(module)
+            states.append((entered, y))
+            continue
+        x_view, y_view = (view(x), view(y)) if view is not None else (None, None)
+        if x_view is not None and y_view is not None and _close(x_view, states[-1][1], atol, rtol):
+            path.append(module)
+            states.append((entered, y_view))
+    return path, states
+
+
 def trace_head_path(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -269,6 +301,8 @@ def trace_head_path(
     *,
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    state_of: Callable[[object], torch.Tensor | None] | None = None,
+    view: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> HeadPath | None:
     """Read the path from the last block to the logits off one forward pass (None when it cannot be read).
 
@@ -278,6 +312,12 @@ def trace_head_path(
     running state and returns the logits whole (a prediction head with a functional activation inside) is
     the head instead.
 
+    With a readout (``state_of``: the residual state a block's output holds, ``[batch, seq, *state]``; ``view``:
+    one tensor of the blocks' layout in the token layout, see :class:`deltaexit.readout.Readout`) the running state
+    starts as ``state_of(last block's output)``, a call also takes it in the blocks' layout, and where the head
+    reads the state in another layout (all streams at once) the head on the running state itself must give the
+    logits.
+
     Args:
         model: The causal LM (left with no hooks and in its training mode, also when the forward raises).
         blocks: Its block list.
@@ -286,8 +326,10 @@ def trace_head_path(
         logit_steps: The config's elementwise logit steps (scaling, soft-capping), applied to the head's output.
         atol: Absolute tolerance of every comparison.
         rtol: Relative tolerance of every comparison.
+        state_of: The readout's state of a block output (None: the output's first tensor).
+        view: The readout's layout of one stream tensor (None: the token layout already).
     """
-    recorder = _Recorder(model, blocks)
+    recorder = _Recorder(model, blocks, state_of)
     logits = _run_forward(model, recorder, ids)
     events = recorder.events
     last_block, head_in = _window(events, recorder.blocks, head)
@@ -295,12 +337,8 @@ def trace_head_path(
     head_input = events[head_in][2] if head_in >= 0 else None
     if block_out is None or head_input is None:
         return None
-    states: list[tuple[int, torch.Tensor]] = [(last_block, block_out)]  # (event index it holds from, state)
-    path: list[nn.Module] = []
-    for entered, module, x, y in _top_level_calls(events, last_block + 1, head_in):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(x, states[-1][1], atol, rtol):
-            path.append(module)
-            states.append((entered, y))
+    calls = _top_level_calls(events, last_block + 1, head_in)
+    path, states = _follow(calls, (last_block, block_out), view, atol, rtol)
     state = _match_state(states[-1][1], head_input, atol, rtol)
     head_out = _head_output(events, head_in, head)
     found = _match_logits(head_out, logits, logit_steps, atol, rtol) if head_out is not None else None
@@ -315,4 +353,10 @@ def trace_head_path(
         if _close(x, before, atol, rtol) and whole is not None:
             kept = tuple(path[: sum(1 for i, _ in states[1:] if i < entered)])
             return HeadPath(kept, None, 0, *whole, block_out, logits, head=module)
-    return None
+    if view is None:
+        return None
+    # The head read the state in the blocks' layout (e.g. every stream at once): the head on the running state.
+    with torch.no_grad():
+        direct = head(states[-1][1])
+    whole = _match_logits(direct, logits, logit_steps, atol, rtol) if isinstance(direct, torch.Tensor) else None
+    return None if whole is None else HeadPath(tuple(path), None, 0, *whole, block_out, logits)

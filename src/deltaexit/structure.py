@@ -41,6 +41,7 @@ from deltaexit.aliases import (
     VOCAB_SIZE_ATTRS,
 )
 from deltaexit.headpath import trace_head_path
+from deltaexit.readout import Readout, readout_candidates
 
 __all__ = [
     "ModelStructure",
@@ -360,6 +361,9 @@ class ModelStructure:
             (soft-prompt tokens the model prepends); :func:`deltaexit.collect` drops them. 0 if none.
         state_dims: Trailing dims of one position's residual state: 1 (``[hidden]``), 2 for several residual
             streams (``[streams, hidden]``, hyper-connections).
+        readout: Where the blocks' output and call hold the residual stream the head reads (sequence-first
+            blocks, one stream segment of the sequence axis, two RevNet half-streams concatenated); the identity
+            for a plain decoder. :meth:`stream_output` and :meth:`stream_input` apply it.
     """
 
     model: nn.Module
@@ -376,6 +380,7 @@ class ModelStructure:
     vocab_limit: int | None = None
     prefix_positions: int = 0
     state_dims: int = 1
+    readout: Readout = field(default_factory=Readout)
     validated: bool = field(default=False, compare=False)
 
     @property
@@ -405,6 +410,7 @@ class ModelStructure:
             "vocab_limit": self.vocab_limit,
             "prefix_positions": self.prefix_positions,
             "state_dims": self.state_dims,
+            "readout": self.readout.describe(),
         }
 
     # -- architecture facts: everything else asks the structure ---------------------------------------
@@ -415,7 +421,9 @@ class ModelStructure:
 
     @property
     def hidden_size(self) -> int:
-        """Width of the residual stream (from the config, else the head's input width)."""
+        """Width of the residual stream (the readout's joined streams, else the config's, else the head's input)."""
+        if self.readout.width is not None:
+            return self.readout.width
         value = config_int(self.text_config, HIDDEN_SIZE_ATTRS)
         if value is None:
             value = getattr(self.lm_head, "in_features", None)
@@ -486,6 +494,42 @@ class ModelStructure:
     block_input = staticmethod(block_input)
     block_output = staticmethod(block_output)
     with_block_input = staticmethod(with_block_input)
+
+    def stream_output(self, output: object) -> torch.Tensor:
+        """The residual state ``[batch, seq, *state]`` a block's output holds, through the :attr:`readout`.
+
+        The identity readout is :func:`block_output`. Example:
+            >>> from deltaexit.testing import tiny_model
+            >>> s = find_structure(tiny_model("llama"))
+            >>> h = torch.zeros(1, 2, s.hidden_size)
+            >>> s.stream_output((h, None)) is h
+            True
+        """
+        if self.readout.identity:
+            return block_output(output)
+        state = self.readout.output(output)
+        if state is None:
+            raise StructureError(
+                f"a decoder block returned {type(output).__name__}, which does not hold the residual stream where the "
+                f"structure's readout {self.readout.describe()} takes it (output items {list(self.readout.outputs)})."
+            )
+        return state
+
+    def stream_input(self, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The residual state ``[batch, seq, *state]`` a block was called with, through the :attr:`readout`.
+
+        The identity readout is :func:`block_input`.
+        """
+        if self.readout.identity:
+            return block_input(args, kwargs)
+        state = self.readout.input(args, kwargs)
+        if state is None:
+            raise StructureError(
+                f"a decoder block was called without the residual stream where the structure's readout "
+                f"{self.readout.describe()} takes it (arguments {list(self.readout.inputs)}; the call had "
+                f"{len(args)} positional arguments and keywords {sorted(kwargs)})."
+            )
+        return state
 
     # -- the unembedding: final norm -> post-norm modules -> head -> logit steps ------------------------
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
@@ -605,6 +649,9 @@ class ModelStructure:
     def validate(self, *, atol: float = 1e-4, rtol: float = 1e-4, repair: bool = False) -> ModelStructure:
         """Check with a dummy forward that the lens on the last block reproduces the logits.
 
+        On a mismatch each :class:`~deltaexit.readout.Readout` the last block's output allows is tried in turn
+        (the identity first): the lens on its state with the pieces found, then, with ``repair``, a repaired path.
+
         Args:
             atol: Absolute tolerance on the logits.
             rtol: Relative tolerance on the logits.
@@ -617,9 +664,12 @@ class ModelStructure:
         """
         ids = (torch.arange(6, device=input_device(self.model)) * 7 + 1).remainder(_vocab_size(self.model))
         ids = ids.unsqueeze(0)
-        logits, last_out = self._dummy_forward(ids)
-        diff = self._mismatch(last_out, logits, atol, rtol)
-        if diff is not None and repair and self._repair(ids, atol, rtol):
+        logits, tap = self._dummy_forward(ids)
+        state = self.readout.output(tap.output)
+        diff = self._mismatch(state, logits, atol, rtol) if state is not None else "n/a: no state at the readout"
+        if diff is None and tap.norm_before_only:
+            diff = "n/a: the final norm ran before the blocks only (an embedding norm)"
+        if diff is not None and self._find_readout(tap, ids, logits, atol, rtol, repair):
             diff = None
         if diff is not None:
             raise StructureError(
@@ -630,20 +680,53 @@ class ModelStructure:
         self.validated = True
         return self
 
-    def _dummy_forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of a cacheless forward on ``ids`` and the last block's output; every block must run."""
+    def _find_readout(
+        self, tap: _LastBlocks, ids: torch.Tensor, logits: torch.Tensor, atol: float, rtol: float, repair: bool
+    ) -> bool:
+        """Adopt the first readout whose lens reproduces ``logits``: with the pieces found, else (``repair``) with
+        the path a traced forward shows; the readout the check started from is tried by repair alone."""
+        kept = self.readout
+        candidates = readout_candidates(tap.output, tap.previous, tap.call, int(ids.shape[0]), int(ids.shape[1]))
+        for readout in dict.fromkeys([kept, *candidates]):
+            self.readout = readout
+            state = readout.output(tap.output)
+            if state is None:
+                continue
+            direct = readout != kept and not tap.norm_before_only
+            if direct and self._mismatch(state, logits, atol, rtol) is None:
+                return True
+            if repair and self._repair(ids, atol, rtol):
+                return True
+        self.readout = kept
+        return False
+
+    def _dummy_forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, _LastBlocks]:
+        """Logits of a cacheless forward on ``ids`` and what the last two blocks saw; every block must run."""
         model = self.model
-        outputs: dict[int, torch.Tensor] = {}
+        tap = _LastBlocks()
         calls: dict[int, int] = {}
+        last = len(self.blocks) - 1
 
         def grabber(index: int) -> Callable[[nn.Module, object, object], None]:
             def grab(_module: nn.Module, _args: object, output: object) -> None:
-                outputs[index] = block_output(output)
+                if index == last:
+                    tap.output = output
+                elif index == last - 1:
+                    tap.previous = output
                 calls[index] = calls.get(index, 0) + 1
 
             return grab
 
+        def called(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tap.call = (args, kwargs)
+
+        def normed(_module: nn.Module, _args: object, _output: object) -> None:
+            tap.norm_runs.append(tap.output is not None)
+
         handles = [block.register_forward_hook(grabber(i)) for i, block in enumerate(self.blocks)]
+        handles.append(self.blocks[last].register_forward_pre_hook(called, with_kwargs=True))
+        if self.final_norm is not None and not any(self.final_norm is m for b in self.blocks for m in b.modules()):
+            handles.append(self.final_norm.register_forward_hook(normed))
         was_training = model.training
         try:
             model.eval()
@@ -667,7 +750,8 @@ class ModelStructure:
                 "and its dtype: no structure override can fix this."
             )
         _check_each_ran_once(self, calls)
-        return logits, outputs[len(self.blocks) - 1]
+        block_output(tap.output)  # a block output with no hidden-state tensor is refused here, as before
+        return logits, tap
 
     def _mismatch(self, h: torch.Tensor, logits: torch.Tensor, atol: float, rtol: float) -> str | None:
         """None when the lens on ``h`` (prompt positions dropped) gives ``logits``, else the max diff or shapes."""
@@ -686,8 +770,19 @@ class ModelStructure:
 
     def _repair(self, ids: torch.Tensor, atol: float, rtol: float) -> bool:
         """Adopt the path a traced forward shows between the last block and the logits, if it reproduces them."""
+        plain = self.readout.identity
         try:
-            path = trace_head_path(self.model, self.blocks, self.lm_head, ids, self._logit_steps, atol=atol, rtol=rtol)
+            path = trace_head_path(
+                self.model,
+                self.blocks,
+                self.lm_head,
+                ids,
+                self._logit_steps,
+                atol=atol,
+                rtol=rtol,
+                state_of=None if plain else self.readout.output,
+                view=None if plain else self.readout.view,
+            )
         except Exception:  # the plain forward ran; a trace failing leaves the first mismatch to report
             return False
         if path is None:
@@ -713,6 +808,22 @@ class ModelStructure:
         for name, value in before.items():
             setattr(self, name, value)
         return False
+
+
+@dataclass
+class _LastBlocks:
+    """What the structure check's dummy forward showed of the last two blocks: the last one's output and call
+    ``(args, kwargs)``, and the output of the one before it (None with one block)."""
+
+    output: object = None
+    previous: object = None
+    call: tuple[tuple, dict] = ((), {})
+    norm_runs: list[bool] = field(default_factory=list)  # per final-norm call: after the last block's output?
+
+    @property
+    def norm_before_only(self) -> bool:
+        """The final norm ran in the forward, but never after the last block: it is an embedding norm."""
+        return bool(self.norm_runs) and not any(self.norm_runs)
 
 
 #: The :class:`ModelStructure` fields :meth:`ModelStructure._repair` may change (put back if the repair fails).

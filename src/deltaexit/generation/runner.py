@@ -140,6 +140,26 @@ class _Recorder(nn.Module):
         return (hidden, *self._padding) if self._returns_tuple else hidden
 
 
+def _check_plain_readout(model: nn.Module, structure: ModelStructure) -> None:
+    """Raise :class:`~deltaexit.structure.StructureError` (before any block runs) for blocks that do not pass the
+    residual stream the head reads as one ``[batch, seq, hidden]`` tensor (see :class:`~deltaexit.readout.Readout`)."""
+    readout = structure.readout
+    if readout.identity:
+        return
+    if len(readout.outputs) > 1:
+        how = f"in {len(readout.outputs)} streams of each block's output (items {list(readout.outputs)}), concatenated"
+    elif readout.segments > 1:
+        how = f"as segment {readout.segment} of {readout.segments} streams along each block's sequence axis"
+    else:
+        how = "sequence-first ([seq, batch, hidden]) in each block's output"
+    raise StructureError(
+        f"{type(model).__name__}'s blocks hold the residual stream its head reads {how}: early exit runs the blocks "
+        "on one [batch, seq, hidden] tensor and reads each exit off it, so none of the KV policies (verify, propagate, "
+        "recompute) supports this model. dx.collect and the exact lens work on it (through the structure's readout); "
+        "use model.generate to generate."
+    )
+
+
 class BlockRunner:
     """Records the model's per-block arguments for a forward and runs blocks one by one.
 
@@ -151,6 +171,7 @@ class BlockRunner:
     def __init__(self, model: nn.Module, structure: ModelStructure | None = None) -> None:
         self.model = model
         self.structure = structure if structure is not None else find_structure(model)
+        _check_plain_readout(model, self.structure)
         self.blocks = self.structure.blocks
         self.num_layers = self.structure.num_layers
         self._parent, self._attr = self._locate_block_list()

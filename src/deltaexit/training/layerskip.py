@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltaexit.lens import Lens
-from deltaexit.structure import block_input, block_output, find_structure
+from deltaexit.structure import StructureError, block_input, block_output, find_structure
 
 __all__ = [
     "CURRICULA",
@@ -155,6 +155,12 @@ class BlockTaps:
         if drop_probs is not None and len(drop_probs) != n:
             raise ValueError(f"drop_probs has {len(drop_probs)} entries but the model has {n} blocks")
         self.drop_probs = list(drop_probs) if drop_probs is not None else [0.0] * n
+        if any(p > 0.0 for p in self.drop_probs) and not self.structure.readout.identity:
+            raise StructureError(
+                f"layer dropout replaces a block's output tensor by its input, but {type(model).__name__}'s blocks "
+                f"hold the residual stream elsewhere (readout {self.structure.readout.describe()}): train it without "
+                "layer dropout (drop_probs=None); the exit losses work."
+            )
         self.generator = generator
         self.outputs: list[torch.Tensor | None] = [None] * n
         self.dropped: list[torch.Tensor | None] = [None] * n
@@ -189,19 +195,20 @@ class BlockTaps:
 
     def _post_hook(self, layer: int):
         def hook(module: nn.Module, _args: tuple, output: object):
-            out = block_output(output)
             p = self.drop_probs[layer]
-            changed = False
-            if p > 0.0 and module.training:
-                h_in = self._inputs[layer]
-                if h_in is None or h_in.shape != out.shape:
-                    raise RuntimeError(f"block {layer}: could not read its input to apply layer dropout")
-                draw = torch.rand(out.shape[0], generator=self.generator).to(out.device)
-                drop = draw < p
-                self.dropped[layer] = drop
-                if bool(drop.any()):
-                    out = torch.where(drop.view(-1, *([1] * (out.ndim - 1))), h_in, out)
-                    changed = True
+            if p == 0.0 or not module.training:
+                self.outputs[layer] = self.structure.stream_output(output)  # the state the lens reads
+                self._inputs[layer] = None
+                return None
+            out = block_output(output)
+            h_in = self._inputs[layer]
+            if h_in is None or h_in.shape != out.shape:
+                raise RuntimeError(f"block {layer}: could not read its input to apply layer dropout")
+            drop = torch.rand(out.shape[0], generator=self.generator).to(out.device) < p
+            self.dropped[layer] = drop
+            changed = bool(drop.any())
+            if changed:
+                out = torch.where(drop.view(-1, *([1] * (out.ndim - 1))), h_in, out)
             self.outputs[layer] = out
             self._inputs[layer] = None
             if not changed:
