@@ -43,7 +43,7 @@ def test_all_recurrent_hybrid_default_gets_one_attention_layer():
     # a pure SSM config (no attention heads) stays as it is
     assert set(shrink_config("mamba2").layer_types) == {"linear_attention"}
     model = tiny_model_for("granitemoehybrid")
-    assert _same_as_generate(model, "verify", float("-inf"))
+    assert _same_as_generate(model, "propagate", float("inf"), pad=False)
 
 
 def test_encoder_decoder_layer_count_that_sizes_the_cache():
@@ -81,3 +81,17 @@ def test_rules_leave_other_configs_alone(model_type):
 
     config, default = shrink_config(model_type), AutoConfig.for_model(model_type)
     assert getattr(config, "layer_types", None) is None or set(config.layer_types) == set(default.layer_types)
+
+
+def test_head_sizes_scaled_by_one_factor_when_fixed_sizes_are_refused():
+    # Dots3's validator wants head_dim == qk_nope + qk_rope in its SWA layers (192 + 64 = 256 at default), and its
+    # rotary part (head_dim x partial_rotary_factor) equal to qk_rope: fixed head sizes break both
+    config = shrink_config("dots3_note_text").to_dict()
+    swa = config["per_layer_config"][str(config["layer_types"].index("sliding_attention"))]
+    assert config["head_dim"] == swa["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    partial = config["rope_parameters"]["sliding_attention"]["partial_rotary_factor"]
+    assert config["head_dim"] * partial == config["qk_rope_head_dim"]
+    model = tiny_model_for("dots3_note_text")
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
+    assert shrink_config("llama").head_dim == 16  # configs that take the fixed sizes keep them
