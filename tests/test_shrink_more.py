@@ -187,3 +187,13 @@ def test_several_cache_layers_per_block_propagate_stops_after_the_last_write(lon
     assert out.stats.kv_only_calls == (NEW - 1) * (len(ee.structure.blocks) - 1)
     # every sublayer's cache grew with every token: the K/V-only calls ran up to each block's second sublayer
     assert {layer.get_seq_length() for layer in out.cache.layers} == {8 + NEW - 1}
+
+
+def test_shared_expert_count_left_none_gets_the_tiny_value():
+    from transformers import AutoConfig
+
+    assert AutoConfig.for_model("dots1").n_shared_experts is None  # the default cannot build its shared experts
+    assert shrink_config("dots1").n_shared_experts == 1
+    model = tiny_model_for("dots1")
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)

@@ -34,8 +34,9 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    cache, and the released checkpoints of these types have them.
 5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
    shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
-   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per
-   token a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
+   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts (routed and
+   shared) and experts per token a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type
+   here is a causal LM).
 6. A ``head_dim`` equal to hidden / heads at default stays so; int lists that sum to the hidden size
    (``axial_pos_embds_dim``) or to half the head size (rope's ``mrope_section``) at default are rescaled to sum to
    the tiny one; a rope ``original_max_position_embeddings`` keeps its ratio (the YaRN/LongRoPE ``factor``) to
@@ -79,6 +80,7 @@ class TinySizes:
     window: int = 8
     experts: int = 4
     experts_per_token: int = 2
+    shared_experts: int = 1
     rank: int = 16
     state: int = 8
     #: Head sizes scaled by one factor (the smallest default head size -> ``head_dim``) instead of all set to
@@ -210,6 +212,7 @@ _NONE_FILLS = {
     "head_dim": "head_dim",
     "num_key_value_heads": "heads",
     "n_routed_experts": "experts",
+    "n_shared_experts": "shared_experts",
     "num_experts_per_tok": "experts_per_token",
 }
 _TEXT_KEYS = {"", "text_config", "decoder", "decoder_config", "global_config", "llm_config", "language_config"}
@@ -406,7 +409,7 @@ def _shrink_int(name: str, v: int, fields: dict[str, Any], ctx: dict[str, Any], 
     if name in _TOP_K:
         return min(v, tiny.experts_per_token)
     if name in _SHARED:
-        return min(v, 1)
+        return min(v, tiny.shared_experts)
     if name in _GROUPS:
         return min(v, 2)
     if name == "topk_group":
