@@ -155,9 +155,8 @@ def longcat():
 
 def test_blocks_owning_several_cache_layers(longcat):
     from deltaexit.generation.kv import block_layers, check_cache, crop_cache, fresh_cache
-    from deltaexit.structure import find_structure
 
-    blocks = find_structure(longcat).blocks
+    blocks = longcat.model.layers
     cache = fresh_cache()
     for layer in range(2 * len(blocks)):
         cache.update(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), layer)
