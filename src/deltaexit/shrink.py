@@ -34,8 +34,9 @@ The procedure reads the *default* config (``AutoConfig.for_model(model_type)``) 
    cache, and the released checkpoints of these types have them.
 5. A heterogeneous config's ``per_layer_config`` (layer index -> overrides) follows the same cut, its values
    shrunk by the same roles; an override that differed from the global value still differs, in the same ratio
-   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts and experts per
-   token a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type here is a causal LM).
+   (Gemma 4's global layers keep twice the head size). Head sizes, KV-head counts, expert counts (routed and
+   shared) and experts per token a default leaves ``None`` get the tiny value; ``is_decoder`` is set (every type
+   here is a causal LM).
 6. A ``head_dim`` equal to hidden / heads at default stays so; int lists that sum to the hidden size
    (``axial_pos_embds_dim``) or to half the head size (rope's ``mrope_section``) at default are rescaled to sum to
    the tiny one; a rope ``original_max_position_embeddings`` keeps its ratio (the YaRN/LongRoPE ``factor``) to
@@ -79,8 +80,13 @@ class TinySizes:
     window: int = 8
     experts: int = 4
     experts_per_token: int = 2
+    shared_experts: int = 1
     rank: int = 16
     state: int = 8
+    #: Head sizes scaled by one factor (the smallest default head size -> ``head_dim``) instead of all set to
+    #: ``head_dim``, so sums and ratios between them hold (:func:`shrink_config` retries so when a config's
+    #: validator refuses the fixed sizes).
+    proportional_heads: bool = False
 
 
 TINY = TinySizes()
@@ -197,6 +203,7 @@ _WINDOWS = {
     "local_attention_window_len",
 }
 _PERIOD_SUFFIXES = ("_period", "_interval", "_step", "every_n_layers", "sliding_window_pattern", "layer_group_size")
+_MLA_DIMS = ("qk_rope_head_dim", "qk_head_dim")
 #: The per-layer kinds of recurrent (SSM, linear-attention) layers.
 _RECURRENT_KINDS = {"linear_attention", "mamba", "mamba2"}
 _INDEX_ENDS = ("indices", "idxs", "idx", "ids")
@@ -205,6 +212,7 @@ _NONE_FILLS = {
     "head_dim": "head_dim",
     "num_key_value_heads": "heads",
     "n_routed_experts": "experts",
+    "n_shared_experts": "shared_experts",
     "num_experts_per_tok": "experts_per_token",
 }
 _TEXT_KEYS = {"", "text_config", "decoder", "decoder_config", "global_config", "llm_config", "language_config"}
@@ -383,6 +391,8 @@ def _shrink_int(name: str, v: int, fields: dict[str, Any], ctx: dict[str, Any], 
         if heads0 is not None and v >= heads0:
             return tiny.heads
         return 1 if v == 1 else 2
+    if ctx.get("head_scale") and (name in _HEAD_DIMS or name in _MLA_DIMS):
+        return max(2, 2 * round(v * ctx["head_scale"] / 2))
     if name in _HEAD_DIMS:
         return tiny.head_dim
     if name == "qk_rope_head_dim":
@@ -399,7 +409,7 @@ def _shrink_int(name: str, v: int, fields: dict[str, Any], ctx: dict[str, Any], 
     if name in _TOP_K:
         return min(v, tiny.experts_per_token)
     if name in _SHARED:
-        return min(v, 1)
+        return min(v, tiny.shared_experts)
     if name in _GROUPS:
         return min(v, 2)
     if name == "topk_group":
@@ -465,6 +475,9 @@ def _shrink_fields(
     scale = scale or (tiny.hidden / hidden0 if hidden0 else 1.0)
     hidden = _ceil16(hidden0 * scale) if hidden0 else tiny.hidden
     ctx = {"hidden0": hidden0, "vocab0": fields.get("vocab_size"), "text": text, "hidden": hidden, "scale": scale}
+    if tiny.proportional_heads:
+        sizes = [v for k, v in fields.items() if (k in _HEAD_DIMS or k in _MLA_DIMS) and _is_int(v) and v > 0]
+        ctx["head_scale"] = tiny.head_dim / min(sizes) if sizes else None
     layers0 = _first(fields, sorted(_LAYERS))
     n = _layer_count_needed({**(derived or {}), **fields}, layers0, tiny) if layers0 else tiny.layers
     out: dict[str, Any] = {}
@@ -598,15 +611,30 @@ def _apply_in_place(config: Any, plan: Any) -> None:
         _apply_in_place(getattr(config, k), sub_plan)
 
 
-def _build(default: Any, plan: Any, tiny: TinySizes) -> Any:
+def _build(default: Any, plan: Any, tiny: TinySizes) -> Any | None:
+    """The config rebuilt from the default's class with the plan's fields (None when its validators refuse)."""
     try:
         fields = _as_dict(default, plan, tiny)
         fields.pop("model_type", None)
         return type(default)(**{k: v for k, v in fields.items() if k != "transformers_version"})
-    except Exception:  # the rebuild refused (a validator, a derived field): set the fields on a copy instead
-        config = copy.deepcopy(default)
-        _apply_in_place(config, plan)
-        return config
+    except Exception:  # a validator, a derived field
+        return None
+
+
+def _shrunk(default: Any, tiny: TinySizes, overrides: dict[str, Any]) -> tuple[Any, Any, TinySizes]:
+    """The rebuilt config, its plan and sizes: with fixed head sizes, else proportional ones, else (both refused)
+    the fixed plan's fields set on a copy of the default."""
+    for sizes in (tiny, replace(tiny, proportional_heads=True)):
+        changes, subs = _plan(default, "", sizes)
+        plan = ({**changes, **overrides}, subs)
+        config = _build(default, plan, sizes)
+        if config is not None:
+            return config, plan, sizes
+    changes, subs = _plan(default, "", tiny)
+    plan = ({**changes, **overrides}, subs)
+    config = copy.deepcopy(default)
+    _apply_in_place(config, plan)
+    return config, plan, tiny
 
 
 def _layer_kinds(config: Any) -> list[Any]:
@@ -623,8 +651,11 @@ def _layer_kinds(config: Any) -> list[Any]:
 def _attention_layer(config: Any) -> dict[str, Any]:
     """Fields that make the last layer an attention layer, for a hybrid config whose layers are all recurrent
     although it defines attention heads (``transformers``' ``generate`` needs one attention layer in such a cache)."""
-    heads = getattr(config, "num_attention_heads", None)
     kinds = _layer_kinds(config)
+    try:
+        heads = getattr(config, "num_attention_heads", None)
+    except Exception:  # a heterogeneous config may refuse a global read
+        return {}
     if not (isinstance(heads, int) and heads > 0 and kinds and set(kinds) <= _RECURRENT_KINDS):
         return {}
     own = vars(config)
@@ -682,13 +713,10 @@ def shrink_config(model_type: str, tiny: TinySizes = TINY, **overrides: Any) -> 
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    plan = _plan(default, "", tiny)
-    top = dict(plan[0])
-    top.update(overrides)
-    config = _build(default, (top, plan[1]), tiny)
+    config, (top, subs), sizes = _shrunk(default, tiny, overrides)
     extra = {k: v for k, v in _attention_layer(config).items() if k not in overrides}
     if extra:
-        config = _build(default, ({**top, **extra}, plan[1]), tiny)
+        config = _build(default, ({**top, **extra}, subs), sizes) or config
     _derived_factors(default, config)
     return config
 

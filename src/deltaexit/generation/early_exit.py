@@ -287,7 +287,7 @@ class EarlyExit:
         self.runner.check_called_once()  # a looped (recurrent-depth) model is refused here, after the prompt
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
-        check_cache(run.cache, self.num_layers, run.input_ids.shape[1])
+        check_cache(run.cache, self.num_layers, run.input_ids.shape[1], self.runner.blocks)
         run.stats.prompt_blocks = self.num_layers
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=run.input_ids.device)
         del outputs

@@ -10,9 +10,12 @@ all (``DummyLayer``: MLP/MoE-only blocks) are kept consistent by :mod:`deltaexit
 no length, so :func:`cache_lengths` and :func:`crop_cache` see the key/value layers only. Indexed layers
 (DeepSeek Sparse Attention's ``DynamicIndexedLayer``: keys/values plus the lightning indexer's keys, one per
 position) are key/value layers whose indexer keys :func:`crop_cache` and :func:`cache_view` crop and view with them,
-and which :func:`store_kv_only` lets the block write before stopping it. Anything else (static or
-quantised caches, KV shared between layers) is detected after the prompt by :func:`check_cache` and refused with a
-clear error.
+and which :func:`store_kv_only` lets the block write before stopping it. Two shapes are read from the cache after
+the prompt by :func:`check_cache`: a constant number of positions every layer holds besides the tokens (CPM-Ant
+prepends its prompt tokens to every sequence: :func:`cache_offset`; lengths taken and given here are tokens), and
+blocks that write several cache layers (LongCat-Flash's two attention sublayers: found from the ``layer_idx`` of
+the modules in each block, :func:`block_layers`). Anything else (static or quantised caches, KV shared between
+layers) is detected there too and refused with a clear error.
 
 :func:`store_kv_only` (``propagate``'s K/V-only calls) can skip the query projection where the block's attention
 has a separate one (:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for
@@ -64,9 +67,11 @@ __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "KVStored",
     "UnsupportedCacheError",
+    "block_layers",
     "cache_layers",
     "cache_length",
     "cache_lengths",
+    "cache_offset",
     "cache_view",
     "check_cache",
     "config_layer_types",
@@ -174,34 +179,88 @@ def _layer_summary(layers: Iterable[Any]) -> list[str]:
     return sorted({type(layer).__name__ for layer in layers})
 
 
-def check_cache(cache: Any, num_layers: int, length: int) -> None:
-    """Raise :class:`UnsupportedCacheError` unless ``cache`` has ``num_layers`` supported layers and every key/value
-    layer holds ``length`` tokens; remember ``length`` (:func:`cache_length`)."""
+def check_cache(cache: Any, num_layers: int, length: int, blocks: Iterable[nn.Module] | None = None) -> None:
+    """Raise :class:`UnsupportedCacheError` unless ``cache`` has ``num_layers`` supported layers (or, given the
+    ``blocks``, key/value layers that their attention modules' ``layer_idx`` split among them in order:
+    :func:`block_layers`) and every key/value layer holds ``length`` tokens, or ``length`` plus one constant
+    (positions the model prepends to every sequence: CPM-Ant's prompt tokens; :func:`cache_offset`); remember
+    ``length`` (:func:`cache_length`)."""
     if not isinstance(cache, DynamicCache):
         raise UnsupportedCacheError(
             f"early-exit generation needs a transformers DynamicCache; got {type(cache).__name__}. "
             "Do not pass cache_implementation=... or a static/quantised cache."
         )
     layers = getattr(cache, "layers", [])
-    if len(layers) != num_layers or any(type(layer) not in SUPPORTED_LAYERS for layer in layers):
+    owned = _owned_layers(blocks, layers) if blocks is not None and len(layers) != num_layers else None
+    if (len(layers) != num_layers and owned is None) or any(type(layer) not in SUPPORTED_LAYERS for layer in layers):
         raise UnsupportedCacheError(
             f"this model's cache has {len(layers)} layers of kinds {_layer_summary(layers)} for {num_layers} "
             "blocks; early exit needs one cache layer per block, each a full-length DynamicLayer (or "
             "DynamicIndexedLayer), a recurrent LinearAttentionLayer (or LinearAttentionAndFullAttentionLayer) or a "
-            "DummyLayer (models with KV shared between layers or custom caches are not supported)."
+            "DummyLayer, or key/value layers that the blocks' attention modules name by layer_idx in block order "
+            "(models with KV shared between layers or custom caches are not supported)."
         )
+    if owned is not None:
+        _BLOCK_LAYERS[cache] = owned
     lengths = cache_lengths(cache)
-    if any(n != length for n in lengths):
-        raise UnsupportedCacheError(f"cache lengths {lengths} after the prompt; expected {length} in every layer")
+    offset = lengths[0] - length if lengths else 0  # positions the model prepends to every sequence (CPM-Ant)
+    if offset < 0 or any(n != length + offset for n in lengths):
+        raise UnsupportedCacheError(
+            f"cache lengths {lengths} after the prompt; expected {length} in every layer (or the same constant "
+            "more in every layer: positions the model prepends to each sequence)"
+        )
+    _OFFSETS[cache] = offset
     set_cache_length(cache, length)
+
+
+#: The cache layers each block writes, per cache, where blocks write several (see :func:`check_cache`).
+_BLOCK_LAYERS: weakref.WeakKeyDictionary[DynamicCache, list[list[int]]] = weakref.WeakKeyDictionary()
+
+
+def _owned_layers(blocks: Iterable[nn.Module], layers: list[Any]) -> list[list[int]] | None:
+    """Each block's cache layers, from the ``layer_idx`` of the modules inside it (LongCat-Flash's two attention
+    sublayers: ``2i`` and ``2i + 1``); None unless they are key/value layers that split ``range(len(layers))`` among
+    the blocks in order, each block at least one."""
+    owned = []
+    for block in blocks:
+        found = {getattr(m, "layer_idx", None) for m in block.modules() if m is not block}
+        owned.append(sorted(i for i in found if isinstance(i, int) and not isinstance(i, bool)))
+    flat = [i for idxs in owned for i in idxs]
+    if flat != list(range(len(layers))) or not all(owned) or not all(has_kv(layer) for layer in layers):
+        return None
+    return owned
+
+
+def block_layers(cache: DynamicCache, block: int) -> list[int]:
+    """The cache layers block ``block`` writes: ``[block]``, but in models whose blocks hold several attention
+    sublayers (one cache layer each), those, in order."""
+    owned = _BLOCK_LAYERS.get(cache)
+    return owned[block] if owned is not None else [block]
 
 
 #: Tokens in a cache with no key/value layer (pure SSM models): recurrent states have no length to read.
 _LENGTHS: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
 
 
+#: Positions a model's key/value layers hold before its first token (see :func:`check_cache`), per cache.
+_OFFSETS: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
+
+
+def cache_offset(cache: DynamicCache) -> int:
+    """Positions every key/value layer holds besides the tokens (0 but for models that prepend positions to every
+    sequence, read by :func:`check_cache` after the prompt); the lengths :func:`cache_length`, :func:`crop_cache`
+    and :func:`cache_view` take and give are tokens, the layers hold ``cache_offset`` more."""
+    return _OFFSETS.get(cache, 0)
+
+
 def set_cache_length(cache: DynamicCache, length: int) -> None:
     """Note that ``cache`` now holds ``length`` tokens (read back by :func:`cache_length`)."""
+    offset = cache_offset(cache)
+    if offset and any(n != length + offset for n in cache_lengths(cache)):  # the offset did not stay constant
+        raise UnsupportedCacheError(
+            f"cache lengths {cache_lengths(cache)} for {length} tokens; expected {length + offset} in every layer "
+            f"(the {offset} positions the model held after the prompt besides its tokens did not stay constant)"
+        )
     _LENGTHS[cache] = length
 
 
@@ -210,7 +269,7 @@ def cache_length(cache: DynamicCache) -> int:
     with :func:`set_cache_length`."""
     for layer in layers_of(cache):
         if has_kv(layer):
-            return int(layer.get_seq_length())
+            return int(layer.get_seq_length()) - cache_offset(cache)
     if cache in _LENGTHS:
         return _LENGTHS[cache]
     raise UnsupportedCacheError("internal: the length of a cache with recurrent layers only was never noted")
@@ -232,10 +291,13 @@ def cache_lengths(cache: DynamicCache) -> list[int]:
 
 
 def crop_cache(cache: DynamicCache, length: int, layers: range | None = None) -> None:
-    """Keep the first ``length`` positions of the given key/value layers (all by default); recurrent states are
-    rolled back by :mod:`deltaexit.generation.recurrent`."""
+    """Keep the first ``length`` tokens of the key/value layers of the given blocks (all layers by default; and the
+    :func:`cache_offset` positions before them); recurrent states are rolled back by
+    :mod:`deltaexit.generation.recurrent`."""
     all_layers = layers_of(cache)
-    for idx in layers if layers is not None else range(len(all_layers)):
+    length += cache_offset(cache)
+    owned = range(len(all_layers)) if layers is None else [i for b in layers for i in block_layers(cache, b)]
+    for idx in owned:
         layer = all_layers[idx]
         if not has_kv(layer):
             continue
@@ -258,8 +320,9 @@ def _crop_indexer(layer: DynamicIndexedLayer, length: int) -> None:
 
 @contextmanager
 def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
-    """Make ``cache`` look ``length`` positions long (read-only views) inside the block; restore after."""
+    """Make ``cache`` look ``length`` tokens long (read-only views) inside the block; restore after."""
     real = layers_of(cache)
+    length += cache_offset(cache)
     view: list[Any] = []
     for layer in real:
         if has_kv(layer) and layer.get_seq_length() > length:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from deltaexit.generation.kv import cache_length, has_kv, has_state, set_cache_length, store_kv_only
+from deltaexit.generation.kv import block_layers, cache_length, has_kv, has_state, set_cache_length, store_kv_only
 from deltaexit.generation.policy import KVPolicy, register_policy
 from deltaexit.generation.recurrent import advance_state
 from deltaexit.generation.run import Run
@@ -69,13 +69,15 @@ class Propagate(KVPolicy):
             h_exit = res.states[-1]  # every active row is frozen at its exit state
             runner = scan.runner
             for layer in range(res.depth, scan.num_layers):
-                cached = run.cache.layers[layer]
+                owned = block_layers(run.cache, layer)  # [layer], or a block's several attention sublayers
+                cached = run.cache.layers[owned[0]]
                 call = partial(runner.run_block, layer, h_exit, res.calls[layer])
                 if has_state(cached):  # a recurrent state (and the keys/values of a hybrid layer)
                     advance_state(run.cache, layer, call)
                     run.stats.state_calls += 1
-                elif has_kv(cached):
-                    store_kv_only(run.cache, layer, call, block=runner.blocks[layer], query_skip=self.query_skip)
+                elif has_kv(cached):  # stopped after the block's last cache write (its last sublayer's queries
+                    skip = self.query_skip and len(owned) == 1  # are never used; earlier ones' are)
+                    store_kv_only(run.cache, owned[-1], call, block=runner.blocks[layer], query_skip=skip)
                     run.stats.kv_only_calls += 1
         set_cache_length(run.cache, start + 1)
         logits = res.logits_fn()
