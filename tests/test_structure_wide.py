@@ -186,7 +186,8 @@ def test_width_multiplier_and_vocab_slice_are_read_off_the_forward(multiplier, c
     """The divisor and the vocabulary slice are measured, not looked up: any value is found."""
     model = build("inkling_text", logits_mup_width_multiplier=multiplier, unpadded_vocab_size=VOCAB - cut)
     structure = dx.find_structure(model)
-    assert structure.hidden_scale == pytest.approx(1.0 / multiplier, rel=1e-4)
+    found = 1.0 if structure.hidden_scale is None else structure.hidden_scale  # None: no scale to apply
+    assert found == pytest.approx(1.0 / multiplier, rel=1e-4)
     assert structure.vocab_limit == VOCAB - cut and structure.vocab_size == VOCAB - cut
     ids, mask = random_batch(VOCAB, 1, 4, seed=cut)
     _check_exact(model, ids, mask)
