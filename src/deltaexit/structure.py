@@ -360,6 +360,10 @@ class ModelStructure:
             (soft-prompt tokens the model prepends); :func:`deltaexit.collect` drops them. 0 if none.
         state_dims: Trailing dims of one position's residual state: 1 (``[hidden]``), 2 for several residual
             streams (``[streams, hidden]``, hyper-connections).
+        skipped: Blocks the model itself skips on a forward on token ids alone (e.g. cross-attention blocks without
+            image features): on such a forward they are identity maps of the residual stream, so
+            :func:`deltaexit.collect` records them as steps with ``delta == 0``, no exit is taken after them and
+            early-exit generation skips them as the model does.
     """
 
     model: nn.Module
@@ -376,6 +380,7 @@ class ModelStructure:
     vocab_limit: int | None = None
     prefix_positions: int = 0
     state_dims: int = 1
+    skipped: tuple[int, ...] = ()
     validated: bool = field(default=False, compare=False)
 
     @property
@@ -405,6 +410,7 @@ class ModelStructure:
             "vocab_limit": self.vocab_limit,
             "prefix_positions": self.prefix_positions,
             "state_dims": self.state_dims,
+            "skipped": list(self.skipped),
         }
 
     # -- architecture facts: everything else asks the structure ---------------------------------------
@@ -666,8 +672,8 @@ class ModelStructure:
                 "the model produced NaN logits on a dummy forward (NaN or inf weights?); check the checkpoint "
                 "and its dtype: no structure override can fix this."
             )
-        _check_each_ran_once(self, calls)
-        return logits, outputs[len(self.blocks) - 1]
+        self.skipped = _check_each_ran_once(self, calls)
+        return logits, outputs[max(calls)]
 
     def _mismatch(self, h: torch.Tensor, logits: torch.Tensor, atol: float, rtol: float) -> str | None:
         """None when the lens on ``h`` (prompt positions dropped) gives ``logits``, else the max diff or shapes."""
@@ -730,9 +736,9 @@ _REPAIRED = (
 )
 
 
-def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> None:
-    """Raise when some block did not run in the text-only dummy forward (e.g. cross-attention without images)
-    or ran more than once (a looped model)."""
+def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> tuple[int, ...]:
+    """The blocks that did not run in the text-only dummy forward (e.g. cross-attention without images); raise
+    when a block ran more than once (a looped model) or none ran."""
     again = {i: n for i, n in calls.items() if n > 1}
     if again:
         raise StructureError(
@@ -741,18 +747,11 @@ def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> No
             "through the blocks and deltaexit cannot collect it or exit early in it (no override changes that)."
         )
     missing = [i for i in range(structure.num_layers) if i not in calls]
-    if not missing:
-        return
-    if len(missing) == structure.num_layers:
+    if missing and len(missing) == structure.num_layers:
         raise StructureError(f"the block list {structure.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}")
-    kinds = sorted({type(structure.blocks[i]).__name__ for i in missing})
-    raise StructureError(
-        f"blocks {missing} of {structure.block_path!r} ({', '.join(kinds)}) did not run in a forward on input_ids "
-        "alone: the model skips them without their other inputs (e.g. cross-attention blocks without image "
-        "features, cross_attention_states / pixel_values). deltaexit needs every block of the residual stream "
-        "to run on each forward: use the text-only model (a config without these blocks), or pass "
-        "validate=False and give every forward the inputs those blocks need."
-    )
+    # The model skips these blocks on token ids alone (cross-attention blocks without image features): on such a
+    # forward each is an identity map of the residual stream, which is what deltaexit records and runs.
+    return tuple(missing)
 
 
 def _module_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:

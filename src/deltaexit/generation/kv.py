@@ -50,6 +50,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from deltaexit.generation.skipped import SkippedLayer
 from deltaexit.structure import query_projection
 
 __all__ = [
@@ -80,7 +81,7 @@ SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunk
     RECURRENT_LAYER_TYPES
 )
 #: Cache layer classes early exit keeps consistent (the sliding ones are replaced by full-length ones first).
-SUPPORTED_LAYERS = (DynamicLayer, LinearAttentionLayer, LinearAttentionAndFullAttentionLayer, DummyLayer)
+SUPPORTED_LAYERS = (DynamicLayer, LinearAttentionLayer, LinearAttentionAndFullAttentionLayer, DummyLayer, SkippedLayer)
 
 
 class UnsupportedCacheError(ValueError):

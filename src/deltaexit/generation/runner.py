@@ -44,7 +44,7 @@ from deltaexit.structure import (
     with_block_input,
 )
 
-__all__ = ["BlockCall", "BlockRunner"]
+__all__ = ["SKIPPED_CALL", "BlockCall", "BlockRunner"]
 
 
 class _Handles:
@@ -60,10 +60,19 @@ class _Handles:
 
 @dataclass
 class BlockCall:
-    """The positional and keyword arguments the model passes one block in one forward."""
+    """The positional and keyword arguments the model passes one block in one forward.
+
+    ``skipped``: the model's forward did not call the block (one it skips on token ids alone,
+    ``structure.skipped``): running it is the identity.
+    """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    skipped: bool = False
+
+
+#: The call of a block the model's forward skips: :meth:`BlockRunner.run_block` passes the state through.
+SKIPPED_CALL = BlockCall((), {}, skipped=True)
 
 
 class _Recorded(Exception):
@@ -117,6 +126,8 @@ class BlockRunner:
         self.structure = structure if structure is not None else find_structure(model)
         self.blocks = self.structure.blocks
         self.num_layers = self.structure.num_layers
+        self.skipped = frozenset(self.structure.skipped)  # blocks the model skips on token ids alone
+        self._last_run = max(i for i in range(self.num_layers) if i not in self.skipped)
         self._parent, self._attr = self._locate_block_list()
         self.returns_tuple: bool | None = None
         self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
@@ -169,6 +180,14 @@ class BlockRunner:
         forward; some models pass a block's extra outputs, e.g. router states, to the next block)."""
         counts = self.call_counts
         name = type(self.model).__name__
+        ran = [i for i in self.skipped if counts is not None and counts[i] > 0]
+        if ran:
+            raise StructureError(
+                f"{name}'s blocks {sorted(ran)} ran in this forward, but the model skips them on token ids alone "
+                "(structure.skipped: e.g. cross-attention blocks run only with image features): early exit generates "
+                "from token ids alone. Pass no image or cross-attention inputs, or use model.generate."
+            )
+        counts = None if counts is None else [1 if i in self.skipped else n for i, n in enumerate(counts)]
         if counts is not None and any(n != 1 for n in counts):
             again = [i for i, n in enumerate(counts) if n != 1]
             times = "/".join(str(n) for n in sorted({counts[i] for i in again}))
@@ -193,10 +212,9 @@ class BlockRunner:
             sink[i] = None
         recorders = self._recorders
         if recorders is None or recorders[0]._returns_tuple != bool(self.returns_tuple):
-            n = self.num_layers
             recorders = nn.ModuleList(
                 [
-                    _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple), self.output_arity)
+                    _Recorder(block, i, sink, i == self._last_run, bool(self.returns_tuple), self.output_arity)
                     for i, block in enumerate(self.blocks)
                 ]
             )
@@ -213,13 +231,20 @@ class BlockRunner:
             )
         finally:
             setattr(self._parent, self._attr, self.blocks)
-        if any(call is None for call in sink):
-            missing = [i for i, c in enumerate(sink) if c is None]
+        missing = [i for i, c in enumerate(sink) if c is None and i not in self.skipped]
+        if missing:
             raise StructureError(f"the model's forward skipped blocks {missing}; unsupported architecture")
         calls = cast(list[BlockCall], list(sink))
-        return block_input(calls[0].args, calls[0].kwargs), calls
+        for i in self.skipped:
+            if calls[i] is None:
+                calls[i] = SKIPPED_CALL
+        first = next(call for call in calls if not call.skipped)
+        return block_input(first.args, first.kwargs), calls
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it."""
+        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it (the identity for a block
+        the model skipped)."""
+        if call.skipped:
+            return hidden
         args, kwargs = with_block_input(call.args, call.kwargs, hidden)
         return block_output(self.blocks[layer](*args, **kwargs))
