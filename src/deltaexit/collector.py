@@ -379,14 +379,14 @@ class Collector:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             h = block_input(args, kwargs)
             if isinstance(h, torch.Tensor):
-                self._inputs[layer] = h
+                self._inputs[layer] = self.structure.state_of(h)
 
         return hook
 
     def _make_post_hook(self, layer: int, row: int):
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
             with torch.no_grad():
-                self._record(layer, row, block_output(output))
+                self._record(layer, row, self.structure.state_of(block_output(output)))
 
         return hook
 
@@ -414,6 +414,7 @@ class Collector:
     def _make_identity_hook(self, layer: int, row: int, *, after: bool):
         def hook(_module: nn.Module, args: tuple, *rest: object) -> None:
             h = block_output(rest[0]) if after else block_input(args, rest[0])  # type: ignore[arg-type]
+            h = self.structure.state_of(h)
             with torch.no_grad():
                 self._record(layer, row, h, h_in=h, provisional=True)
 

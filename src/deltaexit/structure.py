@@ -41,6 +41,7 @@ from deltaexit.aliases import (
     VOCAB_SIZE_ATTRS,
 )
 from deltaexit.headpath import trace_head_path
+from deltaexit.streams import from_state, to_state, trace_stream_merge
 
 __all__ = [
     "ModelStructure",
@@ -364,6 +365,10 @@ class ModelStructure:
             image features): on such a forward they are identity maps of the residual stream, so
             :func:`deltaexit.collect` records them as steps with ``delta == 0``, no exit is taken after them and
             early-exit generation skips them as the model does.
+        leading_streams: The blocks pass several residual streams stacked on a leading axis,
+            ``[streams, batch, seq, hidden]`` (Gemma-3n's AltUp); deltaexit's states are ``[batch, seq, streams,
+            hidden]`` (:meth:`state_of`, :meth:`native_of`), merged by the pre-norm module (see
+            :mod:`deltaexit.streams`).
     """
 
     model: nn.Module
@@ -381,6 +386,7 @@ class ModelStructure:
     prefix_positions: int = 0
     state_dims: int = 1
     skipped: tuple[int, ...] = ()
+    leading_streams: bool = False
     validated: bool = field(default=False, compare=False)
 
     @property
@@ -411,6 +417,7 @@ class ModelStructure:
             "prefix_positions": self.prefix_positions,
             "state_dims": self.state_dims,
             "skipped": list(self.skipped),
+            "leading_streams": self.leading_streams,
         }
 
     # -- architecture facts: everything else asks the structure ---------------------------------------
@@ -492,6 +499,14 @@ class ModelStructure:
     block_input = staticmethod(block_input)
     block_output = staticmethod(block_output)
     with_block_input = staticmethod(with_block_input)
+
+    def state_of(self, h: torch.Tensor) -> torch.Tensor:
+        """A block's hidden states in deltaexit's layout (``[batch, seq, *state]``; see :attr:`leading_streams`)."""
+        return to_state(h) if self.leading_streams else h
+
+    def native_of(self, h: torch.Tensor) -> torch.Tensor:
+        """deltaexit's ``[batch, seq, *state]`` back in the blocks' own layout (the inverse of :meth:`state_of`)."""
+        return from_state(h) if self.leading_streams else h
 
     # -- the unembedding: final norm -> post-norm modules -> head -> logit steps ------------------------
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
@@ -673,7 +688,7 @@ class ModelStructure:
                 "and its dtype: no structure override can fix this."
             )
         self.skipped = _check_each_ran_once(self, calls)
-        return logits, outputs[max(calls)]
+        return logits, self.state_of(outputs[max(calls)])
 
     def _mismatch(self, h: torch.Tensor, logits: torch.Tensor, atol: float, rtol: float) -> str | None:
         """None when the lens on ``h`` (prompt positions dropped) gives ``logits``, else the max diff or shapes."""
@@ -692,6 +707,8 @@ class ModelStructure:
 
     def _repair(self, ids: torch.Tensor, atol: float, rtol: float) -> bool:
         """Adopt the path a traced forward shows between the last block and the logits, if it reproduces them."""
+        if self._repair_streams(ids, atol, rtol):
+            return True
         try:
             path = trace_head_path(self.model, self.blocks, self.lm_head, ids, self._logit_steps, atol=atol, rtol=rtol)
         except Exception:  # the plain forward ran; a trace failing leaves the first mismatch to report
@@ -718,6 +735,23 @@ class ModelStructure:
             return True
         for name, value in before.items():
             setattr(self, name, value)
+        return False
+
+    def _repair_streams(self, ids: torch.Tensor, atol: float, rtol: float) -> bool:
+        """Adopt a merge of leading-axis streams before the final norm (:func:`deltaexit.streams.trace_stream_merge`)
+        if a traced forward shows one that reproduces the logits."""
+        try:
+            found = trace_stream_merge(self.model, self.blocks, ids, atol=atol, rtol=rtol)
+        except Exception:  # the plain forward ran; a trace failing leaves the first mismatch to report
+            return False
+        if found is None:
+            return False
+        merge, state, logits = found
+        before = (self.pre_norm, self.state_dims, self.leading_streams)
+        self.pre_norm, self.state_dims, self.leading_streams = (merge,), 2, True
+        if self._mismatch(state, logits, atol, rtol) is None:
+            return True
+        self.pre_norm, self.state_dims, self.leading_streams = before
         return False
 
 

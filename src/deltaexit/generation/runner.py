@@ -124,6 +124,13 @@ class BlockRunner:
     def __init__(self, model: nn.Module, structure: ModelStructure | None = None) -> None:
         self.model = model
         self.structure = structure if structure is not None else find_structure(model)
+        if self.structure.leading_streams:
+            raise StructureError(
+                f"{type(model).__name__}'s blocks pass several residual streams stacked on a leading axis "
+                "([streams, batch, seq, hidden], structure.leading_streams): collect and the lens read them, but "
+                "early-exit generation runs blocks on [batch, seq, hidden] states, so none of the KV policies "
+                "(verify, propagate, recompute) supports it. Use model.generate."
+            )
         self.blocks = self.structure.blocks
         self.num_layers = self.structure.num_layers
         self.skipped = frozenset(self.structure.skipped)  # blocks the model skips on token ids alone
