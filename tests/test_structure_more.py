@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import deltaexit as dx
 from deltaexit.generation import EarlyExit, Verify
 from deltaexit.generation.skipped import SkippedLayer, fill_skipped_layers
+from deltaexit.shrink import tiny_model_for
 from deltaexit.streams import StreamMerge
 from deltaexit.testing import ConstantScore, hook_counts
 
@@ -184,3 +185,27 @@ def test_leading_streams_refuse_early_exit_before_any_block_runs():
         for handle in handles:
             handle.remove()
     assert not ran
+
+
+# -- shapes that stay refused, by name ----------------------------------------------------------------------------
+
+
+def test_parallel_per_layer_lists_are_refused_by_name():
+    config = AutoConfig.for_model("xlm", emb_dim=32, n_layers=3, n_heads=4, vocab_size=128, causal=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(dx.StructureError, match="parallel lists") as exc:
+        dx.collect(model)
+    message = str(exc.value)
+    for name in ("attentions", "layer_norm1", "ffns", "layer_norm2"):
+        assert f"'transformer.{name}'" in message
+    assert "3 entries each" in message and "blocks=" in message
+    assert hook_counts(model) == 0
+
+
+def test_readout_over_a_stack_of_earlier_states_is_refused_by_name():
+    model = tiny_model_for("inkling2_text", num_hidden_layers=2).train()
+    with pytest.raises(dx.StructureError, match="stack of states") as exc:
+        dx.find_structure(model)
+    assert "'model.final_input'" in str(exc.value) and "Inkling2BlockAttentionResidual" in str(exc.value)
+    assert hook_counts(model) == 0 and model.training

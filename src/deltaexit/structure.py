@@ -41,7 +41,8 @@ from deltaexit.aliases import (
     VOCAB_SIZE_ATTRS,
 )
 from deltaexit.headpath import trace_head_path
-from deltaexit.streams import from_state, to_state, trace_stream_merge
+from deltaexit.readout import stacked_state_readout
+from deltaexit.streams import from_state, leading_streams, to_state, trace_stream_merge
 
 __all__ = [
     "ModelStructure",
@@ -640,8 +641,13 @@ class ModelStructure:
         ids = ids.unsqueeze(0)
         logits, last_out = self._dummy_forward(ids)
         diff = self._mismatch(last_out, logits, atol, rtol)
-        if diff is not None and repair and self._repair(ids, atol, rtol):
+        if diff is not None and repair and leading_streams(last_out, logits):
+            if self._repair_streams(ids, atol, rtol):
+                diff = None
+        elif diff is not None and repair and self._repair(ids, atol, rtol):
             diff = None
+        if diff is not None and repair:
+            _refuse_stacked_readout(self, ids, diff)
         if diff is not None:
             raise StructureError(
                 "the lens (final norm -> head -> logit steps) on the last block's output does not "
@@ -707,8 +713,6 @@ class ModelStructure:
 
     def _repair(self, ids: torch.Tensor, atol: float, rtol: float) -> bool:
         """Adopt the path a traced forward shows between the last block and the logits, if it reproduces them."""
-        if self._repair_streams(ids, atol, rtol):
-            return True
         try:
             path = trace_head_path(self.model, self.blocks, self.lm_head, ids, self._logit_steps, atol=atol, rtol=rtol)
         except Exception:  # the plain forward ran; a trace failing leaves the first mismatch to report
@@ -864,6 +868,7 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
         shallowest = _shallowest(group)
         if len(shallowest) == 1:
             return shallowest[0][1]
+        _refuse_parallel_lists(model, shallowest)
         raise StructureError(
             f"found several candidate block lists {', '.join(_describe_list(n, m) for n, m in shallowest)}"
             + (f" (the config says num_hidden_layers={n_layers})" if n_layers is not None else "")
@@ -878,6 +883,47 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
         + f" in {type(model).__name__}; the module lists it holds: {found}. Pass the block list explicitly: "
         f"dx.find_structure(model, blocks={example!r}) (a dotted path, an nn.ModuleList, or a sequence of the "
         f"block modules in order); the same keyword works for dx.collect(...) and dx.Lens.from_model(...)."
+    )
+
+
+def _refuse_stacked_readout(structure: ModelStructure, ids: torch.Tensor, diff: str) -> None:
+    """Raise, naming the module, when the logits are read from the last block's output together with a stack of
+    earlier states (:func:`deltaexit.readout.stacked_state_readout`): no lens on one block's output can match."""
+    try:
+        readout = stacked_state_readout(structure.model, structure.blocks, ids)
+    except Exception:  # the check's forward ran once already; leave the plain mismatch to report
+        return
+    if readout is None:
+        return
+    raise StructureError(
+        f"the lens on the last block's output cannot reproduce {type(structure.model).__name__}'s logits (max abs "
+        f"diff {diff}): {readout} (e.g. attention residuals over earlier block states), so its residual state is "
+        "more than one block's output; deltaexit collects, reads and exits from one [batch, seq, hidden] state per "
+        "block, and no override changes that."
+    )
+
+
+def _refuse_parallel_lists(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> None:
+    """Raise when ``lists`` are the parts of one block kept in parallel lists of one module (XLM's
+    ``attentions``/``layer_norm1``/``ffns``/``layer_norm2``): the same length, one class each, not all one class.
+
+    The model's own forward then wires attention, norms and MLP of each layer together; there is no block module
+    whose input and output are the residual stream, so no ``blocks=`` override exists for it.
+    """
+    parents = {n.rpartition(".")[0] for n, _ in lists}
+    lengths = {len(m) for _, m in lists}
+    kinds = [type(m[0]) for _, m in lists]
+    if len(lists) < 2 or len(parents) != 1 or len(lengths) != 1 or len(set(kinds)) < 2:
+        return
+    names = ", ".join(repr(n) for n, _ in lists)
+    parent = parents.pop() or type(model).__name__
+    raise StructureError(
+        f"the layers of {type(model).__name__} are not block modules: {parent!r} keeps each layer's parts in "
+        f"parallel lists {names} ({lengths.pop()} entries each: {', '.join(k.__name__ for k in kinds)}) and its "
+        "forward wires them together itself, so no module maps the residual stream from one layer to the next. "
+        "deltaexit hooks block modules: it cannot collect this model or exit early in it, and no blocks=... "
+        "override can name its layers (an override needs one module per layer, an nn.ModuleList or a sequence "
+        "of modules, whose input and output are the hidden states)."
     )
 
 
