@@ -903,9 +903,41 @@ def _refuse_stacked_readout(structure: ModelStructure, ids: torch.Tensor, diff: 
     )
 
 
+def _called_in_step(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> bool:
+    """Whether a forward on token ids calls every entry of every list, layer by layer (all of entry ``i``'s calls
+    before any entry ``i + 1``): the lists hold the parts of one block each, as the model's loop wires them."""
+    order: list[int] = []
+
+    def note(layer: int) -> Callable[..., None]:
+        return lambda *_: order.append(layer)
+
+    handles = [entry.register_forward_pre_hook(note(i)) for _, m in lists for i, entry in enumerate(m)]
+    seen: set[tuple[int, int]] = set()
+    handles += [
+        entry.register_forward_pre_hook(lambda *_, key=(j, i): seen.add(key))
+        for j, (_, m) in enumerate(lists)
+        for i, entry in enumerate(m)
+    ]
+    ids = (torch.arange(6, device=input_device(model)) * 7 + 1).remainder(_vocab_size(model)).unsqueeze(0)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except Exception:  # a forward that fails here is reported by the structure check
+        return False
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    every = all((j, i) in seen for j, (_, m) in enumerate(lists) for i in range(len(m)))
+    return every and order == sorted(order)
+
+
 def _refuse_parallel_lists(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> None:
     """Raise when ``lists`` are the parts of one block kept in parallel lists of one module (XLM's
-    ``attentions``/``layer_norm1``/``ffns``/``layer_norm2``): the same length, one class each, not all one class.
+    ``attentions``/``layer_norm1``/``ffns``/``layer_norm2``): the same length, one class each, not all one class,
+    and a forward calls them layer by layer (:func:`_called_in_step`).
 
     The model's own forward then wires attention, norms and MLP of each layer together; there is no block module
     whose input and output are the residual stream, so no ``blocks=`` override exists for it.
@@ -914,6 +946,8 @@ def _refuse_parallel_lists(model: nn.Module, lists: list[tuple[str, nn.ModuleLis
     lengths = {len(m) for _, m in lists}
     kinds = [type(m[0]) for _, m in lists]
     if len(lists) < 2 or len(parents) != 1 or len(lengths) != 1 or len(set(kinds)) < 2:
+        return
+    if not _called_in_step(model, lists):
         return
     names = ", ".join(repr(n) for n, _ in lists)
     parent = parents.pop() or type(model).__name__
