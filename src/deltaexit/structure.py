@@ -412,7 +412,7 @@ class ModelStructure:
             "logit_divisor": self.logit_divisor,
             "final_softcap": self.final_softcap,
             "logit_transform": None if self.logit_transform is None else repr(self.logit_transform),
-            "pre_norm": [_path_of(self.model, m) for m in self.pre_norm],
+            "pre_norm": [_path_of(self.model, m) or repr(m) for m in self.pre_norm],
             "hidden_scale": self.hidden_scale,
             "vocab_limit": self.vocab_limit,
             "prefix_positions": self.prefix_positions,
