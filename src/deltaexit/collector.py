@@ -110,6 +110,7 @@ class Record:
     token_mask: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
     filled: set[int] = field(default_factory=set)
+    provisional: set[int] = field(default_factory=set)
 
 
 class Trace:
@@ -325,6 +326,7 @@ class Collector:
                 if need_input:
                     self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True))
                 self._handles.append(block.register_forward_hook(self._make_post_hook(layer, row)))
+            self._attach_identity_fills()
         except BaseException:
             self.remove()
             raise
@@ -388,6 +390,35 @@ class Collector:
 
         return hook
 
+    def _attach_identity_fills(self) -> None:
+        """Hooks that record each captured block the model skips (``structure.skipped``) as an identity step.
+
+        A skipped block's state is the output of the nearest block before it that runs (else the input of the
+        nearest one after it); it is filled in provisionally there, and the block's own hooks overwrite it if
+        the block does run on some forward (e.g. given image features).
+        """
+        skipped = set(self.structure.skipped)
+        running = [i for i in range(self.structure.num_layers) if i not in skipped]
+        for row, layer in enumerate(self.layers):
+            if layer not in skipped:
+                continue
+            before = [i for i in running if i < layer]
+            if before:
+                hook = self._make_identity_hook(layer, row, after=True)
+                self._handles.append(self.structure.blocks[before[-1]].register_forward_hook(hook))
+            else:
+                hook = self._make_identity_hook(layer, row, after=False)
+                block = self.structure.blocks[next(i for i in running if i > layer)]
+                self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _make_identity_hook(self, layer: int, row: int, *, after: bool):
+        def hook(_module: nn.Module, args: tuple, *rest: object) -> None:
+            h = self.structure.stream_output(rest[0]) if after else self.structure.stream_input(args, rest[0])  # type: ignore[arg-type]
+            with torch.no_grad():
+                self._record(layer, row, h, h_in=h, provisional=True)
+
+        return hook
+
     def _start_record(self, h: torch.Tensor) -> Record:
         if h.dim() < 3:
             raise StructureError(
@@ -442,15 +473,22 @@ class Collector:
         buf[row].copy_(value)
         return buf[row]
 
-    def _record(self, layer: int, row: int, h_out: torch.Tensor) -> None:
+    def _record(
+        self, layer: int, row: int, h_out: torch.Tensor, h_in: torch.Tensor | None = None, provisional: bool = False
+    ) -> None:
+        """Store block ``layer``'s features in the current record (``h_in``: given, else the one its pre-hook saw;
+        a ``provisional`` identity fill of a skipped block is overwritten if the block itself runs)."""
         if self._prefix and h_out.shape[1] > self._prefix:
             h_out = h_out[:, self._prefix :]
         record = self._current
-        if record is None or row in record.filled:
+        if record is None or (row in record.filled and row not in record.provisional):
             record = self._start_record(h_out)
             self._current = record
+        record.provisional.discard(row)
+        if provisional:
+            record.provisional.add(row)
         store_dtype = self.dtype if self.dtype is not None else h_out.dtype
-        h_in = self._inputs.pop(layer, None)
+        h_in = self._inputs.pop(layer, None) if h_in is None else h_in
         if h_in is not None and self._prefix and h_in.shape[1] > self._prefix:
             h_in = h_in[:, self._prefix :]
         if ("h_in" in self.capture or "delta" in self.capture) and h_in is None:

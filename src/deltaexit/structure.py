@@ -42,6 +42,8 @@ from deltaexit.aliases import (
 )
 from deltaexit.headpath import trace_head_path
 from deltaexit.readout import Readout, readout_candidates
+from deltaexit.stacked import stacked_state_readout
+from deltaexit.streams import from_state, leading_streams, to_state, trace_stream_merge
 
 __all__ = [
     "ModelStructure",
@@ -364,6 +366,14 @@ class ModelStructure:
         readout: Where the blocks' output and call hold the residual stream the head reads (sequence-first
             blocks, one stream segment of the sequence axis, two RevNet half-streams concatenated); the identity
             for a plain decoder. :meth:`stream_output` and :meth:`stream_input` apply it.
+        skipped: Blocks the model itself skips on a forward on token ids alone (e.g. cross-attention blocks without
+            image features): on such a forward they are identity maps of the residual stream, so
+            :func:`deltaexit.collect` records them as steps with ``delta == 0``, no exit is taken after them and
+            early-exit generation skips them as the model does.
+        leading_streams: The blocks pass several residual streams stacked on a leading axis,
+            ``[streams, batch, seq, hidden]`` (Gemma-3n's AltUp); deltaexit's states are ``[batch, seq, streams,
+            hidden]`` (:meth:`state_of`, :meth:`native_of`), merged by the pre-norm module (see
+            :mod:`deltaexit.streams`).
     """
 
     model: nn.Module
@@ -381,6 +391,8 @@ class ModelStructure:
     prefix_positions: int = 0
     state_dims: int = 1
     readout: Readout = field(default_factory=Readout)
+    skipped: tuple[int, ...] = ()
+    leading_streams: bool = False
     validated: bool = field(default=False, compare=False)
 
     @property
@@ -405,12 +417,14 @@ class ModelStructure:
             "logit_divisor": self.logit_divisor,
             "final_softcap": self.final_softcap,
             "logit_transform": None if self.logit_transform is None else repr(self.logit_transform),
-            "pre_norm": [_path_of(self.model, m) for m in self.pre_norm],
+            "pre_norm": [_path_of(self.model, m) or repr(m) for m in self.pre_norm],
             "hidden_scale": self.hidden_scale,
             "vocab_limit": self.vocab_limit,
             "prefix_positions": self.prefix_positions,
             "state_dims": self.state_dims,
             "readout": self.readout.describe(),
+            "skipped": list(self.skipped),
+            "leading_streams": self.leading_streams,
         }
 
     # -- architecture facts: everything else asks the structure ---------------------------------------
@@ -506,7 +520,7 @@ class ModelStructure:
             True
         """
         if self.readout.identity:
-            return block_output(output)
+            return self.state_of(block_output(output))
         state = self.readout.output(output)
         if state is None:
             raise StructureError(
@@ -521,7 +535,7 @@ class ModelStructure:
         The identity readout is :func:`block_input`.
         """
         if self.readout.identity:
-            return block_input(args, kwargs)
+            return self.state_of(block_input(args, kwargs))
         state = self.readout.input(args, kwargs)
         if state is None:
             raise StructureError(
@@ -530,6 +544,14 @@ class ModelStructure:
                 f"{len(args)} positional arguments and keywords {sorted(kwargs)})."
             )
         return state
+
+    def state_of(self, h: torch.Tensor) -> torch.Tensor:
+        """A block's hidden states in deltaexit's layout (``[batch, seq, *state]``; see :attr:`leading_streams`)."""
+        return to_state(h) if self.leading_streams else h
+
+    def native_of(self, h: torch.Tensor) -> torch.Tensor:
+        """deltaexit's ``[batch, seq, *state]`` back in the blocks' own layout (the inverse of :meth:`state_of`)."""
+        return from_state(h) if self.leading_streams else h
 
     # -- the unembedding: final norm -> post-norm modules -> head -> logit steps ------------------------
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
@@ -666,11 +688,17 @@ class ModelStructure:
         ids = ids.unsqueeze(0)
         logits, tap = self._dummy_forward(ids)
         state = self.readout.output(tap.output)
+        state = None if state is None else self.state_of(state)
         diff = self._mismatch(state, logits, atol, rtol) if state is not None else "n/a: no state at the readout"
         if diff is None and tap.norm_before_only:
             diff = "n/a: the final norm ran before the blocks only (an embedding norm)"
-        if diff is not None and self._find_readout(tap, ids, logits, atol, rtol, repair):
+        if diff is not None and state is not None and repair and leading_streams(state, logits):
+            if self._repair_streams(ids, atol, rtol):
+                diff = None
+        elif diff is not None and self._find_readout(tap, ids, logits, atol, rtol, repair):
             diff = None
+        if diff is not None and repair:
+            _refuse_stacked_readout(self, ids, diff)
         if diff is not None:
             raise StructureError(
                 "the lens (final norm -> head -> logit steps) on the last block's output does not "
@@ -705,26 +733,26 @@ class ModelStructure:
         model = self.model
         tap = _LastBlocks()
         calls: dict[int, int] = {}
-        last = len(self.blocks) - 1
 
         def grabber(index: int) -> Callable[[nn.Module, object, object], None]:
             def grab(_module: nn.Module, _args: object, output: object) -> None:
-                if index == last:
-                    tap.output = output
-                elif index == last - 1:
-                    tap.previous = output
+                tap.outputs[index] = output
+                tap.order.append(index)
                 calls[index] = calls.get(index, 0) + 1
 
             return grab
 
-        def called(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            tap.call = (args, kwargs)
+        def caller(index: int) -> Callable[[nn.Module, tuple, dict], None]:
+            def called(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                tap.calls[index] = (args, kwargs)
+
+            return called
 
         def normed(_module: nn.Module, _args: object, _output: object) -> None:
-            tap.norm_runs.append(tap.output is not None)
+            tap.norm_at.append(len(tap.order))
 
         handles = [block.register_forward_hook(grabber(i)) for i, block in enumerate(self.blocks)]
-        handles.append(self.blocks[last].register_forward_pre_hook(called, with_kwargs=True))
+        handles += [block.register_forward_pre_hook(caller(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
         if self.final_norm is not None and not any(self.final_norm is m for b in self.blocks for m in b.modules()):
             handles.append(self.final_norm.register_forward_hook(normed))
         was_training = model.training
@@ -749,7 +777,8 @@ class ModelStructure:
                 "the model produced NaN logits on a dummy forward (NaN or inf weights?); check the checkpoint "
                 "and its dtype: no structure override can fix this."
             )
-        _check_each_ran_once(self, calls)
+        self.skipped = _check_each_ran_once(self, calls)
+        tap.settle(self.skipped, len(self.blocks))
         block_output(tap.output)  # a block output with no hidden-state tensor is refused here, as before
         return logits, tap
 
@@ -809,16 +838,50 @@ class ModelStructure:
             setattr(self, name, value)
         return False
 
+    def _repair_streams(self, ids: torch.Tensor, atol: float, rtol: float) -> bool:
+        """Adopt a merge of leading-axis streams before the final norm (:func:`deltaexit.streams.trace_stream_merge`)
+        if a traced forward shows one that reproduces the logits."""
+        try:
+            found = trace_stream_merge(self.model, self.blocks, ids, atol=atol, rtol=rtol)
+        except Exception:  # the plain forward ran; a trace failing leaves the first mismatch to report
+            return False
+        if found is None:
+            return False
+        merge, state, logits = found
+        before = (self.pre_norm, self.state_dims, self.leading_streams)
+        self.pre_norm, self.state_dims, self.leading_streams = (merge,), 2, True
+        if self._mismatch(state, logits, atol, rtol) is None:
+            return True
+        self.pre_norm, self.state_dims, self.leading_streams = before
+        return False
+
 
 @dataclass
 class _LastBlocks:
-    """What the structure check's dummy forward showed of the last two blocks: the last one's output and call
-    ``(args, kwargs)``, and the output of the one before it (None with one block)."""
+    """What the structure check's dummy forward showed of the last two blocks that ran: the last one's output and
+    call ``(args, kwargs)``, and the output of the one before it (None with one block). :meth:`settle` picks them
+    from every block's output and call, once the blocks the model skips are known."""
 
     output: object = None
     previous: object = None
     call: tuple[tuple, dict] = ((), {})
     norm_runs: list[bool] = field(default_factory=list)  # per final-norm call: after the last block's output?
+    outputs: dict[int, object] = field(default_factory=dict)
+    calls: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)  # block indices in the order their outputs came
+    norm_at: list[int] = field(default_factory=list)  # per final-norm call: block outputs seen before it
+
+    def settle(self, skipped: tuple[int, ...], num_blocks: int) -> None:
+        """Take the last two blocks that ran (not ``skipped``) as the last and previous ones."""
+        ran = [i for i in range(num_blocks) if i not in skipped and i in self.outputs]
+        if not ran:
+            return
+        last = ran[-1]
+        self.output = self.outputs[last]
+        self.previous = self.outputs[ran[-2]] if len(ran) > 1 else None
+        self.call = self.calls.get(last, ((), {}))
+        done = max(n for n, index in enumerate(self.order, start=1) if index == last)
+        self.norm_runs = [seen >= done for seen in self.norm_at]
 
     @property
     def norm_before_only(self) -> bool:
@@ -841,9 +904,9 @@ _REPAIRED = (
 )
 
 
-def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> None:
-    """Raise when some block did not run in the text-only dummy forward (e.g. cross-attention without images)
-    or ran more than once (a looped model)."""
+def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> tuple[int, ...]:
+    """The blocks that did not run in the text-only dummy forward (e.g. cross-attention without images); raise
+    when a block ran more than once (a looped model) or none ran."""
     again = {i: n for i, n in calls.items() if n > 1}
     if again:
         raise StructureError(
@@ -852,18 +915,11 @@ def _check_each_ran_once(structure: ModelStructure, calls: dict[int, int]) -> No
             "through the blocks and deltaexit cannot collect it or exit early in it (no override changes that)."
         )
     missing = [i for i in range(structure.num_layers) if i not in calls]
-    if not missing:
-        return
-    if len(missing) == structure.num_layers:
+    if missing and len(missing) == structure.num_layers:
         raise StructureError(f"the block list {structure.block_path!r} did not run in a forward pass. {_OVERRIDE_HINT}")
-    kinds = sorted({type(structure.blocks[i]).__name__ for i in missing})
-    raise StructureError(
-        f"blocks {missing} of {structure.block_path!r} ({', '.join(kinds)}) did not run in a forward on input_ids "
-        "alone: the model skips them without their other inputs (e.g. cross-attention blocks without image "
-        "features, cross_attention_states / pixel_values). deltaexit needs every block of the residual stream "
-        "to run on each forward: use the text-only model (a config without these blocks), or pass "
-        "validate=False and give every forward the inputs those blocks need."
-    )
+    # The model skips these blocks on token ids alone (cross-attention blocks without image features): on such a
+    # forward each is an identity map of the residual stream, which is what deltaexit records and runs.
+    return tuple(missing)
 
 
 def _module_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -942,6 +998,7 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
         shallowest = _shallowest(group)
         if len(shallowest) == 1:
             return shallowest[0][1]
+        _refuse_parallel_lists(model, shallowest)
         raise StructureError(
             f"found several candidate block lists {', '.join(_describe_list(n, m) for n, m in shallowest)}"
             + (f" (the config says num_hidden_layers={n_layers})" if n_layers is not None else "")
@@ -956,6 +1013,81 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
         + f" in {type(model).__name__}; the module lists it holds: {found}. Pass the block list explicitly: "
         f"dx.find_structure(model, blocks={example!r}) (a dotted path, an nn.ModuleList, or a sequence of the "
         f"block modules in order); the same keyword works for dx.collect(...) and dx.Lens.from_model(...)."
+    )
+
+
+def _refuse_stacked_readout(structure: ModelStructure, ids: torch.Tensor, diff: str) -> None:
+    """Raise, naming the module, when the logits are read from the last block's output together with a stack of
+    earlier states (:func:`deltaexit.stacked.stacked_state_readout`): no lens on one block's output can match."""
+    try:
+        readout = stacked_state_readout(structure.model, structure.blocks, ids)
+    except Exception:  # the check's forward ran once already; leave the plain mismatch to report
+        return
+    if readout is None:
+        return
+    raise StructureError(
+        f"the lens on the last block's output cannot reproduce {type(structure.model).__name__}'s logits (max abs "
+        f"diff {diff}): {readout} (e.g. attention residuals over earlier block states), so its residual state is "
+        "more than one block's output; deltaexit collects, reads and exits from one [batch, seq, hidden] state per "
+        "block, and no override changes that."
+    )
+
+
+def _called_in_step(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> bool:
+    """Whether a forward on token ids calls every entry of every list, layer by layer (all of entry ``i``'s calls
+    before any entry ``i + 1``): the lists hold the parts of one block each, as the model's loop wires them."""
+    order: list[int] = []
+
+    def note(layer: int) -> Callable[..., None]:
+        return lambda *_: order.append(layer)
+
+    handles = [entry.register_forward_pre_hook(note(i)) for _, m in lists for i, entry in enumerate(m)]
+    seen: set[tuple[int, int]] = set()
+    handles += [
+        entry.register_forward_pre_hook(lambda *_, key=(j, i): seen.add(key))
+        for j, (_, m) in enumerate(lists)
+        for i, entry in enumerate(m)
+    ]
+    ids = (torch.arange(6, device=input_device(model)) * 7 + 1).remainder(_vocab_size(model)).unsqueeze(0)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except Exception:  # a forward that fails here is reported by the structure check
+        return False
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    every = all((j, i) in seen for j, (_, m) in enumerate(lists) for i in range(len(m)))
+    return every and order == sorted(order)
+
+
+def _refuse_parallel_lists(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> None:
+    """Raise when ``lists`` are the parts of one block kept in parallel lists of one module (XLM's
+    ``attentions``/``layer_norm1``/``ffns``/``layer_norm2``): the same length, one class each, not all one class,
+    and a forward calls them layer by layer (:func:`_called_in_step`).
+
+    The model's own forward then wires attention, norms and MLP of each layer together; there is no block module
+    whose input and output are the residual stream, so no ``blocks=`` override exists for it.
+    """
+    parents = {n.rpartition(".")[0] for n, _ in lists}
+    lengths = {len(m) for _, m in lists}
+    kinds = [type(m[0]) for _, m in lists]
+    if len(lists) < 2 or len(parents) != 1 or len(lengths) != 1 or len(set(kinds)) < 2:
+        return
+    if not _called_in_step(model, lists):
+        return
+    names = ", ".join(repr(n) for n, _ in lists)
+    parent = parents.pop() or type(model).__name__
+    raise StructureError(
+        f"the layers of {type(model).__name__} are not block modules: {parent!r} keeps each layer's parts in "
+        f"parallel lists {names} ({lengths.pop()} entries each: {', '.join(k.__name__ for k in kinds)}) and its "
+        "forward wires them together itself, so no module maps the residual stream from one layer to the next. "
+        "deltaexit hooks block modules: it cannot collect this model or exit early in it, and no blocks=... "
+        "override can name its layers (an override needs one module per layer, an nn.ModuleList or a sequence "
+        "of modules, whose input and output are the hidden states)."
     )
 
 

@@ -170,7 +170,7 @@ def prior_cost(model: nn.Module, scan: ExitScan, kv_per_skipped: float, context:
         2.51
     """
     num_layers = scan.num_layers
-    thresholds = scan.schedule.values(0, num_layers)
+    thresholds = scan.thresholds(0)
     depths = [
         d
         for d in range(1, num_layers + 1)

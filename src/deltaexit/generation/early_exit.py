@@ -64,6 +64,7 @@ from deltaexit.generation.policy import KVPolicy, get_policy
 from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.scan import ExitScan
+from deltaexit.generation.skipped import check_text_only, fill_skipped_layers
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.structure import find_structure
@@ -194,6 +195,7 @@ class EarlyExit:
             ``return_dict_in_generate=True``.
         """
         check_generate_kwargs(kwargs)
+        check_text_only(kwargs, self.runner.skipped)
         stop_strings_to_criteria(self.model, kwargs)
         cache_on_for_loop(kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
@@ -227,6 +229,7 @@ class EarlyExit:
         if model is not self.model:
             raise ValueError("this EarlyExit was built for another model")
         check_generation_config(generation_config, synced_gpus, model_kwargs)
+        check_text_only(model_kwargs, self.runner.skipped)
         start_cache(model_kwargs, model.config, self.cache_layer_types, self.cache_window)
         run = Run(
             model,
@@ -287,6 +290,7 @@ class EarlyExit:
         self.runner.check_called_once()  # a looped (recurrent-depth) model is refused here, after the prompt
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
+        fill_skipped_layers(run.cache, self.runner.skipped, self.num_layers)
         check_cache(run.cache, self.num_layers, run.input_ids.shape[1], self.runner.blocks)
         run.stats.prompt_blocks = self.num_layers
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=run.input_ids.device)

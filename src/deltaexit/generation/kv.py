@@ -57,6 +57,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from deltaexit.generation.skipped import SkippedLayer
 from deltaexit.generation.windowed import CacheWindowLayer
 from deltaexit.structure import query_projection
 
@@ -104,6 +105,7 @@ SUPPORTED_LAYERS = (
     LinearAttentionLayer,
     LinearAttentionAndFullAttentionLayer,
     DummyLayer,
+    SkippedLayer,
 )
 
 

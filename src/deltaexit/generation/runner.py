@@ -44,7 +44,7 @@ from deltaexit.structure import (
     with_block_input,
 )
 
-__all__ = ["BlockCall", "BlockRunner", "Carry"]
+__all__ = ["SKIPPED_CALL", "BlockCall", "BlockRunner", "Carry"]
 
 
 class _Handles:
@@ -60,10 +60,19 @@ class _Handles:
 
 @dataclass
 class BlockCall:
-    """The positional and keyword arguments the model passes one block in one forward."""
+    """The positional and keyword arguments the model passes one block in one forward.
+
+    ``skipped``: the model's forward did not call the block (one it skips on token ids alone,
+    ``structure.skipped``): running it is the identity.
+    """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    skipped: bool = False
+
+
+#: The call of a block the model's forward skips: :meth:`BlockRunner.run_block` passes the state through.
+SKIPPED_CALL = BlockCall((), {}, skipped=True)
 
 
 @dataclass(frozen=True)
@@ -172,8 +181,17 @@ class BlockRunner:
         self.model = model
         self.structure = structure if structure is not None else find_structure(model)
         _check_plain_readout(model, self.structure)
+        if self.structure.leading_streams:
+            raise StructureError(
+                f"{type(model).__name__}'s blocks pass several residual streams stacked on a leading axis "
+                "([streams, batch, seq, hidden], structure.leading_streams): collect and the lens read them, but "
+                "early-exit generation runs blocks on [batch, seq, hidden] states, so none of the KV policies "
+                "(verify, propagate, recompute) supports it. Use model.generate."
+            )
         self.blocks = self.structure.blocks
         self.num_layers = self.structure.num_layers
+        self.skipped = frozenset(self.structure.skipped)  # blocks the model skips on token ids alone
+        self._last_run = max(i for i in range(self.num_layers) if i not in self.skipped)
         self._parent, self._attr = self._locate_block_list()
         self.returns_tuple: bool | None = None
         self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
@@ -228,6 +246,14 @@ class BlockRunner:
         before's extra output (e.g. router states) is fine: :meth:`run_block` hands it on."""
         counts = self.call_counts
         name = type(self.model).__name__
+        ran = [i for i in self.skipped if counts is not None and counts[i] > 0]
+        if ran:
+            raise StructureError(
+                f"{name}'s blocks {sorted(ran)} ran in this forward, but the model skips them on token ids alone "
+                "(structure.skipped: e.g. cross-attention blocks run only with image features): early exit generates "
+                "from token ids alone. Pass no image or cross-attention inputs, or use model.generate."
+            )
+        counts = None if counts is None else [1 if i in self.skipped else n for i, n in enumerate(counts)]
         if counts is not None and any(n != 1 for n in counts):
             again = [i for i, n in enumerate(counts) if n != 1]
             times = "/".join(str(n) for n in sorted({counts[i] for i in again}))
@@ -246,10 +272,9 @@ class BlockRunner:
             sink[i] = None
         recorders = self._recorders
         if recorders is None or recorders[0]._returns_tuple != bool(self.returns_tuple):
-            n = self.num_layers
             recorders = nn.ModuleList(
                 [
-                    _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple), self.output_arity)
+                    _Recorder(block, i, sink, i == self._last_run, bool(self.returns_tuple), self.output_arity)
                     for i, block in enumerate(self.blocks)
                 ]
             )
@@ -266,18 +291,25 @@ class BlockRunner:
             )
         finally:
             setattr(self._parent, self._attr, self.blocks)
-        if any(call is None for call in sink):
-            missing = [i for i, c in enumerate(sink) if c is None]
+        missing = [i for i, c in enumerate(sink) if c is None and i not in self.skipped]
+        if missing:
             raise StructureError(f"the model's forward skipped blocks {missing}; unsupported architecture")
         calls = cast(list[BlockCall], list(sink))
-        return block_input(calls[0].args, calls[0].kwargs), calls
+        for i in self.skipped:
+            if calls[i] is None:
+                calls[i] = SKIPPED_CALL
+        first = next(call for call in calls if not call.skipped)
+        return block_input(first.args, first.kwargs), calls
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it.
+        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it (the identity for a block
+        the model skipped).
 
         A :attr:`carried` block gets the extra output of the last block run (the block before it, on the same
         tokens, wherever the policies run blocks in order; a K/V-only call after an exit gets the exit block's).
         """
+        if call.skipped:
+            return hidden
         args, kwargs = with_block_input(call.args, call.kwargs, hidden)
         carry = self.carried.get(layer)
         if carry is not None:

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,14 @@ class ExitScan:
         self.min_exit_layer = min_exit_layer
         self.num_layers = runner.num_layers
 
+    def thresholds(self, step: int) -> list[float]:
+        """The exit thresholds of decode step ``step`` per block; ``inf`` (no exit) after a block the model skips on
+        token ids alone (``structure.skipped``: its output is the state before it)."""
+        values = list(self.schedule.values(step, self.num_layers))
+        for layer in self.runner.skipped:
+            values[layer] = math.inf
+        return values
+
     def model_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
         """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``)."""
         kw = dict(kwargs)
@@ -191,7 +200,7 @@ class ExitScan:
         n_tok = hidden.shape[1]
         rows = _RowExits(run.unfinished.bool(), hidden[:, -1], self.lens)
         rows.pending = read_with
-        thresholds = self.schedule.values(step, self.num_layers)
+        thresholds = self.thresholds(step)
         states = [hidden] if keep_states else None
         depth, h, all_exited = 0, hidden, False
         prev: LayerState | None = None  # the last scored block's state: hands on its candidates and lens logits
