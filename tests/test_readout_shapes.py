@@ -79,12 +79,23 @@ def test_reformer_state_joins_both_half_streams(models):
     assert torch.equal(h0[..., :half], h0[..., half:])  # the embedding, duplicated for the reversible blocks
 
 
-def test_prophetnet_embedding_norm_is_not_taken_as_the_final_norm(models):
-    """Its ``embeddings_layer_norm`` is registered after the blocks but runs before them; on post-LN blocks with
-    default LayerNorm weights it would even pass the lens check by chance."""
-    model = models["prophetnet"]
+@pytest.mark.parametrize("model_type", ["prophetnet", "bart"])
+def test_an_embedding_norm_is_not_taken_as_the_final_norm(model_type):
+    """ProphetNet's ``embeddings_layer_norm`` and BART's ``layernorm_embedding`` are registered after the blocks but
+    run before them; on post-LN blocks with default LayerNorm weights they even pass the lens check by chance. With
+    trained (here: perturbed) weights the lens must stay exact."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model_for(model_type)  # its own: the test changes weights
     structure = dx.find_structure(model)
-    assert structure.final_norm is None and structure.lm_head is model.lm_head
+    embedding_norm = next(m for n, m in model.named_modules() if "embedding" in n and "norm" in n)
+    assert structure.final_norm is not embedding_norm
+    with torch.no_grad():
+        embedding_norm.weight.mul_(torch.linspace(0.5, 2.0, embedding_norm.weight.numel()))
+        ids = torch.tensor([[3, 4, 5, 6, 7]])
+        with dx.collect(model, ("h_out",), structure=structure) as trace:
+            logits = model(input_ids=ids).logits
+        assert (dx.Lens(structure)(trace.h_out[-1]) - logits).abs().max().item() <= 1e-4
 
 
 def test_candidates_list_the_identity_first_and_only_consistent_stream_sets():

@@ -5,7 +5,10 @@ residual stream, a final norm (plus anything applied after it, e.g. OPT's
 ``project_out``), an LM head, and model-specific steps on the logits (Gemma-2's
 final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``).
 :func:`find_structure` locates these pieces on any ``transformers`` causal LM and
-checks them once with a dummy forward; every piece can be overridden.
+checks them once with a dummy forward; every piece can be overridden. Where the
+blocks do not pass the residual stream as one ``[batch, seq, hidden]`` tensor
+(sequence-first blocks, several streams), the check also finds the
+:class:`~deltaexit.readout.Readout` that gives the state the head reads.
 
 Example:
     >>> from transformers import AutoConfig, AutoModelForCausalLM
@@ -512,7 +515,9 @@ class ModelStructure:
     def stream_output(self, output: object) -> torch.Tensor:
         """The residual state ``[batch, seq, *state]`` a block's output holds, through the :attr:`readout`.
 
-        The identity readout is :func:`block_output`. Example:
+        The identity readout is :func:`block_output`.
+
+        Example:
             >>> from deltaexit.testing import tiny_model
             >>> s = find_structure(tiny_model("llama"))
             >>> h = torch.zeros(1, 2, s.hidden_size)
