@@ -190,17 +190,7 @@ def test_leading_streams_refuse_early_exit_before_any_block_runs():
 # -- shapes that stay refused, by name ----------------------------------------------------------------------------
 
 
-def test_parallel_per_layer_lists_are_refused_by_name():
-    config = AutoConfig.for_model("xlm", emb_dim=32, n_layers=3, n_heads=4, vocab_size=128, causal=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(dx.StructureError, match="parallel lists") as exc:
-        dx.collect(model)
-    message = str(exc.value)
-    for name in ("attentions", "layer_norm1", "ffns", "layer_norm2"):
-        assert f"'transformer.{name}'" in message
-    assert "3 entries each" in message and "blocks=" in message
-    assert hook_counts(model) == 0
+# XLM's parallel per-layer lists are virtual blocks now (tests/test_parallel_layers.py, with the shapes still refused).
 
 
 def test_readout_over_a_stack_of_earlier_states_is_refused_by_name():

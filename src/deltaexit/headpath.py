@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from deltaexit.parallel import block_exits
+
 __all__ = ["HeadPath", "fit_scalar", "fit_softcap", "trace_head_path"]
 
 
@@ -118,7 +120,7 @@ class _Recorder:
         self, model: nn.Module, blocks: nn.ModuleList, state_of: Callable[[object], torch.Tensor | None] | None = None
     ) -> None:
         inside = {id(m) for block in blocks for m in block.modules()}
-        self.blocks = {id(b) for b in blocks}
+        self.blocks = {id(b) for b in block_exits(blocks)}  # the modules whose calls return a block's output
         self.state_of = state_of
         self.events: list[tuple[str, nn.Module, torch.Tensor | None]] = []
         self.handles: list[RemovableHandle] = []

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from deltaexit.parallel import block_exits
+
 __all__ = ["StreamMerge", "from_state", "leading_streams", "to_state", "trace_stream_merge"]
 
 #: The clamp on a stream's mean square before its root is taken in a magnitude-matching merge (AltUp's).
@@ -104,7 +106,7 @@ class _Calls:
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         inside = {id(m) for block in blocks for m in block.modules()}
-        self.blocks = {id(b) for b in blocks}
+        self.blocks = {id(b) for b in block_exits(blocks)}  # the modules whose calls return a block's output
         self.calls: list[list[Any]] = []
         self.open: list[list[Any]] = []
         self.after = 0

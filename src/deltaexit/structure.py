@@ -44,6 +44,7 @@ from deltaexit.aliases import (
     VOCAB_SIZE_ATTRS,
 )
 from deltaexit.headpath import trace_head_path
+from deltaexit.parallel import ParallelBlocks, parallel_blocks
 from deltaexit.readout import Readout, readout_candidates
 from deltaexit.stacked import stacked_state_readout
 from deltaexit.streams import from_state, leading_streams, to_state, trace_stream_merge
@@ -405,7 +406,9 @@ class ModelStructure:
 
     @property
     def block_path(self) -> str | None:
-        """Dotted path of the block list inside the model."""
+        """Dotted path of the block list inside the model (parallel per-layer lists: ``'parent.{list,list}'``)."""
+        if isinstance(self.blocks, ParallelBlocks):
+            return self.blocks.path
         return _path_of(self.model, self.blocks)
 
     def describe(self) -> dict[str, object]:
@@ -982,7 +985,9 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
     it says (lists inside another candidate are part of a block). One list whose blocks share a class wins at
     the shallowest depth; else one list of mixed block classes (hybrid models interleave e.g. Mamba and
     attention blocks in one list); else, when no list has the config's length, the one list of one block
-    class. Anything else is a :class:`StructureError` naming the lists found and the override to pass.
+    class. Several lists at that depth that hold one layer's parts each, called layer by layer (XLM's parallel
+    ``attentions``/``ffns``/norm lists), give one virtual block per layer (:mod:`deltaexit.parallel`). Anything
+    else is a :class:`StructureError` naming the lists found and the override to pass.
     """
     n_layers = config_int(text_config(model), NUM_LAYERS_ATTRS)
     everything = _module_lists(model)
@@ -1003,7 +1008,9 @@ def _find_blocks(model: nn.Module, root: nn.Module) -> nn.ModuleList:
         shallowest = _shallowest(group)
         if len(shallowest) == 1:
             return shallowest[0][1]
-        _refuse_parallel_lists(model, shallowest)
+        parallel = _parallel_blocks(model, shallowest)
+        if parallel is not None:
+            return parallel
         raise StructureError(
             f"found several candidate block lists {', '.join(_describe_list(n, m) for n, m in shallowest)}"
             + (f" (the config says num_hidden_layers={n_layers})" if n_layers is not None else "")
@@ -1038,61 +1045,32 @@ def _refuse_stacked_readout(structure: ModelStructure, ids: torch.Tensor, diff: 
     )
 
 
-def _called_in_step(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> bool:
-    """Whether a forward on token ids calls every entry of every list, layer by layer (all of entry ``i``'s calls
-    before any entry ``i + 1``): the lists hold the parts of one block each, as the model's loop wires them."""
-    order: list[int] = []
+def _parallel_blocks(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> ParallelBlocks | None:
+    """The virtual blocks (:class:`deltaexit.parallel.ParallelBlocks`) when ``lists`` are the parts of one layer each,
+    kept in parallel lists of one module (XLM's ``attentions``/``layer_norm1``/``ffns``/``layer_norm2``): the same
+    length, one class each, not all one class, and a forward calls them layer by layer; None when they are not.
 
-    def note(layer: int) -> Callable[..., None]:
-        return lambda *_: order.append(layer)
-
-    handles = [entry.register_forward_pre_hook(note(i)) for _, m in lists for i, entry in enumerate(m)]
-    seen: set[tuple[int, int]] = set()
-    handles += [
-        entry.register_forward_pre_hook(lambda *_, key=(j, i): seen.add(key))
-        for j, (_, m) in enumerate(lists)
-        for i, entry in enumerate(m)
-    ]
-    ids = (torch.arange(6, device=input_device(model)) * 7 + 1).remainder(_vocab_size(model)).unsqueeze(0)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except Exception:  # a forward that fails here is reported by the structure check
-        return False
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    every = all((j, i) in seen for j, (_, m) in enumerate(lists) for i in range(len(m)))
-    return every and order == sorted(order)
-
-
-def _refuse_parallel_lists(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> None:
-    """Raise when ``lists`` are the parts of one block kept in parallel lists of one module (XLM's
-    ``attentions``/``layer_norm1``/``ffns``/``layer_norm2``): the same length, one class each, not all one class,
-    and a forward calls them layer by layer (:func:`_called_in_step`).
-
-    The model's own forward then wires attention, norms and MLP of each layer together; there is no block module
-    whose input and output are the residual stream, so no ``blocks=`` override exists for it.
+    Raises :class:`StructureError` when they are one layer's parts but no block can stand for a layer (see
+    :func:`deltaexit.parallel.parallel_blocks`): then no module maps the residual stream from one layer to the next.
     """
     parents = {n.rpartition(".")[0] for n, _ in lists}
     lengths = {len(m) for _, m in lists}
     kinds = [type(m[0]) for _, m in lists]
     if len(lists) < 2 or len(parents) != 1 or len(lengths) != 1 or len(set(kinds)) < 2:
-        return
-    if not _called_in_step(model, lists):
-        return
+        return None
+    ids = (torch.arange(6, device=input_device(model)) * 7 + 1).remainder(_vocab_size(model)).unsqueeze(0)
+    found = parallel_blocks(model, lists, ids)
+    if not isinstance(found, str):
+        return found
     names = ", ".join(repr(n) for n, _ in lists)
     parent = parents.pop() or type(model).__name__
     raise StructureError(
         f"the layers of {type(model).__name__} are not block modules: {parent!r} keeps each layer's parts in "
         f"parallel lists {names} ({lengths.pop()} entries each: {', '.join(k.__name__ for k in kinds)}) and its "
-        "forward wires them together itself, so no module maps the residual stream from one layer to the next. "
-        "deltaexit hooks block modules: it cannot collect this model or exit early in it, and no blocks=... "
-        "override can name its layers (an override needs one module per layer, an nn.ModuleList or a sequence "
-        "of modules, whose input and output are the hidden states)."
+        f"forward wires them together itself, and no virtual block over them carries the residual stream: {found}. "
+        "deltaexit hooks a block's input and output: it cannot collect this model or exit early in it, and no "
+        "blocks=... override can name its layers (an override needs one module per layer, an nn.ModuleList or a "
+        "sequence of modules, whose input and output are the hidden states)."
     )
 
 

@@ -35,6 +35,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from deltaexit.parallel import ParallelBlocks
 from deltaexit.structure import (
     ModelStructure,
     StructureError,
@@ -169,6 +170,21 @@ def _check_plain_readout(model: nn.Module, structure: ModelStructure) -> None:
     )
 
 
+def _check_block_modules(model: nn.Module, structure: ModelStructure) -> None:
+    """Raise :class:`~deltaexit.structure.StructureError` (before any block runs) for virtual blocks over parallel
+    per-layer lists (:class:`~deltaexit.parallel.ParallelBlocks`): the model's forward wires each layer's parts, so
+    a layer cannot be recorded or run as one module call."""
+    if not isinstance(structure.blocks, ParallelBlocks):
+        return
+    raise StructureError(
+        f"{type(model).__name__}'s layers are not block modules: its forward wires each layer's parts, kept in "
+        f"parallel lists {structure.block_path!r}, together itself. dx.collect and the exact lens work on it (through "
+        "hooks on each layer's first and last part), but early exit records each block's arguments and runs the "
+        "blocks one module call at a time, so none of the KV policies (verify, propagate, recompute) supports this "
+        "model. Use model.generate."
+    )
+
+
 class BlockRunner:
     """Records the model's per-block arguments for a forward and runs blocks one by one.
 
@@ -181,6 +197,7 @@ class BlockRunner:
         self.model = model
         self.structure = structure if structure is not None else find_structure(model)
         _check_plain_readout(model, self.structure)
+        _check_block_modules(model, self.structure)
         if self.structure.leading_streams:
             raise StructureError(
                 f"{type(model).__name__}'s blocks pass several residual streams stacked on a leading axis "

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltaexit.lens import Lens
+from deltaexit.parallel import ParallelBlocks
 from deltaexit.structure import StructureError, block_input, block_output, find_structure
 
 __all__ = [
@@ -160,6 +161,13 @@ class BlockTaps:
                 f"layer dropout replaces a block's output tensor by its input, but {type(model).__name__}'s blocks "
                 f"hold the residual stream elsewhere (readout {self.structure.readout.describe()}): train it without "
                 "layer dropout (drop_probs=None); the exit losses work."
+            )
+        if any(p > 0.0 for p in self.drop_probs) and isinstance(self.structure.blocks, ParallelBlocks):
+            raise StructureError(
+                f"layer dropout replaces a block's output by its input, but {type(model).__name__}'s layers are parts "
+                f"in parallel lists {self.structure.block_path!r} that its forward wires together (virtual blocks, "
+                "observed by hooks, whose output no hook can replace): train it without layer dropout "
+                "(drop_probs=None); the exit losses work."
             )
         self.generator = generator
         self.outputs: list[torch.Tensor | None] = [None] * n
