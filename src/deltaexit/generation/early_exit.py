@@ -61,6 +61,7 @@ from deltaexit.generation.cost import measure_block_fraction
 from deltaexit.generation.kv import check_cache, config_layer_types, fresh_cache, noting_writes
 from deltaexit.generation.outputs import EarlyExitOutput
 from deltaexit.generation.policy import KVPolicy, get_policy
+from deltaexit.generation.recurrent import recurrent_layers
 from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.scan import ExitScan
@@ -288,6 +289,7 @@ class EarlyExit:
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
         check_cache(run.cache, self.num_layers, run.input_ids.shape[1])
+        self.runner.check_fed(recurrent_layers(run.cache))
         run.stats.prompt_blocks = self.num_layers
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=run.input_ids.device)
         del outputs

@@ -8,6 +8,12 @@ and abort the forward at the last one. The caller then runs the real blocks itse
 as many as it wants, with those arguments. No per-architecture forward code is
 forked: whatever the model passes its blocks, the runner passes too.
 
+Some models hand a block's extra outputs to the next block besides the hidden state (GLM-5 and Hunyuan's sparse
+attention layers reuse the previous layer's top-k selection, Zaya its router states). The probe finds which
+arguments those are (:attr:`BlockRunner.feeds`); when the runner runs such a block right after the block before it,
+it passes the extra outputs of that run, as the model's loop does. A pass that would start at such a block starts
+at the first block of its chain instead (:meth:`BlockRunner.chain_start`).
+
 Example:
     >>> import torch
     >>> from deltaexit.testing import tiny_model
@@ -121,7 +127,10 @@ class BlockRunner:
         self.returns_tuple: bool | None = None
         self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
         self.call_counts: list[int] | None = None
-        self.carried: list[int] = []  # blocks whose input takes a previous block's extra output (unsupported)
+        self.carried: list[int] = []  # blocks whose input takes the previous block's extra outputs
+        #: Per such block: (keyword name or positional index, index among the previous block's extra outputs).
+        self.feeds: dict[int, list[tuple[str | int, int]]] = {}
+        self._last: tuple[int, tuple[Any, ...]] | None = None  # the block run last and its extra outputs
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
 
@@ -141,7 +150,8 @@ class BlockRunner:
         forward."""
         self.call_counts = [0] * self.num_layers
         self.carried = []
-        extras: dict[int, set[int]] = {}
+        self.feeds = {}
+        extras: dict[int, dict[int, int]] = {}
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
@@ -150,12 +160,15 @@ class BlockRunner:
         def after(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
             self.call_counts[index] += 1  # type: ignore[index]
             rest = output[1:] if isinstance(output, tuple) else ()
-            extras[index] = {id(x) for x in rest if isinstance(x, torch.Tensor)}
+            extras[index] = {id(x): k for k, x in enumerate(rest) if isinstance(x, torch.Tensor)}
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
-            fed = extras.get(index - 1, set())
-            if fed and any(id(x) in fed for x in (*args, *kwargs.values())):
+            fed = extras.get(index - 1, {})
+            slots: list[tuple[str | int, int]] = [(pos, fed[id(x)]) for pos, x in enumerate(args) if id(x) in fed]
+            slots += [(name, fed[id(x)]) for name, x in kwargs.items() if id(x) in fed]
+            if slots:
                 self.carried.append(index)
+                self.feeds[index] = slots
 
         handles = [self.blocks[0].register_forward_hook(note)]
         for i, block in enumerate(self.blocks):
@@ -164,9 +177,8 @@ class BlockRunner:
         return _Handles(handles)
 
     def check_called_once(self) -> None:
-        """Raise :class:`~deltaexit.structure.StructureError` unless the probed forward ran every block once, in a
-        chain that passes only the hidden state (a looped, recurrent-depth model runs some blocks several times per
-        forward; some models pass a block's extra outputs, e.g. router states, to the next block)."""
+        """Raise :class:`~deltaexit.structure.StructureError` unless the probed forward ran every block once (a
+        looped, recurrent-depth model runs some blocks several times per forward)."""
         counts = self.call_counts
         name = type(self.model).__name__
         if counts is not None and any(n != 1 for n in counts):
@@ -177,18 +189,34 @@ class BlockRunner:
                 "each block of the list once, in order, so none of the KV policies (verify, propagate, recompute) "
                 "supports it. Use model.generate."
             )
-        if self.carried:
+
+    def check_fed(self, stateful: list[int]) -> None:
+        """Raise :class:`~deltaexit.structure.StructureError` if a block whose cache is a recurrent state (its
+        ``stateful`` layers) takes an extra output of the block before it: its state is re-run on its own (rejected
+        drafts, held-back tokens), without the previous block's outputs for those tokens."""
+        fed = sorted(set(self.feeds).intersection(stateful))
+        if fed:
             raise StructureError(
-                f"{name}'s blocks {self.carried} take an extra output of the block before them besides the hidden "
-                "state: early exit runs blocks on the residual stream alone, so none of the KV policies (verify, "
-                "propagate, recompute) supports it. Use model.generate."
+                f"{type(self.model).__name__}'s blocks {fed} hold a recurrent state and take an extra output of the "
+                "block before them besides the hidden state: early exit re-runs recurrent blocks on their own, "
+                "without those outputs, so none of the KV policies (verify, propagate, recompute) supports it. Use "
+                "model.generate."
             )
+
+    def chain_start(self, layer: int) -> int:
+        """Where a pass that should start at block ``layer`` starts: the first block of the chain of blocks up to
+        ``layer`` each fed by the block before it (``layer`` itself where it takes nothing from block ``layer - 1``),
+        so that every block of the pass gets the extra outputs it takes."""
+        while layer in self.feeds:
+            layer -= 1
+        return layer
 
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
         """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
         if self.returns_tuple is None:
             raise RuntimeError("internal: run one real forward with probe_output_type() attached before record()")
         sink = self._sink
+        self._last = None  # a new pass: no block of it has run yet
         for i in range(self.num_layers):
             sink[i] = None
         recorders = self._recorders
@@ -220,6 +248,27 @@ class BlockRunner:
         return block_input(calls[0].args, calls[0].kwargs), calls
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it."""
+        """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it (and, run right after
+        block ``layer - 1``, that run's extra outputs where block ``layer`` takes them: :attr:`feeds`)."""
         args, kwargs = with_block_input(call.args, call.kwargs, hidden)
-        return block_output(self.blocks[layer](*args, **kwargs))
+        last, self._last = self._last, None
+        feeds = self.feeds.get(layer)
+        if feeds and last is not None and last[0] == layer - 1:
+            args = _fed(args, kwargs, feeds, last[1])
+        out = self.blocks[layer](*args, **kwargs)
+        if layer + 1 in self.feeds and isinstance(out, tuple):
+            self._last = (layer, out[1:])
+        return block_output(out)
+
+
+def _fed(args: tuple[Any, ...], kwargs: dict[str, Any], feeds: list[tuple[str | int, int]], extras: tuple) -> tuple:
+    """``args`` with the fed positions set from ``extras``; ``kwargs`` (a copy) set in place."""
+    positional = list(args)
+    for slot, k in feeds:
+        if k >= len(extras):
+            continue
+        if isinstance(slot, str):
+            kwargs[slot] = extras[k]
+        elif slot < len(positional):
+            positional[slot] = extras[k]
+    return tuple(positional)

@@ -260,8 +260,10 @@ class Verify(KVPolicy):
     def _verify(self, run: Run, scan: ExitScan, start: int, chunk: _Chunk, ids, kwargs, rounds=None) -> torch.Tensor:
         """``[B, n_chunk, V]`` float32 full-model logits over the chunk: the deep layers run once over it, the
         shallow layers' cache (below the shallowest exit) is the drafts'. N-gram chunks (depth 0) have run no
-        block yet: every layer runs over them here."""
-        m, L, n_chunk = chunk.depth, scan.num_layers, len(chunk.tokens) + 1
+        block yet: every layer runs over them here. A block fed by the block before it (an extra output besides the
+        hidden state) is not where the pass starts: it starts at the first block of that chain
+        (:meth:`~deltaexit.generation.runner.BlockRunner.chain_start`)."""
+        m, L, n_chunk = scan.runner.chain_start(chunk.depth), scan.num_layers, len(chunk.tokens) + 1
         crop_cache(run.cache, start, range(m, L))
         if rounds is not None:
             rounds.reset(range(m, L))
