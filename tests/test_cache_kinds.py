@@ -202,3 +202,78 @@ def test_crop_and_view_take_the_indexer_keys_and_positions_along():
     assert indexed_lengths(cache) == [(3, 3)] * 3
     assert cache.layers[0].indexer_position_ids.shape[-1] == 3
     assert torch.equal(cache.layers[1].indexer_keys, keys[1][:, :3])
+
+
+#: A tiny GLM-5 (DSA) whose "shared" layers reuse the top-k selection the layer before them hands on (an extra block
+#: output besides the hidden state): blocks 1 and 3 are fed by blocks 0 and 2.
+GLM_FIELDS = {
+    **{k: v for k, v in FIELDS.items() if k not in ("num_hidden_layers", "head_dim")},
+    "num_hidden_layers": 4,
+    "indexer_types": ["full", "shared", "full", "shared"],
+}
+
+
+@functools.cache
+def fed_model(kind: str):
+    torch.manual_seed(0)
+    if kind == "glm_moe_dsa":
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model("glm_moe_dsa", **GLM_FIELDS)).eval()
+    from deltaexit.shrink import tiny_model_for
+
+    return tiny_model_for(kind).eval()  # hy_v4: shared DSA layers and a residual of several streams
+
+
+def padded_generate(m, ee=None, new=NEW):
+    ids = torch.tensor([[5, 60, 7, 80, 9], [0, 0, 11, 120, 13]])
+    common = {"attention_mask": (ids != 0).long(), "max_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+    if ee is None:
+        return m.generate(ids, **common)
+    return ee.generate(ids, return_dict_in_generate=True, **common)
+
+
+@pytest.mark.parametrize("kind", ["glm_moe_dsa", "hy_v4"])
+def test_blocks_fed_by_the_block_before_reproduce_generate(kind):
+    m = fed_model(kind)
+    reference = padded_generate(m)
+    for kv in ("verify", "recompute", "propagate"):
+        ee = EarlyExit(m, "softmax-max", float("inf"), kv, backoff=False)
+        assert torch.equal(padded_generate(m, ee).sequences, reference), kv
+    assert ee.runner.carried  # the probe found the top-k selection handed from block to block
+    assert all((c.key, c.output) == ("prev_topk_indices", 1) for c in ee.runner.carried.values())
+    for min_exit in (1, 2):  # the verify pass starts at the first block of a fed chain
+        policy = Verify(num_draft=2, ngram=0)
+        ee = EarlyExit(m, "softmax-max", float("-inf"), policy, min_exit_layer=min_exit, backoff=False)
+        out = padded_generate(m, ee)
+        assert torch.equal(out.sequences, reference), ("verify always-exit", min_exit)
+        assert out.stats.drafted > 0
+
+
+def test_chain_start_walks_back_over_fed_blocks():
+    m = fed_model("glm_moe_dsa")
+    ee = EarlyExit(m, "softmax-max", float("inf"), "verify", backoff=False)
+    padded_generate(m, ee, new=2)
+    feeds = ee.runner.carried
+    assert 1 in feeds and 3 in feeds and 0 not in feeds
+    assert [ee.runner.chain_start(layer) for layer in range(5)] == [
+        max(i for i in range(layer + 1) if i not in feeds) for layer in range(5)
+    ]
+
+
+def test_propagate_on_shared_layers_stops_after_their_keys_values():
+    """A shared layer writes no indexer keys: its K/V-only call stops after ``cache.update`` (noted in the
+    prompt's forward), before it would need the selection it is not handed."""
+    m = fed_model("glm_moe_dsa")
+    counter = MlpCalls(m)
+    try:
+        out = padded_generate(m, EarlyExit(m, ConstantScore(), 0.5, "propagate", min_exit_layer=1, backoff=False))
+    finally:
+        counter.close()
+    layers = m.config.num_hidden_layers
+    assert (out.exit_layers[:, 1:] == 1).all()
+    assert out.stats.kv_only_calls == (layers - 1) * (NEW - 1)
+    assert counter.calls == layers + (NEW - 1)
+    n = cache_length(out.cache)
+    assert all(layer.get_seq_length() == n for layer in out.cache.layers)
+    shared = [i for i, t in enumerate(m.config.indexer_types) if t == "shared"]
+    assert all(out.cache.layers[i].indexer_keys is None for i in shared)  # never written, as in model.generate
+    assert all(out.cache.layers[i].indexer_keys.shape[1] == n for i in range(layers) if i not in shared)

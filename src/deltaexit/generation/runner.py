@@ -8,6 +8,12 @@ and abort the forward at the last one. The caller then runs the real blocks itse
 as many as it wants, with those arguments. No per-architecture forward code is
 forked: whatever the model passes its blocks, the runner passes too.
 
+Some models hand a block's extra outputs to the next block besides the hidden state (GLM-5 and Hunyuan's sparse
+attention layers reuse the previous layer's top-k selection, Zaya its router states). The probe finds which
+argument that is (:attr:`BlockRunner.carried`, a :class:`Carry` per block); when the runner runs such a block, it
+passes the extra output of the block run last, as the model's loop does. A pass that would start at such a block starts
+at the first block of its chain instead (:meth:`BlockRunner.chain_start`).
+
 Example:
     >>> import torch
     >>> from deltaexit.testing import tiny_model
@@ -280,11 +286,20 @@ class BlockRunner:
                 "supports it. Use model.generate."
             )
 
+    def chain_start(self, layer: int) -> int:
+        """Where a pass that should start at block ``layer`` starts: the first block of the chain of blocks up to
+        ``layer`` each fed by the block before it (``layer`` itself where it takes nothing from block ``layer - 1``),
+        so that every block of the pass gets the extra output it takes (:attr:`carried`)."""
+        while layer in self.carried:
+            layer -= 1
+        return layer
+
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
         """Run the model's forward up to its block loop; return block 0's input and every block's arguments."""
         if self.returns_tuple is None:
             raise RuntimeError("internal: run one real forward with probe_output_type() attached before record()")
         sink = self._sink
+        self._last = None  # a new pass: no block of it has run yet
         for i in range(self.num_layers):
             sink[i] = None
         recorders = self._recorders

@@ -61,6 +61,11 @@ class ScanResult:
     read: bool | None = None
 
 
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` ``mask`` shaped to broadcast over ``like``'s rows (states may have more than one residual stream)."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
 class _RowExits:
     """Per-row exit bookkeeping of one scan: exit layer, exit state and the lens logits a measure made there."""
 
@@ -79,7 +84,7 @@ class _RowExits:
     def add(self, new: torch.Tensor, depth: int, last: torch.Tensor, logits: torch.Tensor | None) -> None:
         """Rows ``new`` exit after ``depth`` blocks at state ``last`` (with the lens ``logits`` if known)."""
         self.layer = torch.where(new, depth, self.layer)
-        self.state = torch.where(new[:, None], last, self.state)
+        self.state = torch.where(_per_row(new, last), last, self.state)
         if logits is not None:
             lg = logits.float()
             self.cached = lg if self.cached is None else torch.where(new[:, None], lg, self.cached)
@@ -91,14 +96,14 @@ class _RowExits:
         """The active rows that did not exit stop at ``depth`` with state ``last``."""
         remaining = self.active & (self.layer == 0)
         self.layer = torch.where(remaining, depth, self.layer)
-        self.state = torch.where(remaining[:, None], last, self.state)
+        self.state = torch.where(_per_row(remaining, last), last, self.state)
 
     def logits(self) -> torch.Tensor:
         """``[B, V]`` float32 lens logits at each row's exit (the measure's where it made them)."""
         cached = self.cached
         if cached is not None and bool(self.have[self.active].all()):
             return cached
-        fresh = self.lens(self.state[:, None, :])[:, 0].float()
+        fresh = self.lens(self.state[:, None])[:, 0].float()
         if cached is not None:
             fresh = torch.where(self.have[:, None], cached, fresh)
         return fresh
@@ -209,7 +214,7 @@ class ExitScan:
             run.stats.blocks_run += 1
             run.stats.token_blocks_run += n_tok
             if freeze and rows.any_exited:
-                out = torch.where((rows.exited & rows.active)[:, None, None], h, out)
+                out = torch.where(_per_row(rows.exited & rows.active, out), h, out)
             h_prev, h = h, out
             depth = layer + 1
             if states is not None:

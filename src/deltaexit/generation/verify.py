@@ -83,10 +83,10 @@ class VerifyState:
 
 
 def _verify_depth(scan: ExitScan, chunk: _Chunk) -> int:
-    """The first block the verify pass runs: the shallowest draft exit, or 0 where a block takes the block before's
-    extra output (:attr:`~deltaexit.generation.runner.BlockRunner.carried`), which the drafts' scans made one token
-    at a time: the pass then runs every block over the chunk, in order."""
-    return 0 if scan.runner.carried else chunk.depth
+    """The first block the verify pass runs: the shallowest draft exit, or where a block there takes the block
+    before's extra output (:attr:`~deltaexit.generation.runner.BlockRunner.carried`), the first block of that chain
+    (:meth:`~deltaexit.generation.runner.BlockRunner.chain_start`), so every block of the pass is handed it."""
+    return scan.runner.chain_start(chunk.depth)
 
 
 @register_policy
