@@ -185,7 +185,10 @@ def test_recompute_holds_back_exited_tokens_and_leaves_the_full_models_states(ki
     assert ours.keys() == full.keys()
     for layer in ours:
         for a, b in zip(ours[layer], full[layer], strict=True):
-            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), (kind, layer)
+            # float32 rounding of a one-token-at-a-time scan vs the prompt's chunked scan, relative to the state's
+            # scale (Mamba SSM states reach ~100: an absolute 1e-4 fails on rounding alone)
+            scale = max(1.0, float(b.abs().max()))
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4 * scale), (kind, layer)
 
 
 @pytest.mark.parametrize("kind", ["mamba"])  # exits cost Mamba more than they save: the monitor backs off

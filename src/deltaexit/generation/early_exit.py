@@ -61,7 +61,6 @@ from deltaexit.generation.cost import measure_block_fraction
 from deltaexit.generation.kv import check_cache, config_layer_types, fresh_cache, noting_writes
 from deltaexit.generation.outputs import EarlyExitOutput
 from deltaexit.generation.policy import KVPolicy, get_policy
-from deltaexit.generation.recurrent import recurrent_layers
 from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.scan import ExitScan
