@@ -89,6 +89,27 @@ class Carry:
             return (*args[: self.arg], value, *args[self.arg + 1 :]), kwargs
         return args, {**kwargs, str(self.key): value}
 
+    def taken_from(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The argument at this slot of a block call (None where the call has none)."""
+        if self.arg is not None:
+            return args[self.arg] if self.arg < len(args) else None
+        return kwargs.get(str(self.key))
+
+
+def _handed_on(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Carry, ...]:
+    """The items of a block's output tuple that are one of its own arguments, handed on unchanged to the next block
+    (e.g. RWKV's ``state`` list, which every block updates in place): item ``output``, argument ``arg``/``key``."""
+    if not isinstance(output, tuple):
+        return ()
+    slots = {id(x): Carry(0, arg=i) for i, x in enumerate(args) if i > 0}
+    slots.update({id(x): Carry(0, key=k) for k, x in kwargs.items() if k != "hidden_states"})
+    found = []
+    for j, x in enumerate(output[1:], 1):
+        if x is not None and not isinstance(x, (bool, int, float, str)) and id(x) in slots:
+            slot = slots[id(x)]
+            found.append(Carry(j, arg=slot.arg, key=slot.key))
+    return tuple(found)
+
 
 def _carry_in(fed: dict[int, int], args: Any, kwargs: Any) -> Carry | None:
     """Which argument of a block call (other than its hidden states) is one of the tensors in ``fed`` (``id`` ->
@@ -117,9 +138,11 @@ class _Recorder(nn.Module):
         last: bool,
         returns_tuple: bool,
         arity: int = 1,
+        handed_on: tuple[Carry, ...] = (),
     ):
         super().__init__()
         object.__setattr__(self, "_padding", (None,) * max(arity - 1, 0))  # the block's other outputs (unused)
+        object.__setattr__(self, "_handed_on", handed_on)  # outputs that are an argument, handed on unchanged
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_sink", sink)
@@ -137,7 +160,12 @@ class _Recorder(nn.Module):
         if self._last:
             raise _Recorded
         hidden = block_input(args, kwargs)
-        return (hidden, *self._padding) if self._returns_tuple else hidden
+        if not self._returns_tuple:
+            return hidden
+        out = [hidden, *self._padding]
+        for carry in self._handed_on:
+            out[carry.output] = carry.taken_from(args, kwargs)
+        return tuple(out)
 
 
 class BlockRunner:
@@ -158,6 +186,7 @@ class BlockRunner:
         self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
         self.call_counts: list[int] | None = None
         self.carried: dict[int, Carry] = {}  # blocks whose input takes the block before's extra output
+        self.handed_on: tuple[Carry, ...] = ()  # block outputs that are one of its arguments (the recorders return it)
         self._previous: Any = None  # the output of the last block run (what a carried block takes)
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
@@ -178,11 +207,14 @@ class BlockRunner:
         :meth:`run_block`); remove after one forward."""
         self.call_counts = [0] * self.num_layers
         self.carried = {}
+        self._recorders = None  # rebuilt with what this probe finds
         extras: dict[int, dict[int, int]] = {}
+        first: list[Any] = [(), {}]  # block 0's arguments
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
             self.output_arity = len(output) if isinstance(output, tuple) else 1
+            self.handed_on = _handed_on(output, *first)
 
         def after(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
             self.call_counts[index] += 1  # type: ignore[index]
@@ -190,6 +222,8 @@ class BlockRunner:
             extras[index] = {id(x): i for i, x in enumerate(rest, 1) if isinstance(x, torch.Tensor)}
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
+            if index == 0:
+                first[:] = [args, kwargs]
             fed = extras.get(index - 1)
             carry = _carry_in(fed, args, kwargs) if fed else None
             if carry is not None:
@@ -228,7 +262,7 @@ class BlockRunner:
             n = self.num_layers
             recorders = nn.ModuleList(
                 [
-                    _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple), self.output_arity)
+                    _Recorder(block, i, sink, i == n - 1, bool(self.returns_tuple), self.output_arity, self.handed_on)
                     for i, block in enumerate(self.blocks)
                 ]
             )
