@@ -15,6 +15,7 @@ from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.statecache import PrefixCache, StateCache, state_cache
 from deltaexit.generation.windowed import CacheWindowLayer
 from deltaexit.shrink import tiny_model_for
+from deltaexit.structure import StructureError
 from deltaexit.testing import ConstantScore, hook_counts, random_batch
 
 NEW = 8
@@ -195,3 +196,11 @@ def test_no_cache_runs_the_whole_sequence_every_step(gpt, kv):
     assert out.stats.token_blocks_run > out.stats.blocks_run
     if kv == "verify":  # lossless
         assert torch.equal(out.sequences, gpt.generate(ids, **_kwargs(mask)))
+
+
+def test_a_hidden_state_changed_between_blocks_is_refused_after_the_prompt_with_hooks_gone():
+    model = tiny_model_for("rwkv", rescale_every=2)  # halves the hidden state after every second block
+    hooks = hook_counts(model)
+    with pytest.raises(StructureError, match="changes the hidden state between blocks"):
+        EarlyExit(model, "softmax-max", float("inf"), "verify").generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    assert hook_counts(model) == hooks

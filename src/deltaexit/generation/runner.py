@@ -111,6 +111,17 @@ def _handed_on(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
     return tuple(found)
 
 
+def _same_stream(previous: Any, args: Any, kwargs: Any) -> bool:
+    """Whether a block's hidden-state argument is (the value of) ``previous``, the block before's output."""
+    try:
+        hidden = block_input(args, kwargs)
+    except StructureError:
+        return True  # no hidden states to compare: nothing to say
+    if hidden is previous or not isinstance(hidden, torch.Tensor) or not isinstance(previous, torch.Tensor):
+        return True
+    return hidden.shape == previous.shape and torch.equal(hidden, previous.to(hidden.device, hidden.dtype))
+
+
 def _carry_in(fed: dict[int, int], args: Any, kwargs: Any) -> Carry | None:
     """Which argument of a block call (other than its hidden states) is one of the tensors in ``fed`` (``id`` ->
     index in the block before's output tuple)."""
@@ -187,6 +198,7 @@ class BlockRunner:
         self.call_counts: list[int] | None = None
         self.carried: dict[int, Carry] = {}  # blocks whose input takes the block before's extra output
         self.handed_on: tuple[Carry, ...] = ()  # block outputs that are one of its arguments (the recorders return it)
+        self.changed: list[int] = []  # blocks whose input is not the output before (the loop changed it)
         self._previous: Any = None  # the output of the last block run (what a carried block takes)
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
@@ -207,7 +219,9 @@ class BlockRunner:
         :meth:`run_block`); remove after one forward."""
         self.call_counts = [0] * self.num_layers
         self.carried = {}
+        self.changed = []
         self._recorders = None  # rebuilt with what this probe finds
+        outs: dict[int, Any] = {}  # the last block output not yet compared with the next block's input
         extras: dict[int, dict[int, int]] = {}
         first: list[Any] = [(), {}]  # block 0's arguments
 
@@ -220,10 +234,13 @@ class BlockRunner:
             self.call_counts[index] += 1  # type: ignore[index]
             rest = output[1:] if isinstance(output, tuple) else ()
             extras[index] = {id(x): i for i, x in enumerate(rest, 1) if isinstance(x, torch.Tensor)}
+            outs[index] = output[0] if isinstance(output, tuple) and output else output
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
             if index == 0:
                 first[:] = [args, kwargs]
+            if index - 1 in outs and not _same_stream(outs.pop(index - 1), args, kwargs):
+                self.changed.append(index)
             fed = extras.get(index - 1)
             carry = _carry_in(fed, args, kwargs) if fed else None
             if carry is not None:
@@ -248,6 +265,13 @@ class BlockRunner:
                 f"{name}'s forward ran blocks {again} {times} times (a looped, recurrent-depth model): early exit runs "
                 "each block of the list once, in order, so none of the KV policies (verify, propagate, recompute) "
                 "supports it. Use model.generate."
+            )
+        if self.changed:
+            raise StructureError(
+                f"{name}'s forward changes the hidden state between blocks (blocks {self.changed} get another value "
+                "than the block before returned, e.g. RWKV's rescaling every rescale_every layers): early exit runs "
+                "the blocks back to back, so none of the KV policies (verify, propagate, recompute) would reproduce "
+                "model.generate. Use model.generate."
             )
 
     def record(self, **model_inputs: Any) -> tuple[torch.Tensor, list[BlockCall]]:
