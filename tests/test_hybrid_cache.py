@@ -272,7 +272,6 @@ class Counter:
             },
             "class of its own",
         ),
-        ("openai-gpt", {"n_embd": 32, "n_layer": 2, "n_head": 4}, "takes no cache"),
     ],
 )
 def test_unsupported_caches_are_refused_before_any_block_runs(model_type, fields, pattern):

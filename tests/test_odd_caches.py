@@ -9,10 +9,13 @@ import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from deltaexit import EarlyExit
-from deltaexit.generation.kv import fresh_cache
+from deltaexit.generation.kv import UnsupportedCacheError, fresh_cache
+from deltaexit.generation.recurrent import restore, take_snapshot
 from deltaexit.generation.runner import BlockRunner
+from deltaexit.generation.statecache import PrefixCache, StateCache, state_cache
 from deltaexit.generation.windowed import CacheWindowLayer
 from deltaexit.shrink import tiny_model_for
+from deltaexit.structure import StructureError
 from deltaexit.testing import ConstantScore, hook_counts, random_batch
 
 NEW = 8
@@ -131,3 +134,73 @@ def test_carried_block_outputs_survive_exits(zaya, kv):
     out = ee.generate(ids, return_dict_in_generate=True, **_kwargs(mask))
     assert out.sequences.shape == (2, 6 + NEW) and bool((out.exit_layers[:, 1:] == 1).any())
     assert hook_counts(zaya) == hooks
+
+
+@pytest.fixture(scope="module")
+def rwkv():
+    return tiny_model_for("rwkv").eval()
+
+
+def test_own_state_is_viewed_by_a_cache_and_handed_on_by_the_recorders(rwkv):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        state = rwkv(ids, use_cache=True).state
+    cache = state_cache(state, rwkv.config.num_hidden_layers)
+    assert type(cache) is StateCache and len(cache.layers) == rwkv.config.num_hidden_layers
+    snap = take_snapshot(cache, 4)
+    with torch.no_grad():
+        rwkv(torch.tensor([[9]]), state=state, use_cache=True)  # the blocks update the model's tensors in place
+    assert not torch.equal(cache.layers[1].recurrent_states[2], snap.layers[1].recurrent[2])
+    restore(cache, snap)  # in place: back into the model's own tensors
+    assert torch.equal(state[2][..., 1], snap.layers[1].recurrent[2])
+    with pytest.raises(UnsupportedCacheError, match="last dimension is the layer"):
+        state_cache([torch.zeros(1, 4, 3)], rwkv.config.num_hidden_layers)
+    ee = EarlyExit(rwkv, "softmax-max", float("-inf"), "verify", min_exit_layer=1, backoff=False)
+    ee.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert [carry.key for carry in ee.runner.handed_on] == ["state"]  # each block hands the state list on
+
+
+@pytest.mark.parametrize(("kv", "threshold"), CELLS)
+def test_own_state_reproduces_generate(rwkv, kv, threshold):
+    assert _same_as_generate(rwkv, kv, threshold)
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_own_state_survives_exits(rwkv, kv):
+    ids, mask = random_batch(rwkv.config.vocab_size, 1, 6)
+    ee = EarlyExit(rwkv, ConstantScore(), 0.5, kv, min_exit_layer=1, backoff=False)
+    out = ee.generate(ids, return_dict_in_generate=True, **_kwargs(mask))
+    assert out.sequences.shape == (1, 6 + NEW) and bool((out.exit_layers[:, 1:] == 1).any())
+    if kv == "propagate":
+        assert out.stats.state_calls > 0  # a skipped block's state advanced from the exit state
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return tiny_model_for("openai-gpt").eval()
+
+
+@pytest.mark.parametrize(("kv", "threshold"), CELLS)
+def test_no_cache_at_all_reproduces_generate(gpt, kv, threshold):
+    assert _same_as_generate(gpt, kv, threshold)
+
+
+@pytest.mark.parametrize("kv", ["verify", "propagate", "recompute"])
+def test_no_cache_runs_the_whole_sequence_every_step(gpt, kv):
+    ids, mask = random_batch(gpt.config.vocab_size, 1, 6)
+    ee = EarlyExit(gpt, ConstantScore(), 0.5, kv, min_exit_layer=1, backoff=False)
+    out = ee.generate(ids, return_dict_in_generate=True, **_kwargs(mask))
+    assert type(out.cache) is PrefixCache and out.stats.kv_only_calls == 0
+    assert out.stats.drafted > 0 if kv == "verify" else bool((out.exit_layers[:, 1:] == 1).any())
+    # every pass runs the prefix again: more token-blocks than one new token per block run
+    assert out.stats.token_blocks_run > out.stats.blocks_run
+    if kv == "verify":  # lossless
+        assert torch.equal(out.sequences, gpt.generate(ids, **_kwargs(mask)))
+
+
+def test_a_hidden_state_changed_between_blocks_is_refused_after_the_prompt_with_hooks_gone():
+    model = tiny_model_for("rwkv", rescale_every=2)  # halves the hidden state after every second block
+    hooks = hook_counts(model)
+    with pytest.raises(StructureError, match="changes the hidden state between blocks"):
+        EarlyExit(model, "softmax-max", float("inf"), "verify").generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    assert hook_counts(model) == hooks

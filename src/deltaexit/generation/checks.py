@@ -36,6 +36,7 @@ from deltaexit.generation.kv import (
     has_state,
     layers_of,
 )
+from deltaexit.generation.statecache import recomputes_prefix, state_argument
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 from deltaexit.structure import config_int
 
@@ -85,24 +86,19 @@ def check_model(model: Any) -> None:
 
 def check_cache_support(model: Any) -> None:
     """Raise :class:`UnsupportedCacheError` for a model whose cache no KV policy can keep consistent, from the model
-    alone (before any block runs): one whose forward takes no cache at all, one that ``transformers`` cannot give a
-    ``DynamicCache`` (a cache class of its own), or one whose config names cache layer types early exit does not
-    know.
+    alone (before any block runs): one that ``transformers`` cannot give a ``DynamicCache`` (a cache class of its
+    own), or one whose config names cache layer types early exit does not know. A forward that takes no cache is
+    fine: a state of its own (RWKV's) is viewed as a cache, and with none at all (``openai-gpt``) the blocks run
+    over the whole sequence every step, as ``model.generate`` does (:mod:`deltaexit.generation.statecache`).
 
     Example:
         >>> from deltaexit.testing import tiny_model
         >>> check_cache_support(tiny_model("llama"))  # nothing to say
     """
     name = type(model).__name__
-    forward = getattr(model, "forward", None)
-    params = inspect.signature(forward).parameters if callable(forward) else {}
-    if "input_ids" in params and not {"cache", "past_key_values"}.intersection(params):  # a model's own forward
-        raise UnsupportedCacheError(
-            f"{name}'s forward takes no cache (no cache= or past_key_values= argument): every KV policy (verify, "
-            "propagate, recompute) keeps the skipped layers' cache, so early exit cannot run on it. Use model.generate."
-        )
+    own = state_argument(model) is not None or recomputes_prefix(model)  # no transformers cache: ours stands in
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
-    if callable(supports_dynamic) and not supports_dynamic():
+    if callable(supports_dynamic) and not supports_dynamic() and not own:
         raise UnsupportedCacheError(
             f"{name} keeps its cache in a class of its own (transformers gives it no DynamicCache); none of the KV "
             "policies (verify, propagate, recompute) can keep it consistent under early exit. Use model.generate."

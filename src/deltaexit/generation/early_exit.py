@@ -65,6 +65,7 @@ from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.scan import ExitScan
 from deltaexit.generation.skipped import check_text_only, fill_skipped_layers
+from deltaexit.generation.statecache import PrefixCache, state_argument, state_cache
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.structure import find_structure
@@ -198,7 +199,7 @@ class EarlyExit:
         check_text_only(kwargs, self.runner.skipped)
         stop_strings_to_criteria(self.model, kwargs)
         cache_on_for_loop(kwargs)
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and not self.scan.prefix:
             kwargs["cache"] = fresh_cache(self.model.config, self.cache_layer_types, self.cache_window)
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
@@ -290,6 +291,12 @@ class EarlyExit:
         self.runner.check_called_once()  # a looped (recurrent-depth) model is refused here, after the prompt
         if outputs.get("cache") is not None:
             run.model_kwargs["cache"] = outputs["cache"]
+        name = state_argument(self.model)
+        if name is not None and outputs.get(name) is not None:  # the model's own recurrent state (e.g. RWKV's)
+            run.model_kwargs[name] = outputs[name]
+            run.model_kwargs["cache"] = state_cache(outputs[name], self.num_layers)
+        elif self.scan.prefix:  # no cache at all (e.g. openai-gpt): a cache that only counts tokens
+            run.model_kwargs["cache"] = PrefixCache(self.num_layers)
         fill_skipped_layers(run.cache, self.runner.skipped, self.num_layers)
         check_cache(run.cache, self.num_layers, run.input_ids.shape[1], self.runner.blocks)
         run.stats.prompt_blocks = self.num_layers

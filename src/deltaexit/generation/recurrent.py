@@ -46,6 +46,7 @@ from transformers.cache_utils import DynamicLayer
 
 from deltaexit.generation.checks import key_selecting_attention
 from deltaexit.generation.kv import cache_view, fresh_cache, has_kv, has_state, layers_of
+from deltaexit.generation.statecache import StateCache
 from deltaexit.generation.windowed import CacheWindowLayer
 
 __all__ = [
@@ -199,9 +200,11 @@ _SELECTING: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictiona
 def steps_one_at_a_time(model: Any, cache: DynamicCache) -> bool:
     """Whether several new tokens must run one at a time for the model to compute what its one-token steps
     (``model.generate``'s) compute: recurrent layers that do not :func:`continues_chunks`, attention that picks
-    cached keys by a score (:func:`deltaexit.generation.checks.key_selecting_attention`, e.g. Doge's), or a
-    window only the cache applies (:class:`~deltaexit.generation.windowed.CacheWindowLayer`, e.g. moshi's)."""
-    if any(isinstance(layer, CacheWindowLayer) for layer in layers_of(cache)):
+    cached keys by a score (:func:`deltaexit.generation.checks.key_selecting_attention`, e.g. Doge's), a window
+    only the cache applies (:class:`~deltaexit.generation.windowed.CacheWindowLayer`, e.g. moshi's), or a model's
+    own state (:class:`~deltaexit.generation.statecache.StateCache`, e.g. RWKV's, whose one-token path at batch > 1
+    is not its multi-token path)."""
+    if isinstance(cache, StateCache) or any(isinstance(layer, CacheWindowLayer) for layer in layers_of(cache)):
         return True
     if isinstance(model, nn.Module):
         if model not in _SELECTING:
@@ -226,6 +229,7 @@ class RecurrentRound:
         self.stepwise = stepwise
         self.snapshot = take_snapshot(cache, start)
         self.inputs: dict[int, torch.Tensor] = {}  # the verify pass's block inputs, [B, n_chunk, H], by layer
+        self.pieces: dict[int, list[torch.Tensor]] = {}  # the same, one per token (:meth:`run_deep`)
 
     @classmethod
     def begin(cls, cache: DynamicCache, start: int, model: Any = None) -> RecurrentRound | None:
@@ -242,7 +246,11 @@ class RecurrentRound:
 
     def run_deep(self, scan: Any, stats: Any, ids, kwargs, draft_states, depth: int) -> torch.Tensor:
         """``verify``'s pass over the chunk from block ``depth`` on, one token at a time (:attr:`stepwise`): the
-        chunk's last-block outputs ``[B, n_chunk, H]``; each block's input is kept in :attr:`inputs`."""
+        chunk's last-block outputs ``[B, n_chunk, H]``; each block's input is kept in :attr:`pieces`, per token.
+
+        Each token's output is its last position: a block may widen a one-token input, as ``model.generate``'s
+        one-token steps do (RWKV's one-token path broadcasts its state over the batch at batch > 1), and the
+        blocks here get exactly what they get there."""
         n_chunk = ids.shape[1] - self.start
         outs: list[torch.Tensor] = []
         pieces: dict[int, list[torch.Tensor]] = {}
@@ -251,10 +259,10 @@ class RecurrentRound:
                 hidden, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, self.start + i, self.start + i + 1))
             inputs: dict[int, torch.Tensor] = {}
             h = hidden if depth == 0 else draft_states[i][depth]
-            outs.append(scan.run_blocks(h, calls, range(depth, scan.num_layers), stats, inputs))
+            outs.append(scan.run_blocks(h, calls, range(depth, scan.num_layers), stats, inputs)[:, -1:])
             for layer, x in inputs.items():
                 pieces.setdefault(layer, []).append(x)
-        self.inputs = {layer: torch.cat(xs, dim=1) for layer, xs in pieces.items()}
+        self.pieces = pieces
         return torch.cat(outs, dim=1)
 
     def reset(self, layers: Iterable[int]) -> None:
@@ -295,7 +303,7 @@ class RecurrentRound:
                 if idx < depth:
                     h = torch.cat([states[idx] for states in draft_states[a:b]], dim=1)
                 else:
-                    h = self.inputs[idx][:, a:b]
+                    h = self.pieces[idx][a] if self.stepwise else self.inputs[idx][:, a:b]
                 scan.runner.run_block(idx, h, calls[idx])
                 stats.blocks_run += 1
                 stats.token_blocks_run += b - a

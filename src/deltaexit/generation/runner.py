@@ -105,6 +105,38 @@ class Carry:
             return (*args[: self.arg], value, *args[self.arg + 1 :]), kwargs
         return args, {**kwargs, str(self.key): value}
 
+    def taken_from(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The argument at this slot of a block call (None where the call has none)."""
+        if self.arg is not None:
+            return args[self.arg] if self.arg < len(args) else None
+        return kwargs.get(str(self.key))
+
+
+def _handed_on(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Carry, ...]:
+    """The items of a block's output tuple that are one of its own arguments, handed on unchanged to the next block
+    (e.g. RWKV's ``state`` list, which every block updates in place): item ``output``, argument ``arg``/``key``."""
+    if not isinstance(output, tuple):
+        return ()
+    slots = {id(x): Carry(0, arg=i) for i, x in enumerate(args) if i > 0}
+    slots.update({id(x): Carry(0, key=k) for k, x in kwargs.items() if k != "hidden_states"})
+    found = []
+    for j, x in enumerate(output[1:], 1):
+        if x is not None and not isinstance(x, (bool, int, float, str)) and id(x) in slots:
+            slot = slots[id(x)]
+            found.append(Carry(j, arg=slot.arg, key=slot.key))
+    return tuple(found)
+
+
+def _same_stream(previous: Any, args: Any, kwargs: Any) -> bool:
+    """Whether a block's hidden-state argument is (the value of) ``previous``, the block before's output."""
+    try:
+        hidden = block_input(args, kwargs)
+    except StructureError:
+        return True  # no hidden states to compare: nothing to say
+    if hidden is previous or not isinstance(hidden, torch.Tensor) or not isinstance(previous, torch.Tensor):
+        return True
+    return hidden.shape == previous.shape and torch.equal(hidden, previous.to(hidden.device, hidden.dtype))
+
 
 def _carry_in(fed: dict[int, int], args: Any, kwargs: Any) -> Carry | None:
     """Which argument of a block call (other than its hidden states) is one of the tensors in ``fed`` (``id`` ->
@@ -133,9 +165,11 @@ class _Recorder(nn.Module):
         last: bool,
         returns_tuple: bool,
         arity: int = 1,
+        handed_on: tuple[Carry, ...] = (),
     ):
         super().__init__()
         object.__setattr__(self, "_padding", (None,) * max(arity - 1, 0))  # the block's other outputs (unused)
+        object.__setattr__(self, "_handed_on", handed_on)  # outputs that are an argument, handed on unchanged
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_sink", sink)
@@ -153,7 +187,12 @@ class _Recorder(nn.Module):
         if self._last:
             raise _Recorded
         hidden = block_input(args, kwargs)
-        return (hidden, *self._padding) if self._returns_tuple else hidden
+        if not self._returns_tuple:
+            return hidden
+        out = [hidden, *self._padding]
+        for carry in self._handed_on:
+            out[carry.output] = carry.taken_from(args, kwargs)
+        return tuple(out)
 
 
 def _check_plain_readout(model: nn.Module, structure: ModelStructure) -> None:
@@ -220,6 +259,8 @@ class BlockRunner:
         self.output_arity = 1  # entries of a block's output tuple (the model's loop may unpack them all)
         self.call_counts: list[int] | None = None
         self.carried: dict[int, Carry] = {}  # blocks whose input takes the block before's extra output
+        self.handed_on: tuple[Carry, ...] = ()  # block outputs that are one of its arguments (the recorders return it)
+        self.changed: list[int] = []  # blocks whose input is not the output before (the loop changed it)
         self._previous: Any = None  # the output of the last block run (what a carried block takes)
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
@@ -240,18 +281,28 @@ class BlockRunner:
         :meth:`run_block`); remove after one forward."""
         self.call_counts = [0] * self.num_layers
         self.carried = {}
+        self.changed = []
+        self._recorders = None  # rebuilt with what this probe finds
+        outs: dict[int, Any] = {}  # the last block output not yet compared with the next block's input
         extras: dict[int, dict[int, int]] = {}
+        first: list[Any] = [(), {}]  # block 0's arguments
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
             self.output_arity = len(output) if isinstance(output, tuple) else 1
+            self.handed_on = _handed_on(output, *first)
 
         def after(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
             self.call_counts[index] += 1  # type: ignore[index]
             rest = output[1:] if isinstance(output, tuple) else ()
             extras[index] = {id(x): i for i, x in enumerate(rest, 1) if isinstance(x, torch.Tensor)}
+            outs[index] = output[0] if isinstance(output, tuple) and output else output
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
+            if index == 0:
+                first[:] = [args, kwargs]
+            if index - 1 in outs and not _same_stream(outs.pop(index - 1), args, kwargs):
+                self.changed.append(index)
             fed = extras.get(index - 1)
             carry = _carry_in(fed, args, kwargs) if fed else None
             if carry is not None:
@@ -285,6 +336,13 @@ class BlockRunner:
                 "each block of the list once, in order, so none of the KV policies (verify, propagate, recompute) "
                 "supports it. Use model.generate."
             )
+        if self.changed:
+            raise StructureError(
+                f"{name}'s forward changes the hidden state between blocks (blocks {self.changed} get another value "
+                "than the block before returned, e.g. RWKV's rescaling every rescale_every layers): early exit runs "
+                "the blocks back to back, so none of the KV policies (verify, propagate, recompute) would reproduce "
+                "model.generate. Use model.generate."
+            )
 
     def chain_start(self, layer: int) -> int:
         """Where a pass that should start at block ``layer`` starts: the first block of the chain of blocks up to
@@ -306,7 +364,9 @@ class BlockRunner:
         if recorders is None or recorders[0]._returns_tuple != bool(self.returns_tuple):
             recorders = nn.ModuleList(
                 [
-                    _Recorder(block, i, sink, i == self._last_run, bool(self.returns_tuple), self.output_arity)
+                    _Recorder(
+                        block, i, sink, i == self._last_run, bool(self.returns_tuple), self.output_arity, self.handed_on
+                    )
                     for i, block in enumerate(self.blocks)
                 ]
             )

@@ -31,6 +31,7 @@ from deltaexit.exits import ThresholdSchedule, is_scored, passes
 from deltaexit.generation.outputs import GenerationStats
 from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockCall, BlockRunner
+from deltaexit.generation.statecache import recomputes_prefix
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure, LayerState
 
@@ -137,6 +138,8 @@ class ExitScan:
         self.schedule = schedule
         self.min_exit_layer = min_exit_layer
         self.num_layers = runner.num_layers
+        #: The model keeps no cache (e.g. openai-gpt): every pass runs the blocks over the whole sequence, from 0.
+        self.prefix = recomputes_prefix(model)
 
     def thresholds(self, step: int) -> list[float]:
         """The exit thresholds of decode step ``step`` per block; ``inf`` (no exit) after a block the model skips on
@@ -147,7 +150,10 @@ class ExitScan:
         return values
 
     def model_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-        """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``)."""
+        """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``); from position 0
+        for a model that keeps no cache (:attr:`prefix`), whose forward runs the whole sequence as
+        ``model.generate``'s does."""
+        start = 0 if self.prefix else start
         kw = dict(kwargs)
         for key in ("attention_mask", "position_ids", "token_type_ids"):
             value = kw.get(key)

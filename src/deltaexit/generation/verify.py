@@ -83,10 +83,11 @@ class VerifyState:
 
 
 def _verify_depth(scan: ExitScan, chunk: _Chunk) -> int:
-    """The first block the verify pass runs: the shallowest draft exit, or where a block there takes the block
+    """The first block the verify pass runs: the shallowest draft exit; where a block there takes the block
     before's extra output (:attr:`~deltaexit.generation.runner.BlockRunner.carried`), the first block of that chain
-    (:meth:`~deltaexit.generation.runner.BlockRunner.chain_start`), so every block of the pass is handed it."""
-    return scan.runner.chain_start(chunk.depth)
+    (:meth:`~deltaexit.generation.runner.BlockRunner.chain_start`), so every block of the pass is handed it; 0 where
+    the model keeps no cache (:attr:`ExitScan.prefix`: the pass runs the whole sequence)."""
+    return 0 if scan.prefix else scan.runner.chain_start(chunk.depth)
 
 
 @register_policy
@@ -272,8 +273,8 @@ class Verify(KVPolicy):
         crop_cache(run.cache, start, range(m, L))
         if rounds is not None:
             rounds.reset(range(m, L))
-        if m == L:
-            h = torch.cat([states[m] for states in chunk.states], dim=1)
+        if m == L:  # each draft scan's token is its last position (a block may widen one token, e.g. RWKV's)
+            h = torch.cat([states[m][:, -1:] for states in chunk.states], dim=1)
         elif rounds is not None and rounds.stepwise:  # recurrent layers that take one token at a time
             h = rounds.run_deep(scan, run.stats, ids, kwargs, chunk.states, m)
         else:
@@ -281,7 +282,7 @@ class Verify(KVPolicy):
                 hidden, calls = scan.runner.record(**scan.model_inputs(ids, kwargs, start, start + n_chunk))
             h = hidden if m == 0 else torch.cat([states[m] for states in chunk.states], dim=1)
             h = scan.run_blocks(h, calls, range(m, L), run.stats, rounds.inputs if rounds is not None else None)
-        return scan.lens(h).float()
+        return scan.lens(h[:, -n_chunk:]).float()  # (a model that keeps no cache ran the whole sequence)
 
     def _accept(self, run: Run, chunk: _Chunk, target: torch.Tensor):
         """The tokens to emit (the accepted drafts, then a correction or the bonus token), their exit layers and

@@ -1,0 +1,109 @@
+"""Caches of models that keep no ``transformers`` cache: a forward's own recurrent ``state``, or no cache at all.
+
+* **A forward's own state** (RWKV's ``state=``: a list of tensors whose last dimension is the layer, each block
+  updating its slice in place). After the prompt, :func:`state_cache` wraps that list in a ``DynamicCache`` of
+  ``LinearAttentionLayer`` objects whose recurrent states are *views* of the model's tensors (layer ``i``'s state
+  ``k`` is ``state[k][..., i]``): the recurrent-state machinery of :mod:`deltaexit.generation.recurrent` then
+  snapshots, restores (in place, so into the model's own tensors) and advances them as it does any recurrent layer.
+* **No cache at all** (``openai-gpt``: ``model.generate`` runs the whole sequence again each step).
+  :class:`PrefixCache` is a cache of no-cache layers that only counts tokens; every scan and verify pass then
+  runs the blocks over the whole sequence from position 0, as ``model.generate`` does, and keeps the new
+  positions (:func:`recomputes_prefix`).
+
+Example:
+    >>> import torch
+    >>> state = [torch.zeros(1, 4, 3), torch.zeros(1, 4, 3)]  # [batch, hidden, layers]
+    >>> cache = state_cache(state, num_layers=3)
+    >>> state[1][:, :, 2] = 1.0  # a block writes its slice in place
+    >>> cache.layers[2].recurrent_states[1].sum().item()
+    4.0
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+
+from deltaexit.generation.kv import UnsupportedCacheError
+
+__all__ = [
+    "STATE_ARGUMENTS",
+    "PrefixCache",
+    "StateCache",
+    "forward_parameters",
+    "recomputes_prefix",
+    "state_argument",
+    "state_cache",
+]
+
+#: Forward arguments (of ``transformers``' deprecated cache names) that hold a model's own recurrent state.
+STATE_ARGUMENTS = ("state",)
+
+
+def forward_parameters(model: Any) -> set[str]:
+    """The names of ``model.forward``'s parameters (empty where it has none to read)."""
+    forward = getattr(model, "forward", None)
+    try:
+        return set(inspect.signature(forward).parameters) if callable(forward) else set()
+    except (TypeError, ValueError):
+        return set()
+
+
+def state_argument(model: Any) -> str | None:
+    """The forward argument that holds ``model``'s own recurrent state (e.g. RWKV's ``state``), for a model whose
+    forward takes no ``cache``; else None."""
+    params = forward_parameters(model)
+    if {"cache", "past_key_values"}.intersection(params):
+        return None
+    return next((name for name in STATE_ARGUMENTS if name in params), None)
+
+
+def recomputes_prefix(model: Any) -> bool:
+    """Whether ``model``'s forward takes neither a cache nor a state of its own: every step runs the whole sequence.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> recomputes_prefix(tiny_model("llama"))
+        False
+    """
+    params = forward_parameters(model)
+    return "input_ids" in params and not {"cache", "past_key_values"}.intersection(params) and not state_argument(model)
+
+
+def state_cache(state: Any, num_layers: int) -> DynamicCache:
+    """A ``DynamicCache`` of recurrent layers viewing a model's own ``state`` (tensors whose last dimension is the
+    layer); raises :class:`~deltaexit.generation.kv.UnsupportedCacheError` for any other kind of state."""
+    tensors = list(state) if isinstance(state, (list, tuple)) else []
+    if not tensors or any(not isinstance(t, torch.Tensor) or t.shape[-1] != num_layers for t in tensors):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tensors]
+        raise UnsupportedCacheError(
+            f"the model's own state ({type(state).__name__} of {shapes}) is not a list of tensors whose last "
+            f"dimension is the layer ({num_layers}): no KV policy (verify, propagate, recompute) can keep it "
+            "consistent under early exit. Use model.generate."
+        )
+    cache = StateCache()
+    layers: list[Any] = []
+    for i in range(num_layers):
+        layer = LinearAttentionLayer(number_of_states=len(tensors))
+        for k, tensor in enumerate(tensors):
+            layer.recurrent_states[k] = tensor[..., i]  # a view: the block writes its slice in place
+        layers.append(layer)
+    cache.layers = layers
+    return cache
+
+
+class StateCache(DynamicCache):
+    """A ``DynamicCache`` whose recurrent layers view a model's own state (:func:`state_cache`)."""
+
+
+class PrefixCache(DynamicCache):
+    """The cache of a model that keeps none: one no-cache layer per block; it only counts the tokens seen
+    (:func:`~deltaexit.generation.kv.set_cache_length`), and the blocks run over the whole sequence every time."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.layers = [DummyLayer() for _ in range(num_layers)]
