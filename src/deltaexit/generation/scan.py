@@ -61,6 +61,12 @@ class ScanResult:
     read: bool | None = None
 
 
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``[B]`` row mask shaped to broadcast over ``like`` (``[B, ...]``: one position's state ``[B, *state]``, a
+    block's output ``[B, T, *state]``, logits ``[B, V]``)."""
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
+
+
 class _RowExits:
     """Per-row exit bookkeeping of one scan: exit layer, exit state and the lens logits a measure made there."""
 
@@ -79,7 +85,7 @@ class _RowExits:
     def add(self, new: torch.Tensor, depth: int, last: torch.Tensor, logits: torch.Tensor | None) -> None:
         """Rows ``new`` exit after ``depth`` blocks at state ``last`` (with the lens ``logits`` if known)."""
         self.layer = torch.where(new, depth, self.layer)
-        self.state = torch.where(new[:, None], last, self.state)
+        self.state = torch.where(_per_row(new, last), last, self.state)
         if logits is not None:
             lg = logits.float()
             self.cached = lg if self.cached is None else torch.where(new[:, None], lg, self.cached)
@@ -91,7 +97,7 @@ class _RowExits:
         """The active rows that did not exit stop at ``depth`` with state ``last``."""
         remaining = self.active & (self.layer == 0)
         self.layer = torch.where(remaining, depth, self.layer)
-        self.state = torch.where(remaining[:, None], last, self.state)
+        self.state = torch.where(_per_row(remaining, last), last, self.state)
 
     def logits(self) -> torch.Tensor:
         """``[B, V]`` float32 lens logits at each row's exit (the measure's where it made them)."""
@@ -142,13 +148,21 @@ class ExitScan:
         return values
 
     def model_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-        """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``)."""
+        """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``).
+
+        A ``logits_to_keep`` (``model.generate`` keeps the last position's logits) becomes 0, all positions: the
+        runner's recording pass computes no logits, and a forward may cut the sequence to the kept positions before
+        its last blocks (Gemma-4 does before the blocks that reuse an earlier block's keys/values), while the
+        policies run every block on every position of the tokens."""
         kw = dict(kwargs)
         for key in ("attention_mask", "position_ids", "token_type_ids"):
             value = kw.get(key)
             if isinstance(value, torch.Tensor) and value.shape[-1] > end:
                 kw[key] = value[..., :end]
-        return self.model.prepare_inputs_for_generation(ids[:, :end], next_sequence_length=end - start, **kw)
+        inputs = self.model.prepare_inputs_for_generation(ids[:, :end], next_sequence_length=end - start, **kw)
+        if isinstance(inputs.get("logits_to_keep"), int):
+            inputs["logits_to_keep"] = 0
+        return inputs
 
     def run_blocks(
         self,
@@ -209,7 +223,7 @@ class ExitScan:
             run.stats.blocks_run += 1
             run.stats.token_blocks_run += n_tok
             if freeze and rows.any_exited:
-                out = torch.where((rows.exited & rows.active)[:, None, None], h, out)
+                out = torch.where(_per_row(rows.exited & rows.active, out), h, out)
             h_prev, h = h, out
             depth = layer + 1
             if states is not None:
@@ -239,6 +253,13 @@ class ExitScan:
             state.take_from(previous)  # (only full logits are ever cached as the exit's logits, below)
         score = self.measure.score(state)
         run.stats.measure_calls += 1
+        if score.shape != rows.active.shape:
+            raise ValueError(
+                f"the measure {self.measure!r} scored the states of shape {tuple(state.h_out.shape)} (rows first) as "
+                f"{tuple(score.shape)}, not one score per row {tuple(rows.active.shape)}: a state of several residual "
+                "streams ([rows, streams, hidden]) needs a measure that reads the lens logits (e.g. softmax-max), or "
+                "one made for such states."
+            )
         new = passes(score, threshold) & ~rows.exited
         # One device-to-host transfer per scored block (the exit decision needs one; a GPU pays per sync).
         flags = [torch.isnan(score).any(), new.any(), (rows.exited | new).all()]

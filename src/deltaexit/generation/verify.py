@@ -85,8 +85,14 @@ class VerifyState:
 def _verify_depth(scan: ExitScan, chunk: _Chunk) -> int:
     """The first block the verify pass runs: the shallowest draft exit, or 0 where a block takes the block before's
     extra output (:attr:`~deltaexit.generation.runner.BlockRunner.carried`), which the drafts' scans made one token
-    at a time: the pass then runs every block over the chunk, in order."""
-    return 0 if scan.runner.carried else chunk.depth
+    at a time: the pass then runs every block over the chunk, in order. Where a block below the shallowest exit
+    stores state that deeper blocks read in the same forward (KV shared between layers:
+    :attr:`~deltaexit.generation.runner.BlockRunner.shared_writers`), the pass starts at the first such block, so
+    the deep blocks read it over the whole chunk."""
+    if scan.runner.carried:
+        return 0
+    below = [layer for layer in scan.runner.shared_writers if layer < chunk.depth < scan.num_layers]
+    return min(below, default=chunk.depth)
 
 
 @register_policy
