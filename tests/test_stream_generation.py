@@ -102,3 +102,22 @@ def test_gemma4_kv_sharing_verify_is_lossless(exit_after):
     out = ee.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
     assert sorted(ee.runner.shared_writers) == [2, 3]
+
+
+def test_a_forward_that_cuts_the_sequence_inside_its_block_loop_is_refused_by_name():
+    """Asked for one position's logits, Gemma-4 cuts the sequence before its KV-sharing blocks: recording such a
+    forward is a named StructureError, not blocks run on mismatched positions."""
+    from deltaexit.generation.runner import BlockRunner
+    from deltaexit.structure import StructureError
+
+    model = _gemma4_shared()
+    runner = BlockRunner(model)
+    handle = runner.probe_output_type()
+    with torch.no_grad():
+        model(PROMPT[:, :4])
+    handle.remove()
+    with torch.no_grad(), pytest.raises(StructureError, match="cuts the sequence inside its block loop"):
+        runner.record(input_ids=PROMPT[:, :4], use_cache=False, logits_to_keep=1)
+    hidden, calls = runner.record(input_ids=PROMPT[:, :4], use_cache=False, logits_to_keep=0)
+    assert hidden.shape[1] == 4 and len(calls) == 6
+    assert hook_counts(model) == 0
