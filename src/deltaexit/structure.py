@@ -377,7 +377,8 @@ class ModelStructure:
         leading_streams: The blocks pass several residual streams stacked on a leading axis,
             ``[streams, batch, seq, hidden]`` (Gemma-3n's AltUp); deltaexit's states are ``[batch, seq, streams,
             hidden]`` (:meth:`state_of`, :meth:`native_of`), merged by the pre-norm module (see
-            :mod:`deltaexit.streams`).
+            :mod:`deltaexit.streams`). Early-exit generation hands each block its own layout
+            (:meth:`deltaexit.generation.runner.BlockRunner.run_block`).
     """
 
     model: nn.Module

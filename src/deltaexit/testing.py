@@ -195,4 +195,6 @@ class ConstantScore(ConfidenceMeasure):
         self.value = float(value)
 
     def score(self, state: Any) -> torch.Tensor:
-        return torch.full(state.h_out.shape[:-1], self.value, device=state.h_out.device)
+        structure = getattr(state.lens, "structure", None)  # a state of several streams ends in [streams, hidden]
+        k = getattr(structure, "state_dims", 1)
+        return torch.full(state.h_out.shape[: state.h_out.dim() - k], self.value, device=state.h_out.device)

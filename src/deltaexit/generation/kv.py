@@ -14,8 +14,9 @@ and which :func:`store_kv_only` lets the block write before stopping it. Two sha
 the prompt by :func:`check_cache`: a constant number of positions every layer holds besides the tokens (CPM-Ant
 prepends its prompt tokens to every sequence: :func:`cache_offset`; lengths taken and given here are tokens), and
 blocks that write several cache layers (LongCat-Flash's two attention sublayers: found from the ``layer_idx`` of
-the modules in each block, :func:`block_layers`). Anything else (static or quantised caches, KV shared between
-layers) is detected there too and refused with a clear error.
+the modules in each block, :func:`block_layers`). Blocks that reuse the keys/values an earlier block of the same
+forward stores (Gemma-3n's KV sharing) have no cache layer of their own (``DummyLayer``); anything else (static or
+quantised caches) is detected there too and refused with a clear error.
 
 :func:`store_kv_only` (``propagate``'s K/V-only calls) can skip the query projection where the block's attention
 has a separate one (:func:`deltaexit.structure.query_projection`): for the duration of the call it is swapped for
@@ -143,8 +144,8 @@ def fresh_cache(config: Any = None, types: list[str] | None = None, window: int 
     Sliding-window layers still attend only within their window: the window is applied by the model's mask. Given
     the model's ``config``, a model with recurrent layers (linear attention, Mamba, short convolutions) or indexed
     ones (DeepSeek Sparse Attention) gets the cache layers ``transformers`` would give it (recurrent-state layers,
-    indexer-key layers, no-cache layers for MLP/MoE-only blocks), sliding ones made full-length; any other model gets
-    lazily created full-length layers.
+    indexer-key layers, no-cache layers for MLP/MoE-only blocks and for blocks that reuse an earlier block's keys and
+    values), sliding ones made full-length; any other model gets lazily created full-length layers.
 
     Example:
         >>> from deltaexit.testing import tiny_config
@@ -156,10 +157,7 @@ def fresh_cache(config: Any = None, types: list[str] | None = None, window: int 
     sliding layers :class:`~deltaexit.generation.windowed.CacheWindowLayer` objects.
     """
     types = config_layer_types(config) if types is None else types
-    shared = "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
-    needs_layers = RECURRENT_LAYER_TYPES.union(INDEXED_LAYER_TYPES).intersection(types) or (
-        "dummy" in types and not shared
-    )
+    needs_layers = RECURRENT_LAYER_TYPES.union(INDEXED_LAYER_TYPES, {"dummy"}).intersection(types)
     if window is None and (not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING)):
         return DynamicCache()
     cache = DynamicCache(config=config)

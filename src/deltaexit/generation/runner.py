@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -46,7 +47,6 @@ from deltaexit.structure import (
     ModelStructure,
     StructureError,
     block_input,
-    block_output,
     find_structure,
     with_block_input,
 )
@@ -150,6 +150,37 @@ def _carry_in(fed: dict[int, int], args: Any, kwargs: Any) -> Carry | None:
     return None
 
 
+def _mappings(args: Any, kwargs: Any) -> list[Any]:
+    """The mutable mappings among a block call's arguments (e.g. ``transformers``' ``KVSharingDict``)."""
+    return [x for x in (*args, *kwargs.values()) if isinstance(x, MutableMapping)]
+
+
+def _changed(mapping: Any, before: dict[Any, Any]) -> bool:
+    """Whether ``mapping`` has other keys, or other objects under them, than ``before`` (a copy taken earlier)."""
+    return mapping.keys() != before.keys() or any(mapping[key] is not value for key, value in before.items())
+
+
+class _SharedWrites:
+    """Which blocks write into a mapping that a later block of the same forward is passed (KV shared between
+    layers: Gemma-3n's and Gemma-4's ``shared_kv_states``, stored by one block and read by later ones)."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, list[tuple[Any, dict[Any, Any]]]] = {}
+        self.written_by: dict[int, set[int]] = {}  # id(mapping) -> blocks that changed it
+        self.writers: set[int] = set()  # blocks whose writes a later block was passed
+
+    def enter(self, index: int, args: Any, kwargs: Any) -> None:
+        found = _mappings(args, kwargs)
+        for mapping in found:
+            self.writers |= self.written_by.get(id(mapping), set())
+        self.before[index] = [(mapping, dict(mapping)) for mapping in found]
+
+    def exit(self, index: int) -> None:
+        for mapping, contents in self.before.pop(index, []):
+            if _changed(mapping, contents):
+                self.written_by.setdefault(id(mapping), set()).add(index)
+
+
 class _Recorded(Exception):
     """Raised by the last recorder to abort the model's forward once every call is stored."""
 
@@ -230,6 +261,21 @@ def _check_block_modules(model: nn.Module, structure: ModelStructure) -> None:
     )
 
 
+def _check_same_positions(hidden: torch.Tensor, calls: list[BlockCall], structure: ModelStructure) -> None:
+    """Raise :class:`~deltaexit.structure.StructureError` where the forward passed a block fewer (or more) positions
+    than the first block: the runner runs every block on the state of the block before."""
+    for i, call in enumerate(calls):
+        if call.skipped:
+            continue
+        n = structure.stream_input(call.args, call.kwargs).shape[1]
+        if n != hidden.shape[1]:
+            raise StructureError(
+                f"the model's forward passed block {i} {n} positions and the first block {hidden.shape[1]}: it cuts "
+                "the sequence inside its block loop, so early exit cannot run its blocks one after another on one "
+                "state. Use model.generate."
+            )
+
+
 class BlockRunner:
     """Records the model's per-block arguments for a forward and runs blocks one by one.
 
@@ -243,13 +289,6 @@ class BlockRunner:
         self.structure = structure if structure is not None else find_structure(model)
         _check_plain_readout(model, self.structure)
         _check_block_modules(model, self.structure)
-        if self.structure.leading_streams:
-            raise StructureError(
-                f"{type(model).__name__}'s blocks pass several residual streams stacked on a leading axis "
-                "([streams, batch, seq, hidden], structure.leading_streams): collect and the lens read them, but "
-                "early-exit generation runs blocks on [batch, seq, hidden] states, so none of the KV policies "
-                "(verify, propagate, recompute) supports it. Use model.generate."
-            )
         self.blocks = self.structure.blocks
         self.num_layers = self.structure.num_layers
         self.skipped = frozenset(self.structure.skipped)  # blocks the model skips on token ids alone
@@ -261,6 +300,7 @@ class BlockRunner:
         self.carried: dict[int, Carry] = {}  # blocks whose input takes the block before's extra output
         self.handed_on: tuple[Carry, ...] = ()  # block outputs that are one of its arguments (the recorders return it)
         self.changed: list[int] = []  # blocks whose input is not the output before (the loop changed it)
+        self.shared_writers: frozenset[int] = frozenset()  # blocks that store state later blocks read (probed)
         self._previous: Any = None  # the output of the last block run (what a carried block takes)
         self._sink: list[BlockCall | None] = [None] * self.num_layers
         self._recorders: nn.ModuleList | None = None  # built once (per output type), reused every step
@@ -278,7 +318,8 @@ class BlockRunner:
     def probe_output_type(self) -> Any:
         """Forward hooks (one returned handle) that note block 0's output type and tuple length, how often each block
         runs and whether a block's extra outputs feed the next block (:attr:`carried`, handed on by
-        :meth:`run_block`); remove after one forward."""
+        :meth:`run_block`) and which blocks store state into a mapping a later block is passed
+        (:attr:`shared_writers`); remove after one forward."""
         self.call_counts = [0] * self.num_layers
         self.carried = {}
         self.changed = []
@@ -286,6 +327,7 @@ class BlockRunner:
         outs: dict[int, Any] = {}  # the last block output not yet compared with the next block's input
         extras: dict[int, dict[int, int]] = {}
         first: list[Any] = [(), {}]  # block 0's arguments
+        shared = _SharedWrites()
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
@@ -297,12 +339,15 @@ class BlockRunner:
             rest = output[1:] if isinstance(output, tuple) else ()
             extras[index] = {id(x): i for i, x in enumerate(rest, 1) if isinstance(x, torch.Tensor)}
             outs[index] = output[0] if isinstance(output, tuple) and output else output
+            shared.exit(index)
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
             if index == 0:
                 first[:] = [args, kwargs]
             if index - 1 in outs and not _same_stream(outs.pop(index - 1), args, kwargs):
                 self.changed.append(index)
+            shared.enter(index, args, kwargs)
+            self.shared_writers = frozenset(shared.writers)
             fed = extras.get(index - 1)
             carry = _carry_in(fed, args, kwargs) if fed else None
             if carry is not None:
@@ -391,22 +436,29 @@ class BlockRunner:
             if calls[i] is None:
                 calls[i] = SKIPPED_CALL
         first = next(call for call in calls if not call.skipped)
-        return block_input(first.args, first.kwargs), calls
+        hidden = self.structure.stream_input(first.args, first.kwargs)
+        _check_same_positions(hidden, calls, self.structure)
+        return hidden, calls
 
     def run_block(self, layer: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
         """Run real block ``layer`` on ``hidden`` with the arguments the model would pass it (the identity for a block
         the model skipped).
+
+        ``hidden`` and the result are in deltaexit's ``[batch, seq, *state]`` layout (what :meth:`record` returns):
+        the block gets the state in its own layout (``structure.native_of``: e.g. Gemma-3n's AltUp streams stacked on
+        a leading axis) and its output comes back through ``structure.stream_output``.
 
         A :attr:`carried` block gets the extra output of the last block run (the block before it, on the same
         tokens, wherever the policies run blocks in order; a K/V-only call after an exit gets the exit block's).
         """
         if call.skipped:
             return hidden
-        args, kwargs = with_block_input(call.args, call.kwargs, hidden)
+        structure = self.structure
+        args, kwargs = with_block_input(call.args, call.kwargs, structure.native_of(hidden))
         carry = self.carried.get(layer)
         if carry is not None:
             args, kwargs = carry.into(args, kwargs, self._previous)
         output = self.blocks[layer](*args, **kwargs)
         if self.carried:
             self._previous = output
-        return block_output(output)
+        return structure.stream_output(output)

@@ -63,8 +63,9 @@ class ScanResult:
 
 
 def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` ``mask`` shaped to broadcast over ``like``'s rows (states may have more than one residual stream)."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
+    """A ``[B]`` row mask shaped to broadcast over ``like`` (``[B, ...]``: one position's state ``[B, *state]``, a
+    block's output ``[B, T, *state]``, logits ``[B, V]``)."""
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
 
 
 class _RowExits:
@@ -152,14 +153,22 @@ class ExitScan:
     def model_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
         """The model's inputs for tokens ``ids[:, start:end]`` (masks and positions cut at ``end``); from position 0
         for a model that keeps no cache (:attr:`prefix`), whose forward runs the whole sequence as
-        ``model.generate``'s does."""
+        ``model.generate``'s does.
+
+        A ``logits_to_keep`` (``model.generate`` keeps the last position's logits) becomes 0, all positions: the
+        runner's recording pass computes no logits, and a forward may cut the sequence to the kept positions before
+        its last blocks (Gemma-4 does before the blocks that reuse an earlier block's keys/values), while the
+        policies run every block on every position of the tokens."""
         start = 0 if self.prefix else start
         kw = dict(kwargs)
         for key in ("attention_mask", "position_ids", "token_type_ids"):
             value = kw.get(key)
             if isinstance(value, torch.Tensor) and value.shape[-1] > end:
                 kw[key] = value[..., :end]
-        return self.model.prepare_inputs_for_generation(ids[:, :end], next_sequence_length=end - start, **kw)
+        inputs = self.model.prepare_inputs_for_generation(ids[:, :end], next_sequence_length=end - start, **kw)
+        if isinstance(inputs.get("logits_to_keep"), int):
+            inputs["logits_to_keep"] = 0
+        return inputs
 
     def run_blocks(
         self,
@@ -250,6 +259,13 @@ class ExitScan:
             state.take_from(previous)  # (only full logits are ever cached as the exit's logits, below)
         score = self.measure.score(state)
         run.stats.measure_calls += 1
+        if score.shape != rows.active.shape:
+            raise ValueError(
+                f"the measure {self.measure!r} scored the states of shape {tuple(state.h_out.shape)} (rows first) as "
+                f"{tuple(score.shape)}, not one score per row {tuple(rows.active.shape)}: a state of several residual "
+                "streams ([rows, streams, hidden]) needs a measure that reads the lens logits (e.g. softmax-max), or "
+                "one made for such states."
+            )
         new = passes(score, threshold) & ~rows.exited
         # One device-to-host transfer per scored block (the exit decision needs one; a GPU pays per sync).
         flags = [torch.isnan(score).any(), new.any(), (rows.exited | new).all()]

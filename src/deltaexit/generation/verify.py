@@ -86,8 +86,15 @@ def _verify_depth(scan: ExitScan, chunk: _Chunk) -> int:
     """The first block the verify pass runs: the shallowest draft exit; where a block there takes the block
     before's extra output (:attr:`~deltaexit.generation.runner.BlockRunner.carried`), the first block of that chain
     (:meth:`~deltaexit.generation.runner.BlockRunner.chain_start`), so every block of the pass is handed it; 0 where
-    the model keeps no cache (:attr:`ExitScan.prefix`: the pass runs the whole sequence)."""
-    return 0 if scan.prefix else scan.runner.chain_start(chunk.depth)
+    the model keeps no cache (:attr:`ExitScan.prefix`: the pass runs the whole sequence). Where a block below that
+    stores state that deeper blocks read in the same forward (KV shared between layers:
+    :attr:`~deltaexit.generation.runner.BlockRunner.shared_writers`), the pass starts at the first such block, so
+    the deep blocks read it over the whole chunk."""
+    if scan.prefix:
+        return 0
+    depth = scan.runner.chain_start(chunk.depth)
+    below = [layer for layer in scan.runner.shared_writers if layer < depth < scan.num_layers]
+    return min(below, default=depth)
 
 
 @register_policy
