@@ -36,7 +36,7 @@ from deltaexit.generation.kv import (
     has_state,
     layers_of,
 )
-from deltaexit.generation.statecache import recomputes_prefix, state_argument
+from deltaexit.generation.statecache import forward_parameters, recomputes_prefix, state_argument
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 from deltaexit.structure import config_int
 
@@ -84,11 +84,31 @@ def check_model(model: Any) -> None:
         raise TypeError(f"expected a transformers causal LM with .generate, got {type(model).__name__}")
 
 
+def keeps_own_state_cache(model: Any) -> bool:
+    """Whether ``model`` is a recurrent (``_is_stateful``) model that ``transformers`` gives no ``DynamicCache``:
+    its forward makes a cache of its own class (xLSTM's ``xLSTMCache``), which early exit views, after the prompt,
+    as recurrent cache layers (:func:`deltaexit.generation.statecache.own_state_cache`).
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> keeps_own_state_cache(tiny_model("llama"))
+        False
+    """
+    supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
+    return (
+        callable(supports_dynamic)
+        and not supports_dynamic()
+        and bool(getattr(model, "_is_stateful", False))
+        and "cache" in forward_parameters(model)
+    )
+
+
 def check_cache_support(model: Any) -> None:
     """Raise :class:`UnsupportedCacheError` for a model whose cache no KV policy can keep consistent, from the model
     alone (before any block runs): one that ``transformers`` cannot give a ``DynamicCache`` (a cache class of its
     own), or one whose config names cache layer types early exit does not know. A forward that takes no cache is
-    fine: a state of its own (RWKV's) is viewed as a cache, and with none at all (``openai-gpt``) the blocks run
+    fine: a state of its own (RWKV's), or a recurrent model's own cache class of per-layer states (xLSTM's), is
+    viewed as a cache, and with none at all (``openai-gpt``) the blocks run
     over the whole sequence every step, as ``model.generate`` does (:mod:`deltaexit.generation.statecache`).
 
     Example:
@@ -96,7 +116,8 @@ def check_cache_support(model: Any) -> None:
         >>> check_cache_support(tiny_model("llama"))  # nothing to say
     """
     name = type(model).__name__
-    own = state_argument(model) is not None or recomputes_prefix(model)  # no transformers cache: ours stands in
+    # no transformers cache, or a recurrent model's own cache class (xLSTM's): ours stands in, or views it
+    own = state_argument(model) is not None or recomputes_prefix(model) or keeps_own_state_cache(model)
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports_dynamic) and not supports_dynamic() and not own:
         raise UnsupportedCacheError(
@@ -355,15 +376,22 @@ def _is_empty(cache: DynamicCache) -> bool:
 
 
 def start_cache(
-    model_kwargs: dict[str, Any], config: Any = None, types: list[str] | None = None, window: int | None = None
+    model_kwargs: dict[str, Any],
+    config: Any = None,
+    types: list[str] | None = None,
+    window: int | None = None,
+    own: bool = False,
 ) -> None:
     """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
 
     ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states;
     ``types``, its :func:`~deltaexit.generation.kv.config_layer_types` when the caller keeps them, saves deriving
-    them on every call; ``window``, the model's :func:`cache_window`.
+    them on every call; ``window``, the model's :func:`cache_window`. ``own``: the model makes a cache of its own
+    class (:func:`keeps_own_state_cache`): none is fine, the prompt's forward makes it.
     """
     cache = model_kwargs.get("cache")
+    if own and cache is None:
+        return
     if isinstance(cache, DynamicCache) and _is_empty(cache):
         if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
             model_kwargs["cache"] = fresh_cache(config, types, window)  # croppable full-length layers

@@ -32,6 +32,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from deltaexit.exits import ThresholdSchedule, as_schedule
 from deltaexit.generation.backoff import (
@@ -52,6 +53,7 @@ from deltaexit.generation.checks import (
     check_min_exit_layer,
     check_model,
     default_threshold,
+    keeps_own_state_cache,
     resolve_measure,
     start_cache,
     stop_strings_to_criteria,
@@ -65,7 +67,7 @@ from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.scan import ExitScan
 from deltaexit.generation.skipped import check_text_only, fill_skipped_layers
-from deltaexit.generation.statecache import PrefixCache, state_argument, state_cache
+from deltaexit.generation.statecache import PrefixCache, own_state_cache, state_argument, state_cache
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.structure import find_structure
@@ -199,7 +201,10 @@ class EarlyExit:
         check_text_only(kwargs, self.runner.skipped)
         stop_strings_to_criteria(self.model, kwargs)
         cache_on_for_loop(kwargs)
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and not self.scan.prefix:
+        own = keeps_own_state_cache(self.model)  # the model's forward makes its own cache class (xLSTM's)
+        if own:
+            kwargs.setdefault("cache", None)
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and not self.scan.prefix and not own:
             kwargs["cache"] = fresh_cache(self.model.config, self.cache_layer_types, self.cache_window)
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
@@ -231,7 +236,8 @@ class EarlyExit:
             raise ValueError("this EarlyExit was built for another model")
         check_generation_config(generation_config, synced_gpus, model_kwargs)
         check_text_only(model_kwargs, self.runner.skipped)
-        start_cache(model_kwargs, model.config, self.cache_layer_types, self.cache_window)
+        own = keeps_own_state_cache(model)
+        start_cache(model_kwargs, model.config, self.cache_layer_types, self.cache_window, own)
         run = Run(
             model,
             input_ids,
@@ -289,8 +295,9 @@ class EarlyExit:
             if handle is not None:
                 handle.remove()
         self.runner.check_called_once()  # a looped (recurrent-depth) model is refused here, after the prompt
-        if outputs.get("cache") is not None:
-            run.model_kwargs["cache"] = outputs["cache"]
+        own = outputs.get("cache")
+        if own is not None:  # a cache class of the model's own (xLSTM's): viewed as recurrent layers
+            run.model_kwargs["cache"] = own if isinstance(own, Cache) else own_state_cache(own, self.num_layers)
         name = state_argument(self.model)
         if name is not None and outputs.get(name) is not None:  # the model's own recurrent state (e.g. RWKV's)
             run.model_kwargs[name] = outputs[name]

@@ -127,6 +127,42 @@ def _handed_on(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
     return tuple(found)
 
 
+def _tensors(x: Any) -> list[torch.Tensor] | None:
+    """``x``'s tensors where it is a non-empty tuple or list of tensors, else None."""
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return list(x)
+    return None
+
+
+def _returned_states(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Carry, ...]:
+    """The items of a block's output tuple that are a new value of one of its state arguments (a tuple of tensors of
+    the same shapes, e.g. xLSTM's ``state``): item ``output``, argument ``arg``/``key``. Candidates only: the probe
+    keeps those the model's loop then copies into the argument's tensors (:meth:`BlockRunner.probe_output_type`)."""
+    if not isinstance(output, tuple):
+        return ()
+    slots = [(Carry(0, arg=i), x) for i, x in enumerate(args) if i > 0]
+    slots += [(Carry(0, key=k), x) for k, x in kwargs.items() if k != "hidden_states"]
+    found = []
+    for j, out in enumerate(output[1:], 1):
+        new = _tensors(out)
+        for slot, x in slots:
+            old = _tensors(x)
+            if new and old and x is not out and [t.shape for t in old] == [t.shape for t in new]:
+                found.append(Carry(j, arg=slot.arg, key=slot.key))
+                break
+    return tuple(found)
+
+
+def _copied_back(carries: tuple[Carry, ...], output: Any, args: Any, kwargs: Any) -> tuple[Carry, ...]:
+    """Those of ``carries`` whose argument tensors now equal the block's returned ones (the loop copied them in)."""
+    kept = []
+    for carry in carries:
+        old, new = _tensors(carry.taken_from(args, kwargs)) or [], _tensors(output[carry.output]) or []
+        if old and len(old) == len(new) and all(torch.equal(a, b) for a, b in zip(old, new, strict=True)):
+            kept.append(carry)
+    return tuple(kept)
+
+
 def _same_stream(previous: Any, args: Any, kwargs: Any) -> bool:
     """Whether a block's hidden-state argument is (the value of) ``previous``, the block before's output."""
     try:
@@ -299,6 +335,7 @@ class BlockRunner:
         self.call_counts: list[int] | None = None
         self.carried: dict[int, Carry] = {}  # blocks whose input takes the block before's extra output
         self.handed_on: tuple[Carry, ...] = ()  # block outputs that are one of its arguments (the recorders return it)
+        self.returns_state: tuple[Carry, ...] = ()  # block outputs the model's loop copies into a state argument
         self.changed: list[int] = []  # blocks whose input is not the output before (the loop changed it)
         self.shared_writers: frozenset[int] = frozenset()  # blocks that store state later blocks read (probed)
         self._previous: Any = None  # the output of the last block run (what a carried block takes)
@@ -326,13 +363,17 @@ class BlockRunner:
         self._recorders = None  # rebuilt with what this probe finds
         outs: dict[int, Any] = {}  # the last block output not yet compared with the next block's input
         extras: dict[int, dict[int, int]] = {}
-        first: list[Any] = [(), {}]  # block 0's arguments
+        first: list[Any] = [(), {}, None]  # block 0's arguments and output
+        self.returns_state = ()
+        candidates: list[tuple[Carry, ...]] = [()]
         shared = _SharedWrites()
 
         def note(_module: nn.Module, _args: Any, output: Any) -> None:
             self.returns_tuple = not isinstance(output, torch.Tensor)
             self.output_arity = len(output) if isinstance(output, tuple) else 1
-            self.handed_on = _handed_on(output, *first)
+            self.handed_on = _handed_on(output, *first[:2])
+            candidates[0] = _returned_states(output, *first[:2])
+            first[2] = output
 
         def after(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
             self.call_counts[index] += 1  # type: ignore[index]
@@ -343,7 +384,9 @@ class BlockRunner:
 
         def before(index: int, _module: nn.Module, args: Any, kwargs: Any) -> None:
             if index == 0:
-                first[:] = [args, kwargs]
+                first[:] = [args, kwargs, None]
+            if index == 1 and candidates[0]:  # block 0's returned state, once the loop copied it (or not)
+                self.returns_state = _copied_back(candidates[0], first[2], *first[:2])
             if index - 1 in outs and not _same_stream(outs.pop(index - 1), args, kwargs):
                 self.changed.append(index)
             shared.enter(index, args, kwargs)
@@ -410,7 +453,13 @@ class BlockRunner:
             recorders = nn.ModuleList(
                 [
                     _Recorder(
-                        block, i, sink, i == self._last_run, bool(self.returns_tuple), self.output_arity, self.handed_on
+                        block,
+                        i,
+                        sink,
+                        i == self._last_run,
+                        bool(self.returns_tuple),
+                        self.output_arity,
+                        self.handed_on + self.returns_state,  # a returned state: the loop copies it onto itself
                     )
                     for i, block in enumerate(self.blocks)
                 ]
@@ -459,6 +508,10 @@ class BlockRunner:
         if carry is not None:
             args, kwargs = carry.into(args, kwargs, self._previous)
         output = self.blocks[layer](*args, **kwargs)
+        for state in self.returns_state:  # the new state goes where the model's loop puts it: into the argument's
+            for old, new in zip(state.taken_from(args, kwargs), output[state.output], strict=True):
+                if old is not new:
+                    old.copy_(new)
         if self.carried:
             self._previous = output
         return structure.stream_output(output)

@@ -5,6 +5,11 @@
   ``LinearAttentionLayer`` objects whose recurrent states are *views* of the model's tensors (layer ``i``'s state
   ``k`` is ``state[k][..., i]``): the recurrent-state machinery of :mod:`deltaexit.generation.recurrent` then
   snapshots, restores (in place, so into the model's own tensors) and advances them as it does any recurrent layer.
+* **A cache class of the model's own holding per-layer recurrent states** (xLSTM's ``xLSTMCache``: ``rnn_state``,
+  a dict from layer to a tuple of state tensors, which the model's loop overwrites in place with what each block
+  returns). After the prompt, :func:`own_state_cache` wraps it in an :class:`OwnStateCache`: recurrent layers whose
+  states *are* the model's tensors, and every other attribute (``rnn_state``, ...) read from the model's cache, so
+  the model's forward takes it where it took its own.
 * **No cache at all** (``openai-gpt``: ``model.generate`` runs the whole sequence again each step).
   :class:`PrefixCache` is a cache of no-cache layers that only counts tokens; every scan and verify pass then
   runs the blocks over the whole sequence from position 0, as ``model.generate`` does, and keeps the new
@@ -32,9 +37,11 @@ from deltaexit.generation.kv import UnsupportedCacheError
 
 __all__ = [
     "STATE_ARGUMENTS",
+    "OwnStateCache",
     "PrefixCache",
     "StateCache",
     "forward_parameters",
+    "own_state_cache",
     "recomputes_prefix",
     "state_argument",
     "state_cache",
@@ -98,6 +105,73 @@ def state_cache(state: Any, num_layers: int) -> DynamicCache:
 
 class StateCache(DynamicCache):
     """A ``DynamicCache`` whose recurrent layers view a model's own state (:func:`state_cache`)."""
+
+
+def _layer_states(value: Any, num_layers: int) -> list[list[torch.Tensor]] | None:
+    """``value``'s per-layer state tensors where it holds ``num_layers`` tuples of tensors (a dict by layer or a
+    list), else None."""
+    if isinstance(value, dict) and sorted(value) == list(range(num_layers)):
+        entries = [value[i] for i in range(num_layers)]
+    elif isinstance(value, (list, tuple)) and len(value) == num_layers:
+        entries = list(value)
+    else:
+        return None
+    if not all(isinstance(e, (list, tuple)) and e and all(isinstance(t, torch.Tensor) for t in e) for e in entries):
+        return None
+    return [list(e) for e in entries]
+
+
+def own_state_cache(own: Any, num_layers: int) -> OwnStateCache:
+    """An :class:`OwnStateCache` over a model's own cache object ``own`` whose one attribute holding per-layer
+    tuples of tensors is its recurrent state (xLSTM's ``rnn_state``); raises
+    :class:`~deltaexit.generation.kv.UnsupportedCacheError` for any other cache class.
+
+    Example:
+        >>> import torch
+        >>> class Own:
+        ...     def __init__(self):
+        ...         self.rnn_state = {i: (torch.zeros(1, 2), torch.zeros(1)) for i in range(2)}
+        >>> own = Own()
+        >>> cache = own_state_cache(own, num_layers=2)
+        >>> own.rnn_state[1][0].fill_(3.0).sum().item(), cache.layers[1].recurrent_states[0].sum().item()
+        (6.0, 6.0)
+        >>> cache.rnn_state is own.rnn_state
+        True
+    """
+    found = {
+        name: states for name, value in vars(own).items() if (states := _layer_states(value, num_layers)) is not None
+    }
+    if len(found) != 1:
+        raise UnsupportedCacheError(
+            f"{type(own).__name__} (the model's own cache class) holds no single per-layer recurrent state (found "
+            f"{sorted(found) or 'none'} among its attributes {sorted(vars(own))}, each a tuple of tensors per each of "
+            f"the {num_layers} layers): no KV policy (verify, propagate, recompute) can keep it consistent under "
+            "early exit. Use model.generate."
+        )
+    (states,) = found.values()
+    cache = OwnStateCache(own)
+    layers: list[Any] = []
+    for tensors in states:
+        layer = LinearAttentionLayer(number_of_states=len(tensors))
+        for k, tensor in enumerate(tensors):
+            layer.recurrent_states[k] = tensor  # the model's own tensor: its loop writes it in place
+        layers.append(layer)
+    cache.layers = layers
+    return cache
+
+
+class OwnStateCache(StateCache):
+    """A :class:`StateCache` over a model's own cache object (:func:`own_state_cache`): attributes it lacks are read
+    from that object, so the model's forward can use it as its own cache."""
+
+    def __init__(self, own: Any) -> None:
+        super().__init__()
+        self.own = own
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "own" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.own, name)
 
 
 class PrefixCache(DynamicCache):
