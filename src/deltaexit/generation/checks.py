@@ -34,7 +34,9 @@ from deltaexit.generation.kv import (
     fresh_cache,
     has_kv,
     has_state,
+    is_opaque,
     layers_of,
+    opaque_layer_types,
 )
 from deltaexit.generation.statecache import forward_parameters, recomputes_prefix, state_argument
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
@@ -124,7 +126,8 @@ def check_cache_support(model: Any) -> None:
             f"{name} keeps its cache in a class of its own (transformers gives it no DynamicCache); none of the KV "
             "policies (verify, propagate, recompute) can keep it consistent under early exit. Use model.generate."
         )
-    unknown = sorted(set(config_layer_types(getattr(model, "config", None))) - SUPPORTED_LAYER_TYPES)
+    types = set(config_layer_types(getattr(model, "config", None)))
+    unknown = sorted(types - SUPPORTED_LAYER_TYPES - opaque_layer_types(types))
     if unknown:
         raise UnsupportedCacheError(
             f"{name}'s cache has layers of type {unknown}; none of the KV policies (verify, propagate, recompute) "
@@ -370,7 +373,9 @@ def _is_empty(cache: DynamicCache) -> bool:
     for layer in layers_of(cache):
         if has_kv(layer) and layer.get_seq_length() > 0:
             return False
-        if has_state(layer) and any(layer.has_previous_state.values()):
+        if is_opaque(layer) and getattr(layer, "is_initialized", False):
+            return False
+        if has_state(layer) and not is_opaque(layer) and any(layer.has_previous_state.values()):
             return False
     return True
 

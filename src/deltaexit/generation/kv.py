@@ -81,8 +81,11 @@ __all__ = [
     "fresh_cache",
     "has_kv",
     "has_state",
+    "is_opaque",
     "layers_of",
+    "note_opaque_state",
     "noting_writes",
+    "opaque_layer_types",
     "set_cache_length",
     "store_kv_only",
 ]
@@ -108,6 +111,33 @@ SUPPORTED_LAYERS = (
     DummyLayer,
     SkippedLayer,
 )
+
+
+#: Cache layer classes ``fresh_cache`` replaces by croppable ones (not opaque, see :func:`is_opaque`).
+_REPLACED = (DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer)
+
+
+def is_opaque(layer: Any) -> bool:
+    """Whether a cache layer is one of a model's own classes (registered by its modeling file with ``_layer_type``,
+    e.g. DeepSeek-V4's compressed-attention layers, which keep the last ``sliding_window - 1`` keys besides
+    compressor buffers, entry counts and overlap states): it cannot be cropped back, so early exit treats it as a
+    *state*, snapshot whole (every tensor it holds) and restored, like a recurrent layer
+    (:mod:`deltaexit.generation.recurrent`)."""
+    cls = type(layer)
+    known = cls in SUPPORTED_LAYERS or cls in _REPLACED or isinstance(layer, LinearAttentionCacheLayerMixin)
+    return not known and getattr(cls, "_layer_type", None) is not None
+
+
+def opaque_layer_types(types: Iterable[str]) -> set[str]:
+    """The config layer types among ``types`` whose cache layer class is :func:`is_opaque` (registered by a
+    modeling file that is imported)."""
+    found = set()
+    for name in set(types) - SUPPORTED_LAYER_TYPES:
+        cls = DYNAMIC_LAYER_TYPE_MAPPING.get(name)
+        known = cls is None or cls in SUPPORTED_LAYERS or cls in _REPLACED
+        if not known and getattr(cls, "_layer_type", None) == name:
+            found.add(name)
+    return found
 
 
 class UnsupportedCacheError(ValueError):
@@ -157,7 +187,9 @@ def fresh_cache(config: Any = None, types: list[str] | None = None, window: int 
     sliding layers :class:`~deltaexit.generation.windowed.CacheWindowLayer` objects.
     """
     types = config_layer_types(config) if types is None else types
-    needs_layers = RECURRENT_LAYER_TYPES.union(INDEXED_LAYER_TYPES, {"dummy"}).intersection(types)
+    needs_layers = RECURRENT_LAYER_TYPES.union(INDEXED_LAYER_TYPES, {"dummy"}).intersection(
+        types
+    ) or opaque_layer_types(types)
     if window is None and (not needs_layers or not set(types) <= set(DYNAMIC_LAYER_TYPE_MAPPING)):
         return DynamicCache()
     cache = DynamicCache(config=config)
@@ -166,13 +198,15 @@ def fresh_cache(config: Any = None, types: list[str] | None = None, window: int 
 
 
 def has_kv(layer: Any) -> bool:
-    """Whether a cache layer stores keys/values (a length along the sequence)."""
-    return isinstance(layer, DynamicLayer)
+    """Whether a cache layer stores keys/values (a length along the sequence) that can be cropped back
+    (not an :func:`is_opaque` one)."""
+    return isinstance(layer, DynamicLayer) and not is_opaque(layer)
 
 
 def has_state(layer: Any) -> bool:
-    """Whether a cache layer holds a recurrent state (conv and/or recurrent tensors, no length)."""
-    return isinstance(layer, LinearAttentionCacheLayerMixin)
+    """Whether a cache layer holds a recurrent state (conv and/or recurrent tensors, no length), or is
+    :func:`is_opaque` (a state as a whole)."""
+    return isinstance(layer, LinearAttentionCacheLayerMixin) or is_opaque(layer)
 
 
 def _layer_summary(layers: Iterable[Any]) -> list[str]:
@@ -192,7 +226,9 @@ def check_cache(cache: Any, num_layers: int, length: int, blocks: Iterable[nn.Mo
         )
     layers = getattr(cache, "layers", [])
     owned = _owned_layers(blocks, layers) if blocks is not None and len(layers) != num_layers else None
-    if (len(layers) != num_layers and owned is None) or any(type(layer) not in SUPPORTED_LAYERS for layer in layers):
+    if (len(layers) != num_layers and owned is None) or any(
+        type(layer) not in SUPPORTED_LAYERS and not is_opaque(layer) for layer in layers
+    ):
         raise UnsupportedCacheError(
             f"this model's cache has {len(layers)} layers of kinds {_layer_summary(layers)} for {num_layers} "
             "blocks; early exit needs one cache layer per block, each a full-length DynamicLayer (or "
@@ -318,14 +354,39 @@ def _crop_indexer(layer: DynamicIndexedLayer, length: int) -> None:
         layer.indexer_position_ids = positions[..., :length]
 
 
+#: An earlier state of each opaque layer (:func:`is_opaque`), per cache: ``{layer index: (tokens, attributes)}``.
+_OPAQUE_STATES: weakref.WeakKeyDictionary[DynamicCache, dict[int, tuple[int, dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def note_opaque_state(cache: DynamicCache, idx: int, length: int, attributes: dict[str, Any]) -> None:
+    """Note that opaque layer ``idx`` had ``attributes`` (copies) when ``cache`` held ``length`` tokens: inside
+    :func:`cache_view` at that length, the layer looks as it did then (the recurrent module's snapshots note
+    theirs)."""
+    _OPAQUE_STATES.setdefault(cache, {})[idx] = (length, attributes)
+
+
+def _opaque_view(cache: DynamicCache, idx: int, layer: Any, length: int) -> Any:
+    """``layer`` as it was at ``length`` tokens, where a state noted then is known (else ``layer`` itself)."""
+    noted = _OPAQUE_STATES.get(cache, {}).get(idx)
+    if noted is None or noted[0] != length or layer.get_seq_length() == length:
+        return layer
+    shallow = copy.copy(layer)
+    vars(shallow).update(noted[1])  # read-only: the recording pass writes nothing
+    return shallow
+
+
 @contextmanager
 def cache_view(cache: DynamicCache, length: int) -> Iterator[None]:
     """Make ``cache`` look ``length`` tokens long (read-only views) inside the block; restore after."""
     real = layers_of(cache)
     length += cache_offset(cache)
     view: list[Any] = []
-    for layer in real:
-        if has_kv(layer) and layer.get_seq_length() > length:
+    for idx, layer in enumerate(real):
+        if is_opaque(layer):  # the mask and positions it gives are those of the noted earlier state
+            view.append(_opaque_view(cache, idx, layer, length))
+        elif has_kv(layer) and layer.get_seq_length() > length:
             shallow = copy.copy(layer)
             shallow.keys = cast(torch.Tensor, layer.keys)[..., :length, :]
             shallow.values = cast(torch.Tensor, layer.values)[..., :length, :]

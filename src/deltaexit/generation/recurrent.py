@@ -2,7 +2,11 @@
 
 Linear attention (Gated DeltaNet, Lightning), Mamba/Mamba2 SSMs and short convolutions keep a *state* per layer in
 ``transformers``' ``LinearAttentionLayer`` cache layers (conv states and recurrent states), not keys/values per
-position: such a state cannot be cropped back to an earlier length. The KV policies keep these layers consistent as
+position: such a state cannot be cropped back to an earlier length. A model's own cache-layer class
+(:func:`deltaexit.generation.kv.is_opaque`, e.g. DeepSeek-V4's compressed-attention layers, which keep only the last
+``sliding_window - 1`` keys besides compressor buffers, entry counts and overlap states) is such a state too: its
+snapshot is a copy of every tensor among its attributes, and inside ``cache_view`` at the snapshot's length it looks
+as it did then (the mask and positions recorded for a verify pass). The KV policies keep these layers consistent as
 follows:
 
 * ``verify``: :class:`RecurrentRound` snapshots every recurrent state before the drafts, restores the deep layers'
@@ -45,7 +49,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from deltaexit.generation.checks import key_selecting_attention
-from deltaexit.generation.kv import cache_view, fresh_cache, has_kv, has_state, layers_of
+from deltaexit.generation.kv import (
+    cache_view,
+    fresh_cache,
+    has_kv,
+    has_state,
+    is_opaque,
+    layers_of,
+    note_opaque_state,
+)
 from deltaexit.generation.statecache import StateCache
 from deltaexit.generation.windowed import CacheWindowLayer
 
@@ -82,6 +94,29 @@ class _Saved:
     conv: dict[int, torch.Tensor | None]
     recurrent: dict[int, torch.Tensor | None]
     flags: dict[str, dict[int, Any]]
+    whole: dict[str, Any] | None = None  # an opaque layer's attributes (kv.is_opaque), every tensor copied
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor inside (dicts, lists, tuples) cloned; anything else shared."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``value`` (an object's attributes, dicts, lists, tuples), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 _FLAGS = ("has_previous_state", "is_conv_states_initialized", "is_recurrent_states_initialized", "conv_kernel_size")
@@ -100,6 +135,10 @@ def take_snapshot(cache: DynamicCache, length: int, layers: Iterable[int] | None
     snap = Snapshot(length)
     for idx in layers if layers is not None else recurrent_layers(cache):
         layer = layers_of(cache)[idx]
+        if is_opaque(layer):  # a state as a whole: every attribute, tensors copied
+            snap.layers[idx] = _Saved({}, {}, {}, _copied(vars(layer)))
+            note_opaque_state(cache, idx, length, snap.layers[idx].whole or {})
+            continue
         flags = {name: dict(getattr(layer, name)) for name in _FLAGS}
         snap.layers[idx] = _Saved(_copy(layer.conv_states), _copy(layer.recurrent_states), flags)
     return snap
@@ -121,6 +160,9 @@ def restore(cache: DynamicCache, snapshot: Snapshot, layers: Iterable[int] | Non
     wanted = snapshot.layers.keys() if layers is None else [i for i in layers if i in snapshot.layers]
     for idx in wanted:
         layer, saved = layers_of(cache)[idx], snapshot.layers[idx]
+        if saved.whole is not None:
+            vars(layer).update(_copied(saved.whole))
+            continue
         _put(layer.conv_states, saved.conv)
         _put(layer.recurrent_states, saved.recurrent)
         for name, values in saved.flags.items():
@@ -130,10 +172,11 @@ def restore(cache: DynamicCache, snapshot: Snapshot, layers: Iterable[int] | Non
 def advance_state(cache: DynamicCache, layer_idx: int, run_block: Callable[[], Any]) -> bool:
     """Run ``run_block`` until its mixer stored the recurrent state of ``layer_idx`` (``propagate``'s analogue of a
     K/V-only call); the rest of the block (its output projection, MLP and residual) is skipped. A layer that also
-    stores keys/values, or has conv states only (short convolutions), runs the whole block. Returns whether the
+    stores keys/values, has conv states only (short convolutions) or is opaque (kv.is_opaque: its state is
+    written in several steps), runs the whole block. Returns whether the
     block was stopped early."""
     layer = layers_of(cache)[layer_idx]
-    if has_kv(layer) or not any(layer.is_recurrent_states_initialized.values()):
+    if has_kv(layer) or is_opaque(layer) or not any(layer.is_recurrent_states_initialized.values()):
         run_block()
         return False
     original = cache.update_recurrent_state
@@ -161,6 +204,9 @@ def _state_tensors(cache: DynamicCache) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
     for idx in recurrent_layers(cache):
         layer = layers_of(cache)[idx]
+        if is_opaque(layer):
+            found += [t.float() for t in _tensors(vars(layer))]
+            continue
         found += [t.float() for t in layer.recurrent_states.values() if t is not None]
         found += [t[..., -layer.conv_kernel_size[i] :].float() for i, t in layer.conv_states.items() if t is not None]
     return found
@@ -187,7 +233,7 @@ def continues_chunks(model: Any) -> bool:
             model(ids[:, i : i + 1], cache=caches[1], use_cache=True)
     tolerance = 1e-3 if param.dtype == torch.float32 else 3e-2
     ok = all(
-        bool((a - b).abs().max() <= tolerance * (b.abs().max() + 1e-6))
+        a.shape == b.shape and (b.numel() == 0 or bool((a - b).abs().max() <= tolerance * (b.abs().max() + 1e-6)))
         for a, b in zip(_state_tensors(caches[0]), _state_tensors(caches[1]), strict=True)
     )
     _CONTINUES[model] = ok
