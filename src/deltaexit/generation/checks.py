@@ -36,7 +36,7 @@ from deltaexit.generation.kv import (
     has_state,
     layers_of,
 )
-from deltaexit.generation.statecache import recomputes_prefix, state_argument
+from deltaexit.generation.statecache import own_cache_class, recomputes_prefix, state_argument
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 from deltaexit.structure import config_int
 
@@ -96,7 +96,8 @@ def check_cache_support(model: Any) -> None:
         >>> check_cache_support(tiny_model("llama"))  # nothing to say
     """
     name = type(model).__name__
-    own = state_argument(model) is not None or recomputes_prefix(model)  # no transformers cache: ours stands in
+    # no transformers cache (ours stands in), or a DynamicCache subclass of its own (built: statecache)
+    own = state_argument(model) is not None or recomputes_prefix(model) or own_cache_class(model) is not None
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports_dynamic) and not supports_dynamic() and not own:
         raise UnsupportedCacheError(
@@ -355,15 +356,22 @@ def _is_empty(cache: DynamicCache) -> bool:
 
 
 def start_cache(
-    model_kwargs: dict[str, Any], config: Any = None, types: list[str] | None = None, window: int | None = None
+    model_kwargs: dict[str, Any],
+    config: Any = None,
+    types: list[str] | None = None,
+    window: int | None = None,
+    own: type[DynamicCache] | None = None,
 ) -> None:
     """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
 
     ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states;
     ``types``, its :func:`~deltaexit.generation.kv.config_layer_types` when the caller keeps them, saves deriving
-    them on every call; ``window``, the model's :func:`cache_window`.
+    them on every call; ``window``, the model's :func:`cache_window`. ``own``: the cache class the model's forward
+    requires (:func:`~deltaexit.generation.statecache.own_cache_class`): an empty one is kept as it is.
     """
     cache = model_kwargs.get("cache")
+    if own is not None and isinstance(cache, own) and _is_empty(cache):
+        return
     if isinstance(cache, DynamicCache) and _is_empty(cache):
         if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):
             model_kwargs["cache"] = fresh_cache(config, types, window)  # croppable full-length layers
