@@ -38,7 +38,7 @@ from deltaexit.generation.kv import (
     layers_of,
     opaque_layer_types,
 )
-from deltaexit.generation.statecache import forward_parameters, recomputes_prefix, state_argument
+from deltaexit.generation.statecache import forward_parameters, own_cache_class, recomputes_prefix, state_argument
 from deltaexit.measures.base import ConfidenceMeasure, get_measure, threshold_problem
 from deltaexit.structure import config_int
 
@@ -118,8 +118,14 @@ def check_cache_support(model: Any) -> None:
         >>> check_cache_support(tiny_model("llama"))  # nothing to say
     """
     name = type(model).__name__
-    # no transformers cache, or a recurrent model's own cache class (xLSTM's): ours stands in, or views it
-    own = state_argument(model) is not None or recomputes_prefix(model) or keeps_own_state_cache(model)
+    # no transformers cache (ours stands in), a recurrent model's own cache class (xLSTM's: viewed), or a
+    # DynamicCache subclass of its own (MiniMax's: built; statecache)
+    own = (
+        state_argument(model) is not None
+        or recomputes_prefix(model)
+        or keeps_own_state_cache(model)
+        or own_cache_class(model) is not None
+    )
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports_dynamic) and not supports_dynamic() and not own:
         raise UnsupportedCacheError(
@@ -385,17 +391,22 @@ def start_cache(
     config: Any = None,
     types: list[str] | None = None,
     window: int | None = None,
-    own: bool = False,
+    own: type[DynamicCache] | None = None,
+    own_state: bool = False,
 ) -> None:
     """Check the cache ``model.generate`` prepared is empty; swap it for a croppable one if needed (in place).
 
     ``config`` (the model's) tells :func:`~deltaexit.generation.kv.fresh_cache` which layers hold recurrent states;
     ``types``, its :func:`~deltaexit.generation.kv.config_layer_types` when the caller keeps them, saves deriving
-    them on every call; ``window``, the model's :func:`cache_window`. ``own``: the model makes a cache of its own
-    class (:func:`keeps_own_state_cache`): none is fine, the prompt's forward makes it.
+    them on every call; ``window``, the model's :func:`cache_window`. ``own``: the cache class the model's forward
+    requires (:func:`~deltaexit.generation.statecache.own_cache_class`): an empty one is kept as it is.
+    ``own_state``: the model makes a cache of its own class (:func:`keeps_own_state_cache`): none is fine, the
+    prompt's forward makes it.
     """
     cache = model_kwargs.get("cache")
-    if own and cache is None:
+    if own_state and cache is None:
+        return
+    if own is not None and isinstance(cache, own) and _is_empty(cache):
         return
     if isinstance(cache, DynamicCache) and _is_empty(cache):
         if any(type(layer) not in SUPPORTED_LAYERS for layer in layers_of(cache)):

@@ -67,7 +67,14 @@ from deltaexit.generation.run import Run
 from deltaexit.generation.runner import BlockRunner
 from deltaexit.generation.scan import ExitScan
 from deltaexit.generation.skipped import check_text_only, fill_skipped_layers
-from deltaexit.generation.statecache import PrefixCache, own_state_cache, state_argument, state_cache
+from deltaexit.generation.statecache import (
+    PrefixCache,
+    own_cache_class,
+    own_state_cache,
+    side_state_cache,
+    state_argument,
+    state_cache,
+)
 from deltaexit.lens import Lens
 from deltaexit.measures.base import ConfidenceMeasure
 from deltaexit.structure import find_structure
@@ -201,11 +208,14 @@ class EarlyExit:
         check_text_only(kwargs, self.runner.skipped)
         stop_strings_to_criteria(self.model, kwargs)
         cache_on_for_loop(kwargs)
-        own = keeps_own_state_cache(self.model)  # the model's forward makes its own cache class (xLSTM's)
-        if own:
+        own_state = keeps_own_state_cache(self.model)  # the model's forward makes its own cache class (xLSTM's)
+        if own_state:
             kwargs.setdefault("cache", None)
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and not self.scan.prefix and not own:
-            kwargs["cache"] = fresh_cache(self.model.config, self.cache_layer_types, self.cache_window)
+        no_cache = kwargs.get("cache") is None and kwargs.get("past_key_values") is None
+        if no_cache and not self.scan.prefix and not own_state:
+            own = own_cache_class(self.model)  # the class the model's forward requires (MiniMax's), else ours
+            fresh = own() if own else fresh_cache(self.model.config, self.cache_layer_types, self.cache_window)
+            kwargs["cache"] = fresh
         kwargs["ee_streamer"] = kwargs.get("streamer")
         return self.model.generate(inputs, custom_generate=self.custom_generate, **kwargs)
 
@@ -234,10 +244,14 @@ class EarlyExit:
     ) -> EarlyExitOutput | torch.LongTensor:
         if model is not self.model:
             raise ValueError("this EarlyExit was built for another model")
+        own = own_cache_class(model)  # model.generate prepares no cache for a model with a class of its own
+        if own is not None and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = own()
         check_generation_config(generation_config, synced_gpus, model_kwargs)
         check_text_only(model_kwargs, self.runner.skipped)
-        own = keeps_own_state_cache(model)
-        start_cache(model_kwargs, model.config, self.cache_layer_types, self.cache_window, own)
+        start_cache(
+            model_kwargs, model.config, self.cache_layer_types, self.cache_window, own, keeps_own_state_cache(model)
+        )
         run = Run(
             model,
             input_ids,
@@ -304,6 +318,8 @@ class EarlyExit:
             run.model_kwargs["cache"] = state_cache(outputs[name], self.num_layers)
         elif self.scan.prefix:  # no cache at all (e.g. openai-gpt): a cache that only counts tokens
             run.model_kwargs["cache"] = PrefixCache(self.num_layers)
+        elif own_cache_class(self.model) is not None:  # states beside the layers (MiniMax's) as recurrent layers
+            side_state_cache(run.cache, self.num_layers)
         fill_skipped_layers(run.cache, self.runner.skipped, self.num_layers)
         check_cache(run.cache, self.num_layers, run.input_ids.shape[1], self.runner.blocks)
         run.stats.prompt_blocks = self.num_layers

@@ -58,6 +58,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from deltaexit.generation.sidestate import SideStateLayer
 from deltaexit.generation.skipped import SkippedLayer
 from deltaexit.generation.windowed import CacheWindowLayer
 from deltaexit.structure import query_projection
@@ -110,6 +111,7 @@ SUPPORTED_LAYERS = (
     LinearAttentionAndFullAttentionLayer,
     DummyLayer,
     SkippedLayer,
+    SideStateLayer,
 )
 
 

@@ -58,7 +58,7 @@ from deltaexit.generation.kv import (
     layers_of,
     note_opaque_state,
 )
-from deltaexit.generation.statecache import StateCache
+from deltaexit.generation.statecache import StateCache, own_cache_class, side_state_cache
 from deltaexit.generation.windowed import CacheWindowLayer
 
 __all__ = [
@@ -218,8 +218,9 @@ def continues_chunks(model: Any) -> bool:
     prompt, in one forward and in two, must leave the same states (within float tolerance)."""
     if model in _CONTINUES:
         return _CONTINUES[model]
-    caches = fresh_cache(model.config), fresh_cache(model.config)
-    if not recurrent_layers(caches[0]):
+    own = own_cache_class(model)  # a class of its own (MiniMax's): its states appear as the blocks run
+    caches = (own(), own()) if own is not None else (fresh_cache(model.config), fresh_cache(model.config))
+    if own is None and not recurrent_layers(caches[0]):
         _CONTINUES[model] = True
         return True
     vocab = int(model.config.get_text_config(decoder=True).vocab_size)
@@ -231,6 +232,10 @@ def continues_chunks(model: Any) -> bool:
         model(ids[:, :4], cache=caches[1], use_cache=True)
         for i in (4, 5):
             model(ids[:, i : i + 1], cache=caches[1], use_cache=True)
+    if own is not None:
+        layers = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+        for cache in caches:
+            side_state_cache(cache, max(layers, len(cache.layers)))
     tolerance = 1e-3 if param.dtype == torch.float32 else 3e-2
     ok = all(
         a.shape == b.shape and (b.numel() == 0 or bool((a - b).abs().max() <= tolerance * (b.abs().max() + 1e-6)))

@@ -10,6 +10,11 @@
   returns). After the prompt, :func:`own_state_cache` wraps it in an :class:`OwnStateCache`: recurrent layers whose
   states *are* the model's tensors, and every other attribute (``rnn_state``, ...) read from the model's cache, so
   the model's forward takes it where it took its own.
+* **A cache class of its own** (MiniMax's ``MiniMaxCache``: a ``DynamicCache`` subclass, the only class its forward
+  accepts, keeping its linear-attention states in a side list beside the layers). :func:`own_cache_class` finds the
+  class from the forwards' ``cache`` annotations; early exit builds that class, and after the prompt
+  :func:`side_state_cache` views the side list's entries as recurrent layers
+  (:class:`~deltaexit.generation.sidestate.SideStateLayer`).
 * **No cache at all** (``openai-gpt``: ``model.generate`` runs the whole sequence again each step).
   :class:`PrefixCache` is a cache of no-cache layers that only counts tokens; every scan and verify pass then
   runs the blocks over the whole sequence from position 0, as ``model.generate`` does, and keeps the new
@@ -27,13 +32,15 @@ Example:
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
 
-from deltaexit.generation.kv import UnsupportedCacheError
+from deltaexit.generation.kv import UnsupportedCacheError, has_kv
+from deltaexit.generation.sidestate import SideStateLayer, is_side_list
 
 __all__ = [
     "STATE_ARGUMENTS",
@@ -41,8 +48,10 @@ __all__ = [
     "PrefixCache",
     "StateCache",
     "forward_parameters",
+    "own_cache_class",
     "own_state_cache",
     "recomputes_prefix",
+    "side_state_cache",
     "state_argument",
     "state_cache",
 ]
@@ -181,3 +190,68 @@ class PrefixCache(DynamicCache):
     def __init__(self, num_layers: int) -> None:
         super().__init__()
         self.layers = [DummyLayer() for _ in range(num_layers)]
+
+
+#: Forward arguments through which a module takes the cache (their annotations name the class it requires).
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+_OWN_CLASSES: dict[type, type[DynamicCache] | None] = {}
+
+
+def _annotated_caches(module: Any) -> set[type[DynamicCache]]:
+    """The ``DynamicCache`` subclasses (not ``DynamicCache`` itself) ``module``'s forward annotates its cache with."""
+    try:
+        hints = typing.get_type_hints(type(module).forward)
+    except Exception:  # an annotation that does not resolve names no class
+        return set()
+    found = set()
+    for name in _CACHE_ARGUMENTS:
+        hint = hints.get(name)
+        for cls in typing.get_args(hint) or (hint,):
+            if isinstance(cls, type) and issubclass(cls, DynamicCache) and cls is not DynamicCache:
+                found.add(cls)
+    return found
+
+
+def own_cache_class(model: Any) -> type[DynamicCache] | None:
+    """The ``DynamicCache`` subclass ``model``'s forward requires, for a model ``transformers`` gives no plain
+    ``DynamicCache`` (its modules' forwards annotate their cache with exactly one such class, e.g. MiniMax's
+    ``MiniMaxCache``); else None.
+
+    Example:
+        >>> from deltaexit.testing import tiny_model
+        >>> own_cache_class(tiny_model("llama")) is None
+        True
+    """
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if not callable(supports) or supports() or not isinstance(model, torch.nn.Module):
+        return None
+    key = type(model)
+    if key not in _OWN_CLASSES:
+        found: set[type[DynamicCache]] = set()
+        for module in model.modules():
+            found |= _annotated_caches(module)
+        _OWN_CLASSES[key] = found.pop() if len(found) == 1 else None
+    return _OWN_CLASSES[key]
+
+
+def side_state_cache(cache: DynamicCache, num_layers: int) -> None:
+    """View the per-block states ``cache`` keeps in side lists beside its layers (MiniMax's ``linear_cache``) as
+    recurrent layers, in place: layer ``i`` becomes a :class:`~deltaexit.generation.sidestate.SideStateLayer` of the
+    list's entry ``i`` where that is a tensor, and the layer list is padded to ``num_layers`` with (empty) key/value
+    layers. Raises :class:`~deltaexit.generation.kv.UnsupportedCacheError` for a block that keeps both a side state
+    and keys/values."""
+    layers: list[Any] = list(cache.layers)
+    for name, value in vars(cache).items():
+        if name == "layers" or not is_side_list(value, num_layers):
+            continue
+        layers += [DynamicLayer() for _ in range(len(layers), num_layers)]
+        for i, state in enumerate(value):
+            if not isinstance(state, torch.Tensor):
+                continue
+            if has_kv(layers[i]) and layers[i].get_seq_length() > 0:
+                raise UnsupportedCacheError(
+                    f"block {i} keeps both keys/values and a state in {type(cache).__name__}.{name}; early exit "
+                    "cannot keep such a cache consistent. Use model.generate."
+                )
+            layers[i] = SideStateLayer(value, i)
+    cache.layers = layers
