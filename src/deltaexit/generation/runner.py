@@ -171,7 +171,13 @@ def _same_stream(previous: Any, args: Any, kwargs: Any) -> bool:
         return True  # no hidden states to compare: nothing to say
     if hidden is previous or not isinstance(hidden, torch.Tensor) or not isinstance(previous, torch.Tensor):
         return True
-    return hidden.shape == previous.shape and torch.equal(hidden, previous.to(hidden.device, hidden.dtype))
+    previous = previous.to(hidden.device, hidden.dtype)
+    if hidden.dim() == previous.dim() >= 2 and hidden.shape[1] < previous.shape[1]:
+        # the prompt's forward kept only the last positions' logits and cut the sequence before a block (Gemma-4
+        # does before its KV-sharing blocks): the recording pass keeps every position (logits_to_keep=0) and refuses
+        # a cut there by name, so only the positions kept are compared
+        previous = previous[:, previous.shape[1] - hidden.shape[1] :]
+    return hidden.shape == previous.shape and torch.equal(hidden, previous)
 
 
 def _carry_in(fed: dict[int, int], args: Any, kwargs: Any) -> Carry | None:
