@@ -46,3 +46,14 @@ def tiny_model_dir(path: Path, *, num_layers: int = 4, hidden: int = 32, seed: i
 def tiny_text(lines: int = 200) -> str:
     """A repetitive but varied text of ``lines`` lines."""
     return "\n".join(LINES[i % len(LINES)] + f" {i}" for i in range(lines)) + "\n"
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    """Two random prompts of 8 ids (>= 3), the second left-padded by 3: the support matrix's test batch."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids.masked_fill(mask == 0, 0), mask

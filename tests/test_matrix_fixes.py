@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _tiny_lm import padded_batch
 from deltaexit import EarlyExit
 from deltaexit.measures.cost import block_flops_per_token
 from deltaexit.shrink import tiny_model_for
@@ -14,16 +15,8 @@ from deltaexit.structure import config_int, find_structure
 NEW = 6
 
 
-def _batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (2, 8), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def _same_as_generate(model, kv: str, threshold: float, seed: int = 0) -> bool:
-    ids, mask = _batch(model.config.get_text_config().vocab_size, seed)
+    ids, mask = padded_batch(model.config.get_text_config().vocab_size, seed)
     kwargs = {"attention_mask": mask, "max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
     ref = model.generate(ids, **kwargs)
     ee = EarlyExit(model, "softmax-max", threshold, kv, min_exit_layer=1, backoff=False)

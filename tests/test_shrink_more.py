@@ -7,22 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _tiny_lm import padded_batch
 from deltaexit import EarlyExit
 from deltaexit.shrink import shrink_config, tiny_model_for
 
 NEW = 6
 
 
-def _batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (2, 8), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def _same_as_generate(model, kv: str, threshold: float, *, pad: bool = True) -> bool:
-    ids, mask = _batch(model.config.get_text_config().vocab_size)
+    ids, mask = padded_batch(model.config.get_text_config().vocab_size)
     if not pad:
         ids, mask = ids[:1], torch.ones_like(ids[:1])
     kwargs = {"attention_mask": mask, "max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
@@ -128,7 +121,7 @@ def test_prepended_positions_reproduce_generate(cpmant, kv, threshold):
 def test_prepended_positions_always_exit_keeps_the_offset(cpmant, kv):
     # every token exits at block 1: propagate's K/V-only calls and recompute's crops keep offset + tokens in every
     # layer (set_cache_length checks it after each step)
-    ids, mask = _batch(256)
+    ids, mask = padded_batch(256)
     ee = EarlyExit(cpmant, "softmax-max", float("-inf"), kv, min_exit_layer=1, backoff=False)
     out = ee.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert getattr(out, "sequences", out).shape == (2, 8 + NEW)
@@ -177,7 +170,7 @@ def test_several_cache_layers_per_block_reproduce_generate(longcat, kv, threshol
 
 
 def test_several_cache_layers_per_block_propagate_stops_after_the_last_write(longcat):
-    ids, mask = _batch(256)
+    ids, mask = padded_batch(256)
     ids, mask = ids[:1], mask[:1]
     ee = EarlyExit(longcat, "softmax-max", float("-inf"), "propagate", min_exit_layer=1, backoff=False)
     out = ee.generate(
