@@ -415,6 +415,12 @@ def start_cache(
             fresh = fresh_cache(config, types, window)
             if fresh.layers:
                 model_kwargs["cache"] = fresh
+    elif cache is not None and not isinstance(cache, DynamicCache):
+        raise UnsupportedCacheError(
+            f"early-exit generation keeps its own croppable cache; got a {type(cache).__name__} (static, quantised "
+            "and offloaded caches cannot be cropped back to the tokens kept). Pass no cache (none of the KV "
+            "policies verify, propagate, recompute takes one), or use model.generate for that cache."
+        )
     else:
         raise UnsupportedCacheError(
             "early-exit generation starts from an empty DynamicCache; do not pass a filled cache"
