@@ -102,14 +102,22 @@ def state_cache(state: Any, num_layers: int) -> DynamicCache:
             "consistent under early exit. Use model.generate."
         )
     cache = StateCache()
+    # views: each block writes its layer's slice in place
+    cache.layers = _recurrent_layers([[tensor[..., i] for tensor in tensors] for i in range(num_layers)])
+    return cache
+
+
+def _recurrent_layers(states: list[list[torch.Tensor]]) -> list[Any]:
+    """One recurrent cache layer per entry of ``states``, holding that entry's tensors themselves (not copies) as its
+    recurrent states ``0, 1, ...``: the model's blocks write them in place, and the recurrent-state machinery
+    snapshots and restores them in place."""
     layers: list[Any] = []
-    for i in range(num_layers):
+    for tensors in states:
         layer = LinearAttentionLayer(number_of_states=len(tensors))
         for k, tensor in enumerate(tensors):
-            layer.recurrent_states[k] = tensor[..., i]  # a view: the block writes its slice in place
+            layer.recurrent_states[k] = tensor
         layers.append(layer)
-    cache.layers = layers
-    return cache
+    return layers
 
 
 class StateCache(DynamicCache):
@@ -159,13 +167,7 @@ def own_state_cache(own: Any, num_layers: int) -> OwnStateCache:
         )
     (states,) = found.values()
     cache = OwnStateCache(own)
-    layers: list[Any] = []
-    for tensors in states:
-        layer = LinearAttentionLayer(number_of_states=len(tensors))
-        for k, tensor in enumerate(tensors):
-            layer.recurrent_states[k] = tensor  # the model's own tensor: its loop writes it in place
-        layers.append(layer)
-    cache.layers = layers
+    cache.layers = _recurrent_layers(states)  # the model's own tensors: its loop writes them in place
     return cache
 
 
