@@ -57,3 +57,20 @@ def padded_batch(vocab: int, seed: int = 0):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     return ids.masked_fill(mask == 0, 0), mask
+
+
+class CallCounter:
+    """Counts the calls of ``modules`` (with ``before``, counted as each call starts, so a call that raises counts
+    too); ``close()`` removes the hooks."""
+
+    def __init__(self, modules, *, before: bool = False):
+        self.calls = 0
+        register = "register_forward_pre_hook" if before else "register_forward_hook"
+        self.handles = [getattr(module, register)(self.count) for module in modules]
+
+    def count(self, *_):
+        self.calls += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import DynamicIndexedLayer
 
+from _tiny_lm import CallCounter
 from deltaexit.generation.early_exit import EarlyExit
 from deltaexit.generation.kv import cache_length, cache_view, crop_cache, fresh_cache, store_kv_only
 from deltaexit.generation.recompute import Recompute
@@ -118,25 +119,10 @@ def test_rejected_drafts_crop_the_indexer_keys_too():
     assert all(lengths == (n, n) for lengths in indexed_lengths(out.cache))
 
 
-class MlpCalls:
-    """Counts the calls of every block's MLP (a K/V-only call stops before it)."""
-
-    def __init__(self, m):
-        self.calls = 0
-        self.handles = [layer.mlp.register_forward_hook(self.count) for layer in m.model.layers]
-
-    def count(self, *_):
-        self.calls += 1
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 def test_propagate_writes_the_indexer_keys_and_stops_after_them():
     m = model()
     ids = torch.tensor([[5, 6, 7, 8]])
-    counter = MlpCalls(m)
+    counter = CallCounter(layer.mlp for layer in m.model.layers)  # a K/V-only call stops before the MLP
     try:
         out = generate(m, ids, EarlyExit(m, ConstantScore(), 0.5, "propagate", min_exit_layer=1, backoff=False))
     finally:
@@ -263,7 +249,7 @@ def test_propagate_on_shared_layers_stops_after_their_keys_values():
     """A shared layer writes no indexer keys: its K/V-only call stops after ``cache.update`` (noted in the
     prompt's forward), before it would need the selection it is not handed."""
     m = fed_model("glm_moe_dsa")
-    counter = MlpCalls(m)
+    counter = CallCounter(layer.mlp for layer in m.model.layers)  # a K/V-only call stops before the MLP
     try:
         out = padded_generate(m, EarlyExit(m, ConstantScore(), 0.5, "propagate", min_exit_layer=1, backoff=False))
     finally:

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from _tiny_lm import CallCounter
 from deltaexit.generation.backoff import Backoff
 from deltaexit.generation.cost import CostModel
 from deltaexit.generation.early_exit import EarlyExit
@@ -241,20 +242,6 @@ def test_models_own_use_cache_false_is_not_the_users_request():
         ee.generate(ids, max_new_tokens=2, pad_token_id=0, use_cache=False)
 
 
-class Counter:
-    def __init__(self, model):
-        self.calls = 0
-        blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
-        self.handles = [b.register_forward_pre_hook(self.count) for b in blocks]
-
-    def count(self, *_):
-        self.calls += 1
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 def test_a_cache_no_policy_can_crop_is_refused_before_any_block_runs():
     """Every cache class the models make is kept consistent now (support matrix); a cache the user passes that no
     policy can crop back (static, quantised, offloaded) is the one left, refused before the prompt runs."""
@@ -264,7 +251,7 @@ def test_a_cache_no_policy_can_crop_is_refused_before_any_block_runs():
 
     model = tiny_model("llama")
     ee = EarlyExit(model, "softmax-max", float("-inf"), "verify")  # structure discovery runs its check forward here
-    counter = Counter(model)
+    counter = CallCounter(next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), before=True)
     try:
         with pytest.raises(UnsupportedCacheError, match="StaticCache") as err:
             ee.generate(
